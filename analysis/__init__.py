@@ -1,0 +1,1 @@
+"""Analysis: statistics, aggregation, guardrail decisions, rollback and ramp actions, alerts."""

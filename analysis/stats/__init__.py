@@ -1,0 +1,1 @@
+"""Pure statistics engine over sufficient statistics (no framework imports)."""
