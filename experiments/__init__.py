@@ -1,0 +1,1 @@
+"""Experiments: the source of truth for experiments, variants, metrics, ramps, keys and audit."""

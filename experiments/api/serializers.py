@@ -1,0 +1,277 @@
+"""Serializers: parse request bodies into service inputs and render models as JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers
+
+from experiments import services
+from experiments.models import (
+    ApiKey,
+    ApiScope,
+    AuditEntry,
+    Experiment,
+    ExperimentKind,
+    HealthResponse,
+    Metric,
+    MetricDirection,
+    MetricKind,
+    MetricRole,
+    UnitSource,
+)
+
+
+class VariantSerializer(serializers.Serializer):
+    key = serializers.CharField(max_length=64)
+    name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    upstream_url = serializers.CharField(max_length=500)
+    weight = serializers.FloatField()
+    is_control = serializers.BooleanField(required=False, default=False)
+    is_shadow = serializers.BooleanField(required=False, default=False)
+
+    def to_service(self, data: dict[str, Any]) -> services.VariantInput:
+        return services.VariantInput(**data)
+
+
+class MetricUseSerializer(serializers.Serializer):
+    metric = serializers.CharField(max_length=64)
+    role = serializers.ChoiceField(choices=MetricRole.choices)
+    margin = serializers.FloatField(required=False, default=0.0)
+
+
+class RampStepSerializer(serializers.Serializer):
+    canary_share = serializers.FloatField()
+    min_duration_s = serializers.IntegerField(required=False, default=0, min_value=0)
+    min_exposures_per_arm = serializers.IntegerField(required=False, default=0, min_value=0)
+
+
+class NamespaceSerializer(serializers.Serializer):
+    id = serializers.CharField(max_length=64)
+    start = serializers.FloatField()
+    end = serializers.FloatField()
+
+
+def _variants(items: list[dict[str, Any]]) -> list[services.VariantInput]:
+    return [services.VariantInput(**item) for item in items]
+
+
+def _metric_uses(items: list[dict[str, Any]]) -> list[services.MetricUseInput]:
+    return [
+        services.MetricUseInput(metric_key=i["metric"], role=i["role"], margin=i["margin"])
+        for i in items
+    ]
+
+
+def _ramp(items: list[dict[str, Any]]) -> list[services.RampStepInput]:
+    return [services.RampStepInput(**item) for item in items]
+
+
+class ExperimentWriteSerializer(serializers.Serializer):
+    """Fields a client may send; the rules themselves live in the services."""
+
+    key = serializers.CharField(max_length=64)
+    name = serializers.CharField(max_length=200)
+    description = serializers.CharField(required=False, allow_blank=True)
+    hypothesis = serializers.CharField(required=False, allow_blank=True)
+    kind = serializers.ChoiceField(choices=ExperimentKind.choices)
+    seed = serializers.CharField(max_length=128, required=False, allow_blank=True)
+    hash_version = serializers.IntegerField(required=False)
+    unit_source = serializers.ChoiceField(choices=UnitSource.choices, required=False)
+    unit_attribute = serializers.CharField(max_length=128, required=False)
+    coverage = serializers.FloatField(required=False)
+    namespace = NamespaceSerializer(required=False, allow_null=True)
+    overrides = serializers.DictField(child=serializers.CharField(), required=False)
+    alpha = serializers.FloatField(required=False)
+    decision_sample_size = serializers.IntegerField(required=False)
+    on_health_failure = serializers.ChoiceField(choices=HealthResponse.choices, required=False)
+    fallback_to_control = serializers.BooleanField(required=False)
+    shadow_compare_field = serializers.CharField(max_length=128, required=False, allow_blank=True)
+    cache_ttl_s = serializers.IntegerField(required=False, min_value=0)
+    cache_max_entries = serializers.IntegerField(required=False, min_value=1)
+    slack_webhook_url = serializers.CharField(
+        max_length=500, required=False, allow_blank=True, write_only=True
+    )
+    variants = VariantSerializer(many=True)
+    metrics = MetricUseSerializer(many=True, required=False)
+    ramp_steps = RampStepSerializer(many=True, required=False)
+    weights = serializers.DictField(child=serializers.FloatField(), required=False)
+
+    def service_kwargs(self) -> dict[str, Any]:
+        data = dict(self.validated_data)
+        if "variants" in data:
+            data["variants"] = _variants(data["variants"])
+        if "metrics" in data:
+            data["metrics"] = _metric_uses(data["metrics"])
+        if "ramp_steps" in data:
+            data["ramp_steps"] = _ramp(data["ramp_steps"])
+        if "namespace" in data:
+            ns = data["namespace"]
+            data["namespace"] = None if ns is None else (ns["id"], ns["start"], ns["end"])
+        return data
+
+
+class ExperimentSerializer(serializers.ModelSerializer):
+    """How an experiment is rendered; webhook URLs are secrets and never leave the server."""
+
+    variants = serializers.SerializerMethodField()
+    metrics = serializers.SerializerMethodField()
+    ramp_steps = serializers.SerializerMethodField()
+    namespace = serializers.SerializerMethodField()
+    winner = serializers.SerializerMethodField()
+    current_step = serializers.SerializerMethodField()
+    has_slack_webhook = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Experiment
+        fields = [
+            "key",
+            "name",
+            "description",
+            "hypothesis",
+            "kind",
+            "status",
+            "seed",
+            "hash_version",
+            "unit_source",
+            "unit_attribute",
+            "coverage",
+            "namespace",
+            "overrides",
+            "alpha",
+            "decision_sample_size",
+            "on_health_failure",
+            "fallback_to_control",
+            "shadow_compare_field",
+            "cache_ttl_s",
+            "cache_max_entries",
+            "has_slack_webhook",
+            "variants",
+            "metrics",
+            "ramp_steps",
+            "ramp_position",
+            "current_step",
+            "step_started_at",
+            "winner",
+            "end_reason",
+            "created_at",
+            "updated_at",
+            "started_at",
+            "ended_at",
+        ]
+
+    def get_variants(self, obj: Experiment) -> list[dict[str, Any]]:
+        return [
+            {
+                "key": v.key,
+                "name": v.name,
+                "is_control": v.is_control,
+                "is_shadow": v.is_shadow,
+                "upstream_url": v.upstream_url,
+                "weight": v.weight,
+            }
+            for v in obj.variants.all()
+        ]
+
+    def get_metrics(self, obj: Experiment) -> list[dict[str, Any]]:
+        return [
+            {"metric": m.metric.key, "role": m.role, "margin": m.margin} for m in obj.metrics.all()
+        ]
+
+    def get_ramp_steps(self, obj: Experiment) -> list[dict[str, Any]]:
+        return [
+            {
+                "canary_share": s.canary_share,
+                "min_duration_s": s.min_duration_s,
+                "min_exposures_per_arm": s.min_exposures_per_arm,
+            }
+            for s in obj.ramp_steps.all()
+        ]
+
+    def get_namespace(self, obj: Experiment) -> dict[str, Any] | None:
+        if not obj.namespace_id:
+            return None
+        return {"id": obj.namespace_id, "start": obj.namespace_start, "end": obj.namespace_end}
+
+    def get_winner(self, obj: Experiment) -> str | None:
+        return obj.winner.key if obj.winner_id else None
+
+    def get_current_step(self, obj: Experiment) -> dict[str, Any] | None:
+        if obj.ramp_position is None:
+            return None
+        steps = self.get_ramp_steps(obj)
+        return {"position": obj.ramp_position, **steps[obj.ramp_position]} if steps else None
+
+    def get_has_slack_webhook(self, obj: Experiment) -> bool:
+        return bool(obj.slack_webhook_url)
+
+
+class CompleteSerializer(serializers.Serializer):
+    winner = serializers.CharField(max_length=64)
+    reason = serializers.CharField(required=False, allow_blank=True, default="")
+
+
+class RollbackSerializer(serializers.Serializer):
+    reason = serializers.CharField()
+
+
+class ReasonSerializer(serializers.Serializer):
+    reason = serializers.CharField(required=False, allow_blank=True, default="")
+
+
+class TransitionSerializer(serializers.Serializer):
+    changed = serializers.BooleanField()
+    experiment = ExperimentSerializer()
+
+
+class MetricSerializer(serializers.ModelSerializer):
+    kind = serializers.ChoiceField(choices=MetricKind.choices)
+    direction = serializers.ChoiceField(choices=MetricDirection.choices)
+
+    class Meta:
+        model = Metric
+        fields = [
+            "key",
+            "name",
+            "description",
+            "kind",
+            "source",
+            "quantile",
+            "numerator_event",
+            "denominator_event",
+            "direction",
+            "winsorize_cap",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = ["created_at", "updated_at"]
+        extra_kwargs = {"key": {"validators": []}}
+
+
+class ApiKeySerializer(serializers.ModelSerializer):
+    revoked = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ApiKey
+        fields = ["name", "prefix", "scopes", "created_at", "revoked", "revoked_at", "last_used_at"]
+
+    def get_revoked(self, obj: ApiKey) -> bool:
+        return obj.revoked_at is not None
+
+
+class ApiKeyCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=200)
+    scopes = serializers.ListField(child=serializers.ChoiceField(choices=ApiScope.choices))
+
+
+class ApiKeyCreatedSerializer(ApiKeySerializer):
+    key = serializers.CharField(help_text="The secret; shown once, store it now.")
+
+    class Meta(ApiKeySerializer.Meta):
+        fields = [*ApiKeySerializer.Meta.fields, "key"]
+
+
+class AuditEntrySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = AuditEntry
+        fields = ["id", "actor", "action", "before", "after", "reason", "created_at"]

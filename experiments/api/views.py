@@ -1,0 +1,212 @@
+"""API views: parse input, call a service or selector, render the result."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.pagination import PageNumberPagination
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from experiments import selectors, services
+from experiments.api.auth import actor_of
+from experiments.api.serializers import (
+    ApiKeyCreatedSerializer,
+    ApiKeyCreateSerializer,
+    ApiKeySerializer,
+    AuditEntrySerializer,
+    CompleteSerializer,
+    ExperimentSerializer,
+    ExperimentWriteSerializer,
+    MetricSerializer,
+    ReasonSerializer,
+    RollbackSerializer,
+    TransitionSerializer,
+)
+from experiments.models import ExperimentStatus
+
+
+def _transition_response(result: services.TransitionResult) -> Response:
+    experiment = selectors.experiment_get(key=result.experiment.key)
+    body = {"changed": result.changed, "experiment": ExperimentSerializer(experiment).data}
+    return Response(body)
+
+
+class ExperimentViewSet(viewsets.ViewSet):
+    lookup_field = "key"
+    lookup_value_regex = "[-a-zA-Z0-9_]+"
+    serializer_class = ExperimentSerializer
+
+    @extend_schema(
+        parameters=[OpenApiParameter("status", enum=ExperimentStatus.values)],
+        responses=ExperimentSerializer(many=True),
+    )
+    def list(self, request: Request) -> Response:
+        status_filter = request.query_params.get("status")
+        if status_filter and status_filter not in ExperimentStatus.values:
+            return Response(
+                {"status": [f"Must be one of {', '.join(ExperimentStatus.values)}."]},
+                status=status.HTTP_400_BAD_REQUEST,
+            )
+        paginator = PageNumberPagination()
+        page = paginator.paginate_queryset(
+            selectors.experiment_list(status=status_filter or None), request, view=self
+        )
+        return paginator.get_paginated_response(ExperimentSerializer(page, many=True).data)
+
+    @extend_schema(request=ExperimentWriteSerializer, responses={201: ExperimentSerializer})
+    def create(self, request: Request) -> Response:
+        serializer = ExperimentWriteSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        kwargs = serializer.service_kwargs()
+        kwargs.pop("weights", None)
+        experiment = services.experiment_create(actor=actor_of(request), **kwargs)
+        return Response(
+            ExperimentSerializer(selectors.experiment_get(key=experiment.key)).data,
+            status=status.HTTP_201_CREATED,
+        )
+
+    @extend_schema(responses=ExperimentSerializer)
+    def retrieve(self, request: Request, key: str) -> Response:
+        return Response(ExperimentSerializer(selectors.experiment_get(key=key)).data)
+
+    @extend_schema(request=ExperimentWriteSerializer(partial=True), responses=ExperimentSerializer)
+    def partial_update(self, request: Request, key: str) -> Response:
+        serializer = ExperimentWriteSerializer(data=request.data, partial=True)
+        serializer.is_valid(raise_exception=True)
+        services.experiment_update(actor=actor_of(request), key=key, **serializer.service_kwargs())
+        return Response(ExperimentSerializer(selectors.experiment_get(key=key)).data)
+
+    @extend_schema(responses={204: None})
+    def destroy(self, request: Request, key: str) -> Response:
+        services.experiment_delete(actor=actor_of(request), key=key)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    @extend_schema(request=None, responses=TransitionSerializer)
+    @action(detail=True, methods=["post"])
+    def start(self, request: Request, key: str) -> Response:
+        return _transition_response(services.experiment_start(actor=actor_of(request), key=key))
+
+    @extend_schema(request=ReasonSerializer, responses=TransitionSerializer)
+    @action(detail=True, methods=["post"])
+    def pause(self, request: Request, key: str) -> Response:
+        body = ReasonSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        return _transition_response(
+            services.experiment_pause(
+                actor=actor_of(request), key=key, reason=body.validated_data["reason"]
+            )
+        )
+
+    @extend_schema(request=None, responses=TransitionSerializer)
+    @action(detail=True, methods=["post"])
+    def resume(self, request: Request, key: str) -> Response:
+        return _transition_response(services.experiment_resume(actor=actor_of(request), key=key))
+
+    @extend_schema(request=CompleteSerializer, responses=TransitionSerializer)
+    @action(detail=True, methods=["post"])
+    def complete(self, request: Request, key: str) -> Response:
+        body = CompleteSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        return _transition_response(
+            services.experiment_complete(
+                actor=actor_of(request),
+                key=key,
+                winner_key=body.validated_data["winner"],
+                reason=body.validated_data["reason"],
+            )
+        )
+
+    @extend_schema(request=RollbackSerializer, responses=TransitionSerializer)
+    @action(detail=True, methods=["post"])
+    def rollback(self, request: Request, key: str) -> Response:
+        body = RollbackSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        return _transition_response(
+            services.experiment_rollback(
+                actor=actor_of(request), key=key, reason=body.validated_data["reason"]
+            )
+        )
+
+    @extend_schema(request=ReasonSerializer, responses=TransitionSerializer)
+    @action(detail=True, methods=["post"])
+    def advance(self, request: Request, key: str) -> Response:
+        body = ReasonSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        return _transition_response(
+            services.experiment_advance_ramp(
+                actor=actor_of(request), key=key, reason=body.validated_data["reason"]
+            )
+        )
+
+    @extend_schema(responses=AuditEntrySerializer(many=True))
+    @action(detail=True, methods=["get"])
+    def audit(self, request: Request, key: str) -> Response:
+        paginator = PageNumberPagination()
+        page = paginator.paginate_queryset(
+            selectors.audit_for_experiment(key=key), request, view=self
+        )
+        return paginator.get_paginated_response(AuditEntrySerializer(page, many=True).data)
+
+
+class MetricViewSet(viewsets.ViewSet):
+    lookup_field = "key"
+    lookup_value_regex = "[-a-zA-Z0-9_]+"
+    serializer_class = MetricSerializer
+
+    @extend_schema(responses=MetricSerializer(many=True))
+    def list(self, request: Request) -> Response:
+        paginator = PageNumberPagination()
+        page = paginator.paginate_queryset(selectors.metric_list(), request, view=self)
+        return paginator.get_paginated_response(MetricSerializer(page, many=True).data)
+
+    @extend_schema(request=MetricSerializer, responses={201: MetricSerializer})
+    def create(self, request: Request) -> Response:
+        serializer = MetricSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data: dict[str, Any] = dict(serializer.validated_data)
+        metric = services.metric_create(actor=actor_of(request), **data)
+        return Response(MetricSerializer(metric).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(responses=MetricSerializer)
+    def retrieve(self, request: Request, key: str) -> Response:
+        return Response(MetricSerializer(selectors.metric_get(key=key)).data)
+
+    @extend_schema(request=MetricSerializer(partial=True), responses=MetricSerializer)
+    def partial_update(self, request: Request, key: str) -> Response:
+        serializer = MetricSerializer(data=request.data, partial=True)
+        serializer.is_valid(raise_exception=True)
+        metric = services.metric_update(
+            actor=actor_of(request), key=key, **serializer.validated_data
+        )
+        return Response(MetricSerializer(metric).data)
+
+    @extend_schema(responses={204: None})
+    def destroy(self, request: Request, key: str) -> Response:
+        services.metric_delete(actor=actor_of(request), key=key)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class ApiKeyViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
+    lookup_field = "prefix"
+    serializer_class = ApiKeySerializer
+
+    def get_queryset(self) -> Any:
+        return selectors.api_key_list()
+
+    @extend_schema(request=ApiKeyCreateSerializer, responses={201: ApiKeyCreatedSerializer})
+    def create(self, request: Request) -> Response:
+        body = ApiKeyCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        key, secret = services.api_key_create(actor=actor_of(request), **body.validated_data)
+        data = {**ApiKeySerializer(key).data, "key": secret}
+        return Response(data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=None, responses=ApiKeySerializer)
+    @action(detail=True, methods=["post"])
+    def revoke(self, request: Request, prefix: str) -> Response:
+        key = services.api_key_revoke(actor=actor_of(request), prefix=prefix)
+        return Response(ApiKeySerializer(key).data)

@@ -1,0 +1,109 @@
+"""Frozen, framework-free views of experiments that other apps receive instead of models."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass(frozen=True, slots=True)
+class VariantView:
+    key: str
+    name: str
+    is_control: bool
+    is_shadow: bool
+    upstream_url: str
+    weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class MetricView:
+    key: str
+    name: str
+    kind: str
+    source: str
+    quantile: float | None
+    numerator_event: str
+    denominator_event: str
+    direction: str
+    winsorize_cap: float | None
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.direction == "lower"
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentMetricView:
+    metric: MetricView
+    role: str
+    margin: float
+
+
+@dataclass(frozen=True, slots=True)
+class RampStepView:
+    position: int
+    canary_share: float
+    min_duration_s: int
+    min_exposures_per_arm: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentView:
+    id: int
+    key: str
+    name: str
+    kind: str
+    status: str
+    seed: str
+    hash_version: int
+    unit_source: str
+    unit_attribute: str
+    coverage: float
+    namespace: tuple[str, float, float] | None
+    overrides: Mapping[str, str]
+    variants: tuple[VariantView, ...]
+    metrics: tuple[ExperimentMetricView, ...]
+    ramp_steps: tuple[RampStepView, ...]
+    ramp_position: int | None
+    step_started_at: datetime | None
+    started_at: datetime | None
+    ended_at: datetime | None
+    winner_key: str | None
+    alpha: float
+    decision_sample_size: int
+    on_health_failure: str
+    fallback_to_control: bool
+    shadow_compare_field: str
+    cache_ttl_s: int
+    cache_max_entries: int
+    has_slack_webhook: bool = False
+
+    @property
+    def control(self) -> VariantView:
+        return next(v for v in self.variants if v.is_control)
+
+    @property
+    def routed_variants(self) -> tuple[VariantView, ...]:
+        """Variants that receive real traffic (shadows only get mirrored copies)."""
+        return tuple(v for v in self.variants if not v.is_shadow)
+
+    @property
+    def current_step(self) -> RampStepView | None:
+        if self.kind != "canary" or self.ramp_position is None or not self.ramp_steps:
+            return None
+        return self.ramp_steps[self.ramp_position]
+
+    @property
+    def canary_share(self) -> float | None:
+        """Share of traffic the canary arms get now; None for A/B tests (weights apply)."""
+        step = self.current_step
+        return None if step is None else step.canary_share
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyView:
+    prefix: str
+    key_hash: str
+    scopes: frozenset[str] = field(default_factory=frozenset)

@@ -1,0 +1,1 @@
+"""Rampart test suite; mirrors the apps."""
