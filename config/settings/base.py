@@ -159,6 +159,37 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 
+# --- edge: snapshot, recorder, proxy ---------------------------------------------------
+# How often each edge process checks the config version (seconds).
+SNAPSHOT_REFRESH_S = env.float("SNAPSHOT_REFRESH_S", default=1.0)
+# Buffered writes: flush at least this often, or when this many rows are waiting.
+RECORDER_FLUSH_S = env.float("RECORDER_FLUSH_S", default=1.0)
+RECORDER_BATCH_ROWS = env.int("RECORDER_BATCH_ROWS", default=5000)
+# Rows held in memory at most while the database is unreachable; past it rows are dropped
+# and counted.
+RECORDER_MAX_BUFFER = env.int("RECORDER_MAX_BUFFER", default=200_000)
+# Units remembered per process as already exposed, so repeat requests write nothing.
+EXPOSURE_CACHE_SIZE = env.int("EXPOSURE_CACHE_SIZE", default=1_000_000)
+# Width of the proxy's pre-aggregation buckets (seconds).
+OBSERVATION_BUCKET_S = env.int("OBSERVATION_BUCKET_S", default=10)
+PROXY_CONNECT_TIMEOUT_S = env.float("PROXY_CONNECT_TIMEOUT_S", default=2.0)
+PROXY_READ_TIMEOUT_S = env.float("PROXY_READ_TIMEOUT_S", default=10.0)
+PROXY_POOL_LIMIT = env.int("PROXY_POOL_LIMIT", default=1000)
+PROXY_POOL_LIMIT_PER_HOST = env.int("PROXY_POOL_LIMIT_PER_HOST", default=200)
+PROXY_MAX_BODY_BYTES = env.int("PROXY_MAX_BODY_BYTES", default=10 * 1024 * 1024)
+PROXY_BREAKER_FAILURES = env.int("PROXY_BREAKER_FAILURES", default=5)
+PROXY_BREAKER_COOLDOWN_S = env.float("PROXY_BREAKER_COOLDOWN_S", default=10.0)
+PROXY_SHADOW_CONCURRENCY = env.int("PROXY_SHADOW_CONCURRENCY", default=64)
+# Require an API key with the `decide` scope on /v1/decide and /proxy/ (`ingest` on events).
+EDGE_REQUIRE_KEY = env.bool("EDGE_REQUIRE_KEY", default=True)
+
+# --- analysis and alerts ------------------------------------------------------------------
+ANALYSIS_INTERVAL_S = env.float("ANALYSIS_INTERVAL_S", default=10.0)
+SLACK_WEBHOOK_URL = env("SLACK_WEBHOOK_URL", default="")
+ALERT_MAX_ATTEMPTS = env.int("ALERT_MAX_ATTEMPTS", default=12)
+ALERT_BACKOFF_BASE_S = env.float("ALERT_BACKOFF_BASE_S", default=2.0)
+ALERT_BACKOFF_MAX_S = env.float("ALERT_BACKOFF_MAX_S", default=300.0)
+
 LOG_FORMAT = env("LOG_FORMAT", default="text")
 LOG_LEVEL = env("LOG_LEVEL", default="INFO")
 LOGGING = {

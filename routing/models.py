@@ -1,0 +1,87 @@
+"""Tables the edge writes: first exposures, pre-aggregated proxy observations, business events.
+
+Experiments are referenced by id through a lazy foreign key, so this module does not import
+the experiments app's models (apps talk through services, selectors and contracts).
+"""
+
+from django.db import models
+
+
+class Exposure(models.Model):
+    """The first time a unit was served a variant of an experiment.
+
+    Unique per (experiment, unit, variant): a unit normally has one row; a second row means
+    the unit saw two variants (for example after a weight change) and analysis excludes it.
+    """
+
+    experiment = models.ForeignKey(
+        "experiments.Experiment", on_delete=models.CASCADE, related_name="+", db_index=False
+    )
+    unit_id = models.CharField(max_length=200)
+    variant_key = models.CharField(max_length=64)
+    first_seen_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["experiment", "unit_id", "variant_key"], name="exposure_once"
+            )
+        ]
+        indexes = [models.Index(fields=["experiment", "id"], name="exposure_exp_id")]
+
+    def __str__(self) -> str:
+        return f"{self.experiment_id}:{self.unit_id}->{self.variant_key}"
+
+
+class ObservationBucket(models.Model):
+    """Mergeable statistics of proxied requests for one variant over one time bucket.
+
+    One process may write several rows for the same bucket (one per flush); analysis sums
+    them. Rows are append-only, so `id` is a cursor for incremental aggregation.
+    """
+
+    experiment = models.ForeignKey(
+        "experiments.Experiment", on_delete=models.CASCADE, related_name="+", db_index=False
+    )
+    variant_key = models.CharField(max_length=64)
+    bucket_start = models.DateTimeField()
+    is_shadow = models.BooleanField(default=False)
+    count = models.BigIntegerField(default=0)
+    error_count = models.BigIntegerField(default=0)
+    latency_sum = models.FloatField(default=0.0)
+    latency_sum_sq = models.FloatField(default=0.0)
+    # routing.histogram.LogHistogram serialised with to_json(); see that module's docstring.
+    latency_histogram = models.TextField(default="")
+    cache_hits = models.BigIntegerField(default=0)
+    fallback_count = models.BigIntegerField(default=0)
+    # Shadow comparison against control's answer to the same request.
+    compared_count = models.BigIntegerField(default=0)
+    disagreement_count = models.BigIntegerField(default=0)
+    abs_diff_sum = models.FloatField(default=0.0)
+    abs_diff_sum_sq = models.FloatField(default=0.0)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["experiment", "id"], name="obs_exp_id"),
+            models.Index(fields=["experiment", "bucket_start"], name="obs_exp_bucket"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.experiment_id}:{self.variant_key}@{self.bucket_start:%H:%M:%S}"
+
+
+class Event(models.Model):
+    """A business event sent by the application (a purchase, a click, revenue)."""
+
+    event_id = models.CharField(max_length=128, unique=True)
+    unit_id = models.CharField(max_length=200)
+    name = models.CharField(max_length=128)
+    value = models.FloatField(default=1.0)
+    timestamp = models.DateTimeField()
+    received_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [models.Index(fields=["unit_id", "name"], name="event_unit_name")]
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.unit_id}"
