@@ -69,16 +69,17 @@ ASGI_APPLICATION = "config.asgi.application"
 
 
 def _database_from_env() -> dict[str, object]:
-    """PostgreSQL when DATABASE_URL is set, otherwise SQLite in WAL mode under the data dir."""
+    """PostgreSQL when DATABASE_URL names it, otherwise SQLite in WAL mode (default file)."""
     url = env("DATABASE_URL", default="")
-    if url:
+    if url and not url.startswith("sqlite"):
         database: dict[str, object] = env.db_url_config(url)
         database["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
         database["CONN_HEALTH_CHECKS"] = True
         return database
+    name = env.db_url_config(url)["NAME"] if url else str(DATA_DIR / "rampart.sqlite3")
     return {
         "ENGINE": "django.db.backends.sqlite3",
-        "NAME": str(DATA_DIR / "rampart.sqlite3"),
+        "NAME": name,
         "OPTIONS": {
             # WAL lets the edge, the web app and the workers read while one of them writes;
             # IMMEDIATE takes the write lock at BEGIN, which is what makes a read-check-write
