@@ -138,9 +138,9 @@ def _from_summaries(
             var_y, cov_xy, var_x = control_terms
             ratio = treatment.unadjusted_mean / base
             theta = cuped_theta if cuped_theta is not None else 0.0
-            control_part = (
-                var_y * ratio**2 - 2 * theta * cov_xy * ratio + theta**2 * var_x
-            ) / (control.n * base**2)
+            control_part = (var_y * ratio**2 - 2 * theta * cov_xy * ratio + theta**2 * var_x) / (
+                control.n * base**2
+            )
         variance = treatment_part + control_part
     if variance <= 0:
         return _failed(control, treatment, relative, EffectError.ZERO_VARIANCE)

@@ -10,11 +10,12 @@ p(1-p) for proportions, the n-1 sample form for everything else.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 # Relative slack for the Cauchy-Schwarz checks: sums of squares accumulated in floating point
 # may undershoot sum**2 / n by a few ulps when every value is equal.
@@ -105,7 +106,7 @@ class ProportionStats:
         return self + other
 
     @classmethod
-    def from_values(cls, values: Sequence[float] | np.ndarray) -> ProportionStats:
+    def from_values(cls, values: ArrayLike) -> ProportionStats:
         array = np.asarray(values, dtype=float)
         return cls(n=int(array.size), sum=float(array.sum()))
 
@@ -147,7 +148,7 @@ class MeanStats:
         return self + other
 
     @classmethod
-    def from_values(cls, values: Sequence[float] | np.ndarray) -> MeanStats:
+    def from_values(cls, values: ArrayLike) -> MeanStats:
         array = np.asarray(values, dtype=float)
         return cls(n=int(array.size), sum=float(array.sum()), sum_squares=float(array @ array))
 
@@ -243,9 +244,7 @@ class RatioStats:
         return self + other
 
     @classmethod
-    def from_values(
-        cls, numerators: Sequence[float] | np.ndarray, denominators: Sequence[float] | np.ndarray
-    ) -> RatioStats:
+    def from_values(cls, numerators: ArrayLike, denominators: ArrayLike) -> RatioStats:
         m = np.asarray(numerators, dtype=float)
         d = np.asarray(denominators, dtype=float)
         if m.shape != d.shape:
@@ -330,9 +329,7 @@ class CupedStats:
         return self + other
 
     @classmethod
-    def from_values(
-        cls, values: Sequence[float] | np.ndarray, pre_values: Sequence[float] | np.ndarray
-    ) -> CupedStats:
+    def from_values(cls, values: ArrayLike, pre_values: ArrayLike) -> CupedStats:
         y = np.asarray(values, dtype=float)
         x = np.asarray(pre_values, dtype=float)
         if y.shape != x.shape:
