@@ -32,7 +32,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, cast
 
 from scipy import optimize
 
@@ -45,6 +45,7 @@ from analysis.stats.health import (
 )
 from analysis.stats.moments import CupedStats, MeanStats, MetricStats, ProportionStats, RatioStats
 from analysis.stats.multiple import bonferroni_alphas
+from analysis.stats.quantiles import LatencyHistogram, quantile_guardrail
 
 _MOMENT_TYPES = (ProportionStats, MeanStats, RatioStats, CupedStats)
 
@@ -383,6 +384,14 @@ def _moment_evidence(
     )
 
 
+def _is_histogram(value: object) -> bool:
+    """Structural check against the `LatencyHistogram` protocol of `analysis.stats.quantiles`."""
+    return all(
+        hasattr(value, name)
+        for name in ("count", "relative_accuracy", "lower_edge", "upper_edge", "quantile")
+    )
+
+
 def _quantile_evidence(
     spec: GuardrailSpec,
     arm: str,
@@ -393,18 +402,16 @@ def _quantile_evidence(
     settings: GuardrailSettings,
 ) -> GuardrailEvidence:
     """Dispatch a quantile guardrail to `analysis.stats.quantiles.quantile_guardrail`."""
-    # Imported here so that mean and rate guardrails work without the histogram machinery.
-    from analysis.stats.quantiles import quantile_guardrail
-    from routing.histogram import LogHistogram
-
     for side, histogram in (("control", control), ("treatment", treatment)):
-        if not isinstance(histogram, LogHistogram):
+        if not _is_histogram(histogram):
             raise ValueError(
-                f"{spec.metric_key}: {side} statistic must be a LogHistogram for a quantile "
-                f"guardrail, got {type(histogram).__name__}"
+                f"{spec.metric_key}: {side} statistic must be a latency histogram (e.g. "
+                f"routing.histogram.LogHistogram) for a quantile guardrail, "
+                f"got {type(histogram).__name__}"
             )
-    assert isinstance(control, LogHistogram) and isinstance(treatment, LogHistogram)
-    n_a, n_b = int(control.count), int(treatment.count)
+    control_histogram = cast(LatencyHistogram, control)
+    treatment_histogram = cast(LatencyHistogram, treatment)
+    n_a, n_b = int(control_histogram.count), int(treatment_histogram.count)
     if min(n_a, n_b) < settings.quantile_min_per_arm:
         return _burn_in(
             spec,
@@ -417,8 +424,8 @@ def _quantile_evidence(
     assert spec.quantile is not None
     t_opt = settings.quantile_t_opt if settings.quantile_t_opt is not None else settings.n_star / 2
     result = quantile_guardrail(
-        control,
-        treatment,
+        control_histogram,
+        treatment_histogram,
         p=spec.quantile,
         alpha=alpha,
         t_opt=t_opt,

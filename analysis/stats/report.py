@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
@@ -39,8 +39,8 @@ class SequentialState:
 
     n_star: float
     alpha: float
-    absolute: RunningEvidence = RunningEvidence()
-    relative: RunningEvidence = RunningEvidence()
+    absolute: RunningEvidence = field(default_factory=RunningEvidence)
+    relative: RunningEvidence = field(default_factory=RunningEvidence)
     last_total_n: int = 0
 
     def to_dict(self) -> dict[str, float | int | bool]:
