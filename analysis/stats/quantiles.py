@@ -104,6 +104,8 @@ class LatencyHistogram(Protocol):
 
     def quantile(self, p: float) -> float: ...
 
+    def representative(self, index: int) -> float: ...
+
 
 # --------------------------------------------------------------------------- argument checks
 
@@ -563,14 +565,39 @@ class _ArmQuantileSummary:
     unit_variance: float  # n * Var(sample quantile), Deng, Knoblich & Yu 2018
 
 
+def interpolated_quantile(histogram: LatencyHistogram, level: float) -> float:
+    """Quantile ``level`` of the histogram with the empirical CDF interpolated inside buckets.
+
+    The CDF is taken as log-linear across each bucket (values spread evenly in log scale between
+    its nominal edges ``gamma**(i-1)`` and ``gamma**i``), and the quantile is the value where it
+    reaches ``level * n``. Unlike :meth:`quantile` this varies continuously with ``level``, which
+    the Deng-Knoblich-Yu standard error needs: at large ``n`` the order-statistic interval it
+    measures spans only one or two 2% buckets, and stepping from bucket to bucket would make the
+    standard error wrong by up to a factor of two.
+    """
+    if histogram.count == 0:
+        raise ValueError("quantile of an empty histogram")
+    accuracy = histogram.relative_accuracy
+    log_gamma = math.log((1.0 + accuracy) / (1.0 - accuracy))
+    target = min(max(level, 0.0), 1.0) * histogram.count
+    cumulative = 0
+    for index, bucket_count in histogram:
+        if cumulative + bucket_count >= target:
+            fraction = max(target - cumulative, 0.0) / bucket_count
+            nominal_lower = histogram.representative(index) / (1.0 + accuracy)
+            return nominal_lower * math.exp(fraction * log_gamma)
+        cumulative += bucket_count
+    raise AssertionError("bucket counts do not add up to count")
+
+
 def _dky_summary(histogram: LatencyHistogram, p: float) -> _ArmQuantileSummary | str:
     """Quantile and per-unit variance from the 95% order-statistic interval (DKY 2018, sec. 4)."""
     n = histogram.count
     half_width = _DKY_Z * math.sqrt(p * (1.0 - p) / n) if n > 0 else math.inf
     if not (p - half_width > 0.0 and p + half_width < 1.0):
         return "too few observations for the order-statistic interval"
-    lower = histogram.quantile(p - half_width)
-    upper = histogram.quantile(p + half_width)
+    lower = interpolated_quantile(histogram, p - half_width)
+    upper = interpolated_quantile(histogram, p + half_width)
     # GrowthBook's QuantileStatistic.variance_init: (n - 1) * ((Y_U - Y_L) / (2 z))^2.
     unit_variance = (n - 1) * ((upper - lower) / (2.0 * _DKY_Z)) ** 2
     if unit_variance <= 0.0:
@@ -588,7 +615,8 @@ def quantile_difference_ci(
     """Fixed-horizon two-sided CI for ``Q_B(p) - Q_A(p)`` and ``Q_B(p)/Q_A(p) - 1``.
 
     Deng, Knoblich & Yu 2018 (KDD), section 4: ``Var(q_hat) = ((Y_U - Y_L) / (2 z_0.975))^2``
-    from the order statistics at ranks ``n (p -+ z_0.975 sqrt(p(1-p)/n))``; Welch t-interval
+    from the order statistics at ranks ``n (p -+ z_0.975 sqrt(p(1-p)/n))`` (read from the
+    histogram with :func:`interpolated_quantile`); Welch t-interval
     with Welch-Satterthwaite degrees of freedom for the absolute difference, and the delta method
     ``Var(q_B/q_A) = V_B/(q_A^2 n_B) + V_A q_B^2/(q_A^4 n_A)`` for the relative one, exactly as
     gbstats' ``TwoSidedTTest`` on two ``QuantileStatistic`` (STATS.md 8.3).
