@@ -5,132 +5,261 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('experiments', '0001_initial'),
+        ("experiments", "0001_initial"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='WebhookEndpoint',
+            name="WebhookEndpoint",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=200)),
-                ('url', models.URLField(max_length=500)),
-                ('secret', models.CharField(max_length=200)),
-                ('enabled', models.BooleanField(default=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=200)),
+                ("url", models.URLField(max_length=500)),
+                ("secret", models.CharField(max_length=200)),
+                ("enabled", models.BooleanField(default=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
             ],
             options={
-                'ordering': ['id'],
+                "ordering": ["id"],
             },
         ),
         migrations.CreateModel(
-            name='AnalysisState',
+            name="AnalysisState",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('observation_cursor', models.BigIntegerField(default=0)),
-                ('observation_horizon', models.BigIntegerField(default=0)),
-                ('event_cursor', models.BigIntegerField(default=0)),
-                ('event_horizon', models.BigIntegerField(default=0)),
-                ('srm_max_log_e_value', models.FloatField(default=0.0)),
-                ('srm_ramp_position', models.IntegerField(blank=True, null=True)),
-                ('health_failing', models.BooleanField(default=False)),
-                ('health_episode', models.PositiveIntegerField(default=0)),
-                ('runs', models.PositiveIntegerField(default=0)),
-                ('last_run_at', models.DateTimeField(blank=True, null=True)),
-                ('experiment', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='experiments.experiment')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("observation_cursor", models.BigIntegerField(default=0)),
+                ("observation_horizon", models.BigIntegerField(default=0)),
+                ("event_cursor", models.BigIntegerField(default=0)),
+                ("event_horizon", models.BigIntegerField(default=0)),
+                ("srm_max_log_e_value", models.FloatField(default=0.0)),
+                ("srm_ramp_position", models.IntegerField(blank=True, null=True)),
+                ("health_failing", models.BooleanField(default=False)),
+                ("health_episode", models.PositiveIntegerField(default=0)),
+                ("runs", models.PositiveIntegerField(default=0)),
+                ("last_run_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "experiment",
+                    models.OneToOneField(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="+",
+                        to="experiments.experiment",
+                    ),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='AlertOutbox',
+            name="AlertOutbox",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('kind', models.CharField(max_length=32)),
-                ('destination', models.CharField(max_length=64)),
-                ('payload', models.JSONField(default=dict)),
-                ('status', models.CharField(choices=[('pending', 'Pending'), ('delivered', 'Delivered'), ('dead', 'Dead (gave up)')], default='pending', max_length=16)),
-                ('attempts', models.PositiveIntegerField(default=0)),
-                ('next_attempt_at', models.DateTimeField()),
-                ('delivered_at', models.DateTimeField(blank=True, null=True)),
-                ('last_error', models.TextField(blank=True, default='')),
-                ('dedupe_key', models.CharField(max_length=200, unique=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('experiment', models.ForeignKey(blank=True, db_index=False, null=True, on_delete=django.db.models.deletion.CASCADE, related_name='+', to='experiments.experiment')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("kind", models.CharField(max_length=32)),
+                ("destination", models.CharField(max_length=64)),
+                ("payload", models.JSONField(default=dict)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Pending"),
+                            ("delivered", "Delivered"),
+                            ("dead", "Dead (gave up)"),
+                        ],
+                        default="pending",
+                        max_length=16,
+                    ),
+                ),
+                ("attempts", models.PositiveIntegerField(default=0)),
+                ("next_attempt_at", models.DateTimeField()),
+                ("delivered_at", models.DateTimeField(blank=True, null=True)),
+                ("last_error", models.TextField(blank=True, default="")),
+                ("dedupe_key", models.CharField(max_length=200, unique=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "experiment",
+                    models.ForeignKey(
+                        blank=True,
+                        db_index=False,
+                        null=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="+",
+                        to="experiments.experiment",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['id'],
-                'indexes': [models.Index(condition=models.Q(('status', 'pending')), fields=['next_attempt_at'], name='alert_due'), models.Index(fields=['experiment', 'id'], name='alert_exp_id')],
+                "ordering": ["id"],
+                "indexes": [
+                    models.Index(
+                        condition=models.Q(("status", "pending")),
+                        fields=["next_attempt_at"],
+                        name="alert_due",
+                    ),
+                    models.Index(fields=["experiment", "id"], name="alert_exp_id"),
+                ],
             },
         ),
         migrations.CreateModel(
-            name='ObservationRollup',
+            name="ObservationRollup",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('variant_key', models.CharField(max_length=64)),
-                ('count', models.BigIntegerField(default=0)),
-                ('error_count', models.BigIntegerField(default=0)),
-                ('latency_sum', models.FloatField(default=0.0)),
-                ('latency_sum_sq', models.FloatField(default=0.0)),
-                ('latency_histogram', models.TextField(blank=True, default='')),
-                ('experiment', models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.CASCADE, related_name='+', to='experiments.experiment')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("variant_key", models.CharField(max_length=64)),
+                ("count", models.BigIntegerField(default=0)),
+                ("error_count", models.BigIntegerField(default=0)),
+                ("latency_sum", models.FloatField(default=0.0)),
+                ("latency_sum_sq", models.FloatField(default=0.0)),
+                ("latency_histogram", models.TextField(blank=True, default="")),
+                (
+                    "experiment",
+                    models.ForeignKey(
+                        db_index=False,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="+",
+                        to="experiments.experiment",
+                    ),
+                ),
             ],
             options={
-                'constraints': [models.UniqueConstraint(fields=('experiment', 'variant_key'), name='observation_rollup_once')],
+                "constraints": [
+                    models.UniqueConstraint(
+                        fields=("experiment", "variant_key"), name="observation_rollup_once"
+                    )
+                ],
             },
         ),
         migrations.CreateModel(
-            name='ResultSnapshot',
+            name="ResultSnapshot",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('created_at', models.DateTimeField(db_index=True)),
-                ('decision', models.CharField(choices=[('continue', 'Continue'), ('rollback', 'Roll back'), ('hold', 'Hold'), ('safe_to_promote', 'Safe to promote'), ('advance', 'Advance to the next ramp step'), ('complete', 'Complete')], max_length=16)),
-                ('reason', models.TextField(blank=True, default='')),
-                ('health', models.JSONField(default=dict)),
-                ('exposures', models.JSONField(default=dict)),
-                ('metrics', models.JSONField(default=list)),
-                ('latency', models.JSONField(default=dict)),
-                ('experiment', models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.CASCADE, related_name='+', to='experiments.experiment')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("created_at", models.DateTimeField(db_index=True)),
+                (
+                    "decision",
+                    models.CharField(
+                        choices=[
+                            ("continue", "Continue"),
+                            ("rollback", "Roll back"),
+                            ("hold", "Hold"),
+                            ("safe_to_promote", "Safe to promote"),
+                            ("advance", "Advance to the next ramp step"),
+                            ("complete", "Complete"),
+                        ],
+                        max_length=16,
+                    ),
+                ),
+                ("reason", models.TextField(blank=True, default="")),
+                ("health", models.JSONField(default=dict)),
+                ("exposures", models.JSONField(default=dict)),
+                ("metrics", models.JSONField(default=list)),
+                ("latency", models.JSONField(default=dict)),
+                (
+                    "experiment",
+                    models.ForeignKey(
+                        db_index=False,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="+",
+                        to="experiments.experiment",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at', '-id'],
-                'indexes': [models.Index(fields=['experiment', '-created_at'], name='snapshot_exp_time')],
+                "ordering": ["-created_at", "-id"],
+                "indexes": [
+                    models.Index(fields=["experiment", "-created_at"], name="snapshot_exp_time")
+                ],
             },
         ),
         migrations.CreateModel(
-            name='SequentialState',
+            name="SequentialState",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('metric_key', models.CharField(max_length=64)),
-                ('arm', models.CharField(max_length=64)),
-                ('looks', models.PositiveIntegerField(default=0)),
-                ('max_log_e_value', models.FloatField(default=0.0)),
-                ('min_p_value', models.FloatField(default=1.0)),
-                ('lower', models.FloatField(blank=True, null=True)),
-                ('upper', models.FloatField(blank=True, null=True)),
-                ('empty_intersection', models.BooleanField(default=False)),
-                ('fired', models.BooleanField(default=False)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('experiment', models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.CASCADE, related_name='+', to='experiments.experiment')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("metric_key", models.CharField(max_length=64)),
+                ("arm", models.CharField(max_length=64)),
+                ("looks", models.PositiveIntegerField(default=0)),
+                ("max_log_e_value", models.FloatField(default=0.0)),
+                ("min_p_value", models.FloatField(default=1.0)),
+                ("lower", models.FloatField(blank=True, null=True)),
+                ("upper", models.FloatField(blank=True, null=True)),
+                ("empty_intersection", models.BooleanField(default=False)),
+                ("fired", models.BooleanField(default=False)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                (
+                    "experiment",
+                    models.ForeignKey(
+                        db_index=False,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="+",
+                        to="experiments.experiment",
+                    ),
+                ),
             ],
             options={
-                'constraints': [models.UniqueConstraint(fields=('experiment', 'metric_key', 'arm'), name='sequential_state_once')],
+                "constraints": [
+                    models.UniqueConstraint(
+                        fields=("experiment", "metric_key", "arm"), name="sequential_state_once"
+                    )
+                ],
             },
         ),
         migrations.CreateModel(
-            name='UnitEventRollup',
+            name="UnitEventRollup",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('unit_id', models.CharField(max_length=200)),
-                ('event_name', models.CharField(max_length=128)),
-                ('value_sum', models.FloatField(default=0.0)),
-                ('event_count', models.BigIntegerField(default=0)),
-                ('experiment', models.ForeignKey(db_index=False, on_delete=django.db.models.deletion.CASCADE, related_name='+', to='experiments.experiment')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("unit_id", models.CharField(max_length=200)),
+                ("event_name", models.CharField(max_length=128)),
+                ("value_sum", models.FloatField(default=0.0)),
+                ("event_count", models.BigIntegerField(default=0)),
+                (
+                    "experiment",
+                    models.ForeignKey(
+                        db_index=False,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="+",
+                        to="experiments.experiment",
+                    ),
+                ),
             ],
             options={
-                'constraints': [models.UniqueConstraint(fields=('experiment', 'unit_id', 'event_name'), name='unit_event_rollup_once')],
+                "constraints": [
+                    models.UniqueConstraint(
+                        fields=("experiment", "unit_id", "event_name"),
+                        name="unit_event_rollup_once",
+                    )
+                ],
             },
         ),
     ]
