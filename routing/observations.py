@@ -1,0 +1,368 @@
+"""In-memory pre-aggregation of proxied requests into mergeable per-bucket statistics.
+
+The proxy reports every forwarded request here. Nothing is stored per request: observations
+are summed into one cell per (experiment, variant, shadow or not, time bucket of
+OBSERVATION_BUCKET_S seconds), and the cells are appended as ``routing.models.ObservationBucket``
+rows by a background flusher at least every RECORDER_FLUSH_S seconds (and on shutdown). So
+storage grows with time and arms, not with request volume.
+
+What a cell's fields mean (the contract analysis reads):
+
+* ``count``: requests the arm was responsible for: every upstream attempt, plus every request
+  of a non-control arm that an open circuit breaker sent straight to control. Cache hits are
+  not in ``count``.
+* ``error_count``: those of ``count`` that failed: a 5xx answer, a timeout, a connection
+  failure, or a breaker short-circuit. The error rate is ``error_count / count``.
+* ``latency_histogram`` (a ``routing.histogram.LogHistogram``), ``latency_sum`` and
+  ``latency_sum_sq``: the upstream latency in ms of every upstream attempt, failed ones
+  included (a timeout is recorded at the time it took to time out). Breaker short-circuits
+  have no latency, so the latency sample size is the histogram's count, which is at most
+  ``count``; mean latency is ``latency_sum / histogram.count``.
+* ``fallback_count``: those of ``count`` that control answered instead of the arm.
+* ``cache_hits``: requests answered from the prediction cache (no upstream call, in no other
+  field).
+* Shadow rows (``is_shadow``) describe the mirrored copies sent to a shadow variant, plus the
+  paired comparison with control's answer to the same request: ``compared_count`` pairs were
+  compared, ``disagreement_count`` of them differed, and for a numeric comparison field
+  ``abs_diff_sum`` / ``abs_diff_sum_sq`` sum |shadow - control| and its square.
+
+A flush that fails keeps its cells: they are merged back into the buffer (the statistics are
+sums, so merging is exact) and written by the next flush. The buffer is capped at
+RECORDER_MAX_BUFFER cells; past it the oldest cells are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from routing import proxy_metrics
+from routing.histogram import LogHistogram
+
+logger = logging.getLogger(__name__)
+
+# (experiment id, variant key, is_shadow, bucket number = floor(epoch seconds / bucket width))
+CellKey = tuple[int, str, bool, int]
+
+
+class ObservationCell:
+    """Mergeable statistics of one (experiment, variant, shadow flag, time bucket)."""
+
+    __slots__ = (
+        "abs_diff_sum",
+        "abs_diff_sum_sq",
+        "cache_hits",
+        "compared_count",
+        "count",
+        "disagreement_count",
+        "error_count",
+        "fallback_count",
+        "histogram",
+    )
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.error_count = 0
+        self.fallback_count = 0
+        self.cache_hits = 0
+        self.compared_count = 0
+        self.disagreement_count = 0
+        self.abs_diff_sum = 0.0
+        self.abs_diff_sum_sq = 0.0
+        self.histogram = LogHistogram()
+
+    def merge(self, other: ObservationCell) -> None:
+        self.count += other.count
+        self.error_count += other.error_count
+        self.fallback_count += other.fallback_count
+        self.cache_hits += other.cache_hits
+        self.compared_count += other.compared_count
+        self.disagreement_count += other.disagreement_count
+        self.abs_diff_sum += other.abs_diff_sum
+        self.abs_diff_sum_sq += other.abs_diff_sum_sq
+        self.histogram.merge(other.histogram)
+
+
+@dataclass(frozen=True, slots=True)
+class ObservationStats:
+    """Counters of one aggregator since it was created."""
+
+    observed: int
+    cache_hits: int
+    buffered_cells: int
+    rows_written: int
+    flushes: int
+    failed_flushes: int
+    dropped_cells: int
+
+
+class ObservationAggregator:
+    """Sums observations per cell in memory and writes them as ObservationBucket rows.
+
+    The ``observe``/``count_*``/``compare`` methods are the hot path: a dict lookup and a few
+    additions, called from the event loop thread only. ``drain`` swaps the whole buffer out
+    in one step, so nothing recorded during a flush is lost or counted twice.
+    """
+
+    def __init__(
+        self,
+        *,
+        bucket_s: int,
+        flush_interval_s: float,
+        max_cells: int,
+        batch_rows: int = 5000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if bucket_s < 1:
+            raise ValueError(f"bucket_s must be >= 1, got {bucket_s}")
+        self._bucket_s = bucket_s
+        self._flush_interval_s = flush_interval_s
+        self._max_cells = max_cells
+        self._batch_rows = batch_rows
+        self._clock = clock
+        self._cells: dict[CellKey, ObservationCell] = {}
+        self._observed = 0
+        self._cache_hits = 0
+        self._rows_written = 0
+        self._flushes = 0
+        self._failed_flushes = 0
+        self._dropped_cells = 0
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        # One writer thread: flushes never overlap, and its database connection is reused
+        # between flushes and closed on stop (a lingering connection blocks DROP DATABASE).
+        self._executor: ThreadPoolExecutor | None = None
+
+    # ----------------------------------------------------------------- recording (hot path)
+
+    def _cell(self, experiment_id: int, variant_key: str, is_shadow: bool) -> ObservationCell:
+        key = (experiment_id, variant_key, is_shadow, int(self._clock() // self._bucket_s))
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = self._cells[key] = ObservationCell()
+        return cell
+
+    def observe(
+        self,
+        experiment_id: int,
+        variant_key: str,
+        latency_ms: float | None,
+        *,
+        error: bool,
+        fallback: bool = False,
+        is_shadow: bool = False,
+    ) -> None:
+        """Record one request of an arm; ``latency_ms`` None means no upstream call was made."""
+        cell = self._cell(experiment_id, variant_key, is_shadow)
+        cell.count += 1
+        if error:
+            cell.error_count += 1
+        if fallback:
+            cell.fallback_count += 1
+        if latency_ms is not None:
+            cell.histogram.add(latency_ms)
+        self._observed += 1
+
+    def count_cache_hit(self, experiment_id: int, variant_key: str) -> None:
+        """Record a request answered from the prediction cache (kept out of latency stats)."""
+        self._cell(experiment_id, variant_key, False).cache_hits += 1
+        self._cache_hits += 1
+
+    def compare(
+        self,
+        experiment_id: int,
+        variant_key: str,
+        *,
+        disagreed: bool,
+        abs_diff: float | None = None,
+    ) -> None:
+        """Record one paired comparison of a shadow's answer with control's."""
+        cell = self._cell(experiment_id, variant_key, True)
+        cell.compared_count += 1
+        if disagreed:
+            cell.disagreement_count += 1
+        if abs_diff is not None and math.isfinite(abs_diff):
+            cell.abs_diff_sum += abs_diff
+            cell.abs_diff_sum_sq += abs_diff * abs_diff
+
+    # ----------------------------------------------------------------- reading and flushing
+
+    @property
+    def stats(self) -> ObservationStats:
+        return ObservationStats(
+            observed=self._observed,
+            cache_hits=self._cache_hits,
+            buffered_cells=len(self._cells),
+            rows_written=self._rows_written,
+            flushes=self._flushes,
+            failed_flushes=self._failed_flushes,
+            dropped_cells=self._dropped_cells,
+        )
+
+    def drain(self) -> dict[CellKey, ObservationCell]:
+        """Take every buffered cell out of the aggregator."""
+        cells, self._cells = self._cells, {}
+        return cells
+
+    def restore(self, cells: dict[CellKey, ObservationCell]) -> None:
+        """Merge cells back (after a failed write), dropping the oldest beyond the cap."""
+        for key, cell in cells.items():
+            current = self._cells.get(key)
+            if current is None:
+                self._cells[key] = cell
+            else:
+                current.merge(cell)
+        overflow = len(self._cells) - self._max_cells
+        if overflow > 0:
+            for key in sorted(self._cells, key=lambda k: k[3])[:overflow]:
+                del self._cells[key]
+            self._dropped_cells += overflow
+            proxy_metrics.OBSERVATION_CELLS_DROPPED.inc(overflow)
+
+    def rows(self, cells: dict[CellKey, ObservationCell]) -> list[dict[str, object]]:
+        """The ObservationBucket field values of drained cells (empty cells are skipped)."""
+        rows: list[dict[str, object]] = []
+        for (experiment_id, variant_key, is_shadow, bucket), cell in cells.items():
+            if not (cell.count or cell.cache_hits or cell.compared_count):
+                continue
+            histogram = cell.histogram
+            rows.append(
+                {
+                    "experiment_id": experiment_id,
+                    "variant_key": variant_key,
+                    "bucket_start": datetime.fromtimestamp(bucket * self._bucket_s, tz=UTC),
+                    "is_shadow": is_shadow,
+                    "count": cell.count,
+                    "error_count": cell.error_count,
+                    "latency_sum": histogram.sum,
+                    "latency_sum_sq": histogram.sum_of_squares,
+                    "latency_histogram": histogram.to_json() if histogram.count else "",
+                    "cache_hits": cell.cache_hits,
+                    "fallback_count": cell.fallback_count,
+                    "compared_count": cell.compared_count,
+                    "disagreement_count": cell.disagreement_count,
+                    "abs_diff_sum": cell.abs_diff_sum,
+                    "abs_diff_sum_sq": cell.abs_diff_sum_sq,
+                }
+            )
+        return rows
+
+    def flush_now(self) -> int:
+        """Write everything buffered, synchronously, in the calling thread; returns rows written.
+
+        On failure the cells go back into the buffer and the exception propagates.
+        """
+        cells = self.drain()
+        if not cells:
+            return 0
+        try:
+            written = _write_rows(self.rows(cells), batch_rows=self._batch_rows)
+        except Exception:
+            self.restore(cells)
+            self._failed_flushes += 1
+            proxy_metrics.OBSERVATION_FLUSHES.labels("failed").inc()
+            raise
+        self._flushes += 1
+        self._rows_written += written
+        proxy_metrics.OBSERVATION_FLUSHES.labels("ok").inc()
+        proxy_metrics.OBSERVATION_ROWS_WRITTEN.inc(written)
+        proxy_metrics.OBSERVATION_BUFFERED_CELLS.set(len(self._cells))
+        return written
+
+    async def flush(self) -> int:
+        """Write everything buffered from a worker thread; failures are logged and retried."""
+        cells = self.drain()
+        if not cells:
+            return 0
+        rows = self.rows(cells)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="rampart-observations")
+        loop = asyncio.get_running_loop()
+        try:
+            written = await loop.run_in_executor(
+                self._executor, functools.partial(_write_rows, rows, batch_rows=self._batch_rows)
+            )
+        except Exception:
+            logger.exception("observation flush failed; %d cells kept for the next one", len(cells))
+            self.restore(cells)
+            self._failed_flushes += 1
+            proxy_metrics.OBSERVATION_FLUSHES.labels("failed").inc()
+            return 0
+        self._flushes += 1
+        self._rows_written += written
+        proxy_metrics.OBSERVATION_FLUSHES.labels("ok").inc()
+        proxy_metrics.OBSERVATION_ROWS_WRITTEN.inc(written)
+        proxy_metrics.OBSERVATION_BUFFERED_CELLS.set(len(self._cells))
+        return written
+
+    async def start(self) -> None:
+        """Start the periodic background flusher."""
+        if self._task is None:
+            self._stopping = False
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="rampart-observation-flusher"
+            )
+
+    async def stop(self) -> None:
+        """Stop the flusher and write what is left."""
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.flush()
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.get_running_loop().run_in_executor(executor, _close_connections)
+            executor.shutdown(wait=True)
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self._flush_interval_s)
+            await self.flush()
+
+
+def _write_rows(rows: Sequence[dict[str, object]], *, batch_rows: int) -> int:
+    """Append rows to ObservationBucket; rows of experiments deleted meanwhile are skipped."""
+    # Imported here so that the aggregator can be used (and unit-tested) without Django set up;
+    # this function only ever runs in a process where it is.
+    from django.db import IntegrityError, close_old_connections, transaction
+
+    from routing.models import ObservationBucket
+
+    if not rows:
+        return 0
+    close_old_connections()
+    objects = [ObservationBucket(**row) for row in rows]
+    try:
+        with transaction.atomic():
+            ObservationBucket.objects.bulk_create(objects, batch_size=batch_rows)
+    except IntegrityError:
+        # An experiment deleted between the request and the flush fails the foreign key for
+        # the whole batch; keep the rows whose experiment still exists.
+        from experiments.selectors import experiment_view_by_id
+
+        existing = {
+            experiment_id
+            for experiment_id in {row.experiment_id for row in objects}
+            if experiment_view_by_id(experiment_id=experiment_id) is not None
+        }
+        objects = [row for row in objects if row.experiment_id in existing]
+        with transaction.atomic():
+            ObservationBucket.objects.bulk_create(objects, batch_size=batch_rows)
+    return len(objects)
+
+
+def _close_connections() -> None:
+    from django.db import connections
+
+    connections.close_all()

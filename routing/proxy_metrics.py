@@ -1,0 +1,139 @@
+"""Prometheus metrics of the routing proxy and its observation recorder (served on /metrics).
+
+All metrics live in prometheus_client's default registry, so whoever serves /metrics with
+``prometheus_client.generate_latest()`` exposes them. Label values are experiment keys, variant
+keys and upstream URLs: bounded by configuration, never by traffic.
+
+The proxy's hot path does not call ``.labels()`` per request: :func:`arm_metrics` returns a
+cached bundle of already-labelled children for one (experiment, variant) pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from routing.breaker import STATE_VALUES, BreakerState
+
+PROXY_REQUESTS = Counter(
+    "rampart_proxy_requests_total",
+    "Requests answered by the proxy, by experiment, variant served and response status class.",
+    ["experiment", "variant", "status_class"],
+)
+UPSTREAM_LATENCY = Histogram(
+    "rampart_proxy_upstream_latency_seconds",
+    "Upstream round-trip time of forwarded requests (request sent to response body received).",
+    ["experiment", "variant"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+UPSTREAM_ERRORS = Counter(
+    "rampart_proxy_upstream_errors_total",
+    "Failed upstream calls by kind: status_5xx, timeout, connect, breaker_open.",
+    ["experiment", "variant", "kind"],
+)
+FALLBACKS = Counter(
+    "rampart_proxy_fallbacks_total",
+    "Requests of a non-control arm answered by control instead (failure or open breaker).",
+    ["experiment", "variant"],
+)
+BREAKER_STATE = Gauge(
+    "rampart_proxy_breaker_state",
+    "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open.",
+    ["upstream"],
+)
+CACHE_HITS = Counter(
+    "rampart_proxy_cache_hits_total",
+    "Requests answered from the prediction cache.",
+    ["experiment", "variant"],
+)
+SHADOW_REQUESTS = Counter(
+    "rampart_proxy_shadow_requests_total",
+    "Mirrored requests sent to shadow variants, by outcome: ok or error.",
+    ["experiment", "variant", "outcome"],
+)
+SHADOW_DROPPED = Counter(
+    "rampart_proxy_shadow_dropped_total",
+    "Mirrored requests not sent: saturated (concurrency limit) or breaker_open.",
+    ["experiment", "variant", "reason"],
+)
+CLIENT_DISCONNECTS = Counter(
+    "rampart_proxy_client_disconnects_total",
+    "Requests whose client went away before the answer; the upstream call was cancelled.",
+)
+REJECTED = Counter(
+    "rampart_proxy_rejected_total",
+    "Requests refused before routing, by reason (unknown_experiment, body_too_large, auth).",
+    ["reason"],
+)
+OBSERVATION_FLUSHES = Counter(
+    "rampart_observation_flushes_total",
+    "Observation flushes by outcome: ok or failed (rows are kept and retried).",
+    ["outcome"],
+)
+OBSERVATION_ROWS_WRITTEN = Counter(
+    "rampart_observation_rows_written_total",
+    "ObservationBucket rows written.",
+)
+OBSERVATION_CELLS_DROPPED = Counter(
+    "rampart_observation_cells_dropped_total",
+    "Aggregated observation cells dropped because the buffer was full while writes failed.",
+)
+OBSERVATION_BUFFERED_CELLS = Gauge(
+    "rampart_observation_buffered_cells",
+    "Aggregated (experiment, variant, bucket) cells waiting to be written.",
+)
+
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+@dataclass(frozen=True, slots=True)
+class ArmMetrics:
+    """The labelled metric children of one (experiment, variant), created once."""
+
+    requests_by_class: tuple[Counter, ...]
+    latency: Histogram
+    errors_5xx: Counter
+    errors_timeout: Counter
+    errors_connect: Counter
+    errors_breaker_open: Counter
+    fallbacks: Counter
+    cache_hits: Counter
+    shadow_ok: Counter
+    shadow_error: Counter
+    shadow_saturated: Counter
+    shadow_breaker_open: Counter
+
+    def count_response(self, status: int) -> None:
+        """Count one response to the client by status class."""
+        index = status // 100 - 1
+        if 0 <= index < len(STATUS_CLASSES):
+            self.requests_by_class[index].inc()
+
+
+@lru_cache(maxsize=4096)
+def arm_metrics(experiment: str, variant: str) -> ArmMetrics:
+    """Labelled children for one arm, cached so the hot path does no label lookups."""
+    return ArmMetrics(
+        requests_by_class=tuple(
+            PROXY_REQUESTS.labels(experiment, variant, status_class)
+            for status_class in STATUS_CLASSES
+        ),
+        latency=UPSTREAM_LATENCY.labels(experiment, variant),
+        errors_5xx=UPSTREAM_ERRORS.labels(experiment, variant, "status_5xx"),
+        errors_timeout=UPSTREAM_ERRORS.labels(experiment, variant, "timeout"),
+        errors_connect=UPSTREAM_ERRORS.labels(experiment, variant, "connect"),
+        errors_breaker_open=UPSTREAM_ERRORS.labels(experiment, variant, "breaker_open"),
+        fallbacks=FALLBACKS.labels(experiment, variant),
+        cache_hits=CACHE_HITS.labels(experiment, variant),
+        shadow_ok=SHADOW_REQUESTS.labels(experiment, variant, "ok"),
+        shadow_error=SHADOW_REQUESTS.labels(experiment, variant, "error"),
+        shadow_saturated=SHADOW_DROPPED.labels(experiment, variant, "saturated"),
+        shadow_breaker_open=SHADOW_DROPPED.labels(experiment, variant, "breaker_open"),
+    )
+
+
+def set_breaker_state(upstream: str, state: BreakerState) -> None:
+    """Publish a breaker transition (the breaker's ``on_change`` callback)."""
+    BREAKER_STATE.labels(upstream).set(STATE_VALUES[state])
