@@ -20,6 +20,7 @@ from routing.assignment import (
     AssignmentSpec,
     BucketRange,
     Namespace,
+    _variant_lookup_table,  # private: the table behind assign(), checked below
     assign,
     bucket_ranges,
     build_assignment_spec,
@@ -236,6 +237,48 @@ def test_outcomes_agree_with_the_ranges_they_were_built_from() -> None:
         outcome = assign(spec, unit)
         assert outcome.variant_key == variant_at(spec, outcome.bucket)
         assert outcome.reason == ("assigned" if outcome.variant_key else "not_in_coverage")
+
+
+@settings(max_examples=60)
+@given(
+    raw_weights=st.lists(st.integers(min_value=0, max_value=20), min_size=2, max_size=6).filter(
+        any
+    ),
+    coverage_tenths=st.integers(min_value=0, max_value=10),
+    hash_version=st.sampled_from([1, 2]),
+)
+def test_bucket_table_matches_choose_variation_on_every_bucket(
+    raw_weights: list[int], coverage_tenths: int, hash_version: int
+) -> None:
+    # Weights like 0.05 and coverages like 0.3 put range ends a few ulps off grid points,
+    # where a table built with rounding instead of GrowthBook's comparison would differ.
+    total = sum(raw_weights)
+    weights = [weight / total for weight in raw_weights]
+    weights[-1] = 1.0 - math.fsum(weights[:-1])
+    ranges = bucket_ranges(len(weights), coverage_tenths / 10, weights)
+    grid = BUCKET_GRID[hash_version]
+    table = _variant_lookup_table(tuple((interval,) for interval in ranges), grid)
+    for index in range(grid):
+        assert table[index] - 1 == choose_variation(index / grid, ranges)
+
+
+@pytest.mark.parametrize(
+    ("boundary", "grid"),
+    [
+        # One ulp above a grid point: boundary * grid rounds down to the integer, yet the
+        # grid point itself is below the boundary, so it still belongs to the lower range.
+        (math.nextafter(0.043, 1.0), 1000),
+        (math.nextafter(0.282, 1.0), 1000),
+        (math.nextafter(0.3, 1.0), 10000),
+        # One ulp below a grid point belongs to the upper range.
+        (math.nextafter(0.5, 0.0), 10000),
+    ],
+)
+def test_bucket_table_handles_boundaries_next_to_grid_points(boundary: float, grid: int) -> None:
+    ranges = [(0.0, boundary), (boundary, 1.0)]
+    table = _variant_lookup_table(tuple((interval,) for interval in ranges), grid)
+    for index in range(grid):
+        assert table[index] - 1 == choose_variation(index / grid, ranges)
 
 
 def test_repeated_decisions_reuse_one_outcome_object() -> None:
