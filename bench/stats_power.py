@@ -1,0 +1,202 @@
+"""Benchmark: traffic the sequential guardrail needs to catch a regression, vs fixed horizon.
+
+Case 1 (rate): the error rate of a 10% canary doubles from 1% to 2% (allocation 90/10). The
+sequential guardrail (`analysis.stats.harm`, the rule `evaluate_guardrails` applies, one
+guardrail with the whole alpha = 0.05, N* from `guardrail_n_star_proportion`) looks after every
+batch of 100 units. Reported: the median, 80th and 90th percentile of the total sample size at
+which it rolls back, next to the two-sided fixed-horizon total at 80% power for the same
+allocation (statsmodels NormalIndPower with `ratio`, and the pooled-variance formula), measured
+in the same run, plus the A/A false-rollback rate with the same settings. Targets: median <= 0.9x
+and 80th percentile <= 1.5x the fixed-horizon size (GrowthBook's default two-sided test: about
+1.03x and 1.7x, STATS.md 10.2).
+
+Case 2 (p95 latency): the canary's latencies are 20% slower (log-normal), through
+`analysis.stats.quantiles.quantile_guardrail` on `routing.histogram.LogHistogram`s.
+
+Run from the repository root: `.venv/bin/python -m bench.stats_power` (a few minutes at most), or
+with `--quick`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from statsmodels.stats.power import NormalIndPower
+from statsmodels.stats.proportion import proportion_effectsize
+
+from analysis.stats.guardrails import GuardrailSettings
+from analysis.stats.harm import harm_threshold, proportion_harm_z
+from analysis.stats.planning import fixed_horizon_total_n_proportion, guardrail_n_star_proportion
+from analysis.stats.quantiles import quantile_guardrail
+from routing.histogram import LogHistogram
+
+ALPHA = 0.05
+TREATMENT_SHARE = 0.1
+BASE_RATE, HARMED_RATE = 0.01, 0.02
+BATCH = 100
+SEED = 20240601
+
+
+@dataclass(frozen=True)
+class StoppingSizes:
+    median: float
+    p80: float
+    p90: float
+    never: float
+
+
+def _stopping_sizes(fired: np.ndarray, totals: np.ndarray) -> StoppingSizes:
+    """Total N at the first alarm per run (inf when it never fires within the horizon)."""
+    first = np.where(fired.any(axis=1), fired.argmax(axis=1), -1)
+    sizes = np.where(first >= 0, totals[np.maximum(first, 0)], np.inf)
+
+    # Order-statistic percentiles, so runs that never stopped (inf) are handled exactly.
+    def percentile(q: float) -> float:
+        return float(np.percentile(sizes, q, method="inverted_cdf"))
+
+    return StoppingSizes(
+        median=percentile(50),
+        p80=percentile(80),
+        p90=percentile(90),
+        never=float(np.isinf(sizes).mean()),
+    )
+
+
+def fixed_horizon_sizes() -> tuple[float, float]:
+    """Two-sided 80%-power totals at 90/10: statsmodels NormalIndPower and the pooled formula."""
+    effect = proportion_effectsize(HARMED_RATE, BASE_RATE)
+    ratio = TREATMENT_SHARE / (1 - TREATMENT_SHARE)
+    n_control = NormalIndPower().solve_power(
+        effect_size=effect, alpha=ALPHA, power=0.8, ratio=ratio, alternative="two-sided"
+    )
+    pooled = fixed_horizon_total_n_proportion(
+        BASE_RATE, HARMED_RATE, treatment_share=TREATMENT_SHARE, alpha=ALPHA
+    )
+    return float(n_control * (1 + ratio)), pooled
+
+
+def rate_guardrail_fired(
+    treatment_rate: float, runs: int, looks: int, settings: GuardrailSettings, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Simulate `runs` canaries and apply the guardrail's rule at every look (vectorised)."""
+    rng = np.random.default_rng(seed)
+    n_b = rng.binomial(BATCH, TREATMENT_SHARE, size=(runs, looks))
+    n_a = BATCH - n_b
+    x_a = rng.binomial(n_a, BASE_RATE).cumsum(axis=1)
+    x_b = rng.binomial(n_b, treatment_rate).cumsum(axis=1)
+    n_a, n_b = n_a.cumsum(axis=1), n_b.cumsum(axis=1)
+    totals = BATCH * np.arange(1, looks + 1)
+    z = proportion_harm_z(x_a, n_a, x_b, n_b, ratio=1.0, lower_is_better=True)
+    burned_in = (np.minimum(n_a, n_b) >= settings.min_units_per_arm) & (
+        np.minimum(x_a, x_b) >= settings.min_events_per_arm
+    )
+    threshold = harm_threshold(totals, alpha=settings.alpha, n_star=settings.n_star)
+    return burned_in & (z > threshold), totals
+
+
+def quantile_guardrail_fired(
+    slowdown: float, runs: int, looks: int, batch: int, t_opt: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """p95 guardrail (margin 0) on log-normal latencies, looking after every batch."""
+    rng = np.random.default_rng(seed)
+    fired = np.zeros((runs, looks), dtype=bool)
+    for run in range(runs):
+        control, treatment = LogHistogram(), LogHistogram()
+        for look in range(looks):
+            in_treatment = rng.random(batch) < TREATMENT_SHARE
+            latencies = rng.lognormal(math.log(100), 0.5, batch)
+            control.add_many(latencies[~in_treatment])
+            treatment.add_many(latencies[in_treatment] * slowdown)
+            if min(control.count, treatment.count) < 100:
+                continue
+            result = quantile_guardrail(control, treatment, p=0.95, alpha=ALPHA, t_opt=t_opt)
+            if result.harm_lower_bound > 0:
+                fired[run, look:] = True
+                break
+    return fired, batch * np.arange(1, looks + 1)
+
+
+def _timed(label: str, action: Callable[[], tuple[np.ndarray, np.ndarray]]) -> StoppingSizes:
+    start = time.perf_counter()
+    fired, totals = action()
+    sizes = _stopping_sizes(fired, totals)
+    print(f"  ({label}: {time.perf_counter() - start:.1f} s)")
+    return sizes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer runs (about 20 s)")
+    args = parser.parse_args()
+    runs = 1000 if args.quick else 5000
+    aa_runs = 1000 if args.quick else 4000
+    quantile_runs = 60 if args.quick else 300
+
+    n_star = guardrail_n_star_proportion(
+        BASE_RATE, detectable_relative_harm=1.0, treatment_share=TREATMENT_SHARE, alpha=ALPHA
+    )
+    settings = GuardrailSettings(alpha=ALPHA, n_star=round(n_star))
+    statsmodels_n, pooled_n = fixed_horizon_sizes()
+    looks = int(6 * pooled_n / BATCH)
+
+    print("Error rate 1% -> 2%, 10% canary (90/10), alpha 0.05, look every 100 units")
+    print(f"  N* = two-sided 80%-power pooled total = {settings.n_star:,.0f}")
+    harm = _timed(
+        "harm runs", lambda: rate_guardrail_fired(HARMED_RATE, runs, looks, settings, SEED)
+    )
+    aa = _timed(
+        "A/A runs", lambda: rate_guardrail_fired(BASE_RATE, aa_runs, looks, settings, SEED + 1)
+    )
+    false_rollback = 1 - aa.never
+    monte_carlo_se = math.sqrt(ALPHA * (1 - ALPHA) / aa_runs)
+
+    print()
+    print(f"{'total units (both arms)':<44}{'median':>10}{'p80':>10}{'p90':>10}")
+    print(
+        f"{'sequential guardrail (one-sided harm test)':<44}"
+        f"{harm.median:>10,.0f}{harm.p80:>10,.0f}{harm.p90:>10,.0f}"
+    )
+    print(f"{'fixed horizon, pooled formula (80% power)':<44}{pooled_n:>10,.0f}")
+    print(f"{'fixed horizon, statsmodels NormalIndPower':<44}{statsmodels_n:>10,.0f}")
+    print()
+    for label, reference in (("pooled formula", pooled_n), ("NormalIndPower", statsmodels_n)):
+        print(
+            f"ratios vs {label}: median {harm.median / reference:.2f}x (target <= 0.90), "
+            f"p80 {harm.p80 / reference:.2f}x (target <= 1.50), p90 {harm.p90 / reference:.2f}x"
+        )
+    print(f"runs never stopped within {looks * BATCH:,} units: {harm.never:.2%}")
+    print(
+        f"A/A false-rollback rate, same settings: {false_rollback:.2%} "
+        f"(alpha {ALPHA:.0%}, Monte-Carlo SE {monte_carlo_se:.2%}, {aa_runs} runs)"
+    )
+
+    print()
+    print("p95 latency +20% (log-normal, sigma 0.5), 10% canary, margin 0, look every 500 units")
+    quantile_looks, quantile_batch, t_opt = 120, 500, 2000.0
+    slow = _timed(
+        "harm runs",
+        lambda: quantile_guardrail_fired(
+            1.2, quantile_runs, quantile_looks, quantile_batch, t_opt, SEED + 2
+        ),
+    )
+    same = _timed(
+        "A/A runs",
+        lambda: quantile_guardrail_fired(
+            1.0, quantile_runs, quantile_looks, quantile_batch, t_opt, SEED + 3
+        ),
+    )
+    print(
+        f"  quantile guardrail (t_opt {t_opt:,.0f} per arm): median {slow.median:,.0f}, "
+        f"p80 {slow.p80:,.0f}, p90 {slow.p90:,.0f} total units; "
+        f"never stopped within {quantile_looks * quantile_batch:,}: {slow.never:.1%}"
+    )
+    print(f"  A/A false-rollback rate: {1 - same.never:.2%} ({quantile_runs} runs)")
+
+
+if __name__ == "__main__":
+    main()
