@@ -24,8 +24,10 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from statsmodels.stats.power import NormalIndPower
 from statsmodels.stats.proportion import proportion_effectsize
 
@@ -41,6 +43,8 @@ BASE_RATE, HARMED_RATE = 0.01, 0.02
 BATCH = 100
 SEED = 20240601
 
+Array = NDArray[Any]
+
 
 @dataclass(frozen=True)
 class StoppingSizes:
@@ -50,7 +54,7 @@ class StoppingSizes:
     never: float
 
 
-def _stopping_sizes(fired: np.ndarray, totals: np.ndarray) -> StoppingSizes:
+def _stopping_sizes(fired: Array, totals: Array) -> StoppingSizes:
     """Total N at the first alarm per run (inf when it never fires within the horizon)."""
     first = np.where(fired.any(axis=1), fired.argmax(axis=1), -1)
     sizes = np.where(first >= 0, totals[np.maximum(first, 0)], np.inf)
@@ -82,7 +86,7 @@ def fixed_horizon_sizes() -> tuple[float, float]:
 
 def rate_guardrail_fired(
     treatment_rate: float, runs: int, looks: int, settings: GuardrailSettings, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[Array, Array]:
     """Simulate `runs` canaries and apply the guardrail's rule at every look (vectorised)."""
     rng = np.random.default_rng(seed)
     n_b = rng.binomial(BATCH, TREATMENT_SHARE, size=(runs, looks))
@@ -101,7 +105,7 @@ def rate_guardrail_fired(
 
 def quantile_guardrail_fired(
     slowdown: float, runs: int, looks: int, batch: int, t_opt: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[Array, Array]:
     """p95 guardrail (margin 0) on log-normal latencies, looking after every batch."""
     rng = np.random.default_rng(seed)
     fired = np.zeros((runs, looks), dtype=bool)
@@ -121,7 +125,7 @@ def quantile_guardrail_fired(
     return fired, batch * np.arange(1, looks + 1)
 
 
-def _timed(label: str, action: Callable[[], tuple[np.ndarray, np.ndarray]]) -> StoppingSizes:
+def _timed(label: str, action: Callable[[], tuple[Array, Array]]) -> StoppingSizes:
     start = time.perf_counter()
     fired, totals = action()
     sizes = _stopping_sizes(fired, totals)
