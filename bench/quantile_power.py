@@ -10,7 +10,7 @@ sample size reported; the control arm has 9x as many.
 Baseline: the per-arm sample size a fixed-horizon one-sided test at the same alpha needs for 80%
 power against the same p95 difference with the same 10/90 split, from the asymptotic variance of
 a sample quantile, Var(q_hat) = p(1-p) / (n f(q)^2) (Serfling 1980, "Approximation Theorems of
-Mathematical Statistics", section 2.3.3). For a log-normal, f(q) = phi(z_p) / (sigma q), so
+Mathematical Statistics", section 2.3). For a log-normal, f(q) = phi(z_p) / (sigma q), so
 Var(q_hat_B - q_hat_A) = p(1-p) sigma^2 / phi(z_p)^2 (q_B^2 / n_B + q_A^2 / n_A) and
 n_B = (z_{1-alpha} + z_{0.8})^2 Var(n_B = 1) / (q_B - q_A)^2. The script then simulates that
 fixed-horizon test (the Deng-Knoblich-Yu CI of `quantile_difference_ci`, one-sided) at that size

@@ -6,7 +6,7 @@ as JSON text, and the analysis merges many of them and computes quantiles and qu
 sequences (``analysis.stats.quantiles``). This docstring is the format's specification.
 
 Buckets (DDSketch, Masson, Rim & Lee 2019, "DDSketch: a fast and fully-mergeable quantile sketch
-with relative-error guarantees", section 2)
+with relative-error guarantees", PVLDB 12(12))
     With relative accuracy ``a`` (default 0.01) let ``gamma = (1 + a) / (1 - a)``. A recorded value
     ``x`` goes to bucket ``i = ceil(log(x) / log(gamma))``, so bucket ``i`` holds the values in the
     half-open interval ``(gamma**(i - 1), gamma**i]``. Its representative value

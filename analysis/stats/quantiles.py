@@ -8,14 +8,14 @@ Anytime-valid confidence sequences (CS) for one arm's quantile, Howard & Ramdas 
 "Sequential estimation of quantiles with applications to A/B-testing and best-arm
 identification", Bernoulli 28(3) (arXiv 1906.09712):
 
-* The CS is a pair of order statistics (their eq. for the fixed-quantile CS; STATS.md 8.1):
+* The CS is a pair of order statistics (their fixed-quantile CS; STATS.md 8.1, confseq demo):
   ``[X_(k_lo), X_(k_hi)]`` with ``k_lo = floor(t*p - u_lo + 1)`` and ``k_hi = ceil(t*p + u_up)``,
   where ``u_up``/``u_lo`` are uniform boundaries for the centred count
   ``S_t = sum_i (1{X_i <= q_p} - p)``, whose increments lie in ``[-p, 1-p]`` (sub-Bernoulli with
   range ``g = p``, ``h = 1 - p``; the lower side uses ``-S_t``, i.e. ``g = 1 - p``, ``h = p``).
 * ``method="beta_binomial"``: the beta-binomial mixture boundary of Howard, Ramdas, McAuliffe &
   Sekhon 2021, "Time-uniform, nonparametric, nonasymptotic confidence sequences", Ann. Statist.
-  49(2), Proposition 7 / eq. (3.8): the root in ``s`` of ``log M(s, v) = log(1/alpha)`` with
+  49(2), section 3 (beta-binomial mixture): the root in ``s`` of ``log M(s, v) = log(1/alpha)`` with
   ``v = p(1-p)t`` (formula in :func:`beta_binomial_log_mixture`), tuned to be tightest at
   ``t_opt``. Valid for one fixed ``p`` at every ``t``. Two-sided: one two-sided mixture at level
   ``alpha`` bounds both sides at once (its value at ``(s; g, h)`` equals its value at
@@ -48,14 +48,14 @@ each arm contributes only one side to each harm bound; two-sided arm CSs at ``al
 also be valid but wider.
 
 Fixed horizon (reporting only, invalid under peeking): Deng, Knoblich & Yu 2018, "Applying the
-Delta Method in Metric Analytics: A Practical Guide with Novel Ideas", KDD, section 4 (quantile
+Delta Method in Metric Analytics: A Practical Guide with Novel Ideas", KDD (quantile
 metrics), as GrowthBook's ``QuantileStatistic`` computes it (STATS.md 8.3): the standard error of
 a sample quantile from the width of its order-statistic (binomial) confidence interval, Welch
 t-interval for the difference, delta method for the relative difference.
 
 Two-sample test (reporting only): confseq's ``quantile_ab_p_value`` (Howard & Ramdas 2022,
-section 5; STATS.md 8.2), from histograms by treating each bucket as an interval of possible
-empirical-CDF values (conservative).
+A/B-testing section; STATS.md 8.2), from histograms by treating each bucket as an interval of
+possible empirical-CDF values (conservative).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def _check_t_opt(t_opt: float) -> None:
 
 
 def _normal_mixture_rho(v_opt: float, alpha_opt: float) -> float:
-    """Normal-mixture precision tuned for intrinsic time ``v_opt`` (Howard et al. 2021, eq. (3.7)).
+    """Normal-mixture precision tuned for intrinsic time ``v_opt`` (Howard et al. 2021).
 
     ``rho = v_opt / (2 log(1/alpha) + log(1 + 2 log(1/alpha)))``.
     """
@@ -185,7 +185,7 @@ def beta_binomial_log_mixture(
 ) -> float:
     """log M(s, v) of the beta-binomial mixture supermartingale (STATS.md 8.1).
 
-    Howard, Ramdas, McAuliffe & Sekhon 2021, Proposition 7 / eq. (3.8)::
+    Howard, Ramdas, McAuliffe & Sekhon 2021, section 3 (as confseq's ``BetaBinomialMixture``)::
 
         log M = v/(gh) log(g+h) - (v+hs)/(h(g+h)) log g - (v-gs)/(g(g+h)) log h
                 + log B_x((r+v-gs)/(g(g+h)), (r+v+hs)/(h(g+h)))
@@ -591,7 +591,7 @@ def interpolated_quantile(histogram: LatencyHistogram, level: float) -> float:
 
 
 def _dky_summary(histogram: LatencyHistogram, p: float) -> _ArmQuantileSummary | str:
-    """Quantile and per-unit variance from the 95% order-statistic interval (DKY 2018, sec. 4)."""
+    """Quantile and per-unit variance from the 95% order-statistic interval (DKY 2018)."""
     n = histogram.count
     half_width = _DKY_Z * math.sqrt(p * (1.0 - p) / n) if n > 0 else math.inf
     if not (p - half_width > 0.0 and p + half_width < 1.0):
@@ -614,7 +614,7 @@ def quantile_difference_ci(
 ) -> QuantileDifferenceInterval:
     """Fixed-horizon two-sided CI for ``Q_B(p) - Q_A(p)`` and ``Q_B(p)/Q_A(p) - 1``.
 
-    Deng, Knoblich & Yu 2018 (KDD), section 4: ``Var(q_hat) = ((Y_U - Y_L) / (2 z_0.975))^2``
+    Deng, Knoblich & Yu 2018 (KDD), quantile metrics: ``Var(q_hat) = ((Y_U - Y_L) / (2 z_0.975))^2``
     from the order statistics at ranks ``n (p -+ z_0.975 sqrt(p(1-p)/n))`` (read from the
     histogram with :func:`interpolated_quantile`); Welch t-interval
     with Welch-Satterthwaite degrees of freedom for the absolute difference, and the delta method
@@ -736,7 +736,7 @@ def quantile_ab_p_value(
 ) -> float:
     """Always-valid two-sided p-value for equal ``p``-quantiles, from histograms (STATS.md 8.2).
 
-    Howard & Ramdas 2022, section 5 (confseq ``quantile_ab_p_value``):
+    Howard & Ramdas 2022, A/B testing of quantiles (confseq ``quantile_ab_p_value``):
     ``p = min(1, exp(-min_x [G_A(x) + G_B(x)]))`` with
     ``G_a(x) = log M_a((F_a(x) - p) N_a, p(1-p) N_a)`` (two-sided beta-binomial mixture, tuned at
     ``t_opt`` per arm). Within a bucket the empirical CDFs are only known to lie between the

@@ -18,8 +18,8 @@ latencies = st.floats(min_value=MIN_VALUE_MS, max_value=MAX_VALUE_MS, allow_nan=
 latency_lists = st.lists(latencies, min_size=1, max_size=300)
 probabilities = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
 
-# Relative error of the DDSketch representative is at most a = 0.01 (Masson et al. 2019,
-# Proposition 3); the slack covers floating-point rounding in log/exp only.
+# Relative error of the DDSketch representative is at most a = 0.01 (Masson, Rim & Lee 2019,
+# "DDSketch", PVLDB 12(12)); the slack covers floating-point rounding in log/exp only.
 QUANTILE_TOLERANCE = 0.01 + 1e-12
 
 

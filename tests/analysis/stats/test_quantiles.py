@@ -382,9 +382,9 @@ def test_fixed_horizon_ci_matches_gbstats(p: float) -> None:
     )
 
 
-def test_fixed_horizon_ci_covers_at_about_the_nominal_rate() -> None:
-    # Large-sample check of the Deng-Knoblich-Yu standard error: asymptotic SD of a sample
-    # quantile is sqrt(p(1-p)/n) / f(q) (Serfling 1980, 2.3.3); the CI half-width should match.
+def test_fixed_horizon_ci_width_matches_asymptotic_quantile_variance() -> None:
+    # Large-sample check of the Deng-Knoblich-Yu standard error: the asymptotic SD of a sample
+    # quantile is sqrt(p(1-p)/n) / f(q) (Serfling 1980, section 2.3).
     rng = np.random.default_rng(7)
     n, p = 20_000, 0.95
     control = histogram_of(rng.lognormal(math.log(100), 0.5, n))
