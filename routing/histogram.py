@@ -22,7 +22,7 @@ Values outside the range
       as ``MAX_VALUE_MS``, and the highest bucket's upper edge is +infinity.
     * Negative values, NaN and infinities are errors (``ValueError``): they mean a broken clock or a
       bug upstream, and silently binning them would corrupt every quantile.
-    Clamping keeps the bucket index range bounded (about 1,140 buckets at a = 0.01) whatever the
+    Clamping keeps the bucket index range bounded (1,152 buckets at a = 0.01) whatever the
     input, and the bucket edges above make the clamped buckets honest for conservative bounds.
 
 Quantiles
@@ -41,7 +41,7 @@ Merging
 
 JSON format, version 1 (stored as text in the database; compact, no whitespace)::
 
-    {"v":1,"a":0.01,"n":7,"s":812.5,"q":103500.25,"b":[[230,1,0,2],[250,4]]}
+    {"v":1,"a":0.01,"n":7,"s":891.3,"q":117104.0,"b":[[230,1,0,2],[250,4]]}
 
     * ``v``: format version, 1.
     * ``a``: relative accuracy (bucketing parameter); merging requires equal ``a``.
