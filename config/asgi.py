@@ -1,4 +1,8 @@
-"""ASGI entry point: `uvicorn config.asgi:application` serves the Django web app and API."""
+"""ASGI entry point: `uvicorn config.asgi:application` serves the edge and the Django app.
+
+The edge (routing.edge) answers /v1/... from its in-process snapshot; every other path
+goes to Django's ASGI app.
+"""
 
 import os
 
@@ -9,9 +13,11 @@ django_application = get_asgi_application()
 
 from django.conf import settings  # noqa: E402
 
+from routing.edge import build_edge  # noqa: E402
+
 if settings.DEBUG:
     from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 
-    application = ASGIStaticFilesHandler(django_application)
-else:
-    application = django_application
+    django_application = ASGIStaticFilesHandler(django_application)
+
+application = build_edge(fallback=django_application)

@@ -1,0 +1,80 @@
+"""Prometheus metrics of the edge's decisions, routing snapshot and exposure recorder.
+
+The objects live in prometheus_client's default registry; whoever serves /metrics exposes
+them. Hot-path counters are incremented through cached label children, so a decision pays
+one dict lookup and one lock-protected add, not a label resolution.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+from prometheus_client.metrics import MetricWrapperBase
+
+DECISIONS = Counter(
+    "rampart_decisions",
+    "Decisions answered by the edge, by experiment, variant served and reason.",
+    ["experiment", "variant", "reason"],
+)
+
+SNAPSHOT_VERSION = Gauge(
+    "rampart_snapshot_version", "Config version of the routing snapshot this process serves."
+)
+SNAPSHOT_BUILT = Gauge(
+    "rampart_snapshot_built_timestamp_seconds",
+    "Unix time at which the routing snapshot in use was built.",
+)
+SNAPSHOT_AGE = Gauge(
+    "rampart_snapshot_age_seconds",
+    "Seconds since this process last confirmed that its snapshot matches the config version.",
+)
+SNAPSHOT_REBUILDS = Counter(
+    "rampart_snapshot_rebuilds", "Routing snapshots built because the config version changed."
+)
+SNAPSHOT_ERRORS = Counter(
+    "rampart_snapshot_refresh_errors",
+    "Failed checks or rebuilds of the routing snapshot (the previous snapshot stays in use).",
+)
+SNAPSHOT_EXPERIMENTS = Gauge(
+    "rampart_snapshot_experiments", "Experiments in the routing snapshot, by status.", ["status"]
+)
+
+RECORDER_ACCEPTED = Counter(
+    "rampart_exposures_accepted", "First exposures accepted into the recorder's buffer."
+)
+RECORDER_BUFFERED = Gauge(
+    "rampart_exposures_buffered", "Exposure rows waiting in memory for the next flush."
+)
+RECORDER_WRITTEN = Counter(
+    "rampart_exposures_written",
+    "Exposure rows handed to the database in successful bulk inserts (duplicates are ignored "
+    "by the unique constraint).",
+)
+RECORDER_DROPPED = Counter(
+    "rampart_exposures_dropped",
+    "Exposure rows dropped: buffer full, or the experiment no longer exists.",
+    ["cause"],
+)
+RECORDER_SKIPPED = Counter(
+    "rampart_exposures_skipped_cached",
+    "Exposures not buffered because this process already recorded the same unit and variant.",
+)
+RECORDER_FLUSH_ERRORS = Counter(
+    "rampart_exposure_flush_errors", "Bulk inserts of exposures that failed and were retried."
+)
+
+_children: dict[tuple[str, str, str], MetricWrapperBase] = {}
+# A route has a handful of (variant, reason) pairs, so the cache stays small; the bound only
+# guards against an unbounded set of experiment keys in a long-lived process.
+_MAX_CHILDREN = 100_000
+
+
+def count_decision(experiment: str, variant: str, reason: str) -> None:
+    """Add one decision to ``rampart_decisions_total``."""
+    labels = (experiment, variant, reason)
+    child = _children.get(labels)
+    if child is None:
+        if len(_children) >= _MAX_CHILDREN:
+            _children.clear()
+        child = DECISIONS.labels(*labels)
+        _children[labels] = child
+    child.inc()  # type: ignore[attr-defined]

@@ -1,0 +1,525 @@
+"""The routing snapshot: an immutable in-process view of every experiment and API key.
+
+The edge answers "which version does this unit get?" from a ``RoutingSnapshot`` without
+touching the database. A ``SnapshotHolder`` checks the global config version in a
+background thread every ``SNAPSHOT_REFRESH_S`` seconds and, when it changed, builds a new
+snapshot and swaps it in with one attribute assignment. Requests read
+``holder.current`` and never wait for a check or a rebuild, so a change made through the
+API reaches every edge process within about one refresh interval.
+
+Decision rules (``ExperimentRoute.decide``), in order:
+  * status ``rolled_back``: control, reason ``rolled_back_to_control``;
+  * status ``completed``: the winner (control if none), reason ``completed``;
+  * status ``draft`` or ``paused``: control, reason ``not_running``;
+  * no unit id: control, reason ``no_unit``;
+  * otherwise ``routing.assignment.assign`` on the spec precomputed at build time:
+    ``override``, ``not_in_namespace``, ``not_in_coverage`` (all served control unless
+    overridden) or ``assigned``.
+Only ``assigned`` units of running experiments are ``in_experiment``; overrides are
+allowlisted QA traffic and do not count (``routing.assignment.Assignment``).
+
+Specs: an A/B test uses its routed variants' weights (control first, then the others in
+their configured order) and its coverage. A canary gives its current ramp step's
+``canary_share`` to the non-control variants, split in proportion to their configured
+weights, each in its own fixed lane (``routing.assignment.build_canary_spec``), so raising
+the share only moves units from control to a canary. Canary specs have full coverage.
+Shadow variants never receive routed traffic; overrides that name one are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+import orjson
+from django.conf import settings
+from django.db import close_old_connections, connections
+
+from experiments import selectors
+from experiments.contracts import ApiKeyView, ExperimentView, VariantView
+from experiments.services import api_key_matches, split_api_key
+from routing import metrics
+from routing.assignment import (
+    AssignmentSpec,
+    Namespace,
+    assign,
+    build_assignment_spec,
+    build_canary_spec,
+)
+
+logger = logging.getLogger(__name__)
+
+REASON_ASSIGNED: Final = "assigned"
+REASON_OVERRIDE: Final = "override"
+REASON_NOT_IN_COVERAGE: Final = "not_in_coverage"
+REASON_NOT_IN_NAMESPACE: Final = "not_in_namespace"
+REASON_NOT_RUNNING: Final = "not_running"
+REASON_ROLLED_BACK: Final = "rolled_back_to_control"
+REASON_COMPLETED: Final = "completed"
+REASON_NO_UNIT: Final = "no_unit"
+# The stored configuration could not be turned into a spec (it should not happen: services
+# validate it); the experiment serves control until it is fixed, and the error is logged.
+REASON_INVALID_CONFIG: Final = "invalid_config"
+
+CONFIG_FORMAT_VERSION: Final = 1
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The variant served to one unit: ``variant`` is its key, ``upstream`` its URL."""
+
+    experiment: str
+    unit: str | None
+    variant: str
+    in_experiment: bool
+    reason: str
+    upstream: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "experiment": self.experiment,
+            "unit": self.unit,
+            "variant": self.variant,
+            "in_experiment": self.in_experiment,
+            "reason": self.reason,
+            "upstream": self.upstream,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class KeyCheck:
+    """Outcome of an API key check: ``status`` is 200, 401 (no valid key) or 403 (scope)."""
+
+    ok: bool
+    status: int
+    error: str
+
+
+KEY_OK: Final = KeyCheck(ok=True, status=200, error="")
+
+
+class ExperimentRoute:
+    """One experiment, prebuilt for decisions; immutable once built."""
+
+    __slots__ = (
+        "_by_key",
+        "_fixed",
+        "_fixed_reason",
+        "_spec",
+        "build_error",
+        "control",
+        "experiment_id",
+        "key",
+        "routed",
+        "shadows",
+        "spec",
+        "view",
+    )
+
+    view: ExperimentView
+    control: VariantView
+    shadows: tuple[VariantView, ...]
+    routed: tuple[VariantView, ...]
+    spec: AssignmentSpec | None
+    build_error: str
+
+    def __init__(self, view: ExperimentView) -> None:
+        self.view = view
+        self.key = view.key
+        self.experiment_id = view.id
+        self.control = view.control
+        self.shadows = tuple(v for v in view.variants if v.is_shadow)
+        self.routed = (
+            self.control,
+            *(v for v in view.variants if not v.is_shadow and not v.is_control),
+        )
+        self._by_key = {v.key: v for v in view.variants}
+        self.spec = None
+        self.build_error = ""
+        try:
+            self.spec = _build_spec(view, self.routed)
+        except ValueError as exc:
+            self.build_error = str(exc)
+            logger.error("experiment %s: cannot build its assignment spec: %s", view.key, exc)
+        self._spec = self.spec
+        fixed_reason = _fixed_reason(view.status)
+        if fixed_reason is None and self.spec is None:
+            fixed_reason = REASON_INVALID_CONFIG
+        self._fixed_reason = fixed_reason
+        self._fixed: VariantView | None = None
+        if fixed_reason == REASON_COMPLETED and view.winner_key in self._by_key:
+            self._fixed = self._by_key[view.winner_key]
+        elif fixed_reason is not None:
+            self._fixed = self.control
+
+    @property
+    def is_running(self) -> bool:
+        return self._fixed is None
+
+    @property
+    def fixed_variant(self) -> VariantView | None:
+        """The variant every unit gets when the experiment does not assign, else None."""
+        return self._fixed
+
+    @property
+    def fixed_reason(self) -> str | None:
+        return self._fixed_reason
+
+    def variant(self, key: str) -> VariantView:
+        """The variant with this key; KeyError if the experiment has none."""
+        return self._by_key[key]
+
+    def decide(self, unit_id: str | None) -> Decision:
+        """The variant ``unit_id`` gets now; pure, no I/O."""
+        fixed = self._fixed
+        if fixed is not None:
+            return Decision(
+                self.key, unit_id, fixed.key, False, self._fixed_reason or "", fixed.upstream_url
+            )
+        if not unit_id:
+            control = self.control
+            return Decision(
+                self.key, unit_id, control.key, False, REASON_NO_UNIT, control.upstream_url
+            )
+        outcome = assign(self._spec, unit_id)  # type: ignore[arg-type]
+        served = self.control if outcome.variant_key is None else self._by_key[outcome.variant_key]
+        return Decision(
+            self.key,
+            unit_id,
+            served.key,
+            outcome.in_experiment,
+            outcome.reason,
+            served.upstream_url,
+        )
+
+    def config_entry(self) -> dict[str, Any]:
+        """This experiment in the /v1/config format (see routing.edge)."""
+        view = self.view
+        spec = self.spec
+        weights = dict.fromkeys((v.key for v in self.routed), 0.0)
+        ranges: dict[str, list[list[float]]] = {}
+        if spec is not None:
+            weights = dict(zip(spec.variant_keys, spec.weights, strict=True))
+            ranges = {
+                key: [[start, end] for start, end in intervals]
+                for key, intervals in zip(spec.variant_keys, spec.ranges, strict=True)
+            }
+        namespace = None
+        if view.namespace is not None:
+            namespace = {
+                "id": view.namespace[0],
+                "start": view.namespace[1],
+                "end": view.namespace[2],
+            }
+        fixed = self._fixed
+        return {
+            "id": view.id,
+            "key": view.key,
+            "kind": view.kind,
+            "status": view.status,
+            "seed": spec.seed if spec is not None else (view.seed or view.key),
+            "hash_version": view.hash_version,
+            "unit_source": view.unit_source,
+            "unit_attribute": view.unit_attribute,
+            "coverage": spec.coverage if spec is not None else view.coverage,
+            "namespace": namespace,
+            "control": self.control.key,
+            "canary_share": view.canary_share,
+            "ramp_position": view.ramp_position,
+            "winner": view.winner_key,
+            "variants": [
+                {
+                    "key": v.key,
+                    "weight": weights.get(v.key, 0.0),
+                    "is_control": v.is_control,
+                    "upstream": v.upstream_url,
+                    "ranges": ranges.get(v.key, []),
+                }
+                for v in self.routed
+            ],
+            "shadows": [{"key": v.key, "upstream": v.upstream_url} for v in self.shadows],
+            "overrides": dict(spec.overrides) if spec is not None else {},
+            "fixed": (
+                None if fixed is None else {"variant": fixed.key, "reason": self._fixed_reason}
+            ),
+        }
+
+
+def _fixed_reason(status: str) -> str | None:
+    if status == "running":
+        return None
+    if status == "rolled_back":
+        return REASON_ROLLED_BACK
+    if status == "completed":
+        return REASON_COMPLETED
+    return REASON_NOT_RUNNING
+
+
+def _build_spec(view: ExperimentView, routed: tuple[VariantView, ...]) -> AssignmentSpec:
+    keys = [v.key for v in routed]
+    routed_keys = set(keys)
+    overrides = {unit: key for unit, key in view.overrides.items() if key in routed_keys}
+    namespace = None if view.namespace is None else Namespace(*view.namespace)
+    if view.kind == "canary":
+        canaries = routed[1:]
+        share = view.canary_share or 0.0
+        total = math.fsum(v.weight for v in canaries)
+        if total > 0:
+            lanes = [v.weight / total for v in canaries]
+        else:
+            lanes = [1.0 / len(canaries)] * len(canaries)
+        return build_canary_spec(
+            experiment_key=view.key,
+            variant_keys=keys,
+            canary_shares=[min(share, 1.0) * lane for lane in lanes],
+            lane_widths=lanes,
+            seed=view.seed or None,
+            hash_version=view.hash_version,
+            namespace=namespace,
+            overrides=overrides,
+        )
+    weights = [v.weight for v in routed]
+    total = math.fsum(weights)
+    if total <= 0:
+        raise ValueError(f"weights: the routed variants' weights sum to {total}")
+    # Services accept sums within 1e-6 of 1; the spec wants 1e-9. Dividing by an exact 1.0
+    # leaves GrowthBook-identical weights unchanged.
+    return build_assignment_spec(
+        experiment_key=view.key,
+        variant_keys=keys,
+        weights=[w / total for w in weights],
+        coverage=view.coverage,
+        seed=view.seed or None,
+        hash_version=view.hash_version,
+        namespace=namespace,
+        overrides=overrides,
+    )
+
+
+class RoutingSnapshot:
+    """All experiments and active API keys at one config version; immutable."""
+
+    __slots__ = ("_by_id", "_config", "_keys", "_routes", "built_at", "version")
+
+    version: int
+    built_at: float
+
+    def __init__(
+        self,
+        *,
+        version: int,
+        views: Iterable[ExperimentView],
+        api_keys: Iterable[ApiKeyView],
+        built_at: float | None = None,
+    ) -> None:
+        self.version = version
+        self.built_at = time.time() if built_at is None else built_at
+        self._routes: Mapping[str, ExperimentRoute] = {v.key: ExperimentRoute(v) for v in views}
+        self._by_id = {route.experiment_id: route for route in self._routes.values()}
+        self._keys: Mapping[str, ApiKeyView] = {k.prefix: k for k in api_keys}
+        self._config: tuple[bytes, str] | None = None
+
+    @classmethod
+    def empty(cls) -> RoutingSnapshot:
+        """The snapshot before the first load: version -1, nothing in it."""
+        return cls(version=-1, views=(), api_keys=(), built_at=0.0)
+
+    @property
+    def loaded(self) -> bool:
+        return self.version >= 0
+
+    @property
+    def api_key_count(self) -> int:
+        return len(self._keys)
+
+    def route(self, experiment_key: str) -> ExperimentRoute | None:
+        return self._routes.get(experiment_key)
+
+    def route_by_id(self, experiment_id: int) -> ExperimentRoute | None:
+        return self._by_id.get(experiment_id)
+
+    def routes(self) -> Iterable[ExperimentRoute]:
+        return self._routes.values()
+
+    def check_key(self, raw_key: str | None, scope: str) -> KeyCheck:
+        """Is ``raw_key`` an active key with ``scope``? Hash and compare; no database query."""
+        if not raw_key:
+            return KeyCheck(False, 401, "an API key is required (Authorization: Bearer rk_...)")
+        parts = split_api_key(raw_key)
+        known = None if parts is None else self._keys.get(parts[0])
+        if known is None or not api_key_matches(raw_key, known.key_hash):
+            return KeyCheck(False, 401, "unknown or revoked API key")
+        if scope not in known.scopes:
+            return KeyCheck(False, 403, f"this API key lacks the {scope!r} scope")
+        return KEY_OK
+
+    def config_document(self) -> tuple[bytes, str]:
+        """The /v1/config body and its ETag, built once per snapshot."""
+        cached = self._config
+        if cached is None:
+            document = {
+                "format": CONFIG_FORMAT_VERSION,
+                "version": self.version,
+                "experiments": [route.config_entry() for route in self._routes.values()],
+            }
+            body = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+            etag = f'"{self.version}-{hashlib.sha256(body).hexdigest()[:20]}"'
+            cached = (body, etag)
+            self._config = cached
+        return cached
+
+
+def load_snapshot() -> RoutingSnapshot:
+    """Read the config version, then every experiment and active key, and build a snapshot.
+
+    The version is read first: a change committed in between only makes the snapshot newer
+    than its version says, and the next check rebuilds it.
+    """
+    version = selectors.config_version_current()
+    views = selectors.experiment_views(
+        statuses=("draft", "running", "paused", "completed", "rolled_back")
+    )
+    return RoutingSnapshot(version=version, views=views, api_keys=selectors.api_key_views())
+
+
+def read_config_version() -> int:
+    return selectors.config_version_current()
+
+
+def run_with_db(function: Callable[[], _T]) -> _T:
+    """Run ``function`` with Django connections that are fresh before and tidied after.
+
+    Used by the background threads of the snapshot holder and the recorder: a long-lived
+    thread must drop connections that broke or outlived CONN_MAX_AGE, as Django does around
+    each request.
+    """
+    close_old_connections()
+    try:
+        return function()
+    finally:
+        close_old_connections()
+
+
+def close_thread_connections() -> None:
+    """Close this thread's database connections (at shutdown of a worker thread)."""
+    connections.close_all()
+
+
+class SnapshotHolder:
+    """Holds the current snapshot and refreshes it in the background.
+
+    ``current`` is a plain attribute: reading it on the hot path costs nothing, and a
+    rebuild replaces it atomically. Database work runs on one dedicated thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        refresh_s: float | None = None,
+        loader: Callable[[], RoutingSnapshot] = load_snapshot,
+        version_reader: Callable[[], int] = read_config_version,
+    ) -> None:
+        if refresh_s is None:
+            refresh_s = float(settings.SNAPSHOT_REFRESH_S)
+        self.refresh_s = refresh_s
+        self.current: RoutingSnapshot = RoutingSnapshot.empty()
+        self.last_checked_at = 0.0
+        self._loader = loader
+        self._version_reader = version_reader
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def refresh_now(self) -> RoutingSnapshot:
+        """Rebuild the snapshot now in the calling thread (start-up and tests)."""
+        with self._lock:
+            snapshot = self._loader()
+            self._install(snapshot)
+            return snapshot
+
+    def check_now(self) -> bool:
+        """Rebuild if the config version changed; True if a new snapshot was installed."""
+        with self._lock:
+            version = self._version_reader()
+            if version == self.current.version:
+                self._mark_checked()
+                return False
+            self._install(self._loader())
+            return True
+
+    def _install(self, snapshot: RoutingSnapshot) -> None:
+        previous = self.current
+        self.current = snapshot
+        self._mark_checked()
+        metrics.SNAPSHOT_VERSION.set(snapshot.version)
+        metrics.SNAPSHOT_BUILT.set(snapshot.built_at)
+        metrics.SNAPSHOT_REBUILDS.inc()
+        counts: dict[str, int] = dict.fromkeys(
+            ("draft", "running", "paused", "completed", "rolled_back"), 0
+        )
+        for route in snapshot.routes():
+            counts[route.view.status] = counts.get(route.view.status, 0) + 1
+        for status, count in counts.items():
+            metrics.SNAPSHOT_EXPERIMENTS.labels(status).set(count)
+        if previous.version != snapshot.version:
+            logger.info(
+                "routing snapshot %s -> %s (%d experiments, %d api keys)",
+                previous.version,
+                snapshot.version,
+                sum(counts.values()),
+                snapshot.api_key_count,
+            )
+
+    def _mark_checked(self) -> None:
+        self.last_checked_at = time.time()
+
+    def age_s(self) -> float:
+        """Seconds since the snapshot was last confirmed current (or built)."""
+        return time.time() - self.last_checked_at if self.last_checked_at else math.inf
+
+    async def start(self) -> None:
+        """Load the first snapshot, then check the config version in the background."""
+        if self._task is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rampart-snapshot")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, run_with_db, self.refresh_now)
+        metrics.SNAPSHOT_AGE.set_function(self.age_s)
+        self._task = asyncio.create_task(self._run(), name="rampart-snapshot-refresh")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(executor, close_thread_connections)
+            executor.shutdown(wait=True)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await loop.run_in_executor(self._executor, run_with_db, self.check_now)
+            except Exception:
+                # The previous snapshot keeps serving; the age gauge shows how stale it is.
+                metrics.SNAPSHOT_ERRORS.inc()
+                logger.exception(
+                    "routing snapshot refresh failed; still serving version %s",
+                    self.current.version,
+                )

@@ -1,0 +1,311 @@
+"""The edge ASGI app: decide, batch, config with ETag, key checks, errors, mounts, lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from experiments import services
+from routing.edge import Edge, EdgeContext, Receive, Scope, Send, build_edge, send_json
+from routing.models import Exposure
+from routing.recorder import ExposureRecorder
+from routing.snapshot import SnapshotHolder
+from tests.factories import create_experiment
+
+
+class Client:
+    """Calls the edge in process through httpx's ASGI transport (no lifespan)."""
+
+    def __init__(self, app: Edge) -> None:
+        self.app = app
+
+    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        async def call() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.app)  # type: ignore[arg-type]
+            async with httpx.AsyncClient(transport=transport, base_url="http://edge") as client:
+                return await client.request(method, url, **kwargs)
+
+        return asyncio.run(call())
+
+
+class Recording:
+    """A mounted part that remembers the paths it was given."""
+
+    def __init__(self, context: EdgeContext) -> None:
+        self.context = context
+        self.paths: list[str] = []
+        self.events: list[str] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.paths.append(scope["path"])
+        await send_json(send, 200, b'{"mounted": true}')
+
+    async def startup(self) -> None:
+        self.events.append("startup")
+
+    async def shutdown(self) -> None:
+        self.events.append("shutdown")
+
+
+async def django_stand_in(scope: Scope, receive: Receive, send: Send) -> None:
+    await send_json(send, 200, orjson.dumps({"fallback": scope["path"]}))
+
+
+@pytest.fixture
+def edge(metrics: Any, make_key: Callable[..., str]) -> Iterator[tuple[Edge, Client, str]]:
+    create_experiment("ranker-v2", "ab")
+    services.experiment_start(actor="test", key="ranker-v2")
+    key = make_key("decide")
+    context = EdgeContext(
+        snapshots=SnapshotHolder(refresh_s=60),
+        exposures=ExposureRecorder(flush_s=60),
+        require_key=True,
+    )
+    context.snapshots.refresh_now()
+    app = build_edge(mounts={"/proxy/": Recording}, fallback=django_stand_in, context=context)
+    yield app, Client(app), key
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.mark.django_db
+def test_decide_get_and_post_agree_and_record_one_exposure(edge: tuple[Edge, Client, str]) -> None:
+    app, client, key = edge
+    got = client.request(
+        "GET", "/v1/decide", params={"experiment": "ranker-v2", "unit": "u-1"}, headers=_auth(key)
+    )
+    assert got.status_code == 200, got.text
+    body = got.json()
+    assert set(body) == {"experiment", "unit", "variant", "in_experiment", "reason", "upstream"}
+    assert body["experiment"] == "ranker-v2" and body["unit"] == "u-1"
+    assert body["reason"] == "assigned" and body["in_experiment"] is True
+    assert (
+        body["upstream"]
+        == {"v1": "http://127.0.0.1:9001", "v2": "http://127.0.0.1:9002"}[body["variant"]]
+    )
+    posted = client.request(
+        "POST", "/v1/decide", json={"experiment": "ranker-v2", "unit": "u-1"}, headers=_auth(key)
+    )
+    assert posted.json() == body
+    app.context.exposures.flush_now()
+    assert list(Exposure.objects.values_list("unit_id", "variant_key")) == [
+        ("u-1", body["variant"])
+    ]
+
+
+@pytest.mark.django_db
+def test_not_running_experiments_record_nothing(edge: tuple[Edge, Client, str]) -> None:
+    app, client, key = edge
+    services.experiment_pause(actor="test", key="ranker-v2")
+    app.context.snapshots.check_now()
+    body = client.request(
+        "GET", "/v1/decide?experiment=ranker-v2&unit=u-1", headers=_auth(key)
+    ).json()
+    assert (body["variant"], body["reason"], body["in_experiment"]) == ("v1", "not_running", False)
+    app.context.exposures.flush_now()
+    assert not Exposure.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("url", "status", "code", "field"),
+    [
+        ("/v1/decide?unit=u", 400, "invalid", "experiment"),
+        ("/v1/decide?experiment=ranker-v2", 400, "invalid", "unit"),
+        ("/v1/decide?experiment=nope&unit=u", 404, "not_found", "experiment"),
+        ("/v1/nothing-here", 404, "not_found", None),
+    ],
+)
+def test_errors_name_the_field(
+    edge: tuple[Edge, Client, str], url: str, status: int, code: str, field: str | None
+) -> None:
+    _, client, key = edge
+    response = client.request("GET", url, headers=_auth(key))
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    assert response.json()["error"]["field"] == field
+    assert response.json()["error"]["message"]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (b'{"experiment": "ranker-v2", "unit": ["a"]}', "unit"),
+        (b'{"experiment": "ranker-v2", "unit": "' + b"x" * 201 + b'"}', "unit"),
+        (b'{"experiment": 3, "unit": "a"}', "experiment"),
+    ],
+)
+def test_bad_post_bodies_are_400(
+    edge: tuple[Edge, Client, str], body: bytes, field: str | None
+) -> None:
+    _, client, key = edge
+    response = client.request("POST", "/v1/decide", content=body, headers=_auth(key))
+    assert response.status_code == 400
+    assert response.json()["error"]["field"] == field
+
+
+@pytest.mark.django_db
+def test_keys_are_checked_against_the_snapshot(
+    edge: tuple[Edge, Client, str], make_key: Callable[..., str]
+) -> None:
+    app, client, key = edge
+    url = "/v1/decide?experiment=ranker-v2&unit=u"
+    assert client.request("GET", url).status_code == 401
+    assert client.request("GET", url, headers=_auth("rk_bad_key")).status_code == 401
+    assert client.request("GET", url, headers={"X-Rampart-Key": key}).status_code == 200
+    ingest_only = make_key("ingest")
+    # The new key is unknown until the snapshot picks up the config version it bumped.
+    assert client.request("GET", url, headers=_auth(ingest_only)).status_code == 401
+    app.context.snapshots.check_now()
+    forbidden = client.request("GET", url, headers=_auth(ingest_only))
+    assert forbidden.status_code == 403
+    assert forbidden.json()["error"]["code"] == "forbidden"
+    services.api_key_revoke(actor="test", prefix=key.split("_")[1])
+    app.context.snapshots.check_now()
+    assert client.request("GET", url, headers=_auth(key)).status_code == 401
+    app.context.require_key = False
+    assert client.request("GET", url).status_code == 200
+
+
+@pytest.mark.django_db
+def test_batch_for_many_units_and_for_every_running_experiment(
+    edge: tuple[Edge, Client, str],
+) -> None:
+    app, client, key = edge
+    create_experiment("other", "ab")
+    services.experiment_start(actor="test", key="other")
+    create_experiment("draft-one", "ab")
+    app.context.snapshots.check_now()
+    units = [f"u-{i}" for i in range(50)]
+    many = client.request(
+        "POST",
+        "/v1/decide/batch",
+        json={"experiment": "ranker-v2", "units": units},
+        headers=_auth(key),
+    )
+    assert many.status_code == 200
+    decisions = many.json()["decisions"]
+    assert [d["unit"] for d in decisions] == units
+    single = client.request(
+        "GET", "/v1/decide?experiment=ranker-v2&unit=u-7", headers=_auth(key)
+    ).json()
+    assert decisions[7] == single
+    every = client.request("POST", "/v1/decide/batch", json={"unit": "u-7"}, headers=_auth(key))
+    assert [d["experiment"] for d in every.json()["decisions"]] == ["other", "ranker-v2"]
+    listed = client.request(
+        "POST",
+        "/v1/decide/batch",
+        json={"unit": "u-7", "experiments": ["draft-one"]},
+        headers=_auth(key),
+    )
+    assert listed.json()["decisions"][0]["reason"] == "not_running"
+    too_many = client.request(
+        "POST",
+        "/v1/decide/batch",
+        json={"experiment": "ranker-v2", "units": ["u"] * 1001},
+        headers=_auth(key),
+    )
+    assert too_many.status_code == 400 and too_many.json()["error"]["field"] == "units"
+    app.context.exposures.flush_now()
+    assert Exposure.objects.filter(unit_id="u-7").count() == 2
+
+
+@pytest.mark.django_db
+def test_config_has_an_etag_and_answers_304(edge: tuple[Edge, Client, str]) -> None:
+    app, client, key = edge
+    first = client.request("GET", "/v1/config", headers=_auth(key))
+    assert first.status_code == 200
+    etag = first.headers["etag"]
+    document = first.json()
+    assert document["format"] == 1
+    [experiment] = document["experiments"]
+    assert experiment["key"] == "ranker-v2" and experiment["status"] == "running"
+    assert experiment["seed"] == "ranker-v2" and experiment["hash_version"] == 2
+    assert [(v["key"], v["weight"], v["ranges"]) for v in experiment["variants"]] == [
+        ("v1", 0.5, [[0.0, 0.5]]),
+        ("v2", 0.5, [[0.5, 1.0]]),
+    ]
+    unchanged = client.request("GET", "/v1/config", headers={**_auth(key), "If-None-Match": etag})
+    assert unchanged.status_code == 304 and unchanged.content == b""
+    services.experiment_update(actor="test", key="ranker-v2", weights={"v1": 0.8, "v2": 0.2})
+    app.context.snapshots.check_now()
+    changed = client.request("GET", "/v1/config", headers={**_auth(key), "If-None-Match": etag})
+    assert changed.status_code == 200 and changed.headers["etag"] != etag
+    assert [v["weight"] for v in changed.json()["experiments"][0]["variants"]] == [0.8, 0.2]
+    assert client.request("GET", "/v1/config").status_code == 401
+
+
+@pytest.mark.django_db
+def test_mounts_and_fallback_get_their_paths(edge: tuple[Edge, Client, str]) -> None:
+    app, client, _ = edge
+    assert client.request("GET", "/proxy/ranker-v2/predict").json() == {"mounted": True}
+    assert client.request("GET", "/admin/login/").json() == {"fallback": "/admin/login/"}
+    # A path that only shares the prefix's letters is not the mount's.
+    assert client.request("GET", "/proxyish").json() == {"fallback": "/proxyish"}
+    mounted = app.mounts["/proxy/"]
+    assert isinstance(mounted, Recording)
+    assert mounted.paths == ["/proxy/ranker-v2/predict"]
+    assert mounted.context is app.context
+
+
+def test_not_ready_before_the_first_snapshot() -> None:
+    context = EdgeContext(
+        snapshots=SnapshotHolder(refresh_s=60),
+        exposures=ExposureRecorder(flush_s=60),
+        require_key=False,
+    )
+    client = Client(build_edge(context=context))
+    response = client.request("GET", "/v1/decide?experiment=a&unit=b")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "not_ready"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_lifespan_starts_and_stops_everything_in_order(metrics: Any) -> None:
+    create_experiment("ranker-v2", "ab")
+    services.experiment_start(actor="test", key="ranker-v2")
+    context = EdgeContext(
+        snapshots=SnapshotHolder(refresh_s=0.05),
+        exposures=ExposureRecorder(flush_s=60),
+        require_key=False,
+    )
+    app = build_edge(mounts={"/proxy/": Recording}, context=context)
+    mounted = app.mounts["/proxy/"]
+    assert isinstance(mounted, Recording)
+
+    async def run() -> list[dict[str, Any]]:
+        incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: Any) -> None:
+            sent.append(dict(message))
+
+        task = asyncio.create_task(app({"type": "lifespan"}, incoming.get, send))
+        await incoming.put({"type": "lifespan.startup"})
+        while not sent:
+            await asyncio.sleep(0.01)
+        route = context.snapshots.current.route("ranker-v2")
+        assert route is not None
+        context.exposures.record(
+            experiment_id=route.experiment_id, unit_id="late", variant_key="v1"
+        )
+        await incoming.put({"type": "lifespan.shutdown"})
+        await task
+        return sent
+
+    sent = asyncio.run(run())
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert mounted.events == ["startup", "shutdown"]
+    # The exposure buffered just before shutdown was flushed by it.
+    assert context.exposures.stats.buffered == 0
+    assert Exposure.objects.filter(unit_id="late").count() == 1
