@@ -190,6 +190,15 @@ SLACK_WEBHOOK_URL = env("SLACK_WEBHOOK_URL", default="")
 ALERT_MAX_ATTEMPTS = env.int("ALERT_MAX_ATTEMPTS", default=12)
 ALERT_BACKOFF_BASE_S = env.float("ALERT_BACKOFF_BASE_S", default=2.0)
 ALERT_BACKOFF_MAX_S = env.float("ALERT_BACKOFF_MAX_S", default=300.0)
+# Beat: analyse every running experiment and sweep due alerts every ANALYSIS_INTERVAL_S.
+CELERY_BEAT_SCHEDULE = {
+    name: {
+        "task": task,
+        "schedule": ANALYSIS_INTERVAL_S,
+        "options": {"expires": ANALYSIS_INTERVAL_S},
+    }
+    for name, task in (("analysis", "analysis.fan_out"), ("alerts", "analysis.deliver_alerts"))
+}
 
 LOG_FORMAT = env("LOG_FORMAT", default="text")
 LOG_LEVEL = env("LOG_LEVEL", default="INFO")
