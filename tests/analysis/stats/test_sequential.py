@@ -288,3 +288,51 @@ def test_cs_works_for_ratio_metrics() -> None:
     b = RatioStats.from_values(rng.binomial(d_b.astype(int), 0.25), d_b)
     cs = asymptotic_confidence_sequence(estimate_effect(a, b, relative=True), n_star=6000)
     assert cs.lower > 0 and cs.p_value < 0.05
+
+
+def test_cs_for_ratio_and_cuped_matches_gbstats() -> None:
+    from gbstats.models.statistics import RatioStatistic, RegressionAdjustedStatistic
+
+    from analysis.stats.moments import CupedStats
+
+    rng = np.random.default_rng(31)
+    d_a, d_b = rng.poisson(3, 2500) + 1.0, rng.poisson(3, 2600) + 1.0
+    m_a, m_b = rng.binomial(d_a.astype(int), 0.3) * 1.0, rng.binomial(d_b.astype(int), 0.33) * 1.0
+    ratio_a, ratio_b = RatioStats.from_values(m_a, d_a), RatioStats.from_values(m_b, d_b)
+
+    def gb_mean(n: int, total: float, squares: float) -> SampleMeanStatistic:
+        return SampleMeanStatistic(n=n, sum=total, sum_squares=squares)
+
+    def gb_ratio(s: RatioStats) -> RatioStatistic:
+        return RatioStatistic(
+            n=s.n,
+            m_statistic=gb_mean(s.n, s.numerator_sum, s.numerator_sum_squares),
+            d_statistic=gb_mean(s.n, s.denominator_sum, s.denominator_sum_squares),
+            m_d_sum_of_products=s.cross_sum,
+        )
+
+    x_a, x_b = rng.gamma(3, 4, 2500), rng.gamma(3, 4, 2600)
+    cuped_a = CupedStats.from_values(x_a + rng.normal(0, 4, 2500), x_a)
+    cuped_b = CupedStats.from_values(x_b + 0.5 + rng.normal(0, 4, 2600), x_b)
+
+    def gb_cuped(s: CupedStats) -> RegressionAdjustedStatistic:
+        return RegressionAdjustedStatistic(
+            n=s.n,
+            post_statistic=gb_mean(s.n, s.sum, s.sum_squares),
+            pre_statistic=gb_mean(s.n, s.pre_sum, s.pre_sum_squares),
+            post_pre_sum_of_products=s.cross_sum,
+            theta=0,
+        )
+
+    cases = [
+        ((ratio_a, ratio_b), (gb_ratio(ratio_a), gb_ratio(ratio_b)), "relative"),
+        ((ratio_a, ratio_b), (gb_ratio(ratio_a), gb_ratio(ratio_b)), "absolute"),
+        ((cuped_a, cuped_b), (gb_cuped(cuped_a), gb_cuped(cuped_b)), "absolute"),
+    ]
+    for ours, gb, difference_type in cases:
+        effect = estimate_effect(*ours, relative=difference_type == "relative")
+        result = asymptotic_confidence_sequence(effect, alpha=0.05, n_star=8000)
+        config = SequentialConfig(difference_type=difference_type, sequential_tuning_parameter=8000)
+        theirs = SequentialTwoSidedTTest(*gb, config).compute_result()
+        assert (result.lower, result.upper) == pytest.approx(tuple(theirs.ci), abs=1e-6)
+        assert result.p_value == pytest.approx(theirs.p_value, abs=1e-6)
