@@ -4,8 +4,9 @@ Both sides evaluate the same experiment for the same 100,000 unit ids in this ru
 GrowthBook baseline is timed two ways: a new ``GrowthBook(attributes=...)`` per decision
 (the per-request pattern of its server-side docs) and one instance reused with
 ``set_attributes``, which is its fastest use and the stricter comparison. Each timing is
-the best of several passes; Rampart's spec is rebuilt before every pass, so its per-bucket
-outcome memo starts empty each time. Target: at least 3x the reused instance.
+the best of several passes, alternating between the evaluators. Rampart's spec is rebuilt
+before every pass, so its per-bucket outcome memo starts empty each time. Target: at
+least 3x the reused instance.
 
 Run from the repository root: .venv/bin/python -m bench.local_eval
 """
@@ -83,15 +84,23 @@ CASES = (
 )
 
 
-def best_seconds(run_pass: Callable[[], list[str | None]]) -> tuple[float, list[str | None]]:
-    """The fastest of PASSES timed passes, and the arms the last pass chose."""
-    timings = []
-    arms: list[str | None] = []
+Evaluator = Callable[[], list[str | None]]
+
+
+def best_seconds(evaluators: list[Evaluator]) -> list[tuple[float, list[str | None]]]:
+    """The fastest of PASSES timed passes of each evaluator, and the arms it chose.
+
+    Passes alternate between the evaluators, so a burst of load from other processes
+    slows all of them rather than only one, and the ratios stay comparable.
+    """
+    timings: list[list[float]] = [[] for _ in evaluators]
+    arms: list[list[str | None]] = [[] for _ in evaluators]
     for _ in range(PASSES):
-        started = time.perf_counter()
-        arms = run_pass()
-        timings.append(time.perf_counter() - started)
-    return min(timings), arms
+        for position, evaluator in enumerate(evaluators):
+            started = time.perf_counter()
+            arms[position] = evaluator()
+            timings[position].append(time.perf_counter() - started)
+    return [(min(times), chosen) for times, chosen in zip(timings, arms, strict=True)]
 
 
 def rampart_pass(case: Case, unit_ids: list[str]) -> list[str | None]:
@@ -130,11 +139,13 @@ def main() -> None:
     worst_ratio = float("inf")
     for case in CASES:
         experiment = case.growthbook_experiment()
-        rampart, rampart_arms = best_seconds(partial(rampart_pass, case, unit_ids))
-        reused, growthbook_arms = best_seconds(
-            partial(growthbook_reused_pass, experiment, unit_ids)
+        (rampart, rampart_arms), (reused, growthbook_arms), (per_decision, _) = best_seconds(
+            [
+                partial(rampart_pass, case, unit_ids),
+                partial(growthbook_reused_pass, experiment, unit_ids),
+                partial(growthbook_per_decision_pass, experiment, unit_ids),
+            ]
         )
-        per_decision, _ = best_seconds(partial(growthbook_per_decision_pass, experiment, unit_ids))
         same_arms = rampart_arms == growthbook_arms
         worst_ratio = min(worst_ratio, reused / rampart)
         print(

@@ -24,10 +24,13 @@ from typing import Final, Literal
 from routing.hashing import (
     BUCKET_GRID,
     HASH_VERSIONS,
+    FixedSuffix,
     bucket_index,
     bucket_index_v1,
     bucket_index_v2,
+    fixed_suffix,
     fnv1a32,
+    fnv1a32_update_fixed,
 )
 
 BucketRange = tuple[float, float]
@@ -108,7 +111,8 @@ class AssignmentSpec:
     # Derived once in __post_init__ so that assign() does no validation and no search.
     _variant_by_bucket: bytes = field(init=False, repr=False, compare=False, hash=False)
     _seed_state: int = field(init=False, repr=False, compare=False, hash=False)
-    _namespace_suffix: str = field(init=False, repr=False, compare=False, hash=False)
+    _seed_suffix: FixedSuffix = field(init=False, repr=False, compare=False, hash=False)
+    _namespace_suffix: FixedSuffix = field(init=False, repr=False, compare=False, hash=False)
     _override_assignments: Mapping[str, Assignment] = field(
         init=False, repr=False, compare=False, hash=False
     )
@@ -134,10 +138,13 @@ class AssignmentSpec:
             _variant_lookup_table(self.ranges, BUCKET_GRID[self.hash_version]),
         )
         # Hash version 2 hashes seed + unit id, so the FNV state after the seed is shared
-        # by every decision; version 1 hashes unit id + seed and cannot reuse it.
+        # by every decision. Version 1 and namespaces hash unit id + seed; their seeds are
+        # folded into a constant-time continuation instead.
         object.__setattr__(self, "_seed_state", fnv1a32(self.seed))
-        suffix = "" if self.namespace is None else "__" + self.namespace.namespace_id
-        object.__setattr__(self, "_namespace_suffix", suffix)
+        seed_suffix = fixed_suffix(self.seed if self.hash_version == 1 else "")
+        object.__setattr__(self, "_seed_suffix", seed_suffix)
+        namespace_seed = "" if self.namespace is None else "__" + self.namespace.namespace_id
+        object.__setattr__(self, "_namespace_suffix", fixed_suffix(namespace_seed))
         grid = BUCKET_GRID[self.hash_version]
         object.__setattr__(self, "_outcome_by_bucket", [None] * grid)
         # Namespaces always use hash version 1, whose grid has 1000 buckets.
@@ -219,18 +226,21 @@ def assign(spec: AssignmentSpec, unit_id: str) -> Assignment:
     if not unit_id:
         raise ValueError("unit_id: must be a non-empty string")
     namespace = spec.namespace
+    version_1 = spec.hash_version == 1
+    # Namespaces and hash version 1 both start from the hash of the unit id alone.
+    unit_state = fnv1a32(unit_id) if version_1 or namespace is not None else 0
     if namespace is not None:
-        namespace_index = bucket_index_v1(unit_id, spec._namespace_suffix)
+        namespace_index = fnv1a32_update_fixed(unit_state, spec._namespace_suffix) % 1000
         if not namespace.start <= namespace_index / 1000 < namespace.end:
             missed = spec._namespace_miss_by_bucket[namespace_index]
             if missed is None:
                 missed = Assignment(None, False, "not_in_namespace", namespace_index / 1000)
                 spec._namespace_miss_by_bucket[namespace_index] = missed
             return missed
-    if spec.hash_version == 2:
-        index = bucket_index_v2(spec._seed_state, unit_id)
+    if version_1:
+        index = fnv1a32_update_fixed(unit_state, spec._seed_suffix) % 1000
     else:
-        index = bucket_index_v1(unit_id, spec.seed)
+        index = bucket_index_v2(spec._seed_state, unit_id)
     outcome = spec._outcome_by_bucket[index]
     if outcome is None:
         outcome = _outcome_for_bucket(spec, index)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Final
 
 # FNV-1a 32-bit parameters (Fowler, Noll and Vo; IETF draft-eastlake-fnv, section 2.1 and
-# table of FNV_Prime / offset_basis for 32 bits).
+# table of FNV_Prime / offset_basis for 32 bits). The loops below spell them as literals,
+# 0x811C9DC5 and 0x01000193, because they run on every decision and a literal is cheaper
+# than a global lookup.
 FNV1A32_OFFSET_BASIS: Final = 0x811C9DC5
 FNV1A32_PRIME: Final = 0x01000193
 _UINT32_MASK: Final = 0xFFFFFFFF
@@ -19,6 +22,9 @@ BUCKET_GRID: Final = {1: 1000, 2: 10000}
 # UTF-16 in the machine's byte order, so a memoryview cast to unsigned 16-bit integers
 # reads code units directly, without a byte-pair loop in Python.
 _NATIVE_UTF16: Final = "utf-16-le" if sys.byteorder == "little" else "utf-16-be"
+
+# Code units below 128 change only the low 7 bits of the state when XORed in.
+_ASCII_STATES: Final = 128
 
 
 def fnv1a32_update(hval: int, text: str) -> int:
@@ -34,11 +40,10 @@ def fnv1a32_update(hval: int, text: str) -> int:
         # For ASCII, each byte equals its UTF-16 code unit; iterating bytes is the
         # fastest loop CPython offers.
         for code_unit in text.encode("ascii"):
-            hval = ((hval ^ code_unit) * FNV1A32_PRIME) & _UINT32_MASK
+            hval = ((hval ^ code_unit) * 0x01000193) & 0xFFFFFFFF
         return hval
-    encoded = text.encode(_NATIVE_UTF16, "surrogatepass")
-    for code_unit in memoryview(encoded).cast("H"):
-        hval = ((hval ^ code_unit) * FNV1A32_PRIME) & _UINT32_MASK
+    for code_unit in memoryview(text.encode(_NATIVE_UTF16, "surrogatepass")).cast("H"):
+        hval = ((hval ^ code_unit) * 0x01000193) & 0xFFFFFFFF
     return hval
 
 
@@ -47,20 +52,56 @@ def fnv1a32(text: str) -> int:
     return fnv1a32_update(FNV1A32_OFFSET_BASIS, text)
 
 
-def bucket_index_v1(unit_id: str, seed: str) -> int:
+@dataclass(frozen=True, slots=True)
+class FixedSuffix:
+    """FNV-1a 32 over a fixed ASCII suffix, precomputed for every starting state.
+
+    Hash version 1 hashes ``unit_id + seed`` and namespaces hash ``unit_id + "__" + id``:
+    the varying part comes first, so the suffix's state cannot simply be saved. It can be
+    folded instead. XOR with a code unit below 128 only changes the state's low 7 bits,
+    and the low 7 bits of a product modulo 2**32 depend only on the low 7 bits of its
+    factors. By induction over the suffix's m code units, hashing the suffix from state h
+    gives ``h * P**m + offsets[h % 128]`` modulo 2**32, with 128 offsets that depend only
+    on the suffix. Each offset comes from running FNV-1a from the small state ``low``:
+    ``offsets[low] = fnv1a32_update(low, suffix) - low * P**m``. A decision then pays
+    one multiply and one add for the whole suffix. Suffixes with non-ASCII characters
+    keep ``offsets`` empty and are hashed code unit by code unit.
+    """
+
+    text: str
+    multiplier: int
+    offsets: tuple[int, ...]
+
+
+def fixed_suffix(text: str) -> FixedSuffix:
+    """Precompute the FNV-1a 32 continuation over ``text`` (see ``FixedSuffix``)."""
+    if not text.isascii():
+        return FixedSuffix(text=text, multiplier=0, offsets=())
+    multiplier = pow(FNV1A32_PRIME, len(text), 2**32)
+    offsets = tuple(
+        (fnv1a32_update(low, text) - low * multiplier) & _UINT32_MASK
+        for low in range(_ASCII_STATES)
+    )
+    return FixedSuffix(text=text, multiplier=multiplier, offsets=offsets)
+
+
+def fnv1a32_update_fixed(hval: int, suffix: FixedSuffix) -> int:
+    """``fnv1a32_update(hval, suffix.text)``, in constant time for an ASCII suffix."""
+    offsets = suffix.offsets
+    if offsets:
+        return (hval * suffix.multiplier + offsets[hval & 0x7F]) & 0xFFFFFFFF
+    return fnv1a32_update(hval, suffix.text)
+
+
+def bucket_index_v1(unit_id: str, seed: str | FixedSuffix) -> int:
     """Hash version 1 bucket index: FNV-1a 32 of ``unit_id + seed``, modulo 1000.
 
     GrowthBook also uses this hash, with seed ``"__" + namespace id``, to place units in
-    namespaces, so it runs on every decision of a namespaced experiment; the ASCII loop
-    repeats ``fnv1a32_update`` with literal constants for speed.
+    namespaces. Pass the seed as a ``FixedSuffix`` when it is hashed many times.
     """
-    hval = 0x811C9DC5
-    if unit_id.isascii():
-        for code_unit in unit_id.encode("ascii"):
-            hval = ((hval ^ code_unit) * 0x01000193) & 0xFFFFFFFF
-    else:
-        hval = fnv1a32_update(hval, unit_id)
-    return fnv1a32_update(hval, seed) % 1000
+    if isinstance(seed, FixedSuffix):
+        return fnv1a32_update_fixed(fnv1a32(unit_id), seed) % 1000
+    return fnv1a32_update(fnv1a32(unit_id), seed) % 1000
 
 
 def bucket_index_v2(seed_state: int, unit_id: str) -> int:
@@ -69,17 +110,10 @@ def bucket_index_v2(seed_state: int, unit_id: str) -> int:
     Version 2 hashes ``seed + unit_id`` and then the decimal string of that result again
     (GrowthBook SDK spec, ``hash``). The seed comes first, so its FNV state is computed
     once per experiment and each decision hashes only the unit id and about ten digits.
-    The loops repeat ``fnv1a32_update`` with literal constants: this runs on every
-    decision, and constants are cheaper than global lookups and a call per loop.
     """
-    hval = seed_state
-    if unit_id.isascii():
-        for code_unit in unit_id.encode("ascii"):
-            hval = ((hval ^ code_unit) * 0x01000193) & 0xFFFFFFFF
-    else:
-        hval = fnv1a32_update(hval, unit_id)
+    first = fnv1a32_update(seed_state, unit_id)
     second = 0x811C9DC5
-    for digit in str(hval).encode("ascii"):
+    for digit in str(first).encode("ascii"):
         second = ((second ^ digit) * 0x01000193) & 0xFFFFFFFF
     return second % 10000
 

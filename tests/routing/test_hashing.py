@@ -16,8 +16,10 @@ from routing.hashing import (
     bucket_index,
     bucket_index_v1,
     bucket_index_v2,
+    fixed_suffix,
     fnv1a32,
     fnv1a32_update,
+    fnv1a32_update_fixed,
 )
 
 # GrowthBook's SDK conformance vectors (packages/sdk-js/test/cases.json, specVersion 0.8.0).
@@ -130,6 +132,25 @@ def test_hash_state_continues_across_a_split(prefix: str, suffix: str) -> None:
     assert fnv1a32_update(fnv1a32(prefix), suffix) == fnv1a32(prefix + suffix)
 
 
+@settings(max_examples=300)
+@given(
+    hval=st.integers(min_value=0, max_value=2**32 - 1),
+    suffix=st.one_of(st.text(alphabet=st.characters(max_codepoint=127), max_size=40), ANY_TEXT),
+)
+def test_folded_suffix_equals_hashing_it_code_unit_by_code_unit(hval: int, suffix: str) -> None:
+    # Version 1 and namespace hashes fold their constant seed into one multiply-add.
+    assert fnv1a32_update_fixed(hval, fixed_suffix(suffix)) == fnv1a32_update(hval, suffix)
+
+
+def test_folded_suffix_covers_every_low_state() -> None:
+    # All 128 values of the low 7 bits, each with high bits set, for a typical seed.
+    suffix = fixed_suffix("__checkout-namespace")
+    assert len(suffix.offsets) == 128
+    for low in range(128):
+        hval = 0xDEADBE80 | low
+        assert fnv1a32_update_fixed(hval, suffix) == fnv1a32_update(hval, suffix.text)
+
+
 @settings(max_examples=200)
 @given(seed=ANY_TEXT, unit_id=ANY_TEXT)
 def test_fast_bucket_indexes_follow_growthbook_formulas(seed: str, unit_id: str) -> None:
@@ -140,6 +161,7 @@ def test_fast_bucket_indexes_follow_growthbook_formulas(seed: str, unit_id: str)
     assert bucket_index_v2(fnv1a32(seed), unit_id) == expected_v2
     assert bucket_index(seed=seed, unit_id=unit_id, version=2) == expected_v2
     assert bucket_index_v1(unit_id, seed) == expected_v1
+    assert bucket_index_v1(unit_id, fixed_suffix(seed)) == expected_v1
     assert bucket_index(seed=seed, unit_id=unit_id, version=1) == expected_v1
 
 
