@@ -167,6 +167,24 @@ class AssignmentSpec:
             },
         )
 
+    def __reduce__(self) -> tuple[type[AssignmentSpec], tuple[object, ...]]:
+        # Pickle the configuration only (the read-only overrides view cannot be pickled);
+        # unpickling rebuilds and revalidates the derived fields.
+        return (
+            AssignmentSpec,
+            (
+                self.experiment_key,
+                self.seed,
+                self.hash_version,
+                self.variant_keys,
+                self.weights,
+                self.coverage,
+                self.namespace,
+                dict(self.overrides),
+                self.ranges,
+            ),
+        )
+
 
 def equal_weights(num_variations: int) -> list[float]:
     """GrowthBook's ``getEqualWeights``: ``num_variations`` equal shares, empty below 1."""

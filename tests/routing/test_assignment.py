@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 from collections import Counter
@@ -182,6 +183,21 @@ def test_spec_and_assignment_are_immutable() -> None:
         spec.overrides["other"] = "a"  # type: ignore[index]
     with pytest.raises(dataclasses.FrozenInstanceError):
         assign(spec, "u").bucket = 0.0  # type: ignore[misc]
+
+
+def test_spec_survives_pickling_for_other_processes() -> None:
+    spec = build_canary_spec(
+        experiment_key="ramp",
+        variant_keys=["control", "x", "y", "z"],
+        canary_shares=[0.1, 0.2, 0.05],
+        namespace=Namespace("ns", 0.0, 0.5),
+        overrides={"qa": "z"},
+    )
+    copy = pickle.loads(pickle.dumps(spec))
+    assert copy == spec
+    assert [assign(copy, unit) for unit in IDS_100K[:1000]] == [
+        assign(spec, unit) for unit in IDS_100K[:1000]
+    ]
 
 
 # --- defaults, overrides, namespaces ------------------------------------------------------
