@@ -42,6 +42,7 @@ STREAM_CHUNK_BYTES = 16 * 1024
 class ReceivedRequest:
     method: str
     path: str
+    raw_path: str
     query: str
     headers: dict[str, str]
     body: bytes
@@ -94,6 +95,7 @@ class ModelServer:
                 ReceivedRequest(
                     method=scope["method"],
                     path=scope["path"],
+                    raw_path=(scope.get("raw_path") or b"").decode("latin-1"),
                     query=scope["query_string"].decode("latin-1"),
                     headers=headers,
                     body=body,
