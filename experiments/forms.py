@@ -1,0 +1,801 @@
+"""Web UI forms: turn what people type into service inputs and put service errors back inline.
+
+The forms only check types (a number is a number, a percentage lies in 0-100). Every rule
+about experiments lives in `experiments.services`, the same code the API calls; when a
+service raises `InvalidInput`, `ExperimentEditor.show_errors` puts each message next to the
+field it names ("variants[1].upstream_url", "ramp_steps[2].canary_share", "metrics[0].margin").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from django import forms
+from django.forms import formset_factory
+
+from experiments import services
+from experiments.models import (
+    ApiScope,
+    Experiment,
+    ExperimentKind,
+    ExperimentStatus,
+    HealthResponse,
+    Metric,
+    MetricDirection,
+    MetricKind,
+    MetricRole,
+    UnitSource,
+)
+
+PERCENT = 100.0
+
+# Fields people may not change once traffic flows: changing them would reshuffle users
+# between variants or change what a metric means mid-experiment (services.STRUCTURAL_FIELDS).
+LOCKED_WHILE_LIVE = frozenset(
+    {
+        "kind",
+        "seed",
+        "hash_version",
+        "unit_source",
+        "unit_attribute",
+        "namespace_id",
+        "namespace_start_pct",
+        "namespace_end_pct",
+    }
+)
+# The only fields a finished experiment keeps editable.
+EDITABLE_WHEN_ENDED = frozenset({"name", "description", "hypothesis"})
+
+# Service field name -> form field name, where the form shows the value differently.
+_MAIN_FIELD_FOR_SERVICE = {
+    "coverage": "coverage_pct",
+    "namespace": "namespace_id",
+}
+_ROW_FIELD_FOR_SERVICE = {
+    "variants": {"weight": "weight_pct"},
+    "metrics": {"margin": "margin_pct"},
+    "ramp_steps": {"canary_share": "share_pct"},
+}
+_ROW_ERROR = re.compile(r"(?P<group>variants|metrics|ramp_steps)\[(?P<index>\d+)\]\.(?P<field>\w+)")
+# Service errors about a whole row set; weights are part of the variant rows in the UI.
+_GROUP_FOR_SERVICE = {
+    "variants": "variants",
+    "weights": "variants",
+    "metrics": "metrics",
+    "ramp_steps": "ramp_steps",
+}
+
+
+def _percent_field(label: str, *, required: bool = True, help_text: str = "") -> forms.FloatField:
+    return forms.FloatField(
+        label=label,
+        min_value=0.0,
+        max_value=100.0,
+        required=required,
+        help_text=help_text,
+        widget=forms.NumberInput(attrs={"step": "any", "inputmode": "decimal"}),
+    )
+
+
+def _fraction(percent: float | None) -> float:
+    # Round away the binary noise of x/100 (33.3 -> 0.33299999999999996) so that weights
+    # typed as percentages that add up to 100 also add up to 1 within the service tolerance.
+    return 0.0 if percent is None else round(percent / PERCENT, 12)
+
+
+def _percent(fraction: float | None) -> float | None:
+    return None if fraction is None else round(fraction * PERCENT, 10)
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return math.isclose(a, b, rel_tol=0.0, abs_tol=1e-12)
+
+
+class ExperimentForm(forms.Form):
+    """The experiment's own settings; variants, metrics and ramp steps are row sets."""
+
+    name = forms.CharField(max_length=200, help_text="What people will call it in alerts.")
+    key = forms.CharField(
+        max_length=64,
+        help_text="Lowercase letters, digits, - and _. The SDK and the proxy use it: "
+        "/proxy/<key>/…",
+    )
+    kind = forms.ChoiceField(
+        choices=ExperimentKind.choices, widget=forms.RadioSelect, initial=ExperimentKind.CANARY
+    )
+    description = forms.CharField(
+        required=False, widget=forms.Textarea(attrs={"rows": 2}), help_text="Optional."
+    )
+    hypothesis = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 2}),
+        help_text="What you expect to happen, e.g. “v2 lifts conversion without slowing "
+        "p95 latency”.",
+    )
+    unit_source = forms.ChoiceField(
+        label="Where the user id comes from",
+        choices=UnitSource.choices,
+        initial=UnitSource.HEADER,
+    )
+    unit_attribute = forms.CharField(
+        label="Unit attribute",
+        max_length=128,
+        initial="X-Rampart-Unit",
+        help_text="The header, cookie, JSON field or query parameter that identifies a user. "
+        "The same user always gets the same version.",
+    )
+    seed = forms.CharField(
+        required=False,
+        max_length=128,
+        help_text="Hashing seed. Empty means the experiment key.",
+    )
+    coverage_pct = _percent_field(
+        "Coverage (%)",
+        help_text="Share of users who enter the experiment; the rest get control.",
+    )
+    hash_version = forms.TypedChoiceField(
+        label="Hash version",
+        choices=[(2, "2 (recommended)"), (1, "1 (legacy GrowthBook)")],
+        coerce=int,
+        initial=2,
+    )
+    alpha = forms.FloatField(
+        label="Significance level (alpha)",
+        initial=0.05,
+        widget=forms.NumberInput(attrs={"step": "any"}),
+        help_text="0.05 gives 95% always-valid intervals.",
+    )
+    decision_sample_size = forms.IntegerField(
+        label="Planned units per arm",
+        initial=10_000,
+        help_text="Tunes the sequential test; results stay valid at any sample size.",
+    )
+    on_health_failure = forms.ChoiceField(
+        label="When a health check fails (SRM, no traffic)",
+        choices=HealthResponse.choices,
+        initial=HealthResponse.HOLD,
+    )
+    fallback_to_control = forms.BooleanField(
+        label="Fall back to control when a version errors or times out",
+        required=False,
+        initial=True,
+    )
+    namespace_id = forms.CharField(
+        label="Namespace",
+        required=False,
+        max_length=64,
+        help_text="Experiments in the same namespace with disjoint ranges never share users.",
+    )
+    namespace_start_pct = _percent_field("Namespace range start (%)", required=False)
+    namespace_end_pct = _percent_field("Namespace range end (%)", required=False)
+    overrides = forms.CharField(
+        label="Forced assignments",
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 2, "placeholder": "qa-user-1 = v2"}),
+        help_text="One per line: unit id = variant key. For QA; dropped on rollback.",
+    )
+    shadow_compare_field = forms.CharField(
+        label="Shadow comparison field",
+        required=False,
+        max_length=128,
+        help_text="Top-level JSON field of the answers that shadow variants are compared on.",
+    )
+    cache_ttl_s = forms.IntegerField(
+        label="Response cache TTL (s)",
+        min_value=0,
+        initial=0,
+        help_text="0 turns the proxy cache off.",
+    )
+    cache_max_entries = forms.IntegerField(
+        label="Response cache size (entries)", min_value=1, initial=10_000
+    )
+    slack_webhook_url = forms.CharField(
+        label="Slack webhook for this experiment",
+        required=False,
+        max_length=500,
+        widget=forms.URLInput(
+            attrs={"autocomplete": "off", "placeholder": "https://hooks.slack.com/services/…"}
+        ),
+        help_text="Leave empty to keep the current setting. Stored as a secret; never shown again.",
+    )
+    slack_webhook_clear = forms.BooleanField(
+        label="Remove this experiment's Slack webhook", required=False
+    )
+
+    def __init__(self, *args: Any, locked: Iterable[str] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name in locked:
+            if name in self.fields:
+                self.fields[name].disabled = True
+
+    def clean_overrides(self) -> dict[str, str]:
+        text = self.cleaned_data.get("overrides") or ""
+        overrides: dict[str, str] = {}
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            unit, sep, variant = line.partition("=")
+            if not sep or not unit.strip() or not variant.strip():
+                raise forms.ValidationError(f"Line {number}: write “unit id = variant key”.")
+            overrides[unit.strip()] = variant.strip()
+        return overrides
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        if cleaned.get("namespace_id"):
+            for name in ("namespace_start_pct", "namespace_end_pct"):
+                if cleaned.get(name) is None and name not in self.errors:
+                    self.add_error(name, "A namespace needs a start and an end.")
+        return cleaned
+
+    def namespace(self) -> tuple[str, float, float] | None:
+        ns_id = self.cleaned_data.get("namespace_id") or ""
+        if not ns_id:
+            return None
+        return (
+            ns_id,
+            _fraction(self.cleaned_data.get("namespace_start_pct")),
+            _fraction(self.cleaned_data.get("namespace_end_pct")),
+        )
+
+
+class VariantForm(forms.Form):
+    key = forms.CharField(max_length=64, label="Key")
+    name = forms.CharField(max_length=200, required=False, label="Display name")
+    upstream_url = forms.CharField(
+        max_length=500,
+        label="Upstream URL",
+        widget=forms.URLInput(attrs={"placeholder": "http://model-v2:8080"}),
+    )
+    weight_pct = _percent_field("Weight (%)")
+    is_shadow = forms.BooleanField(label="Shadow", required=False)
+
+    def __init__(self, *args: Any, locked: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if locked:
+            for name in ("key", "name", "upstream_url", "is_shadow"):
+                self.fields[name].disabled = True
+
+
+class MetricUseForm(forms.Form):
+    metric = forms.ChoiceField(label="Metric")
+    role = forms.ChoiceField(label="Role", choices=MetricRole.choices)
+    margin_pct = forms.FloatField(
+        label="Tolerated harm (%)",
+        required=False,
+        min_value=0.0,
+        widget=forms.NumberInput(attrs={"step": "any", "inputmode": "decimal"}),
+    )
+
+    def __init__(
+        self, *args: Any, metric_choices: Sequence[tuple[str, str]] = (), **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        metric_field = self.fields["metric"]
+        assert isinstance(metric_field, forms.ChoiceField)
+        metric_field.choices = [("", "Choose a metric…"), *metric_choices]
+
+
+class RampStepForm(forms.Form):
+    share_pct = forms.FloatField(
+        label="Canary share (%)",
+        min_value=0.0,
+        max_value=100.0,
+        widget=forms.NumberInput(attrs={"step": "any", "inputmode": "decimal"}),
+    )
+    min_duration_s = forms.IntegerField(label="Min. duration (s)", min_value=0, initial=60)
+    min_exposures_per_arm = forms.IntegerField(label="Min. users per arm", min_value=0, initial=100)
+
+
+VariantFormSet = formset_factory(VariantForm, extra=0, can_delete=True)
+MetricUseFormSet = formset_factory(MetricUseForm, extra=0, can_delete=True)
+RampStepFormSet = formset_factory(RampStepForm, extra=0, can_delete=True)
+
+
+def _kept_forms(formset: forms.BaseFormSet[Any]) -> list[forms.Form]:
+    """Rows the user kept: not marked for deletion and not an untouched blank row.
+
+    The service numbers rows in the order it receives them, so this list is also how a
+    service error such as "variants[1].upstream_url" finds its row.
+    """
+    kept = []
+    for form in formset.forms:
+        cleaned = getattr(form, "cleaned_data", {})
+        if cleaned.get("DELETE") or (form.empty_permitted and not form.has_changed()):
+            continue
+        kept.append(form)
+    return kept
+
+
+@dataclass(frozen=True)
+class MetricOption:
+    """A catalogue metric as the form's guardrail phrase needs it."""
+
+    key: str
+    name: str
+    direction: str
+
+
+class ExperimentEditor:
+    """The experiment form and its variant, metric and ramp rows, bound and mapped together."""
+
+    def __init__(
+        self,
+        data: Mapping[str, Any] | None = None,
+        *,
+        experiment: Experiment | None = None,
+        metrics: Sequence[Metric] = (),
+    ) -> None:
+        self.experiment = experiment
+        self.status = experiment.status if experiment else ExperimentStatus.DRAFT
+        self.metric_options = [MetricOption(m.key, m.name, m.direction) for m in metrics]
+        self.group_errors: dict[str, list[str]] = {"variants": [], "metrics": [], "ramp_steps": []}
+        ended = self.status in (ExperimentStatus.COMPLETED, ExperimentStatus.ROLLED_BACK)
+        live = self.status in (ExperimentStatus.RUNNING, ExperimentStatus.PAUSED)
+        self.variants_locked = live or ended
+        self.metrics_locked = live or ended
+        self.ramp_locked = ended
+        main_locked: set[str] = set()
+        if experiment is not None:
+            main_locked.add("key")
+        if live:
+            main_locked |= LOCKED_WHILE_LIVE
+        if ended:
+            main_locked |= set(ExperimentForm.base_fields) - EDITABLE_WHEN_ENDED
+        self.main_locked = frozenset(main_locked)
+
+        initial = self._initial()
+        self.form = ExperimentForm(data, initial=initial["main"], locked=self.main_locked)
+        self.variants = VariantFormSet(
+            data,
+            prefix="variants",
+            initial=initial["variants"],
+            form_kwargs={"locked": self.variants_locked},
+        )
+        choices = [(m.key, f"{m.name} ({m.key})") for m in metrics]
+        self.metrics = MetricUseFormSet(
+            data,
+            prefix="metrics",
+            initial=initial["metrics"],
+            form_kwargs={"metric_choices": choices},
+        )
+        self.ramp = RampStepFormSet(data, prefix="ramp", initial=initial["ramp"])
+        if self.metrics_locked:
+            for form in self.metrics.forms:
+                for field in form.fields.values():
+                    field.disabled = True
+        if self.ramp_locked:
+            for form in self.ramp.forms:
+                for field in form.fields.values():
+                    field.disabled = True
+        self.control_row = self._control_row(data, initial["variants"])
+
+    # --- initial values ---------------------------------------------------------------
+
+    def _initial(self) -> dict[str, Any]:
+        experiment = self.experiment
+        if experiment is None:
+            return {
+                "main": {"coverage_pct": 100.0},
+                "variants": [
+                    {"key": "v1", "name": "", "upstream_url": "", "weight_pct": 50.0},
+                    {"key": "v2", "name": "", "upstream_url": "", "weight_pct": 50.0},
+                ],
+                "metrics": [],
+                "ramp": [
+                    {
+                        "share_pct": _percent(step.canary_share),
+                        "min_duration_s": step.min_duration_s,
+                        "min_exposures_per_arm": step.min_exposures_per_arm,
+                    }
+                    for step in services.default_ramp()
+                ],
+            }
+        main: dict[str, Any] = {
+            name: getattr(experiment, name)
+            for name in (
+                "key",
+                "name",
+                "kind",
+                "description",
+                "hypothesis",
+                "unit_source",
+                "unit_attribute",
+                "seed",
+                "hash_version",
+                "alpha",
+                "decision_sample_size",
+                "on_health_failure",
+                "fallback_to_control",
+                "shadow_compare_field",
+                "cache_ttl_s",
+                "cache_max_entries",
+            )
+        }
+        main["coverage_pct"] = _percent(experiment.coverage)
+        main["namespace_id"] = experiment.namespace_id
+        main["namespace_start_pct"] = _percent(experiment.namespace_start)
+        main["namespace_end_pct"] = _percent(experiment.namespace_end)
+        main["overrides"] = "\n".join(f"{u} = {v}" for u, v in (experiment.overrides or {}).items())
+        steps = list(experiment.ramp_steps.all())
+        if experiment.kind != ExperimentKind.CANARY and not steps:
+            steps_initial = self._initial_without_experiment_ramp()
+        else:
+            steps_initial = [
+                {
+                    "share_pct": _percent(s.canary_share),
+                    "min_duration_s": s.min_duration_s,
+                    "min_exposures_per_arm": s.min_exposures_per_arm,
+                }
+                for s in steps
+            ]
+        return {
+            "main": main,
+            "variants": [
+                {
+                    "key": v.key,
+                    "name": "" if v.name == v.key else v.name,
+                    "upstream_url": v.upstream_url,
+                    "weight_pct": _percent(v.weight),
+                    "is_shadow": v.is_shadow,
+                    "is_control": v.is_control,
+                }
+                for v in experiment.variants.all()
+            ],
+            "metrics": [
+                {"metric": m.metric.key, "role": m.role, "margin_pct": _percent(m.margin)}
+                for m in experiment.metrics.all()
+            ],
+            "ramp": steps_initial,
+        }
+
+    @staticmethod
+    def _initial_without_experiment_ramp() -> list[dict[str, Any]]:
+        # An A/B test has no ramp; offer the default one in case the draft becomes a canary.
+        return [
+            {
+                "share_pct": _percent(step.canary_share),
+                "min_duration_s": step.min_duration_s,
+                "min_exposures_per_arm": step.min_exposures_per_arm,
+            }
+            for step in services.default_ramp()
+        ]
+
+    def _control_row(
+        self, data: Mapping[str, Any] | None, variants_initial: Sequence[Mapping[str, Any]]
+    ) -> str:
+        """Prefix of the row marked as control (one radio button across the variant rows)."""
+        if data is not None and not self.variants_locked:
+            return str(data.get("control", ""))
+        for index, variant in enumerate(variants_initial):
+            if variant.get("is_control"):
+                return f"variants-{index}"
+        return "variants-0"
+
+    # --- validation -------------------------------------------------------------------
+
+    @property
+    def kind(self) -> str:
+        """The kind being edited: the posted choice, or the stored one when it is locked."""
+        return str(self.form["kind"].value() or ExperimentKind.CANARY)
+
+    def is_valid(self) -> bool:
+        valid = self.form.is_valid()
+        valid = self.variants.is_valid() and valid
+        if not self.metrics_locked:
+            valid = self.metrics.is_valid() and valid
+        if self.kind == ExperimentKind.CANARY and not self.ramp_locked:
+            valid = self.ramp.is_valid() and valid
+        return valid
+
+    @property
+    def has_errors(self) -> bool:
+        return bool(
+            self.form.errors
+            or any(self.group_errors.values())
+            or (self.variants.is_bound and self.variants.total_error_count())
+            or (
+                self.metrics.is_bound
+                and not self.metrics_locked
+                and self.metrics.total_error_count()
+            )
+            or (
+                self.ramp.is_bound
+                and self.kind == ExperimentKind.CANARY
+                and not self.ramp_locked
+                and self.ramp.total_error_count()
+            )
+        )
+
+    # --- service inputs ---------------------------------------------------------------
+
+    def variant_inputs(self) -> list[services.VariantInput]:
+        return [
+            services.VariantInput(
+                key=form.cleaned_data["key"],
+                name=form.cleaned_data.get("name") or "",
+                upstream_url=form.cleaned_data["upstream_url"],
+                weight=_fraction(form.cleaned_data.get("weight_pct")),
+                is_control=form.prefix == self.control_row,
+                is_shadow=bool(form.cleaned_data.get("is_shadow")),
+            )
+            for form in _kept_forms(self.variants)
+        ]
+
+    def metric_inputs(self) -> list[services.MetricUseInput]:
+        return [
+            services.MetricUseInput(
+                metric_key=form.cleaned_data["metric"],
+                role=form.cleaned_data["role"],
+                margin=_fraction(form.cleaned_data.get("margin_pct")),
+            )
+            for form in _kept_forms(self.metrics)
+        ]
+
+    def ramp_inputs(self) -> list[services.RampStepInput]:
+        return [
+            services.RampStepInput(
+                canary_share=_fraction(form.cleaned_data["share_pct"]),
+                min_duration_s=form.cleaned_data["min_duration_s"],
+                min_exposures_per_arm=form.cleaned_data["min_exposures_per_arm"],
+            )
+            for form in _kept_forms(self.ramp)
+        ]
+
+    def _settings(self) -> dict[str, Any]:
+        data = self.form.cleaned_data
+        return {
+            "description": data["description"],
+            "hypothesis": data["hypothesis"],
+            "unit_source": data["unit_source"],
+            "unit_attribute": data["unit_attribute"],
+            "coverage": _fraction(data["coverage_pct"]),
+            "hash_version": data["hash_version"],
+            "alpha": data["alpha"],
+            "decision_sample_size": data["decision_sample_size"],
+            "on_health_failure": data["on_health_failure"],
+            "fallback_to_control": data["fallback_to_control"],
+            "shadow_compare_field": data["shadow_compare_field"],
+            "cache_ttl_s": data["cache_ttl_s"],
+            "cache_max_entries": data["cache_max_entries"],
+        }
+
+    def create_kwargs(self) -> dict[str, Any]:
+        """Arguments for `services.experiment_create`."""
+        data = self.form.cleaned_data
+        kwargs: dict[str, Any] = {
+            "key": data["key"],
+            "name": data["name"],
+            "kind": data["kind"],
+            "seed": data["seed"],
+            "variants": self.variant_inputs(),
+            "metrics": self.metric_inputs(),
+            "ramp_steps": self.ramp_inputs() if data["kind"] == ExperimentKind.CANARY else None,
+            "namespace": self.form.namespace(),
+            "overrides": data["overrides"],
+            **self._settings(),
+        }
+        if data["slack_webhook_url"]:
+            kwargs["slack_webhook_url"] = data["slack_webhook_url"]
+        return kwargs
+
+    def update_kwargs(self) -> dict[str, Any]:
+        """Arguments for `services.experiment_update`: only what changed and may change."""
+        experiment = self.experiment
+        assert experiment is not None
+        data = self.form.cleaned_data
+        changes: dict[str, Any] = {}
+        candidates = {
+            "name": data["name"],
+            "kind": data["kind"],
+            # An empty seed means the key (as on create), so it is no change from the key.
+            "seed": data["seed"] or experiment.key,
+            **self._settings(),
+        }
+        form_name = {"coverage": "coverage_pct"}
+        for name, value in candidates.items():
+            if form_name.get(name, name) in self.main_locked:
+                continue
+            current = getattr(experiment, name)
+            if isinstance(value, float) and isinstance(current, float):
+                if not _same(value, current):
+                    changes[name] = value
+            elif value != current:
+                changes[name] = value
+        if "namespace_id" not in self.main_locked:
+            namespace = self.form.namespace()
+            current_ns = (
+                (
+                    experiment.namespace_id,
+                    float(experiment.namespace_start or 0.0),
+                    float(experiment.namespace_end or 0.0),
+                )
+                if experiment.namespace_id
+                else None
+            )
+            if namespace != current_ns:
+                changes["namespace"] = namespace
+        if "overrides" not in self.main_locked and data["overrides"] != (
+            experiment.overrides or {}
+        ):
+            changes["overrides"] = data["overrides"]
+        if "slack_webhook_url" not in self.main_locked:
+            if data["slack_webhook_clear"]:
+                if experiment.slack_webhook_url:
+                    changes["slack_webhook_url"] = ""
+            elif data["slack_webhook_url"]:
+                changes["slack_webhook_url"] = data["slack_webhook_url"]
+
+        current_variants = [
+            services.VariantInput(
+                key=v.key,
+                name=v.name,
+                upstream_url=v.upstream_url,
+                weight=v.weight,
+                is_control=v.is_control,
+                is_shadow=v.is_shadow,
+            )
+            for v in experiment.variants.all()
+        ]
+        if not self.variants_locked:
+            variants = [
+                services.VariantInput(**{**v.__dict__, "name": v.name or v.key})
+                for v in self.variant_inputs()
+            ]
+            if variants != current_variants:
+                changes["variants"] = self.variant_inputs()
+        elif self.status in (ExperimentStatus.RUNNING, ExperimentStatus.PAUSED):
+            weights = {
+                v.key: _fraction(form.cleaned_data.get("weight_pct"))
+                for v, form in zip(current_variants, self.variants.forms, strict=False)
+            }
+            if any(
+                not _same(weights[v.key], v.weight) for v in current_variants if v.key in weights
+            ):
+                changes["weights"] = weights
+
+        if not self.metrics_locked:
+            current_metrics = [
+                services.MetricUseInput(metric_key=m.metric.key, role=m.role, margin=m.margin)
+                for m in experiment.metrics.all()
+            ]
+            metrics = self.metric_inputs()
+            if metrics != current_metrics:
+                changes["metrics"] = metrics
+
+        if not self.ramp_locked:
+            current_steps = [
+                services.RampStepInput(s.canary_share, s.min_duration_s, s.min_exposures_per_arm)
+                for s in experiment.ramp_steps.all()
+            ]
+            kind = changes.get("kind", experiment.kind)
+            steps = self.ramp_inputs() if kind == ExperimentKind.CANARY else []
+            if steps != current_steps:
+                changes["ramp_steps"] = steps
+        return changes
+
+    # --- service errors -> fields -----------------------------------------------------
+
+    def show_errors(self, errors: Mapping[str, Sequence[str]]) -> None:
+        """Put each `InvalidInput` message next to the field or row set it names."""
+        kept = {
+            "variants": _kept_forms(self.variants),
+            "metrics": _kept_forms(self.metrics),
+            "ramp_steps": _kept_forms(self.ramp),
+        }
+        for name, messages in errors.items():
+            row = _ROW_ERROR.fullmatch(name)
+            if row is not None:
+                group, index = row["group"], int(row["index"])
+                field = _ROW_FIELD_FOR_SERVICE[group].get(row["field"], row["field"])
+                forms_in_group = kept[group]
+                if index < len(forms_in_group):
+                    form = forms_in_group[index]
+                    target = field if field in form.fields else None
+                    for message in messages:
+                        form.add_error(target, message)
+                    continue
+                self.group_errors[group].extend(messages)
+                continue
+            if name in _GROUP_FOR_SERVICE:
+                self.group_errors[_GROUP_FOR_SERVICE[name]].extend(messages)
+                continue
+            field = _MAIN_FIELD_FOR_SERVICE.get(name, name)
+            target = field if field in self.form.fields else None
+            for message in messages:
+                self.form.add_error(target, message if target else f"{name}: {message}")
+
+    def show_not_editable(self, status: str, fields: Sequence[str]) -> None:
+        self.form.add_error(
+            None, f"These cannot change while the experiment is {status}: {', '.join(fields)}."
+        )
+
+
+class MetricForm(forms.Form):
+    """A catalogue metric; the kind/source rules live in `services.validate_metric`."""
+
+    key = forms.CharField(max_length=64, help_text="Lowercase letters, digits, - and _.")
+    name = forms.CharField(max_length=200, help_text="Used in plain-word results: “p95 latency”.")
+    description = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}))
+    kind = forms.ChoiceField(choices=MetricKind.choices)
+    source = forms.CharField(
+        required=False,
+        max_length=128,
+        help_text="The event name, or the built-ins latency_ms and error measured by the proxy.",
+    )
+    quantile = forms.FloatField(
+        required=False,
+        widget=forms.NumberInput(attrs={"step": "any"}),
+        help_text="Quantile metrics only: 0.5, 0.95, 0.99.",
+    )
+    numerator_event = forms.CharField(required=False, max_length=128, help_text="Ratio metrics.")
+    denominator_event = forms.CharField(required=False, max_length=128, help_text="Ratio metrics.")
+    direction = forms.ChoiceField(choices=MetricDirection.choices)
+    winsorize_cap = forms.FloatField(
+        required=False,
+        widget=forms.NumberInput(attrs={"step": "any"}),
+        help_text="Optional: cap each user's value here to tame outliers.",
+    )
+
+    def __init__(self, *args: Any, editing: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.editing = editing
+        if editing:
+            self.fields["key"].disabled = True
+
+    def service_values(self) -> dict[str, Any]:
+        values = {name: value for name, value in self.cleaned_data.items() if name != "key"}
+        return values
+
+    def show_errors(self, errors: Mapping[str, Sequence[str]]) -> None:
+        for name, messages in errors.items():
+            target = name if name in self.fields else None
+            for message in messages:
+                self.add_error(target, message if target else f"{name}: {message}")
+
+
+class ApiKeyForm(forms.Form):
+    name = forms.CharField(max_length=200, help_text="Who or what uses it: “checkout service”.")
+    scopes = forms.MultipleChoiceField(
+        choices=ApiScope.choices,
+        widget=forms.CheckboxSelectMultiple,
+        initial=[ApiScope.DECIDE],
+        required=False,
+    )
+
+    def show_errors(self, errors: Mapping[str, Sequence[str]]) -> None:
+        for name, messages in errors.items():
+            target = name if name in self.fields else None
+            for message in messages:
+                self.add_error(target, message)
+
+
+class ActionForm(forms.Form):
+    """The confirmation step of a lifecycle action: a reason, and for `complete` a winner."""
+
+    reason = forms.CharField(
+        required=False, widget=forms.Textarea(attrs={"rows": 3}), max_length=2000
+    )
+    winner = forms.ChoiceField(required=False)
+
+    def __init__(
+        self,
+        *args: Any,
+        reason_required: bool = False,
+        winner_choices: Sequence[tuple[str, str]] = (),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["reason"].required = reason_required
+        winner = self.fields["winner"]
+        assert isinstance(winner, forms.ChoiceField)
+        winner.choices = list(winner_choices)
+        winner.required = bool(winner_choices)
+        if not winner_choices:
+            del self.fields["winner"]
