@@ -1,0 +1,454 @@
+"""SQL aggregation of exposures, proxy observations and events into sufficient statistics.
+
+Everything here is GROUP BY in the database (SQLite and PostgreSQL alike); Python only ever
+holds one small row per variant or per metric, plus one merged latency histogram per
+variant, so memory stays flat however many events and buckets exist.
+
+Incremental aggregation and its correctness conditions
+    * Observations (`routing.models.ObservationBucket`, append-only, `id` is the cursor) are
+      folded into `ObservationRollup` (one row per experiment and variant). A run folds the
+      rows with `cursor < id <= horizon`, where `horizon` is the largest id it saw at the
+      previous run, then reads the rows past the new cursor as an unsaved tail and adds them
+      to this run's totals. The lag matters on PostgreSQL: ids come from a sequence at insert
+      time, so a transaction holding a smaller id may commit after one holding a larger id;
+      folding right up to the largest visible id would skip the late row forever. With the
+      lag, a row is lost only if its insert transaction stays open for a whole analysis
+      interval (the recorder's flushes are single short INSERTs). SQLite has one writer at a
+      time, so there the condition always holds. Every row is read at most twice.
+    * Business events (`routing.models.Event`) are folded into `UnitEventRollup`: per
+      (experiment, unit, event name) the sum and count of the unit's events at or after its
+      first exposure, by INSERT ... SELECT ... GROUP BY ... ON CONFLICT DO UPDATE (SQLite
+      >= 3.24 and PostgreSQL both have it) over the events with `cursor < id <= horizon`.
+      Events are consumed with the same one-run lag and no unsaved tail: business metrics
+      trail by one analysis interval. An event only counts if its unit's exposure row is
+      already there when the event is consumed; exposures are flushed within
+      RECORDER_FLUSH_S, so the condition is that the recorder flushes faster than one
+      analysis interval (defaults: 1 s against 10 s). An event of a unit that is exposed
+      only later ("late exposure") is therefore not counted, which is also right in
+      principle: an event before exposure cannot be an effect of the variant.
+    * Exposures are re-grouped at every run (a GROUP BY per unit, then per variant). That
+      is what makes the exclusion of units exposed to several variants exact even when the
+      second exposure arrives late: the exclusion happens when the metrics are read, not
+      when the events are summed.
+
+Units exposed to more than one variant are excluded from every unit-level metric and
+counted. In a canary, a unit whose control exposure precedes its canary exposure was moved
+by a ramp step (ramps only move units from control to the canary); it is excluded from the
+metrics like the others but is not a health problem, so it is reported separately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.db import connection
+from django.db.models import Max, Sum
+
+from analysis.models import AnalysisState, ObservationRollup, UnitEventRollup
+from analysis.stats.moments import MeanStats, MetricStats, ProportionStats, RatioStats
+from experiments.contracts import ExperimentView, MetricView
+from routing.histogram import LogHistogram
+from routing.models import Event, Exposure, ObservationBucket
+
+BUILTIN_LATENCY = "latency_ms"
+BUILTIN_ERROR = "error"
+_HISTOGRAM_CHUNK = 2000
+
+
+@dataclass
+class ObservationTotals:
+    """One variant's proxied requests: counts, latency sums and the merged histogram."""
+
+    count: int = 0
+    error_count: int = 0
+    latency_sum: float = 0.0
+    latency_sum_sq: float = 0.0
+    histogram: LogHistogram = field(default_factory=LogHistogram)
+
+    def add(self, count: int, errors: int, total: float, squares: float) -> None:
+        self.count += int(count or 0)
+        self.error_count += int(errors or 0)
+        self.latency_sum += float(total or 0.0)
+        self.latency_sum_sq += float(squares or 0.0)
+
+    @property
+    def errors(self) -> ProportionStats:
+        return ProportionStats(n=self.count, sum=float(min(self.error_count, self.count)))
+
+    @property
+    def latency(self) -> MeanStats:
+        """Mean latency from the histogram's own count and sums (the values it recorded)."""
+        histogram = self.histogram
+        if histogram.count == 0:
+            return MeanStats(n=0, sum=0.0, sum_squares=0.0)
+        return MeanStats(
+            n=int(histogram.count), sum=histogram.sum, sum_squares=histogram.sum_of_squares
+        )
+
+
+@dataclass(frozen=True)
+class ExposureCounts:
+    """Units per variant and the multiple-exposure counts.
+
+    `per_variant` counts units exposed to exactly one variant (the n of unit-level metrics);
+    `new_in_step` counts those first seen at or after `since` (a canary's SRM check compares
+    them with the step's split); `multiple` is every unit seen in several variants,
+    `unexpected_multiple` those a ramp step does not explain.
+    """
+
+    per_variant: Mapping[str, int]
+    new_in_step: Mapping[str, int]
+    total_units: int
+    multiple: int
+    unexpected_multiple: int
+
+
+@dataclass(frozen=True)
+class Aggregates:
+    exposures: ExposureCounts
+    observations: Mapping[str, ObservationTotals]
+    business: Mapping[str, Mapping[str, MetricStats]]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _table(model: Any) -> str:
+    return connection.ops.quote_name(model._meta.db_table)
+
+
+def _db_datetime(value: datetime) -> Any:
+    """A datetime as the backend stores it (text on SQLite), for raw-SQL comparisons."""
+    return connection.ops.adapt_datetimefield_value(value)
+
+
+def _fetch(sql: str, params: Sequence[Any]) -> Iterator[tuple[Any, ...]]:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        yield from cursor.fetchall()
+
+
+def _merge_histograms(
+    totals: dict[str, ObservationTotals], experiment_id: int, low: int, high: int | None
+) -> None:
+    """Stream the histograms of buckets with low < id (<= high) and merge them per variant."""
+    rows = ObservationBucket.objects.filter(
+        experiment_id=experiment_id, is_shadow=False, id__gt=low
+    ).exclude(latency_histogram="")
+    if high is not None:
+        rows = rows.filter(id__lte=high)
+    for variant, text in rows.values_list("variant_key", "latency_histogram").iterator(
+        chunk_size=_HISTOGRAM_CHUNK
+    ):
+        totals.setdefault(variant, ObservationTotals()).histogram.merge(
+            LogHistogram.from_json(text)
+        )
+
+
+def _bucket_sums(
+    totals: dict[str, ObservationTotals], experiment_id: int, low: int, high: int | None
+) -> int:
+    """Add the GROUP BY sums of buckets with low < id (<= high); returns the largest id."""
+    rows = ObservationBucket.objects.filter(
+        experiment_id=experiment_id, is_shadow=False, id__gt=low
+    )
+    if high is not None:
+        rows = rows.filter(id__lte=high)
+    largest = low
+    grouped = (
+        rows.values("variant_key")
+        .order_by()
+        .annotate(
+            n=Sum("count"),
+            errors=Sum("error_count"),
+            total=Sum("latency_sum"),
+            squares=Sum("latency_sum_sq"),
+            top=Max("id"),
+        )
+    )
+    for row in grouped:
+        totals.setdefault(row["variant_key"], ObservationTotals()).add(
+            row["n"], row["errors"], row["total"], row["squares"]
+        )
+        largest = max(largest, int(row["top"]))
+    return largest
+
+
+# --------------------------------------------------------------------------- observations
+
+
+def refresh_observations(*, state: AnalysisState) -> dict[str, ObservationTotals]:
+    """Fold settled observation buckets into the rollup; return the totals including the tail.
+
+    Call inside the transaction that holds `state` FOR UPDATE (the caller saves `state`).
+    """
+    experiment_id = state.experiment_id
+    rollups = {
+        r.variant_key: r for r in ObservationRollup.objects.filter(experiment_id=experiment_id)
+    }
+    if state.observation_horizon > state.observation_cursor:
+        settled: dict[str, ObservationTotals] = {}
+        _bucket_sums(settled, experiment_id, state.observation_cursor, state.observation_horizon)
+        _merge_histograms(
+            settled, experiment_id, state.observation_cursor, state.observation_horizon
+        )
+        for variant, part in settled.items():
+            rollup = rollups.get(variant) or ObservationRollup(
+                experiment_id=experiment_id, variant_key=variant
+            )
+            merged = (
+                LogHistogram.from_json(rollup.latency_histogram)
+                if rollup.latency_histogram
+                else LogHistogram()
+            )
+            merged.merge(part.histogram)
+            rollup.count += part.count
+            rollup.error_count += part.error_count
+            rollup.latency_sum += part.latency_sum
+            rollup.latency_sum_sq += part.latency_sum_sq
+            rollup.latency_histogram = merged.to_json() if merged.count else ""
+            rollup.save()
+            rollups[variant] = rollup
+        state.observation_cursor = state.observation_horizon
+    totals: dict[str, ObservationTotals] = {}
+    for variant, rollup in rollups.items():
+        total = totals.setdefault(variant, ObservationTotals())
+        total.add(rollup.count, rollup.error_count, rollup.latency_sum, rollup.latency_sum_sq)
+        if rollup.latency_histogram:
+            total.histogram = LogHistogram.from_json(rollup.latency_histogram)
+    state.observation_horizon = _bucket_sums(totals, experiment_id, state.observation_cursor, None)
+    _merge_histograms(totals, experiment_id, state.observation_cursor, None)
+    return totals
+
+
+# --------------------------------------------------------------------------- events
+
+
+def metric_event_names(metrics: Sequence[MetricView]) -> list[str]:
+    """The event names the experiment's unit-level metrics read (built-ins excluded)."""
+    names: set[str] = set()
+    for metric in metrics:
+        if metric.kind == "ratio":
+            names.update({metric.numerator_event, metric.denominator_event})
+        elif metric.source not in (BUILTIN_LATENCY, BUILTIN_ERROR):
+            names.add(metric.source)
+    names.discard("")
+    return sorted(names)
+
+
+def refresh_unit_events(*, state: AnalysisState, event_names: Sequence[str]) -> int:
+    """Upsert the settled events into the per-unit rollup; returns how many groups changed.
+
+    Call inside the transaction that holds `state` FOR UPDATE.
+    """
+    low, high = state.event_cursor, state.event_horizon
+    changed = 0
+    if event_names and high > low:
+        placeholders = ", ".join(["%s"] * len(event_names))
+        rollup = _table(UnitEventRollup)
+        # The WHERE clause is required by SQLite's upsert-after-SELECT grammar; EXISTS counts
+        # each event once whatever the number of exposure rows of its unit.
+        sql = f"""
+            INSERT INTO {rollup} (experiment_id, unit_id, event_name, value_sum, event_count)
+            SELECT %s, ev.unit_id, ev.name, SUM(ev.value), COUNT(*)
+            FROM {_table(Event)} ev
+            WHERE ev.id > %s AND ev.id <= %s AND ev.name IN ({placeholders})
+              AND EXISTS (
+                SELECT 1 FROM {_table(Exposure)} ex
+                WHERE ex.experiment_id = %s AND ex.unit_id = ev.unit_id
+                  AND ex.first_seen_at <= ev.timestamp
+              )
+            GROUP BY ev.unit_id, ev.name
+            ON CONFLICT (experiment_id, unit_id, event_name) DO UPDATE SET
+              value_sum = {rollup}.value_sum + excluded.value_sum,
+              event_count = {rollup}.event_count + excluded.event_count
+        """
+        params = [state.experiment_id, low, high, *event_names, state.experiment_id]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            changed = max(cursor.rowcount, 0)
+    state.event_cursor = max(low, high)
+    state.event_horizon = int(
+        Event.objects.filter(id__gt=state.event_cursor).aggregate(top=Max("id"))["top"]
+        or state.event_cursor
+    )
+    return changed
+
+
+# --------------------------------------------------------------------------- exposures
+
+
+def _units_subquery(control_key: str, canary: bool) -> tuple[str, list[Any]]:
+    """One row per exposed unit: its variant ('' if several), first time and move flags."""
+    # A ramp move: exactly two rows, control first, then a canary (never the other way).
+    expected_move = (
+        "(COUNT(*) = 2 AND MAX(CASE WHEN variant_key = %s THEN first_seen_at END) IS NOT NULL "
+        "AND MAX(CASE WHEN variant_key = %s THEN first_seen_at END) <= "
+        "MIN(CASE WHEN variant_key <> %s THEN first_seen_at END))"
+        if canary
+        else "(1 = 0)"
+    )
+    sql = f"""
+        SELECT unit_id,
+               CASE WHEN COUNT(*) = 1 THEN MIN(variant_key) ELSE '' END AS variant,
+               MIN(first_seen_at) AS first_at,
+               CASE WHEN COUNT(*) > 1 AND NOT {expected_move} THEN 1 ELSE 0 END AS unexpected
+        FROM {_table(Exposure)}
+        WHERE experiment_id = %s
+        GROUP BY unit_id
+    """
+    params: list[Any] = [control_key] * 3 if canary else []
+    return sql, params
+
+
+def exposure_counts(
+    *, experiment_id: int, control_key: str, canary: bool, since: datetime | None
+) -> ExposureCounts:
+    units_sql, units_params = _units_subquery(control_key, canary)
+    new_condition = "u.first_at >= %s" if since is not None else "1 = 1"
+    since_params = [_db_datetime(since)] if since is not None else []
+    sql = f"""
+        SELECT u.variant, COUNT(*),
+               SUM(CASE WHEN {new_condition} THEN 1 ELSE 0 END),
+               SUM(u.unexpected)
+        FROM ({units_sql}) u
+        GROUP BY u.variant
+    """
+    params = [*since_params, *units_params, experiment_id]
+    per_variant: dict[str, int] = {}
+    new_in_step: dict[str, int] = {}
+    total = multiple = unexpected = 0
+    for variant, units, new, odd in _fetch(sql, params):
+        total += int(units)
+        if variant:
+            per_variant[variant] = int(units)
+            new_in_step[variant] = int(new or 0)
+        else:
+            multiple = int(units)
+            unexpected = int(odd or 0)
+    return ExposureCounts(
+        per_variant=per_variant,
+        new_in_step=new_in_step,
+        total_units=total,
+        multiple=multiple,
+        unexpected_multiple=unexpected,
+    )
+
+
+# --------------------------------------------------------------------------- business metrics
+
+
+def _capped(expression: str, cap: float | None) -> str:
+    """Winsorise a per-unit value at `cap` (a float from the database, inlined as a literal)."""
+    if cap is None:
+        return expression
+    literal = repr(float(cap))
+    return f"(CASE WHEN {expression} > {literal} THEN {literal} ELSE {expression} END)"
+
+
+def business_stats(
+    *, experiment_id: int, metrics: Sequence[MetricView]
+) -> dict[str, dict[str, MetricStats]]:
+    """Per metric and variant, the unit-level sufficient statistics in one GROUP BY query.
+
+    Only units exposed to exactly one variant count; a unit with no events counts as 0
+    (binomial 0, mean 0, ratio 0/0). Built-in latency/error metrics are not handled here.
+    """
+    unit_metrics = [
+        m
+        for m in metrics
+        if m.kind in ("binomial", "mean", "ratio")
+        and (m.kind == "ratio" or m.source not in (BUILTIN_LATENCY, BUILTIN_ERROR))
+    ]
+    if not unit_metrics:
+        return {}
+    names = metric_event_names(unit_metrics)
+    columns: list[str] = []
+    inner_params: list[Any] = []
+    alias = {}
+    for index, name in enumerate(names):
+        alias[name] = index
+        columns.append(
+            f"SUM(CASE WHEN event_name = %s THEN value_sum ELSE 0 END) AS v{index}, "
+            f"SUM(CASE WHEN event_name = %s THEN event_count ELSE 0 END) AS c{index}"
+        )
+        inner_params.extend([name, name])
+    outer: list[str] = []
+    for metric in unit_metrics:
+        if metric.kind == "binomial":
+            hit = f"CASE WHEN COALESCE(r.c{alias[metric.source]}, 0) > 0 THEN 1 ELSE 0 END"
+            outer.append(f"SUM({hit})")
+        elif metric.kind == "mean":
+            value = _capped(f"COALESCE(r.v{alias[metric.source]}, 0)", metric.winsorize_cap)
+            outer.append(f"SUM({value}), SUM({value} * {value})")
+        else:
+            m = f"COALESCE(r.v{alias[metric.numerator_event]}, 0)"
+            d = f"COALESCE(r.v{alias[metric.denominator_event]}, 0)"
+            outer.append(f"SUM({m}), SUM({m} * {m}), SUM({d}), SUM({d} * {d}), SUM({m} * {d})")
+    units_sql, units_params = _units_subquery("", canary=False)
+    sql = f"""
+        SELECT u.variant, COUNT(*), {", ".join(outer)}
+        FROM ({units_sql}) u
+        LEFT JOIN (
+            SELECT unit_id, {", ".join(columns)}
+            FROM {_table(UnitEventRollup)}
+            WHERE experiment_id = %s
+            GROUP BY unit_id
+        ) r ON r.unit_id = u.unit_id
+        WHERE u.variant <> ''
+        GROUP BY u.variant
+    """
+    params = [*units_params, experiment_id, *inner_params, experiment_id]
+    result: dict[str, dict[str, MetricStats]] = {m.key: {} for m in unit_metrics}
+    for row in _fetch(sql, params):
+        variant, n = row[0], int(row[1])
+        values = [float(v or 0.0) for v in row[2:]]
+        position = 0
+        for metric in unit_metrics:
+            stats: MetricStats
+            if metric.kind == "binomial":
+                stats = ProportionStats(n=n, sum=values[position])
+                position += 1
+            elif metric.kind == "mean":
+                stats = MeanStats(n=n, sum=values[position], sum_squares=values[position + 1])
+                position += 2
+            else:
+                stats = RatioStats(
+                    n=n,
+                    numerator_sum=values[position],
+                    numerator_sum_squares=values[position + 1],
+                    denominator_sum=values[position + 2],
+                    denominator_sum_squares=values[position + 3],
+                    cross_sum=values[position + 4],
+                )
+                position += 5
+            result[metric.key][variant] = stats
+    return result
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def aggregate(*, experiment: ExperimentView, state: AnalysisState) -> Aggregates:
+    """Bring the rollups up to date and read every statistic the analysis needs.
+
+    Runs inside the caller's transaction, which holds `state` FOR UPDATE; the caller saves
+    `state` (its cursors moved).
+    """
+    metrics = [use.metric for use in experiment.metrics]
+    refresh_unit_events(state=state, event_names=metric_event_names(metrics))
+    canary = experiment.kind == "canary"
+    since = experiment.step_started_at if canary else None
+    return Aggregates(
+        exposures=exposure_counts(
+            experiment_id=experiment.id,
+            control_key=experiment.control.key,
+            canary=canary,
+            since=since,
+        ),
+        observations=refresh_observations(state=state),
+        business=business_stats(experiment_id=experiment.id, metrics=metrics),
+    )

@@ -1,0 +1,1 @@
+"""REST API of the analysis app: experiment results, webhooks and test alerts."""

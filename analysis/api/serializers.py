@@ -1,0 +1,50 @@
+"""Serializers of the analysis API; webhook URLs and secrets are write-only."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from rest_framework import serializers
+
+from analysis.models import ResultSnapshot, WebhookEndpoint
+
+
+class ResultSnapshotSerializer(serializers.Serializer[ResultSnapshot]):
+    """One analysis run (the shape `analysis.guardrails` documents and the UI renders)."""
+
+    experiment = serializers.SerializerMethodField()
+    created_at = serializers.DateTimeField()
+    decision = serializers.CharField()
+    reason = serializers.CharField()
+    health = serializers.JSONField()
+    exposures = serializers.JSONField()
+    metrics = serializers.JSONField()
+    latency = serializers.JSONField()
+
+    def get_experiment(self, snapshot: ResultSnapshot) -> str:
+        return str(self.context.get("experiment_key", ""))
+
+
+def snapshot_data(snapshot: ResultSnapshot, *, experiment_key: str) -> dict[str, Any]:
+    return dict(ResultSnapshotSerializer(snapshot, context={"experiment_key": experiment_key}).data)
+
+
+class WebhookSerializer(serializers.Serializer[WebhookEndpoint]):
+    """Read: id, name, host, enabled. Write: name, url, secret, enabled."""
+
+    id = serializers.IntegerField(read_only=True)
+    name = serializers.CharField(max_length=200)
+    url = serializers.URLField(max_length=500, write_only=True)
+    secret = serializers.CharField(max_length=200, write_only=True, min_length=16)
+    enabled = serializers.BooleanField(default=True)
+    host = serializers.SerializerMethodField()
+    created_at = serializers.DateTimeField(read_only=True)
+
+    def get_host(self, endpoint: WebhookEndpoint) -> str:
+        """Only the host, so an operator can tell endpoints apart without seeing the URL."""
+        return urlsplit(endpoint.url).hostname or ""
+
+
+class TestAlertSerializer(serializers.Serializer[Any]):
+    queued = serializers.IntegerField()

@@ -1,0 +1,98 @@
+"""API views: experiment results and history (scope read), webhooks and test alerts (manage)."""
+
+from __future__ import annotations
+
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from analysis import selectors, services
+from analysis.api.serializers import (
+    ResultSnapshotSerializer,
+    TestAlertSerializer,
+    WebhookSerializer,
+    snapshot_data,
+)
+from experiments import selectors as experiment_selectors
+from experiments.errors import InvalidInput, NotFound
+
+MAX_HISTORY = 5000
+
+
+def _actor(request: Request) -> str:
+    actor = getattr(request.user, "actor", None)
+    if actor:
+        return str(actor)
+    return f"user:{request.user.get_username()}"
+
+
+class ResultView(APIView):
+    """The latest analysis result of an experiment."""
+
+    required_scope = "read"
+
+    @extend_schema(responses=ResultSnapshotSerializer)
+    def get(self, request: Request, key: str) -> Response:
+        view = experiment_selectors.experiment_view_get(key=key)
+        snapshot = selectors.latest_result(experiment_id=view.id)
+        if snapshot is None:
+            raise NotFound("results", key)
+        return Response(snapshot_data(snapshot, experiment_key=key))
+
+
+class ResultHistoryView(APIView):
+    """Analysis results of an experiment, oldest first (for time series)."""
+
+    required_scope = "read"
+
+    @extend_schema(
+        parameters=[OpenApiParameter("limit", int, description="newest N (default 500)")],
+        responses=ResultSnapshotSerializer(many=True),
+    )
+    def get(self, request: Request, key: str) -> Response:
+        view = experiment_selectors.experiment_view_get(key=key)
+        raw = request.query_params.get("limit", "500")
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_HISTORY:
+            raise InvalidInput({"limit": [f"Must be an integer from 1 to {MAX_HISTORY}."]})
+        history = selectors.result_history(experiment_id=view.id, limit=int(raw))
+        return Response(
+            {
+                "experiment": key,
+                "results": [snapshot_data(s, experiment_key=key) for s in history],
+            }
+        )
+
+
+class WebhookListView(APIView):
+    required_scope = "manage"
+
+    @extend_schema(responses=WebhookSerializer(many=True))
+    def get(self, request: Request) -> Response:
+        return Response(WebhookSerializer(selectors.webhook_list(), many=True).data)
+
+    @extend_schema(request=WebhookSerializer, responses={201: WebhookSerializer})
+    def post(self, request: Request) -> Response:
+        serializer = WebhookSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        endpoint = services.webhook_create(actor=_actor(request), **serializer.validated_data)
+        return Response(WebhookSerializer(endpoint).data, status=status.HTTP_201_CREATED)
+
+
+class WebhookDetailView(APIView):
+    required_scope = "manage"
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: Request, webhook_id: int) -> Response:
+        services.webhook_delete(actor=_actor(request), webhook_id=webhook_id)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class TestAlertView(APIView):
+    required_scope = "manage"
+
+    @extend_schema(request=None, responses={202: TestAlertSerializer})
+    def post(self, request: Request) -> Response:
+        queued = services.alert_test(actor=_actor(request))
+        return Response({"queued": queued}, status=status.HTTP_202_ACCEPTED)

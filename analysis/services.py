@@ -1,0 +1,344 @@
+"""Services of the analysis app: one analysis run (and its actions), webhooks, test alerts.
+
+`analysis_run` is the whole loop for one experiment: lock its analysis state, bring the
+aggregates up to date, evaluate health, guardrails and metrics, persist the sequential state
+and a result snapshot, and act: roll back (`experiments.services.experiment_rollback`), hold
+the ramp, or advance it (`experiment_advance_ramp`), queuing the alerts in the same
+transaction as the change. Two workers that analyse the same experiment at the same moment
+are serialised by the row lock on `AnalysisState` (and the experiment services are
+idempotent themselves), so a rollback, its audit entry and its alert happen exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from analysis import alerts, metrics
+from analysis.aggregation import aggregate
+from analysis.guardrails import (
+    ArmState,
+    ExperimentAnalysis,
+    HealthSettings,
+    analyse,
+)
+from analysis.models import (
+    AnalysisState,
+    Decision,
+    ResultSnapshot,
+    SequentialState,
+    WebhookEndpoint,
+)
+from experiments import selectors as experiment_selectors
+from experiments import services as experiment_services
+from experiments.contracts import ExperimentView
+from experiments.errors import InvalidInput, InvalidTransition, NotFound
+
+logger = logging.getLogger(__name__)
+
+ACTOR = "rampart:analysis"
+# A new ramp step is counted for the SRM only after the edges have had time to load it.
+STEP_GRACE_FACTOR = 3
+
+
+@dataclass(frozen=True)
+class RunResult:
+    snapshot: ResultSnapshot
+    analysis: ExperimentAnalysis
+    action_taken: bool
+
+
+def health_settings() -> HealthSettings:
+    interval = float(settings.ANALYSIS_INTERVAL_S)
+    return HealthSettings(no_traffic_after_s=max(60.0, 6 * interval))
+
+
+def _step_view(view: ExperimentView) -> ExperimentView:
+    """For the step's counts, start the step a little later: edges switch within seconds."""
+    if view.kind != "canary" or view.step_started_at is None:
+        return view
+    grace = STEP_GRACE_FACTOR * float(settings.SNAPSHOT_REFRESH_S) + 1.0
+    return replace(view, step_started_at=view.step_started_at + timedelta(seconds=grace))
+
+
+def _load_states(experiment_id: int) -> dict[tuple[str, str], ArmState]:
+    return {
+        (row.metric_key, row.arm): ArmState(
+            looks=row.looks,
+            max_log_e_value=row.max_log_e_value,
+            min_p_value=row.min_p_value,
+            lower=row.lower,
+            upper=row.upper,
+            empty_intersection=row.empty_intersection,
+            fired=row.fired,
+        )
+        for row in SequentialState.objects.filter(experiment_id=experiment_id)
+    }
+
+
+def _save_states(
+    experiment_id: int,
+    old: dict[tuple[str, str], ArmState],
+    new: dict[tuple[str, str], ArmState],
+) -> None:
+    for (metric_key, arm), state in new.items():
+        if old.get((metric_key, arm)) == state:
+            continue
+        SequentialState.objects.update_or_create(
+            experiment_id=experiment_id,
+            metric_key=metric_key,
+            arm=arm,
+            defaults={
+                "looks": state.looks,
+                "max_log_e_value": state.max_log_e_value,
+                "min_p_value": state.min_p_value,
+                "lower": state.lower,
+                "upper": state.upper,
+                "empty_intersection": state.empty_intersection,
+                "fired": state.fired,
+            },
+        )
+
+
+def _alert(
+    view: ExperimentView, kind: str, action: str, reason: str, dedupe: str, **details: Any
+) -> None:
+    payload = alerts.alert_payload(
+        kind=kind,
+        experiment_key=view.key,
+        experiment_name=view.name,
+        action=action,
+        reason=reason,
+        details=details,
+    )
+    alerts.alert_enqueue(experiment_id=view.id, kind=kind, payload=payload, dedupe=dedupe)
+
+
+def _rollback(view: ExperimentView, result: ExperimentAnalysis) -> bool:
+    breach = result.breach
+    cause = "guardrail" if breach is not None else "health"
+    evidence: dict[str, Any] = (
+        breach.evidence() if breach is not None else {"health": result.health.as_json()}
+    )
+    try:
+        transition = experiment_services.experiment_rollback(
+            actor=ACTOR, key=view.key, reason=result.reason, evidence=evidence
+        )
+    except (InvalidTransition, NotFound) as exc:
+        logger.info("rollback of %s not possible: %s", view.key, exc)
+        return False
+    if not transition.changed:
+        return False
+    metrics.ROLLBACKS.labels(cause).inc()
+    details: dict[str, Any] = {}
+    if breach is not None:
+        details = {**breach.evidence(), "metric_name": breach.name}
+    _alert(
+        view,
+        "rollback",
+        "rolled back: all traffic goes to control",
+        result.reason,
+        f"rollback:{view.id}",
+        **details,
+    )
+    return True
+
+
+def _advance(view: ExperimentView, result: ExperimentAnalysis) -> str | None:
+    position = view.ramp_position or 0
+    evidence = {
+        "from_position": position,
+        "exposures": result.exposures,
+        "reason": result.reason,
+    }
+    try:
+        transition = experiment_services.experiment_advance_ramp(
+            actor=ACTOR,
+            key=view.key,
+            from_position=position,
+            reason=result.reason,
+            evidence=evidence,
+        )
+    except (InvalidTransition, NotFound) as exc:
+        logger.info("ramp step of %s not possible: %s", view.key, exc)
+        return None
+    if not transition.changed:
+        return None
+    completed = transition.experiment.status == "completed"
+    kind = "complete" if completed else "advance"
+    metrics.RAMP_STEPS.labels(kind).inc()
+    steps = view.ramp_steps
+    if completed:
+        action = "completed: the canary is the new control"
+    else:
+        action = f"advanced to step {position + 1} ({steps[position + 1].canary_share:.0%})"
+    _alert(
+        view,
+        kind,
+        action,
+        result.reason,
+        f"{kind}:{view.id}:{position}",
+        from_position=position,
+        exposures=result.exposures,
+    )
+    return Decision.COMPLETE if completed else Decision.ADVANCE
+
+
+def _health_alerts(view: ExperimentView, state: AnalysisState, result: ExperimentAnalysis) -> None:
+    """Alert once when health starts failing (a new episode), not at every run."""
+    failing = result.health.failing
+    # A rollback because of health sends its own alert.
+    if failing and not state.health_failing and result.decision != Decision.ROLLBACK:
+        state.health_episode += 1
+        held = result.decision == Decision.HOLD
+        _alert(
+            view,
+            "hold" if held else "health_warning",
+            "ramp held, no rollback" if held else "alert only (on_health_failure = warn)",
+            "; ".join(result.health.problems),
+            f"health:{view.id}:{state.health_episode}",
+            health=result.health.as_json(),
+        )
+    state.health_failing = failing
+
+
+def analysis_run(*, experiment_id: int, now: datetime | None = None) -> RunResult | None:
+    """Analyse one running experiment now and act on the result; None if there is nothing to do.
+
+    Idempotent: a missing or no longer running experiment is a no-op.
+    """
+    started = time.perf_counter()
+    if experiment_selectors.experiment_view_by_id(experiment_id=experiment_id) is None:
+        metrics.ANALYSIS_RUNS.labels("skipped").inc()
+        return None
+    try:
+        with transaction.atomic():
+            state, _ = AnalysisState.objects.get_or_create(experiment_id=experiment_id)
+            state = AnalysisState.objects.select_for_update().get(pk=state.pk)
+            # Read the experiment under the lock: a racing worker may have just acted.
+            view = experiment_selectors.experiment_view_by_id(experiment_id=experiment_id)
+            if view is None or view.status != "running":
+                metrics.ANALYSIS_RUNS.labels("skipped").inc()
+                return None
+            result = _run_locked(view, state, now or timezone.now())
+    except Exception:
+        metrics.ANALYSIS_RUNS.labels("error").inc()
+        raise
+    finally:
+        metrics.ANALYSIS_RUN_SECONDS.observe(time.perf_counter() - started)
+    metrics.ANALYSIS_RUNS.labels(result.snapshot.decision).inc()
+    return result
+
+
+def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> RunResult:
+    aggregates = aggregate(experiment=_step_view(view), state=state)
+    if view.kind == "canary" and state.srm_ramp_position != view.ramp_position:
+        state.srm_max_log_e_value = 0.0
+        state.srm_ramp_position = view.ramp_position
+    old_states = _load_states(view.id)
+    result = analyse(
+        view,
+        aggregates,
+        states=old_states,
+        previous_srm_max_log_e_value=state.srm_max_log_e_value,
+        now=now,
+        health_settings=health_settings(),
+    )
+    _save_states(view.id, old_states, result.states)
+    state.srm_max_log_e_value = result.health.srm_max_log_e_value
+    decision = result.decision
+    acted = False
+    if decision == Decision.ROLLBACK:
+        acted = _rollback(view, result)
+    elif decision == Decision.ADVANCE:
+        taken = _advance(view, result)
+        acted = taken is not None
+        decision = taken or Decision.CONTINUE
+    _health_alerts(view, state, result)
+    state.runs += 1
+    state.last_run_at = now
+    state.save()
+    snapshot = ResultSnapshot.objects.create(
+        experiment_id=view.id,
+        created_at=now,
+        decision=decision,
+        reason=result.reason,
+        health=result.health.as_json(),
+        exposures=result.exposures,
+        metrics=result.metrics,
+        latency=result.latency,
+    )
+    return RunResult(snapshot=snapshot, analysis=result, action_taken=acted)
+
+
+def analysis_run_for_key(*, key: str) -> RunResult | None:
+    view = experiment_selectors.experiment_view_get(key=key)
+    return analysis_run(experiment_id=view.id)
+
+
+def running_experiment_ids() -> list[int]:
+    return [v.id for v in experiment_selectors.experiment_views(statuses=["running"])]
+
+
+# --------------------------------------------------------------------------- webhooks
+
+_NAME = re.compile(r"\S")
+MIN_SECRET_LENGTH = 16
+
+
+def _check_webhook(name: str, url: str, secret: str) -> None:
+    errors: dict[str, list[str]] = {}
+    if not _NAME.search(name or ""):
+        errors["name"] = ["This field may not be blank."]
+    parts = urlsplit(url or "")
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        errors["url"] = ["Enter an http or https URL."]
+    if len(secret or "") < MIN_SECRET_LENGTH:
+        errors["secret"] = [f"Use at least {MIN_SECRET_LENGTH} characters."]
+    if errors:
+        raise InvalidInput(errors)
+
+
+def webhook_create(
+    *, actor: str, name: str, url: str, secret: str, enabled: bool = True
+) -> WebhookEndpoint:
+    """Register a generic webhook; alerts are signed with `secret` (never shown again)."""
+    _check_webhook(name, url, secret)
+    endpoint = WebhookEndpoint.objects.create(name=name, url=url, secret=secret, enabled=enabled)
+    logger.info("webhook %s (%s) created by %s", endpoint.pk, name, actor)
+    return endpoint
+
+
+def webhook_delete(*, actor: str, webhook_id: int) -> None:
+    deleted, _ = WebhookEndpoint.objects.filter(pk=webhook_id).delete()
+    if not deleted:
+        raise NotFound("webhook", str(webhook_id))
+    logger.info("webhook %s deleted by %s", webhook_id, actor)
+
+
+def alert_test(*, actor: str) -> int:
+    """Queue a test alert to every destination (global Slack webhook and every webhook)."""
+    payload = alerts.alert_payload(
+        kind="test",
+        experiment_key="test",
+        experiment_name="Rampart test alert",
+        action="none (test)",
+        reason=f"Test alert sent by {actor}: if you can read this, alerts reach you.",
+    )
+    with transaction.atomic():
+        return alerts.alert_enqueue(
+            experiment_id=None,
+            kind="test",
+            payload=payload,
+            dedupe=f"test:{secrets.token_hex(8)}",
+        )

@@ -1,0 +1,148 @@
+"""Builders for the analysis tests: running experiments and the rows the edge would write."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pytest
+from django.utils import timezone
+
+from experiments import services
+from routing.histogram import LogHistogram
+from routing.models import Event, Exposure, ObservationBucket
+from tests.factories import experiment_payload
+
+
+def start_experiment(
+    key: str,
+    kind: str = "canary",
+    *,
+    ramp: Sequence[tuple[float, int, int]] | None = None,
+    metrics: Sequence[dict[str, Any]] | None = None,
+    **settings: Any,
+) -> Any:
+    """Create and start an experiment (ramp steps: (share, min_duration_s, min_exposures))."""
+    payload = experiment_payload(key, kind)
+    services.experiment_create(
+        actor="test",
+        key=key,
+        name=f"{key} test",
+        kind=kind,
+        variants=[services.VariantInput(**v) for v in payload["variants"]],
+        metrics=[
+            services.MetricUseInput(
+                metric_key=m["metric"], role=m["role"], margin=m.get("margin", 0.0)
+            )
+            for m in (metrics if metrics is not None else payload["metrics"])
+        ],
+        ramp_steps=[services.RampStepInput(s, d, e) for s, d, e in ramp]
+        if ramp is not None
+        else None,
+        **settings,
+    )
+    return services.experiment_start(actor="test", key=key).experiment
+
+
+def add_exposures(
+    experiment_id: int, variant: str, units: Iterable[str], at: datetime
+) -> list[str]:
+    unit_list = list(units)
+    Exposure.objects.bulk_create(
+        Exposure(experiment_id=experiment_id, unit_id=u, variant_key=variant, first_seen_at=at)
+        for u in unit_list
+    )
+    return unit_list
+
+
+def add_events(rows: Iterable[tuple[str, str, float, datetime]], *, prefix: str = "e") -> None:
+    """Events as (unit, name, value, timestamp)."""
+    now = timezone.now()
+    start = Event.objects.count()
+    Event.objects.bulk_create(
+        Event(
+            event_id=f"{prefix}-{start + i}",
+            unit_id=unit,
+            name=name,
+            value=value,
+            timestamp=at,
+            received_at=now,
+        )
+        for i, (unit, name, value, at) in enumerate(rows)
+    )
+
+
+def add_bucket(
+    experiment_id: int,
+    variant: str,
+    latencies: Sequence[float],
+    *,
+    errors: int = 0,
+    at: datetime | None = None,
+    shadow: bool = False,
+) -> ObservationBucket:
+    histogram = LogHistogram()
+    histogram.add_many(latencies)
+    values = np.asarray(latencies, dtype=float)
+    return ObservationBucket.objects.create(
+        experiment_id=experiment_id,
+        variant_key=variant,
+        bucket_start=at or timezone.now(),
+        is_shadow=shadow,
+        count=len(latencies),
+        error_count=errors,
+        latency_sum=float(values.sum()),
+        latency_sum_sq=float(values @ values),
+        latency_histogram=histogram.to_json(),
+    )
+
+
+def lognormal_latencies(n: int, median_ms: float, *, seed: int, sigma: float = 0.3) -> list[float]:
+    """Deterministic log-normal latencies (a seeded generator, not the code under test)."""
+    rng = np.random.default_rng(seed)
+    return [float(x) for x in median_ms * np.exp(sigma * rng.standard_normal(n))]
+
+
+def traffic(
+    experiment: Any,
+    *,
+    control_n: int,
+    canary_n: int,
+    canary_slowdown: float = 1.0,
+    canary_error_rate: float = 0.0,
+    control_error_rate: float = 0.0,
+    at: datetime,
+    seed: int = 1,
+    unit_prefix: str = "u",
+) -> None:
+    """Exposures (one per request, new units) and one observation bucket per arm."""
+    add_exposures(experiment.pk, "v1", (f"{unit_prefix}c{i}" for i in range(control_n)), at)
+    add_exposures(experiment.pk, "v2", (f"{unit_prefix}t{i}" for i in range(canary_n)), at)
+    add_bucket(
+        experiment.pk,
+        "v1",
+        lognormal_latencies(control_n, 100.0, seed=seed),
+        errors=math.floor(control_n * control_error_rate),
+        at=at,
+    )
+    add_bucket(
+        experiment.pk,
+        "v2",
+        lognormal_latencies(canary_n, 100.0 * canary_slowdown, seed=seed + 1),
+        errors=math.floor(canary_n * canary_error_rate),
+        at=at,
+    )
+
+
+@pytest.fixture
+def slack_url(settings: Any) -> str:
+    """A Slack default webhook nobody listens on, so alerts get queued for Slack."""
+    settings.SLACK_WEBHOOK_URL = "http://127.0.0.1:9/services/T000/B000/secret-token"
+    return str(settings.SLACK_WEBHOOK_URL)
+
+
+def later(moment: datetime, seconds: float) -> datetime:
+    return moment + timedelta(seconds=seconds)
