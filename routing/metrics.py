@@ -46,8 +46,7 @@ RECORDER_BUFFERED = Gauge(
 )
 RECORDER_WRITTEN = Counter(
     "rampart_exposures_written",
-    "Exposure rows handed to the database in successful bulk inserts (duplicates are ignored "
-    "by the unique constraint).",
+    "Exposure rows inserted (rows the unique constraint turned away as duplicates not counted).",
 )
 RECORDER_DROPPED = Counter(
     "rampart_exposures_dropped",

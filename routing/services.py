@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 
 from routing.models import Exposure
 
-# Rows per INSERT statement: well under SQLite's 32766 bound variables (4 per row) and
-# small enough that one statement never holds the write lock for long.
+# Rows per INSERT statement: 4 parameters per row stays well under SQLite's 32766 bound
+# variables and PostgreSQL's 65535, and one statement never holds the write lock for long.
 EXPOSURE_INSERT_BATCH = 1000
 
 ExposureRow = tuple[int, str, str, datetime]
@@ -19,32 +19,39 @@ ExposureRow = tuple[int, str, str, datetime]
 def exposures_insert(*, rows: Sequence[ExposureRow]) -> int:
     """Insert (experiment_id, unit_id, variant_key, first_seen_at) rows, skipping duplicates.
 
-    The unique constraint on (experiment, unit, variant) makes the first write win:
-    ``INSERT ... ON CONFLICT DO NOTHING`` on PostgreSQL, ``INSERT OR IGNORE`` on SQLite.
-    Returns the number of rows handed to the database. Raises IntegrityError when a row
+    The unique constraint on (experiment, unit, variant) makes the first write win
+    (``INSERT ... ON CONFLICT DO NOTHING``, which PostgreSQL and SQLite >= 3.24 both
+    speak). Multi-row INSERTs built here instead of ``bulk_create``: the edge's flush thread
+    shares the GIL with the request loop, and model instances cost it ten times the Python
+    work. Returns the number of rows actually inserted. Raises IntegrityError when a row
     names an experiment that no longer exists (see ``exposures_insert_by_experiment``).
     """
-    Exposure.objects.bulk_create(
-        [
-            Exposure(
-                experiment_id=experiment_id,
-                unit_id=unit_id,
-                variant_key=variant_key,
-                first_seen_at=first_seen_at,
+    if not rows:
+        return 0
+    table = connection.ops.quote_name(Exposure._meta.db_table)
+    adapt = connection.ops.adapt_datetimefield_value
+    inserted = 0
+    with transaction.atomic(), connection.cursor() as cursor:
+        for start in range(0, len(rows), EXPOSURE_INSERT_BATCH):
+            chunk = rows[start : start + EXPOSURE_INSERT_BATCH]
+            params: list[object] = []
+            for experiment_id, unit_id, variant_key, first_seen_at in chunk:
+                params.extend((experiment_id, unit_id, variant_key, adapt(first_seen_at)))
+            values = ", ".join(["(%s, %s, %s, %s)"] * len(chunk))
+            cursor.execute(
+                f"INSERT INTO {table} (experiment_id, unit_id, variant_key, first_seen_at) "
+                f"VALUES {values} ON CONFLICT DO NOTHING",
+                params,
             )
-            for experiment_id, unit_id, variant_key, first_seen_at in rows
-        ],
-        batch_size=EXPOSURE_INSERT_BATCH,
-        ignore_conflicts=True,
-    )
-    return len(rows)
+            inserted += max(cursor.rowcount, 0)
+    return inserted
 
 
 def exposures_insert_by_experiment(*, rows: Sequence[ExposureRow]) -> tuple[int, int]:
     """Insert rows one experiment at a time; drop the rows of experiments that are gone.
 
     The fallback after a bulk insert failed on the foreign key: a draft experiment can be
-    deleted while its exposures wait in a buffer. Returns (rows written, rows dropped).
+    deleted while its exposures wait in a buffer. Returns (rows inserted, rows dropped).
     """
     by_experiment: dict[int, list[ExposureRow]] = {}
     for row in rows:

@@ -71,6 +71,8 @@ REASON_NO_UNIT: Final = "no_unit"
 REASON_INVALID_CONFIG: Final = "invalid_config"
 
 CONFIG_FORMAT_VERSION: Final = 1
+# Distinct raw keys whose successful check a snapshot remembers (see check_key).
+_MAX_VERIFIED_KEYS: Final = 1024
 
 _T = TypeVar("_T")
 
@@ -310,7 +312,7 @@ def _build_spec(view: ExperimentView, routed: tuple[VariantView, ...]) -> Assign
 class RoutingSnapshot:
     """All experiments and active API keys at one config version; immutable."""
 
-    __slots__ = ("_by_id", "_config", "_keys", "_routes", "built_at", "version")
+    __slots__ = ("_by_id", "_config", "_keys", "_routes", "_verified", "built_at", "version")
 
     version: int
     built_at: float
@@ -329,6 +331,7 @@ class RoutingSnapshot:
         self._by_id = {route.experiment_id: route for route in self._routes.values()}
         self._keys: Mapping[str, ApiKeyView] = {k.prefix: k for k in api_keys}
         self._config: tuple[bytes, str] | None = None
+        self._verified: dict[str, frozenset[str]] = {}
 
     @classmethod
     def empty(cls) -> RoutingSnapshot:
@@ -353,13 +356,25 @@ class RoutingSnapshot:
         return self._routes.values()
 
     def check_key(self, raw_key: str | None, scope: str) -> KeyCheck:
-        """Is ``raw_key`` an active key with ``scope``? Hash and compare; no database query."""
+        """Is ``raw_key`` an active key with ``scope``? Hash and compare; no database query.
+
+        Keys that passed are remembered with their scopes for the life of this snapshot
+        (which ends when any key is created or revoked), so a client's repeat requests skip
+        the hash; failures are not remembered, so guessing fills no memory.
+        """
+        scopes = self._verified.get(raw_key) if raw_key else None
+        if scopes is not None:
+            if scope in scopes:
+                return KEY_OK
+            return KeyCheck(False, 403, f"this API key lacks the {scope!r} scope")
         if not raw_key:
             return KeyCheck(False, 401, "an API key is required (Authorization: Bearer rk_...)")
         parts = split_api_key(raw_key)
         known = None if parts is None else self._keys.get(parts[0])
         if known is None or not api_key_matches(raw_key, known.key_hash):
             return KeyCheck(False, 401, "unknown or revoked API key")
+        if len(self._verified) < _MAX_VERIFIED_KEYS:
+            self._verified[raw_key] = known.scopes
         if scope not in known.scopes:
             return KeyCheck(False, 403, f"this API key lacks the {scope!r} scope")
         return KEY_OK
