@@ -18,6 +18,10 @@ What a cell's fields mean (the contract analysis reads):
   included (a timeout is recorded at the time it took to time out). Breaker short-circuits
   have no latency, so the latency sample size is the histogram's count, which is at most
   ``count``; mean latency is ``latency_sum / histogram.count``.
+* A request whose client disconnected before the answer (the upstream call is then
+  cancelled) is in ``count``, not an error, with the time until the client left as its
+  latency: a lower bound, kept because clients give up on slow answers and dropping those
+  requests would flatter a slow arm.
 * ``fallback_count``: those of ``count`` that control answered instead of the arm.
 * ``cache_hits``: requests answered from the prediction cache (no upstream call, in no other
   field).

@@ -234,12 +234,18 @@ class PredictionCache:
 
 
 class _DisconnectWatch:
-    """Cancels the request's task when the client disconnects during the upstream call."""
+    """Cancels the request's task when the client disconnects during the upstream call.
 
-    __slots__ = ("disconnected", "listener", "task")
+    It also remembers the attempt in flight whose observation is still due (``arm_key``,
+    ``started``), so that a request abandoned by its client is still counted for its arm.
+    """
+
+    __slots__ = ("arm_key", "disconnected", "listener", "started", "task")
 
     def __init__(self, receive: Receive) -> None:
         self.disconnected = False
+        self.arm_key: str | None = None
+        self.started = 0.0
         self.task = asyncio.current_task()
         self.listener: asyncio.Future[Message] = asyncio.ensure_future(receive())
         self.listener.add_done_callback(self._on_message)
@@ -254,6 +260,11 @@ class _DisconnectWatch:
     def stop(self) -> None:
         """Stop watching; call before the last message of the response (see ``__call__``)."""
         self.listener.cancel()
+
+    def begin(self, arm_key: str) -> None:
+        """An attempt whose observation belongs to ``arm_key`` starts now."""
+        self.arm_key = arm_key
+        self.started = time.perf_counter()
 
 
 class ProxyApp:
@@ -553,11 +564,20 @@ class ProxyApp:
             if not watch.disconnected:
                 raise
             # The client went away: the upstream call was cancelled with this task and its
-            # connection closed. Nothing is left to answer.
+            # connection closed. Nothing is left to answer. The attempt still counts for its
+            # arm, with the time until the client left: a lower bound of its latency (clients
+            # give up on slow answers, so leaving these out would flatter a slow arm).
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
             proxy_metrics.CLIENT_DISCONNECTS.inc()
+            if watch.arm_key is not None:
+                self.observations.observe(
+                    plan.experiment_id,
+                    watch.arm_key,
+                    (time.perf_counter() - watch.started) * 1000.0,
+                    error=False,
+                )
         finally:
             watch.stop()
             if control_answer is not None and not control_answer.done():
@@ -590,11 +610,13 @@ class ProxyApp:
         fallback = False
         if not arm.is_control:
             if arm.breaker.allow():
+                watch.begin(arm.key)
                 attempt = await self._attempt(arm, method, target, headers, body)
                 if attempt.failure is None:
                     await self._respond(plan, arm, arm, attempt, send, watch, cache_key, None)
                     return
                 self._count_failure(arm, attempt.failure)
+                watch.arm_key = None
                 if not plan.fallback_to_control:
                     observations.observe(experiment_id, arm.key, attempt.latency_ms, error=True)
                     await self._answer_failure(plan, arm, arm, attempt, send, watch)
@@ -621,9 +643,12 @@ class ProxyApp:
                 observations.observe(experiment_id, control.key, None, error=True)
             await self._circuit_open(arm, control, send, watch)
             return
+        if not fallback:
+            watch.begin(control.key)
         attempt = await self._attempt(control, method, target, headers, body)
         if attempt.failure is not None:
             self._count_failure(control, attempt.failure)
+            watch.arm_key = None
             if not fallback:
                 observations.observe(experiment_id, control.key, attempt.latency_ms, error=True)
             await self._answer_failure(plan, arm, control, attempt, send, watch)
@@ -740,6 +765,7 @@ class ProxyApp:
                 # tells the client the answer is incomplete.
                 failure = _TIMEOUT if isinstance(error, TimeoutError) else _CONNECT
                 self._count_failure(answering, failure)
+                watch.arm_key = None
                 assigned.metrics.count_response(status)
                 if not fallback:
                     self.observations.observe(
@@ -761,6 +787,7 @@ class ProxyApp:
             )
             await send({"type": "http.response.body", "body": body})
         latency_ms = attempt.latency_ms
+        watch.arm_key = None
         answering.breaker.record_success()
         assigned.metrics.count_response(status)
         if latency_ms is not None:

@@ -14,7 +14,8 @@ The answer is JSON ``{"score": <server.score>, "path": <request path>}`` with an
 header naming the server, so two servers with the same score give byte-identical bodies.
 A server that is down is a port nothing listens on: :func:`closed_url`.
 
-``python -m tests.model_server --port 9001`` runs one in the foreground (used by bench/proxy.py).
+``python -m tests.model_server --port 9001`` runs one in the foreground (used by bench/proxy.py),
+and ``uvicorn tests.model_server:proxy_edge --factory`` serves the edge with the proxy mounted.
 """
 
 from __future__ import annotations
@@ -175,6 +176,17 @@ async def _sleep_unless_disconnected(delay_s: float, receive: Any) -> bool:
 def closed_url() -> str:
     """The URL of a model that is down: a free port on loopback that nothing listens on."""
     return f"http://127.0.0.1:{free_port()}"
+
+
+def proxy_edge() -> Any:
+    """ASGI factory for uvicorn (``--factory``): the real edge with only the proxy mounted."""
+    import django
+
+    django.setup()
+    from routing.edge import build_edge
+    from routing.proxy import ProxyApp
+
+    return build_edge(mounts={"/proxy/": ProxyApp})
 
 
 def main() -> None:

@@ -652,3 +652,71 @@ def test_recorded_aggregates_match_what_the_servers_did(
         client_ms = sum(ms for _, ms in served)
         assert delay_ms * arm.count <= arm.latency_sum <= client_ms
     assert ObservationBucket.objects.filter(experiment_id=experiment_id).count() >= 2
+
+
+def test_client_disconnect_cancels_the_upstream_call_and_frees_the_connection(
+    proxy_settings: Any, make_key: Callable[..., str], servers: dict[str, ModelServer]
+) -> None:
+    key = make_key("decide")
+    control = servers["control"]
+    experiment_id = make_experiment(
+        "leave", [("v1", control.url, 1.0), ("v2", servers["canary"].url, 0.0)]
+    )
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/proxy/leave/slow",
+        "raw_path": b"/proxy/leave/slow",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"x-rampart-key", key.encode()),
+            (b"x-rampart-unit", b"u1"),
+            (b"x-model-delay", b"2"),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("edge", 80),
+    }
+
+    async def scenario() -> tuple[list[dict[str, Any]], float, int, int]:
+        async with running_edge(key) as running:
+            sent: list[dict[str, Any]] = []
+            requested = False
+
+            async def receive() -> dict[str, Any]:
+                nonlocal requested
+                if not requested:
+                    requested = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
+                await asyncio.sleep(0.1)  # the client gives up after 100 ms
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+
+            started = time.perf_counter()
+            await running.edge(scope, receive, send)
+            elapsed = time.perf_counter() - started
+            deadline = time.monotonic() + 2
+            while control.disconnects < 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            connector = running.proxy.connector
+            assert connector is not None
+            # aiohttp keeps no public pool statistics: _acquired holds connections in use,
+            # _conns the idle keep-alive ones.
+            in_use = len(connector._acquired)
+            idle = sum(len(conns) for conns in connector._conns.values())
+            return sent, elapsed, in_use, idle
+
+    sent, elapsed, in_use, idle = run(scenario)
+    assert sent == []
+    assert elapsed < 1.0, "the proxy kept waiting for the upstream after the client left"
+    assert (control.count, control.disconnects, control.completed) == (1, 1, 0)
+    # The cancelled connection was closed, not returned to the pool half-read.
+    assert (in_use, idle) == (0, 0)
+    arm = totals(experiment_id, "v1")
+    assert (arm.count, arm.error_count, arm.histogram_count) == (1, 0, 1)
+    assert 100.0 <= arm.latency_sum < 1000.0
