@@ -424,9 +424,8 @@ class Edge:
             self._guard(scope)
             experiment, unit = _decide_query(scope["query_string"])
         elif method == "POST":
-            body = await read_body(receive)
             self._guard(scope)
-            data = _parse_json_object(body)
+            data = _parse_json_object(await read_body(receive))
             experiment = data.get("experiment")
             unit = data.get("unit")
         else:
@@ -439,9 +438,8 @@ class Edge:
     async def _decide_batch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] != "POST":
             raise EdgeError(405, "method_not_allowed", "use POST")
-        body = await read_body(receive)
         self._guard(scope)
-        data = _parse_json_object(body)
+        data = _parse_json_object(await read_body(receive))
         decisions: list[Decision]
         if "units" in data:
             route = self._route(_experiment_key(data.get("experiment")))

@@ -31,7 +31,12 @@ from django.conf import settings
 from django.db import DatabaseError, IntegrityError
 
 from routing import metrics
-from routing.services import ExposureRow, exposures_insert, exposures_insert_by_experiment
+from routing.services import (
+    EXPOSURE_INSERT_BATCH,
+    ExposureRow,
+    exposures_insert,
+    exposures_insert_by_experiment,
+)
 from routing.snapshot import close_thread_connections, run_with_db
 
 logger = logging.getLogger(__name__)
@@ -149,12 +154,20 @@ class ExposureRecorder:
             with self._lock:
                 rows, self._buffer = self._buffer, []
             written = 0
-            if rows:
-                written = self._write(rows)
+            # One statement per chunk: the flush thread shares the GIL with the request
+            # loop, and the database call between chunks releases it, so no request waits
+            # behind more than one chunk's worth of Python work.
+            for start in range(0, len(rows), EXPOSURE_INSERT_BATCH):
+                inserted = self._write(rows[start : start + EXPOSURE_INSERT_BATCH])
+                if inserted is None:
+                    self._requeue(rows[start:])
+                    break
+                written += inserted
             self._publish_metrics()
             return written
 
-    def _write(self, pending: list[_PendingRow]) -> int:
+    def _write(self, pending: list[_PendingRow]) -> int | None:
+        """Insert one chunk; the rows inserted, or None if the database failed."""
         rows = [
             (
                 experiment_id,
@@ -172,11 +185,8 @@ class ExposureRecorder:
                 written, dropped = exposures_insert_by_experiment(rows=rows)
         except DatabaseError:
             metrics.RECORDER_FLUSH_ERRORS.inc()
-            logger.exception(
-                "writing %d exposures failed; keeping them for the next flush", len(rows)
-            )
-            self._requeue(pending)
-            return 0
+            logger.exception("writing exposures failed; keeping them for the next flush")
+            return None
         with self._lock:
             self._written += written
             if dropped:

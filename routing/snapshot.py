@@ -88,16 +88,6 @@ class Decision:
     reason: str
     upstream: str
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "experiment": self.experiment,
-            "unit": self.unit,
-            "variant": self.variant,
-            "in_experiment": self.in_experiment,
-            "reason": self.reason,
-            "upstream": self.upstream,
-        }
-
 
 @dataclass(frozen=True, slots=True)
 class KeyCheck:

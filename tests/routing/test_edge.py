@@ -101,6 +101,21 @@ def test_decide_get_and_post_agree_and_record_one_exposure(edge: tuple[Edge, Cli
 
 
 @pytest.mark.django_db
+def test_query_values_are_percent_decoded(edge: tuple[Edge, Client, str]) -> None:
+    _, client, key = edge
+    unit = "anna+b é/1&x=2"
+    body = client.request(
+        "GET", "/v1/decide", params={"experiment": "ranker-v2", "unit": unit}, headers=_auth(key)
+    ).json()
+    assert body["unit"] == unit
+    # The first value of a repeated parameter wins, as in parse_qs(...)[name][0].
+    first = client.request(
+        "GET", "/v1/decide?experiment=ranker-v2&unit=a&unit=b", headers=_auth(key)
+    ).json()
+    assert first["unit"] == "a"
+
+
+@pytest.mark.django_db
 def test_not_running_experiments_record_nothing(edge: tuple[Edge, Client, str]) -> None:
     app, client, key = edge
     services.experiment_pause(actor="test", key="ranker-v2")

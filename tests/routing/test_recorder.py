@@ -15,7 +15,7 @@ from experiments import services
 from routing.models import Exposure
 from routing.recorder import ExposureRecorder
 from routing.selectors import exposure_counts, multiple_exposure_counts
-from routing.services import ExposureRow
+from routing.services import EXPOSURE_INSERT_BATCH, ExposureRow
 from tests.factories import create_experiment
 
 
@@ -44,6 +44,27 @@ def test_first_exposure_is_stored_once(metrics: Any) -> None:
     assert rows == [("u1", "v1"), ("u2", "v2")]
     assert recorder.stats.written == 2
     assert recorder.stats.buffered == 0
+    # The duplicate reached the database but inserted nothing.
+    assert other.stats.written == 0
+
+
+def test_a_failure_part_way_keeps_only_the_unwritten_chunks() -> None:
+    calls: list[int] = []
+
+    def insert(rows: Sequence[ExposureRow]) -> int:
+        calls.append(len(rows))
+        if len(calls) == 2:
+            raise OperationalError("connection lost")
+        return len(rows)
+
+    recorder = ExposureRecorder(flush_s=60, batch_rows=10**6, max_buffer=10**6, insert=insert)
+    for unit in range(2500):
+        recorder.record(experiment_id=1, unit_id=str(unit), variant_key="v1")
+    assert recorder.flush_now() == EXPOSURE_INSERT_BATCH
+    assert calls == [EXPOSURE_INSERT_BATCH, EXPOSURE_INSERT_BATCH]
+    assert recorder.stats.buffered == 2500 - EXPOSURE_INSERT_BATCH
+    assert recorder.flush_now() == 2500 - EXPOSURE_INSERT_BATCH
+    assert recorder.stats.written == 2500 and recorder.stats.dropped == 0
 
 
 @pytest.mark.django_db
