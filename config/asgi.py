@@ -1,7 +1,14 @@
 """ASGI entry point: `uvicorn config.asgi:application` serves the edge and the Django app.
 
-The edge (routing.edge) answers /v1/... from its in-process snapshot; every other path
-goes to Django's ASGI app.
+One process answers everything: the edge (``routing.edge``) serves ``/v1/decide``,
+``/v1/decide/batch`` and ``/v1/config`` from its in-process snapshot, and dispatches these
+prefixes to the parts mounted below; every other path goes to Django's ASGI app (UI, admin,
+``/api/v1/``). ``RequestIdMiddleware`` binds a request id to every request for the logs
+(``routing.logcontext``) and returns it as ``X-Request-ID``.
+
+    /proxy/                       routing.proxy.ProxyApp (inference, per-unit variant)
+    /healthz, /readyz, /metrics   routing.health (liveness, readiness, Prometheus)
+    /static/                      routing.health.StaticFilesApp (no Django per file)
 """
 
 import os
@@ -13,11 +20,22 @@ django_application = get_asgi_application()
 
 from django.conf import settings  # noqa: E402
 
+# The pipeline's metrics are declared at import; importing them here lists their families on
+# the edge's /metrics, with the workers' values when they share PROMETHEUS_MULTIPROC_DIR.
+import analysis.metrics  # noqa: E402, F401
 from routing.edge import build_edge  # noqa: E402
+from routing.health import HealthApp, MetricsApp, ReadyApp, StaticFilesApp  # noqa: E402
+from routing.logcontext import RequestIdMiddleware  # noqa: E402
+from routing.proxy import ProxyApp  # noqa: E402
 
-if settings.DEBUG:
-    from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
-
-    django_application = ASGIStaticFilesHandler(django_application)
-
-application = build_edge(fallback=django_application)
+edge = build_edge(
+    mounts={
+        "/proxy/": ProxyApp,
+        "/healthz": HealthApp,
+        "/readyz": ReadyApp,
+        "/metrics": MetricsApp,
+        str(settings.STATIC_URL): StaticFilesApp,
+    },
+    fallback=django_application,
+)
+application = RequestIdMiddleware(edge)
