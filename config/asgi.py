@@ -7,6 +7,7 @@ prefixes to the parts mounted below; every other path goes to Django's ASGI app 
 (``routing.logcontext``) and returns it as ``X-Request-ID``.
 
     /proxy/                       routing.proxy.ProxyApp (inference, per-unit variant)
+    /v1/events                    routing.ingest.EventsApp (business events, in batches)
     /healthz, /readyz, /metrics   routing.health (liveness, readiness, Prometheus)
     /static/                      routing.health.StaticFilesApp (no Django per file)
 """
@@ -25,12 +26,14 @@ from django.conf import settings  # noqa: E402
 import analysis.metrics  # noqa: E402, F401
 from routing.edge import build_edge  # noqa: E402
 from routing.health import HealthApp, MetricsApp, ReadyApp, StaticFilesApp  # noqa: E402
+from routing.ingest import EventsApp  # noqa: E402
 from routing.logcontext import RequestIdMiddleware  # noqa: E402
 from routing.proxy import ProxyApp  # noqa: E402
 
 edge = build_edge(
     mounts={
         "/proxy/": ProxyApp,
+        "/v1/events": EventsApp,
         "/healthz": HealthApp,
         "/readyz": ReadyApp,
         "/metrics": MetricsApp,

@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
 import analysis.metrics
+import routing.ingest_metrics
 import routing.metrics
 import routing.proxy_metrics
 from experiments import services
@@ -23,7 +24,12 @@ from routing.health import mark_dead_processes, metrics_exposition
 from tests.factories import create_experiment
 from tests.processes import ROOT, free_port, start_process, stop_process, wait_for_http
 
-OWNERS: tuple[ModuleType, ...] = (routing.metrics, routing.proxy_metrics, analysis.metrics)
+OWNERS: tuple[ModuleType, ...] = (
+    routing.metrics,
+    routing.proxy_metrics,
+    routing.ingest_metrics,
+    analysis.metrics,
+)
 
 
 def declared_families(module: ModuleType) -> dict[str, str]:
