@@ -66,8 +66,9 @@ Limits and resources
     kept alive between requests. A client that disconnects cancels the upstream call: the
     connection is closed, never returned to the pool half-read. Answers with a Content-Length
     up to 1 MiB are read whole and sent in one message (the common case for inference);
-    others are streamed chunk by chunk. Hop-by-hop headers are removed both ways, and
-    ``X-Forwarded-For`` gets the client's address appended.
+    others are streamed chunk by chunk. Hop-by-hop headers are removed both ways (and the
+    model's Date and Server, which the edge sets), and ``X-Forwarded-For`` gets the client's
+    address appended.
 """
 
 from __future__ import annotations
@@ -128,6 +129,10 @@ _REQUEST_DROP: Final = _HOP_BY_HOP | {
     b"x-forwarded-for",
     b"expect",
 }
+# Response headers not passed on: hop-by-hop ones, and Date and Server, which the edge's own
+# server (uvicorn) sets; passing the model's as well would send each twice. nginx's
+# proxy_pass drops the same two by default.
+_RESPONSE_DROP: Final = _HOP_BY_HOP | {b"date", b"server"}
 # Headers aiohttp would otherwise invent; the client's own ones are forwarded as they are.
 _SKIP_AUTO_HEADERS: Final = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 _SHADOW_HEADER: Final = ("X-Rampart-Shadow", "1")
@@ -749,7 +754,7 @@ class ProxyApp:
     ) -> None:
         """Send a successful (non-5xx) upstream answer to the client and record it."""
         headers = [
-            (name, value) for name, value in attempt.headers if name.lower() not in _HOP_BY_HOP
+            (name, value) for name, value in attempt.headers if name.lower() not in _RESPONSE_DROP
         ]
         response_headers = [*headers, *assigned.response_headers]
         if fallback:
@@ -845,7 +850,9 @@ class ProxyApp:
             answering.metrics.latency.observe(attempt.latency_ms / 1000.0)
         if attempt.failure == _STATUS_5XX:
             headers = [
-                (name, value) for name, value in attempt.headers if name.lower() not in _HOP_BY_HOP
+                (name, value)
+                for name, value in attempt.headers
+                if name.lower() not in _RESPONSE_DROP
             ]
             response_headers = [*headers, *assigned.response_headers]
             if answering is not assigned:

@@ -1,0 +1,356 @@
+"""Throughput and added latency of Rampart's proxy against nginx proxy_pass and no proxy at all.
+
+One tiny model server (``tests/model_server.py``: uvicorn, one worker, uvloop + httptools)
+answers every request. wrk sends the same inference request, a POST with a small JSON body,
+three ways:
+
+* direct: to the model server itself (the baseline for latency);
+* nginx: through nginx ``proxy_pass`` with one worker and a keep-alive upstream pool (a temp
+  config under var/bench/, run in the foreground with its own pid and log paths);
+* rampart: through the edge (``config.asgi:application``, uvicorn, one worker) at
+  ``/proxy/bench-ab/predict``, for a running A/B test whose two variants both point at the model
+  server. Every request carries an API key and one of 10,000 unit ids, so the proxy checks the
+  key, assigns the unit, records exposures and pre-aggregates observations as in production.
+
+Throughput is measured with ``--connections`` connections, latency with one connection.
+Targets: Rampart's throughput at least 0.4x nginx's, and its p50 latency at one connection at
+most 0.5 ms above direct. The three are measured in alternating rounds and the best round of
+each is compared: load from other processes only ever slows a run down. Every round is printed.
+
+Run: .venv/bin/python bench/proxy.py [--duration 10] [--connections 32] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = ROOT / "var" / "bench"
+NGINX = "/usr/sbin/nginx"
+WRK = "/usr/bin/wrk"
+TARGET_THROUGHPUT_RATIO = 0.4
+TARGET_ADDED_P50_MS = 0.5
+UVICORN_FLAGS = [
+    "--host",
+    "127.0.0.1",
+    "--workers",
+    "1",
+    "--loop",
+    "uvloop",
+    "--http",
+    "httptools",
+    "--no-access-log",
+    "--log-level",
+    "warning",
+]
+BODY = '{"features": [0.12, 0.5, 3.25, 1.0, 0.0, 7.5], "model_input": "bench"}'
+WRK_SCRIPT = """
+local counter = 0
+wrk.method = "POST"
+wrk.body = '{body}'
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, "{path}", {{
+    ["Content-Type"] = "application/json",
+    ["X-Rampart-Key"] = "{key}",
+    ["X-Rampart-Unit"] = "user-" .. (counter % 10000),
+  }})
+end
+"""
+NGINX_CONFIG = """
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/nginx-temp/body;
+    proxy_temp_path {workdir}/nginx-temp/proxy;
+    fastcgi_temp_path {workdir}/nginx-temp/fastcgi;
+    uwsgi_temp_path {workdir}/nginx-temp/uwsgi;
+    scgi_temp_path {workdir}/nginx-temp/scgi;
+    upstream model {{
+        server 127.0.0.1:{model_port};
+        keepalive 256;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://model;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        }}
+    }}
+}}
+"""
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: str
+
+
+def _ms(value: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value)
+    if match is None:
+        raise ValueError(f"unexpected wrk duration {value!r}")
+    number, unit = match.groups()
+    return float(number) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+
+def run_wrk(url: str, script: Path, *, duration_s: int, connections: int) -> WrkResult:
+    output = subprocess.run(
+        [WRK, "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency", "-s", str(script), url],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", output, flags=re.M))
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    total = re.search(r"(\d+) requests in", output)
+    if rate is None or total is None:
+        raise RuntimeError(f"cannot parse wrk output:\n{output}")
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", output)
+    return WrkResult(
+        requests_per_s=float(rate.group(1)),
+        p50_ms=_ms(latency["50"]),
+        p99_ms=_ms(latency["99"]),
+        requests=int(total.group(1)),
+        errors=errors.group(0) if errors else "",
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def running(args: Sequence[str], *, env: dict[str, str], log: Path, url: str) -> Iterator[str]:
+    """Run a server process until the block ends; yields its URL once it answers."""
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            list(args), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(url + "/", timeout=1.0)
+                break
+            except httpx.HTTPError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{args[0]} did not start; see {log}") from None
+                time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def prepare_database(env: dict[str, str], upstream: str) -> str:
+    """Migrate the throwaway database and start an A/B test on ``upstream``; returns a key."""
+    os.environ.update(env)
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    from experiments import services
+
+    call_command("migrate", verbosity=0)
+    services.experiment_create(
+        actor="bench",
+        key="bench-ab",
+        name="Proxy benchmark",
+        kind="ab",
+        variants=[
+            services.VariantInput(key="v1", upstream_url=upstream, weight=0.5, is_control=True),
+            services.VariantInput(key="v2", upstream_url=upstream, weight=0.5),
+        ],
+    )
+    services.experiment_start(actor="bench", key="bench-ab")
+    _, raw_key = services.api_key_create(actor="bench", name="bench", scopes=["decide"])
+    return raw_key
+
+
+def observed_requests() -> int:
+    """Requests the proxy recorded in ObservationBucket rows (flushed at shutdown)."""
+    from django.db import connections
+    from django.db.models import Sum
+
+    from routing.models import ObservationBucket
+
+    connections.close_all()
+    return int(ObservationBucket.objects.aggregate(total=Sum("count"))["total"] or 0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per throughput run")
+    parser.add_argument("--latency-duration", type=int, default=5, help="seconds per 1-conn run")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each setup")
+    args = parser.parse_args()
+
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="proxy-", dir=BENCH_DIR))
+    rounds: list[dict[str, tuple[WrkResult, WrkResult]]] = []
+    try:
+        model_port, nginx_port, edge_port = free_port(), free_port(), free_port()
+        model_url = f"http://127.0.0.1:{model_port}"
+        env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "config.settings.production",
+            "DJANGO_SECRET_KEY": "bench-only",
+            "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+            "DATABASE_URL": f"sqlite:///{workdir / 'bench.sqlite3'}",
+            "RAMPART_DATA_DIR": str(workdir),
+            "LOG_LEVEL": "WARNING",
+            "PYTHONPATH": str(ROOT),
+        }
+        key = prepare_database(env, model_url)
+        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (workdir / "nginx-temp" / sub).mkdir(parents=True)
+        nginx_conf = workdir / "nginx.conf"
+        nginx_conf.write_text(
+            NGINX_CONFIG.format(workdir=workdir, model_port=model_port, port=nginx_port)
+        )
+        print(f"load average before the run: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
+        with ExitStack() as servers:
+            model = [sys.executable, "-m", "tests.model_server", "--port", str(model_port)]
+            servers.enter_context(
+                running(model, env=env, log=workdir / "model.log", url=model_url)
+            )
+            nginx = [NGINX, "-p", str(workdir), "-c", str(nginx_conf)]
+            servers.enter_context(
+                running(
+                    nginx,
+                    env=env,
+                    log=workdir / "nginx.log",
+                    url=f"http://127.0.0.1:{nginx_port}",
+                )
+            )
+            edge = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "config.asgi:application",
+                "--port",
+                str(edge_port),
+                "--lifespan",
+                "on",
+                *UVICORN_FLAGS,
+            ]
+            servers.enter_context(
+                running(
+                    edge, env=env, log=workdir / "edge.log", url=f"http://127.0.0.1:{edge_port}"
+                )
+            )
+            targets = {
+                "direct": (model_url, "/predict"),
+                "nginx": (f"http://127.0.0.1:{nginx_port}", "/predict"),
+                "rampart": (f"http://127.0.0.1:{edge_port}", "/proxy/bench-ab/predict"),
+            }
+            check = httpx.post(
+                targets["rampart"][0] + targets["rampart"][1],
+                content=BODY,
+                headers={"X-Rampart-Key": key, "X-Rampart-Unit": "warm-up"},
+            )
+            check.raise_for_status()
+            scripts = {}
+            for label, (_, path) in targets.items():
+                scripts[label] = workdir / f"{label}.lua"
+                scripts[label].write_text(WRK_SCRIPT.format(body=BODY, path=path, key=key))
+            for round_index in range(args.rounds):
+                results = {}
+                for label, (url, _) in targets.items():
+                    if round_index == 0:
+                        run_wrk(url, scripts[label], duration_s=2, connections=args.connections)
+                    throughput = run_wrk(
+                        url, scripts[label], duration_s=args.duration, connections=args.connections
+                    )
+                    latency = run_wrk(
+                        url, scripts[label], duration_s=args.latency_duration, connections=1
+                    )
+                    results[label] = (throughput, latency)
+                rounds.append(results)
+        observed = observed_requests()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    print(
+        f"wrk -t1 -c{args.connections} -d{args.duration}s (throughput) and -c1 "
+        f"-d{args.latency_duration}s (latency); POST {len(BODY)}-byte JSON; one worker each"
+    )
+    for round_index, results in enumerate(rounds):
+        for label, (throughput, latency) in results.items():
+            errors = ", ".join(e for e in (throughput.errors, latency.errors) if e)
+            print(
+                f"  round {round_index + 1} {label:7s} {throughput.requests_per_s:8.0f} req/s "
+                f"(p99 {throughput.p99_ms:6.2f} ms)  1 conn: p50 {latency.p50_ms:5.3f} ms "
+                f"p99 {latency.p99_ms:5.3f} ms{'  ' + errors if errors else ''}"
+            )
+    # Other load on the machine only ever slows a run down: the best round of each setup is
+    # its least disturbed measurement.
+    best_rate = {
+        label: max(r[label][0].requests_per_s for r in rounds) for label in rounds[0]
+    }
+    best_p50 = {label: min(r[label][1].p50_ms for r in rounds) for label in rounds[0]}
+    ratio_nginx = best_rate["rampart"] / best_rate["nginx"]
+    ratio_direct = best_rate["rampart"] / best_rate["direct"]
+    added_rampart = best_p50["rampart"] - best_p50["direct"]
+    added_nginx = best_p50["nginx"] - best_p50["direct"]
+    print(
+        "  best: "
+        + ", ".join(
+            f"{label} {best_rate[label]:.0f} req/s, p50 {best_p50[label]:.3f} ms"
+            for label in best_rate
+        )
+    )
+    print(f"  observations recorded by the proxy: {observed} requests")
+    print(
+        f"  throughput rampart/nginx {ratio_nginx:.2f}x (target >= {TARGET_THROUGHPUT_RATIO}x), "
+        f"rampart/direct {ratio_direct:.2f}x"
+    )
+    print(
+        f"  added p50 at 1 connection: rampart {added_rampart:+.3f} ms "
+        f"(target <= {TARGET_ADDED_P50_MS} ms), nginx {added_nginx:+.3f} ms"
+    )
+    errors = any(r["rampart"][0].errors or r["rampart"][1].errors for r in rounds)
+    ok = (
+        ratio_nginx >= TARGET_THROUGHPUT_RATIO
+        and added_rampart <= TARGET_ADDED_P50_MS
+        and not errors
+    )
+    print("  PASS" if ok else "  FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
