@@ -23,6 +23,8 @@ from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
+from django.utils import timezone
+from django.utils.timesince import timesince
 from django.views.decorators.http import require_http_methods, require_POST
 
 from analysis import selectors, services
@@ -33,6 +35,9 @@ from experiments.errors import InvalidInput, NotFound
 from routing import selectors as routing_selectors
 
 LIVE_STATUSES = ("running", "paused")
+ENDED_STATUSES = ("completed", "rolled_back")
+# Decisions that end an experiment; any other decision is stale once it has ended.
+FINAL_DECISIONS = ("rollback", "complete")
 HISTORY_POINTS = 500
 ALERT_ROWS = 50
 
@@ -68,6 +73,13 @@ ALERT_STATUSES: Mapping[str, tuple[str, str, str]] = {
     "dead": ("bad", "✕", "Gave up"),
 }
 _URL = re.compile(r"https?://\S+")
+
+
+def time_ago(moment: datetime, now: datetime) -> str:
+    """“just now” under a minute (timesince would say “0 minutes”), else “3 hours ago”."""
+    if (now - moment).total_seconds() < 60:
+        return "just now"
+    return f"{timesince(moment, now)} ago"
 
 
 def _view_or_404(key: str) -> ExperimentView:
@@ -141,6 +153,7 @@ class MetricLine:
     treatment: str
     n_control: int | None
     n_treatment: int | None
+    users: str
     lift: str
     lift_tone: str  # good | bad | "" (no estimate)
     interval: str
@@ -181,6 +194,7 @@ def _metric_lines(rows: Sequence[Mapping[str, Any]], view: ExperimentView) -> li
                 treatment=format_value(row.get("treatment_estimate"), metric, kind),
                 n_control=row.get("n_control"),
                 n_treatment=row.get("n_treatment"),
+                users=f"{row.get('n_treatment') or 0:,} vs {row.get('n_control') or 0:,} users",
                 lift=_pct(rel, signed=True) if isinstance(rel, int | float) else "—",
                 lift_tone=lift_tone,
                 interval=format_interval(row.get("ci_always_valid")),
@@ -246,6 +260,7 @@ class ArmLine:
     css: str
     expected: str
     units: int
+    units_text: str
     units_share: str
     requests: str
     p50: str
@@ -295,6 +310,7 @@ def arm_lines(
                 css=f"arm-{index % 6}",
                 expected=_pct(expected.get(variant.key, 0.0)),
                 units=units,
+                units_text=f"{units:,}",
                 units_share=_pct(units / total) if total else "—",
                 requests=f"{stats['n']:,}" if stats.get("n") is not None else "—",
                 p50=_ms(stats.get("p50")),
@@ -322,8 +338,14 @@ def results(request: HttpRequest, key: str) -> HttpResponse:
         "analysis_interval_s": int(settings.ANALYSIS_INTERVAL_S),
     }
     if snapshot is not None:
+        decision = _tone(DECISIONS, snapshot.decision)
+        if view.status in ENDED_STATUSES and snapshot.decision not in FINAL_DECISIONS:
+            # The experiment ended by hand after this run: its verdict is history, not news.
+            short = SHORT_DECISIONS.get(snapshot.decision, decision.label).lower()
+            decision = Tone("neutral", "•", f"Last analysis before the experiment ended: {short}")
         context.update(
-            decision=_tone(DECISIONS, snapshot.decision),
+            analysed=time_ago(snapshot.created_at, timezone.now()),
+            decision=decision,
             warnings=health_warnings(snapshot.health or {}, view.status),
             lines=_metric_lines(snapshot.metrics or [], view),
         )
@@ -443,11 +465,16 @@ def decisions(request: HttpRequest) -> HttpResponse:
         statuses=["running", "paused", "completed", "rolled_back"]
     )
     cells = []
+    now = timezone.now()
     for view in views:
         if view.key not in wanted:
             continue
         snapshot = selectors.latest_result(experiment_id=view.id)
         if snapshot is None:
+            continue
+        # Once an experiment has ended, an earlier "healthy" is no longer news: only a
+        # decision that ended it (an automatic rollback or completion) stays in the list.
+        if view.status in ENDED_STATUSES and snapshot.decision not in FINAL_DECISIONS:
             continue
         tone = _tone(DECISIONS, snapshot.decision)
         failing = bool(health_warnings(snapshot.health or {}, view.status))
@@ -458,7 +485,7 @@ def decisions(request: HttpRequest) -> HttpResponse:
                 "icon": tone.icon,
                 "label": SHORT_DECISIONS.get(snapshot.decision, tone.label),
                 "reason": snapshot.reason,
-                "at": snapshot.created_at,
+                "analysed": time_ago(snapshot.created_at, now),
                 "health_warning": failing,
             }
         )
@@ -481,6 +508,11 @@ class WebhookForm(forms.Form):
         widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}),
         help_text="Signs each delivery (X-Rampart-Signature, HMAC-SHA256). Never shown again.",
     )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The settings page also holds the API key form: ids must not collide ("id_name").
+        kwargs.setdefault("auto_id", "id_webhook_%s")
+        super().__init__(*args, **kwargs)
 
     def show_errors(self, errors: Mapping[str, Sequence[str]]) -> None:
         for name, messages_ in errors.items():

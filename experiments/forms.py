@@ -87,8 +87,12 @@ def _fraction(percent: float | None) -> float:
     return 0.0 if percent is None else round(percent / PERCENT, 12)
 
 
-def _percent(fraction: float | None) -> float | None:
-    return None if fraction is None else round(fraction * PERCENT, 10)
+def _percent(fraction: float | None) -> float | int | None:
+    """A stored fraction as the percentage the form shows: 0.25 -> 25, 0.125 -> 12.5."""
+    if fraction is None:
+        return None
+    value = round(fraction * PERCENT, 10)
+    return int(value) if value.is_integer() else value
 
 
 def _same(a: float | None, b: float | None) -> bool:
@@ -382,10 +386,10 @@ class ExperimentEditor:
         experiment = self.experiment
         if experiment is None:
             return {
-                "main": {"coverage_pct": 100.0},
+                "main": {"coverage_pct": 100},
                 "variants": [
-                    {"key": "v1", "name": "", "upstream_url": "", "weight_pct": 50.0},
-                    {"key": "v2", "name": "", "upstream_url": "", "weight_pct": 50.0},
+                    {"key": "v1", "name": "", "upstream_url": "", "weight_pct": 50},
+                    {"key": "v2", "name": "", "upstream_url": "", "weight_pct": 50},
                 ],
                 "metrics": [],
                 "ramp": [
@@ -768,6 +772,11 @@ class ApiKeyForm(forms.Form):
         initial=[ApiScope.DECIDE],
         required=False,
     )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The settings page also holds the webhook form: ids must not collide ("id_name").
+        kwargs.setdefault("auto_id", "id_apikey_%s")
+        super().__init__(*args, **kwargs)
 
     def show_errors(self, errors: Mapping[str, Sequence[str]]) -> None:
         for name, messages in errors.items():

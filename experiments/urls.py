@@ -18,9 +18,10 @@ urlpatterns = [
         views.experiment_action,
         name="action",
     ),
-    path("metrics/", views.metric_list, name="metric-list"),
-    path("metrics/new/", views.metric_create, name="metric-create"),
-    path("metrics/<slug:key>/edit/", views.metric_edit, name="metric-edit"),
+    # Not /metrics/: the edge serves Prometheus metrics under that prefix.
+    path("catalogue/", views.metric_list, name="metric-list"),
+    path("catalogue/new/", views.metric_create, name="metric-create"),
+    path("catalogue/<slug:key>/edit/", views.metric_edit, name="metric-edit"),
     path("settings/", views.settings_page, name="settings"),
     path("settings/api-keys/new/", views.api_key_create, name="api-key-create"),
     path("settings/api-keys/<slug:prefix>/revoke/", views.api_key_revoke, name="api-key-revoke"),

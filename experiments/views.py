@@ -20,6 +20,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.timesince import timesince
 from django.views.decorators.http import require_http_methods, require_POST
 
 from experiments import selectors, services
@@ -119,11 +120,20 @@ class StepState:
     share: str
     min_duration_s: int
     min_exposures_per_arm: int
-    state: str  # done | current | next
+    state: str  # done | current | stopped | next
 
     @property
     def duration_text(self) -> str:
         return _format_duration(self.min_duration_s)
+
+
+def time_ago(moment: datetime | None, now: datetime) -> str:
+    """“just now” under a minute (timesince would say “0 minutes”), else “3 hours ago”."""
+    if moment is None:
+        return ""
+    if (now - moment).total_seconds() < 60:
+        return "just now"
+    return f"{timesince(moment, now)} ago"
 
 
 def _format_duration(seconds: float) -> str:
@@ -146,7 +156,7 @@ def ramp_states(experiment: Experiment) -> list[StepState]:
         if finished or (position is not None and step.position < position):
             state = "done"
         elif position is not None and step.position == position and experiment.status != S.DRAFT:
-            state = "current"
+            state = "stopped" if experiment.status == S.ROLLED_BACK else "current"
         else:
             state = "next"
         states.append(
@@ -247,22 +257,31 @@ class ExperimentRow:
     experiment: Experiment
     split: list[ArmShare]
     step_text: str
+    started_text: str
 
 
-def _row(experiment: Experiment) -> ExperimentRow:
+def ramp_text(experiment: Experiment) -> str:
+    """Where a canary is on its ramp: “Step 2 of 6 · 5%”, “Stopped at step 2 of 6”."""
     steps = list(experiment.ramp_steps.all())
-    step_text = ""
-    if experiment.kind == ExperimentKind.CANARY and steps:
-        if experiment.status == S.DRAFT or experiment.ramp_position is None:
-            step_text = f"{len(steps)} steps planned"
-        else:
-            position = min(experiment.ramp_position, len(steps) - 1)
-            step_text = (
-                f"Step {position + 1} of {len(steps)} · "
-                f"{_format_percent(steps[position].canary_share)}"
-            )
+    if experiment.kind != ExperimentKind.CANARY or not steps:
+        return ""
+    if experiment.status == S.DRAFT or experiment.ramp_position is None:
+        return f"{len(steps)} steps planned"
+    position = min(experiment.ramp_position, len(steps) - 1)
+    where = f"step {position + 1} of {len(steps)}"
+    if experiment.status == S.ROLLED_BACK:
+        return f"Stopped at {where}"
+    if experiment.status == S.COMPLETED:
+        return "All steps done" if position == len(steps) - 1 else f"Promoted at {where}"
+    return f"Step {position + 1} of {len(steps)} · {_format_percent(steps[position].canary_share)}"
+
+
+def _row(experiment: Experiment, now: datetime) -> ExperimentRow:
     return ExperimentRow(
-        experiment=experiment, split=planned_split(experiment), step_text=step_text
+        experiment=experiment,
+        split=planned_split(experiment),
+        step_text=ramp_text(experiment),
+        started_text=time_ago(experiment.started_at, now),
     )
 
 
@@ -377,7 +396,8 @@ def experiment_list(request: HttpRequest) -> HttpResponse:
         }
         for value, label in STATUS_FILTERS
     ]
-    rows = [_row(e) for e in selectors.experiment_list(status=status or None)]
+    now = timezone.now()
+    rows = [_row(e, now) for e in selectors.experiment_list(status=status or None)]
     return render(
         request,
         "experiments/list.html",
@@ -468,6 +488,9 @@ def _detail_context(experiment: Experiment) -> dict[str, Any]:
         "split": planned_split(experiment),
         "steps": ramp_states(experiment),
         "clock": step_clock(experiment, now),
+        "running_for": timesince(experiment.started_at, now)
+        if experiment.started_at and (now - experiment.started_at).total_seconds() >= 60
+        else "less than a minute",
         "actions": [(spec, _action_form(spec, experiment)) for spec in available],
         "variants": [
             {"variant": v, "weight": _format_percent(v.weight)} for v in experiment.variants.all()

@@ -30,13 +30,18 @@
     return document.getElementById("id_" + prefix + "-TOTAL_FORMS");
   }
 
-  function renumberSteps() {
-    var number = 0;
-    document.querySelectorAll('[data-rows="ramp"] [data-row]').forEach(function (row) {
-      if (row.hidden) return;
-      number += 1;
-      var label = row.querySelector("[data-step-number]");
-      if (label) label.textContent = String(number);
+  // Rows are groups named "Version 2", "Ramp step 3"... so that the repeated field labels
+  // ("Key", "Weight") stay unambiguous for screen readers after rows come and go.
+  function renumberRows() {
+    document.querySelectorAll("[data-rows]").forEach(function (rows) {
+      var number = 0;
+      rows.querySelectorAll("[data-row]").forEach(function (row) {
+        if (row.hidden || row.hasAttribute("data-deleted")) return;
+        number += 1;
+        row.setAttribute("aria-label", row.getAttribute("data-group-label") + " " + number);
+        var label = row.querySelector("[data-step-number]");
+        if (label) label.textContent = String(number);
+      });
     });
   }
 
@@ -54,7 +59,7 @@
       total.value = String(index + 1);
       var added = rows.lastElementChild;
       refreshMetricRow(added);
-      renumberSteps();
+      renumberRows();
       var input = added.querySelector("input:not([type=hidden]):not([type=checkbox]):not([type=radio]), select");
       if (input) input.focus();
       return;
@@ -65,7 +70,7 @@
       var box = row.querySelector('input[type=checkbox][name$="-DELETE"]');
       if (box) box.checked = true;
       row.hidden = true;
-      renumberSteps();
+      renumberRows();
       var section = row.closest("fieldset");
       var next = section && section.querySelector("[data-add-row]");
       if (next) next.focus();
@@ -125,6 +130,7 @@
 
   function init() {
     applyKind();
+    renumberRows();
     document.querySelectorAll("[data-metric-row]").forEach(refreshMetricRow);
     var summary = document.getElementById("form-errors");
     if (summary) summary.focus();

@@ -277,7 +277,7 @@ def test_webhook_create_delete_and_test_alert(web: Client, db: None) -> None:
     )
     assert refused.status_code == 400
     assert re.search(
-        r'id="id_secret_error"><li>Use at least 16 characters', refused.content.decode()
+        r'id="id_webhook_secret_error"><li>Use at least 16 characters', refused.content.decode()
     )
     assert 'value="short"' not in refused.content.decode()  # secrets are not echoed back
     created = web.post(
@@ -313,3 +313,14 @@ def test_experiment_page_pulls_in_the_analysis_parts(web: Client, metrics: Any) 
     experiment_services.experiment_rollback(actor="t", key="ranker", reason="done")
     ended = web.get(reverse("experiments:detail", args=["ranker"])).content.decode()
     assert 'hx-trigger="load"' in ended  # no polling once the experiment has ended
+
+
+def test_a_healthy_verdict_is_history_once_the_experiment_ended(web: Client, metrics: Any) -> None:
+    experiment = start_experiment("ended")
+    snapshot(experiment.pk, decision="continue", reason="all guardrails within margin")
+    experiment_services.experiment_rollback(actor="oncall", key="ended", reason="by hand")
+    html = web.get(reverse("analysis:results", args=["ended"])).content.decode()
+    assert "Last analysis before the experiment ended: healthy" in html
+    assert "Healthy: collecting data" not in html
+    cells = web.get(reverse("analysis:decisions"), {"keys": "ended"}).content.decode()
+    assert "decision-ended" not in cells

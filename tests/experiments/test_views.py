@@ -415,6 +415,12 @@ def test_detail_shows_ramp_progress_and_configuration(web: Client, metrics: Any)
     for action in ("pause", "advance", "rollback", "complete"):
         assert f'data-action="{action}"' in html
     assert 'data-action="start"' not in html
+    listing = web.get("/").content.decode()
+    assert "Step 2 of 6 · 5%" in listing
+    services.experiment_rollback(actor="t", key="ranker-v2", reason="slow")
+    html = web.get(reverse("experiments:detail", args=["ranker-v2"])).content.decode()
+    assert '<li class="stopped">' in html and "Stopped here" in html
+    assert "Stopped at step 2 of 6" in web.get("/").content.decode()
 
 
 def test_metric_catalogue_create_and_edit(web: Client, metrics: Any) -> None:
@@ -504,5 +510,5 @@ def test_api_key_is_shown_once_then_listed_and_revoked(web: Client, db: None) ->
 def test_api_key_without_scopes_is_refused_inline(web: Client, db: None) -> None:
     response = web.post(reverse("experiments:api-key-create"), {"name": "empty"})
     assert response.status_code == 400
-    assert "Give at least one of" in field_errors(response.content.decode(), "id_scopes")
+    assert "Give at least one of" in field_errors(response.content.decode(), "id_apikey_scopes")
     assert not ApiKey.objects.exists()
