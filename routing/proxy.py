@@ -81,7 +81,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 from urllib.parse import parse_qsl
 
 import aiohttp
@@ -992,7 +992,7 @@ def _unit_from_request(plan: _Plan, scope: Scope, body: bytes, cookie: bytes | N
     source = plan.unit_source
     name = plan.unit_attribute
     if source == "query":
-        query = scope["query_string"]
+        query: bytes = scope["query_string"]
         if not query:
             return None
         for key, value in parse_qsl(query.decode("latin-1"), keep_blank_values=False):
@@ -1016,11 +1016,11 @@ def _unit_from_request(plan: _Plan, scope: Scope, body: bytes, cookie: bytes | N
             return None
         if not isinstance(data, dict):
             return None
-        value = data.get(name)
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)
+        field_value: Any = data.get(name)
+        if isinstance(field_value, str):
+            return field_value
+        if isinstance(field_value, int) and not isinstance(field_value, bool):
+            return str(field_value)
         return None
     return None
 
@@ -1052,7 +1052,7 @@ def compare_answers(
     return control_body != shadow_body, None
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 

@@ -40,8 +40,9 @@ FALLBACKS = Counter(
 )
 BREAKER_STATE = Gauge(
     "rampart_proxy_breaker_state",
-    "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open.",
+    "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open (worst edge process).",
     ["upstream"],
+    multiprocess_mode="max",
 )
 CACHE_HITS = Counter(
     "rampart_proxy_cache_hits_total",
@@ -82,7 +83,8 @@ OBSERVATION_CELLS_DROPPED = Counter(
 )
 OBSERVATION_BUFFERED_CELLS = Gauge(
     "rampart_observation_buffered_cells",
-    "Aggregated (experiment, variant, bucket) cells waiting to be written.",
+    "Aggregated (experiment, variant, bucket) cells waiting to be written (all live processes).",
+    multiprocess_mode="livesum",
 )
 
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
