@@ -435,14 +435,14 @@ class ProxyApp:
         connection_tokens: frozenset[bytes] = frozenset()
         for name, value in scope["headers"]:
             if name == unit_header:
-                unit = value.decode("latin-1")
+                unit = value.decode("utf-8", "replace")
             if name in _REQUEST_DROP:
                 if name == b"x-rampart-key":
                     header_key = value.decode("latin-1").strip()
                 elif name == b"content-length":
                     content_length = int(value) if value.isdigit() else -1
                 elif name == b"x-forwarded-for":
-                    forwarded_for = value.decode("latin-1")
+                    forwarded_for = value.decode("utf-8", "replace")
                 elif name == b"connection":
                     connection_tokens = frozenset(
                         token.strip().lower() for token in value.split(b",")
@@ -454,7 +454,9 @@ class ProxyApp:
                 continue
             if name == b"cookie":
                 cookie = value
-            forwarded.append((name.decode("latin-1"), value.decode("latin-1")))
+            # aiohttp writes header values as UTF-8: decoding them as UTF-8 passes them on
+            # byte for byte (ASCII, and any valid UTF-8).
+            forwarded.append((name.decode("latin-1"), value.decode("utf-8", "replace")))
         if connection_tokens:
             forwarded = [
                 (name, value)
@@ -995,14 +997,14 @@ def _unit_from_request(plan: _Plan, scope: Scope, body: bytes, cookie: bytes | N
         query: bytes = scope["query_string"]
         if not query:
             return None
-        for key, value in parse_qsl(query.decode("latin-1"), keep_blank_values=False):
+        for key, value in parse_qsl(query.decode("utf-8", "replace"), keep_blank_values=False):
             if key == name:
                 return value
         return None
     if source == "cookie":
         if cookie is None:
             return None
-        for pair in cookie.decode("latin-1").split(";"):
+        for pair in cookie.decode("utf-8", "replace").split(";"):
             key, _, value = pair.strip().partition("=")
             if key == name:
                 return value.strip().strip('"') or None
