@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from django.db import connections
 
 from tests.processes import ROOT, free_port, start_process, stop_process, wait_for_http
 
@@ -72,5 +73,9 @@ def browser_page(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
         try:
             yield page
         finally:
+            # While Playwright's loop exists, Django hands this thread a separate database
+            # connection (asgiref's Local follows the event loop); close it here, or it
+            # would keep the test database busy when pytest-django drops it.
+            connections.close_all()
             context.close()
             browser.close()
