@@ -1,0 +1,135 @@
+"""Decisions per second of the SDK's LocalEvaluator against GrowthBook's Python SDK.
+
+The same experiments and unit ids as bench/local_eval.py, in the same run. Each experiment
+is served to the evaluator as a /v1/config document (format 1, from a mock transport, so
+no server runs), and every pass starts a fresh evaluator, whose specs begin with empty
+per-bucket memos. ``LocalEvaluator.decide`` is timed whole: experiment lookup, unit id
+check, ``routing.assignment.assign`` and the ``Decision`` it returns. The baseline is one
+reused ``GrowthBook`` instance with ``set_attributes`` (its fastest use). Target: at least
+3x GrowthBook.
+
+Run from the repository root: .venv/bin/python -m bench.sdk_local_eval
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import httpx
+
+from bench.local_eval import CASES, UNIT_COUNT, Case, growthbook_reused_pass
+from routing.assignment import AssignmentSpec
+from routing.sdk import LocalEvaluator
+
+TARGET_RATIO = 3.0
+PASSES = 3
+EXPERIMENT_KEY = "checkout-ranker"
+Arms = list[str | None]
+
+
+def config_document(spec: AssignmentSpec) -> dict[str, Any]:
+    """The /v1/config document the edge would serve for a running A/B test with ``spec``."""
+    namespace = spec.namespace
+    return {
+        "format": 1,
+        "version": 1,
+        "experiments": [
+            {
+                "id": 1,
+                "key": spec.experiment_key,
+                "kind": "ab",
+                "status": "running",
+                "seed": spec.seed,
+                "hash_version": spec.hash_version,
+                "unit_source": "header",
+                "unit_attribute": "X-Rampart-Unit",
+                "coverage": spec.coverage,
+                "namespace": (
+                    None
+                    if namespace is None
+                    else {
+                        "id": namespace.namespace_id,
+                        "start": namespace.start,
+                        "end": namespace.end,
+                    }
+                ),
+                "control": spec.variant_keys[0],
+                "canary_share": None,
+                "ramp_position": None,
+                "winner": None,
+                "variants": [
+                    {
+                        "key": key,
+                        "weight": weight,
+                        "is_control": position == 0,
+                        "upstream": f"http://127.0.0.1:{9001 + position}",
+                        "ranges": [list(interval) for interval in intervals],
+                    }
+                    for position, (key, weight, intervals) in enumerate(
+                        zip(spec.variant_keys, spec.weights, spec.ranges, strict=True)
+                    )
+                ],
+                "shadows": [],
+                "overrides": dict(spec.overrides),
+                "fixed": None,
+            }
+        ],
+    }
+
+
+def local_pass(document: dict[str, Any], unit_ids: list[str]) -> Arms:
+    transport = httpx.MockTransport(
+        lambda request: httpx.Response(200, json=document, headers={"ETag": '"1"'})
+    )
+    with LocalEvaluator("http://edge", "rk_bench_key", transport=transport) as evaluator:
+        decide = evaluator.decide
+        decisions = [decide(EXPERIMENT_KEY, unit_id) for unit_id in unit_ids]
+    return [d.variant if d.in_experiment else None for d in decisions]
+
+
+def best_seconds(evaluators: list[Callable[[], Arms]]) -> list[tuple[float, Arms]]:
+    """The fastest of PASSES timed passes of each evaluator, and the arms it chose.
+
+    Passes alternate between the evaluators, so a burst of load from other processes
+    slows all of them rather than only one.
+    """
+    timings: list[list[float]] = [[] for _ in evaluators]
+    arms: list[Arms] = [[] for _ in evaluators]
+    for _ in range(PASSES):
+        for position, evaluator in enumerate(evaluators):
+            started = time.perf_counter()
+            arms[position] = evaluator()
+            timings[position].append(time.perf_counter() - started)
+    return [(min(times), chosen) for times, chosen in zip(timings, arms, strict=True)]
+
+
+def main() -> None:
+    unit_ids = [f"user-{number:07d}" for number in range(UNIT_COUNT)]
+    print(f"{UNIT_COUNT:,} unit ids, best of {PASSES} alternating passes, decisions per second")
+    print(f"{'experiment':<40}{'local eval':>12}{'growthbook':>12}{'ratio':>8}  same arms")
+    worst_ratio = float("inf")
+    for case in CASES:
+        document = config_document(Case.rampart_spec(case))
+        (local, local_arms), (growthbook, growthbook_arms) = best_seconds(
+            [
+                partial(local_pass, document, unit_ids),
+                partial(growthbook_reused_pass, case.growthbook_experiment(), unit_ids),
+            ]
+        )
+        worst_ratio = min(worst_ratio, growthbook / local)
+        print(
+            f"{case.label:<40}{UNIT_COUNT / local:>12,.0f}{UNIT_COUNT / growthbook:>12,.0f}"
+            f"{growthbook / local:>7.1f}x  {'yes' if local_arms == growthbook_arms else 'NO'}"
+        )
+    verdict = "meets" if worst_ratio >= TARGET_RATIO else "misses"
+    print(
+        f"ratio LocalEvaluator.decide vs reused GrowthBook instance: {worst_ratio:.1f}x at "
+        f"worst, {verdict} the {TARGET_RATIO:.0f}x target"
+    )
+
+
+if __name__ == "__main__":
+    main()

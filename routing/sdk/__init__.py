@@ -1,0 +1,50 @@
+"""The Rampart Python SDK: decisions, batched events and local evaluation.
+
+Importing it loads httpx and the pure assignment modules (``routing.hashing``,
+``routing.assignment``), never Django or the rest of the server::
+
+    from routing.sdk import Client
+
+    with Client("https://rampart.example.com", "rk_...") as rampart:
+        decision = rampart.decide("ranker-v2", "u-42")
+        rampart.track("u-42", "purchase", 19.99)
+"""
+
+from routing.sdk._transport import RetryPolicy
+from routing.sdk.client import AsyncClient, Client
+from routing.sdk.errors import (
+    ApiError,
+    AuthenticationError,
+    BadRequestError,
+    InvalidEventError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RampartConnectionError,
+    RampartError,
+    ServerError,
+)
+from routing.sdk.local import AsyncLocalEvaluator, LocalEvaluator, PollStats
+from routing.sdk.records import Decision, Event, TrackResult
+
+__all__ = [
+    "ApiError",
+    "AsyncClient",
+    "AsyncLocalEvaluator",
+    "AuthenticationError",
+    "BadRequestError",
+    "Client",
+    "Decision",
+    "Event",
+    "InvalidEventError",
+    "LocalEvaluator",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "PollStats",
+    "RampartConnectionError",
+    "RampartError",
+    "RetryPolicy",
+    "ServerError",
+    "TrackResult",
+]
