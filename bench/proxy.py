@@ -7,6 +7,9 @@ three ways:
 * direct: to the model server itself (the baseline for latency);
 * nginx: through nginx ``proxy_pass`` with one worker and a keep-alive upstream pool (a temp
   config under var/bench/, run in the foreground with its own pid and log paths);
+* aiohttp: through the smallest ASGI proxy built on the same aiohttp client settings
+  (``bare_aiohttp_proxy`` below, uvicorn, one worker): the ceiling any aiohttp-based proxy
+  reaches here, which separates the cost of the client library from Rampart's own work;
 * rampart: through the edge (``config.asgi:application``, uvicorn, one worker) at
   ``/proxy/bench-ab/predict``, for a running A/B test whose two variants both point at the model
   server. Every request carries an API key and one of 10,000 unit ids, so the proxy checks the
@@ -35,8 +38,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import httpx
+from yarl import URL
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "var" / "bench"
@@ -99,6 +105,65 @@ http {{
     }}
 }}
 """
+
+
+_BARE_SESSION: list[aiohttp.ClientSession] = []
+_BARE_DROP = frozenset({b"host", b"content-length", b"connection", b"keep-alive"})
+
+
+async def bare_aiohttp_proxy(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The baseline: forward to BENCH_UPSTREAM with one pooled aiohttp session, nothing else."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                _BARE_SESSION.append(
+                    aiohttp.ClientSession(
+                        connector=aiohttp.TCPConnector(limit=1000, limit_per_host=200),
+                        timeout=aiohttp.ClientTimeout(total=None, connect=2.0, sock_read=10.0),
+                        auto_decompress=False,
+                        skip_auto_headers=(
+                            "User-Agent",
+                            "Accept",
+                            "Accept-Encoding",
+                            "Content-Type",
+                        ),
+                        cookie_jar=aiohttp.DummyCookieJar(),
+                    )
+                )
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await _BARE_SESSION[0].close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    headers = [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in scope["headers"]
+        if name not in _BARE_DROP
+    ]
+    response = await _BARE_SESSION[0].request(
+        scope["method"],
+        URL(os.environ["BENCH_UPSTREAM"] + scope["path"], encoded=True),
+        headers=headers,
+        data=b"".join(chunks) or None,
+        allow_redirects=False,
+    )
+    body = await response.read()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": [(n, v) for n, v in response.raw_headers if n.lower() not in _BARE_DROP]
+            + [(b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 @dataclass(frozen=True)
@@ -223,6 +288,7 @@ def main() -> int:
     rounds: list[dict[str, tuple[WrkResult, WrkResult]]] = []
     try:
         model_port, nginx_port, edge_port = free_port(), free_port(), free_port()
+        bare_port = free_port()
         model_url = f"http://127.0.0.1:{model_port}"
         env = {
             **os.environ,
@@ -233,6 +299,7 @@ def main() -> int:
             "RAMPART_DATA_DIR": str(workdir),
             "LOG_LEVEL": "WARNING",
             "PYTHONPATH": str(ROOT),
+            "BENCH_UPSTREAM": model_url,
         }
         key = prepare_database(env, model_url)
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
@@ -244,9 +311,7 @@ def main() -> int:
         print(f"load average before the run: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
         with ExitStack() as servers:
             model = [sys.executable, "-m", "tests.model_server", "--port", str(model_port)]
-            servers.enter_context(
-                running(model, env=env, log=workdir / "model.log", url=model_url)
-            )
+            servers.enter_context(running(model, env=env, log=workdir / "model.log", url=model_url))
             nginx = [NGINX, "-p", str(workdir), "-c", str(nginx_conf)]
             servers.enter_context(
                 running(
@@ -254,6 +319,22 @@ def main() -> int:
                     env=env,
                     log=workdir / "nginx.log",
                     url=f"http://127.0.0.1:{nginx_port}",
+                )
+            )
+            bare = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "bench.proxy:bare_aiohttp_proxy",
+                "--port",
+                str(bare_port),
+                "--lifespan",
+                "on",
+                *UVICORN_FLAGS,
+            ]
+            servers.enter_context(
+                running(
+                    bare, env=env, log=workdir / "bare.log", url=f"http://127.0.0.1:{bare_port}"
                 )
             )
             edge = [
@@ -275,6 +356,7 @@ def main() -> int:
             targets = {
                 "direct": (model_url, "/predict"),
                 "nginx": (f"http://127.0.0.1:{nginx_port}", "/predict"),
+                "aiohttp": (f"http://127.0.0.1:{bare_port}", "/predict"),
                 "rampart": (f"http://127.0.0.1:{edge_port}", "/proxy/bench-ab/predict"),
             }
             check = httpx.post(
@@ -318,14 +400,15 @@ def main() -> int:
             )
     # Other load on the machine only ever slows a run down: the best round of each setup is
     # its least disturbed measurement.
-    best_rate = {
-        label: max(r[label][0].requests_per_s for r in rounds) for label in rounds[0]
-    }
+    best_rate = {label: max(r[label][0].requests_per_s for r in rounds) for label in rounds[0]}
     best_p50 = {label: min(r[label][1].p50_ms for r in rounds) for label in rounds[0]}
     ratio_nginx = best_rate["rampart"] / best_rate["nginx"]
     ratio_direct = best_rate["rampart"] / best_rate["direct"]
+    ratio_aiohttp = best_rate["rampart"] / best_rate["aiohttp"]
+    ratio_aiohttp_nginx = best_rate["aiohttp"] / best_rate["nginx"]
     added_rampart = best_p50["rampart"] - best_p50["direct"]
     added_nginx = best_p50["nginx"] - best_p50["direct"]
+    added_aiohttp = best_p50["aiohttp"] - best_p50["direct"]
     print(
         "  best: "
         + ", ".join(
@@ -336,11 +419,13 @@ def main() -> int:
     print(f"  observations recorded by the proxy: {observed} requests")
     print(
         f"  throughput rampart/nginx {ratio_nginx:.2f}x (target >= {TARGET_THROUGHPUT_RATIO}x), "
-        f"rampart/direct {ratio_direct:.2f}x"
+        f"rampart/direct {ratio_direct:.2f}x, rampart/bare aiohttp proxy {ratio_aiohttp:.2f}x "
+        f"(bare aiohttp proxy/nginx {ratio_aiohttp_nginx:.2f}x)"
     )
     print(
         f"  added p50 at 1 connection: rampart {added_rampart:+.3f} ms "
-        f"(target <= {TARGET_ADDED_P50_MS} ms), nginx {added_nginx:+.3f} ms"
+        f"(target <= {TARGET_ADDED_P50_MS} ms), nginx {added_nginx:+.3f} ms, "
+        f"bare aiohttp proxy {added_aiohttp:+.3f} ms"
     )
     errors = any(r["rampart"][0].errors or r["rampart"][1].errors for r in rounds)
     ok = (
