@@ -720,3 +720,19 @@ def test_client_disconnect_cancels_the_upstream_call_and_frees_the_connection(
     arm = totals(experiment_id, "v1")
     assert (arm.count, arm.error_count, arm.histogram_count) == (1, 0, 1)
     assert 100.0 <= arm.latency_sum < 1000.0
+
+
+def test_no_key_needed_when_the_edge_does_not_require_one(
+    proxy_settings: Any, servers: dict[str, ModelServer]
+) -> None:
+    proxy_settings.EDGE_REQUIRE_KEY = False
+    make_experiment("open", [("v1", servers["control"].url, 1.0), ("v2", servers["canary"].url, 0)])
+
+    async def scenario() -> httpx.Response:
+        async with running_edge("") as running:
+            return await running.client.get("/proxy/open", headers={"X-Rampart-Key": ""})
+
+    response = run(scenario)
+    assert response.status_code == 200
+    # "/proxy/{experiment}" without a path forwards to the upstream's root.
+    assert servers["control"].received[0].path == "/"
