@@ -102,6 +102,22 @@ class WrkResult:
     p99_ms: float
     requests: int
     errors: str
+    # CPU time the server process spent per request: unlike throughput, barely moved by
+    # other load on the machine, so it is the steadier basis for comparing the two apps.
+    server_cpu_us: float
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    pid: int
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # Fields 14 and 15 of proc(5), utime and stime, counted from the state field (3).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _ms(value: str) -> float:
@@ -109,7 +125,8 @@ def _ms(value: str) -> float:
     return float(number) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
 
 
-def run_wrk(url: str, script: Path, *, duration_s: int, connections: int) -> WrkResult:
+def run_wrk(server: Server, script: Path, *, duration_s: int, connections: int) -> WrkResult:
+    cpu_before = _cpu_seconds(server.pid)
     output = subprocess.run(
         [
             "wrk",
@@ -119,20 +136,23 @@ def run_wrk(url: str, script: Path, *, duration_s: int, connections: int) -> Wrk
             "--latency",
             "-s",
             str(script),
-            url,
+            server.url,
         ],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
+    cpu_s = _cpu_seconds(server.pid) - cpu_before
     latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", output, flags=re.M))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", output)
+    requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
     return WrkResult(
         requests_per_s=float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
         p50_ms=_ms(latency["50"]),
         p99_ms=_ms(latency["99"]),
-        requests=int(re.search(r"(\d+) requests in", output).group(1)),  # type: ignore[union-attr]
+        requests=requests,
         errors=errors.group(0) if errors else "",
+        server_cpu_us=cpu_s / max(requests, 1) * 1e6,
     )
 
 
@@ -143,7 +163,7 @@ def _free_port() -> int:
 
 
 @contextmanager
-def serve(app: str, env: dict[str, str], log: Path) -> Iterator[str]:
+def serve(app: str, env: dict[str, str], log: Path) -> Iterator[Server]:
     """Run ``app`` under uvicorn on a free port until the block ends."""
     port = _free_port()
     with open(log, "wb") as out:
@@ -165,7 +185,7 @@ def serve(app: str, env: dict[str, str], log: Path) -> Iterator[str]:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{app} did not start; see {log}") from None
                 time.sleep(0.05)
-        yield url
+        yield Server(url=url, pid=process.pid)
     finally:
         process.terminate()
         try:
@@ -236,26 +256,26 @@ def main() -> int:
         print(f"load average before the run: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
         rounds: list[dict[str, WrkResult]] = []
         with ExitStack() as servers:
-            urls = {
+            running = {
                 label: servers.enter_context(serve(app, env, workdir / f"{label}.log"))
                 for label, app in APPS.items()
             }
             check = httpx.get(
-                f"{urls['edge']}/v1/decide",
+                f"{running['edge'].url}/v1/decide",
                 params={"experiment": "bench-ab", "unit": "warm-up"},
                 headers={"Authorization": f"Bearer {key}"},
             )
             check.raise_for_status()
             for round_index in range(args.rounds):
                 results = {}
-                for label, url in urls.items():
+                for label, server in running.items():
                     # Fresh unit ids in every run, so no run finds its units already cached.
                     script = workdir / f"{label}-{round_index}.lua"
                     script.write_text(WRK_SCRIPT.format(key=key, run=f"{label}{round_index}"))
                     if round_index == 0:
-                        run_wrk(url, script, duration_s=2, connections=args.connections)
+                        run_wrk(server, script, duration_s=2, connections=args.connections)
                     results[label] = run_wrk(
-                        url, script, duration_s=args.duration, connections=args.connections
+                        server, script, duration_s=args.duration, connections=args.connections
                     )
                 rounds.append(results)
         written = exposures_written(experiment_id)
@@ -270,6 +290,7 @@ def main() -> int:
             print(
                 f"  round {round_index + 1} {label:4s} {result.requests_per_s:8.0f} req/s  "
                 f"p50 {result.p50_ms:5.2f} ms  p99 {result.p99_ms:6.2f} ms  "
+                f"server CPU {result.server_cpu_us:5.1f} us/request  "
                 f"({result.requests} requests{errors})"
             )
     # Other load on the machine only ever slows a run down, so the best round of each app
@@ -277,7 +298,11 @@ def main() -> int:
     bare = max((r["bare"] for r in rounds), key=lambda r: r.requests_per_s)
     edge = max((r["edge"] for r in rounds), key=lambda r: r.requests_per_s)
     ratio = edge.requests_per_s / bare.requests_per_s
+    cpu_ratio = min(r["bare"].server_cpu_us for r in rounds) / min(
+        r["edge"].server_cpu_us for r in rounds
+    )
     print(f"  exposures written by the edge: {written} distinct units")
+    print(f"  server CPU per request, bare/edge (lowest of the rounds): {cpu_ratio:.2f}")
     print(
         f"  best rounds: bare {bare.requests_per_s:.0f} req/s (p99 {bare.p99_ms:.2f} ms), "
         f"edge {edge.requests_per_s:.0f} req/s (p50 {edge.p50_ms:.2f} ms, p99 {edge.p99_ms:.2f} ms)"

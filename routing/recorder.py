@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError
@@ -43,8 +43,6 @@ logger = logging.getLogger(__name__)
 
 # At most one "buffer full" log line per this many seconds; the counter counts every row.
 _DROP_LOG_INTERVAL_S = 10.0
-
-_PendingRow = tuple[int, str, str, float | datetime]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +80,7 @@ class ExposureRecorder:
         # One flush at a time: the periodic one, a size-triggered one and flush_now() from
         # another thread must not write the same rows twice or reorder retries.
         self._flush_lock = threading.Lock()
-        self._buffer: list[_PendingRow] = []
+        self._buffer: list[ExposureRow] = []
         # Two generations of plain dicts with string keys instead of one LRU OrderedDict:
         # a dict holding only strings is invisible to the cyclic garbage collector, whereas
         # a million-entry OrderedDict of tuples adds ~50 ms to every full collection, a
@@ -131,7 +129,8 @@ class ExposureRecorder:
             if len(buffer) >= self.max_buffer:
                 self._drop_locked(1, "buffer_full")
                 return
-            buffer.append((experiment_id, unit_id, variant_key, time.time() if at is None else at))
+            seconds = time.time() if at is None else at.timestamp()
+            buffer.append((experiment_id, unit_id, variant_key, seconds))
             self._accepted += 1
             self._remember(key)
             due = len(buffer) >= self.batch_rows
@@ -166,17 +165,8 @@ class ExposureRecorder:
             self._publish_metrics()
             return written
 
-    def _write(self, pending: list[_PendingRow]) -> int | None:
+    def _write(self, rows: list[ExposureRow]) -> int | None:
         """Insert one chunk; the rows inserted, or None if the database failed."""
-        rows = [
-            (
-                experiment_id,
-                unit_id,
-                variant_key,
-                at if isinstance(at, datetime) else datetime.fromtimestamp(at, UTC),
-            )
-            for experiment_id, unit_id, variant_key, at in pending
-        ]
         dropped = 0
         try:
             try:
@@ -194,7 +184,7 @@ class ExposureRecorder:
         metrics.RECORDER_WRITTEN.inc(written)
         return written
 
-    def _requeue(self, rows: list[_PendingRow]) -> None:
+    def _requeue(self, rows: list[ExposureRow]) -> None:
         with self._lock:
             room = max(self.max_buffer - len(self._buffer), 0)
             kept = rows[:room]

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from experiments import services
 from routing.models import Exposure
 from routing.recorder import ExposureRecorder
 from routing.selectors import exposure_counts, multiple_exposure_counts
-from routing.services import EXPOSURE_INSERT_BATCH, ExposureRow
+from routing.services import EXPOSURE_INSERT_BATCH, ExposureRow, _sqlite_utc_text
 from tests.factories import create_experiment
 
 
@@ -78,6 +79,15 @@ def test_first_seen_at_is_the_time_of_the_request(metrics: Any) -> None:
     seen = Exposure.objects.get().first_seen_at
     assert before - 1e-3 <= seen.timestamp() <= after + 1e-3
     assert seen.tzinfo is not None
+
+
+@pytest.mark.parametrize("seconds", [0.0, 1.5, 1_764_410_000.000001, 1_764_410_000.9999996])
+def test_sqlite_time_text_is_the_naive_utc_datetime(seconds: float) -> None:
+    # Reference: what Django's SQLite backend stores for an aware UTC datetime, the naive
+    # UTC time as text (DatabaseOperations.adapt_datetimefield_value).
+    expected = datetime.fromtimestamp(seconds, UTC).replace(tzinfo=None)
+    written = datetime.fromisoformat(_sqlite_utc_text(seconds))
+    assert abs(written - expected) <= timedelta(microseconds=1)
 
 
 @pytest.mark.django_db
