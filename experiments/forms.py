@@ -32,6 +32,7 @@ from experiments.models import (
 )
 
 PERCENT = 100.0
+RESERVED_KEYS = frozenset({"new"})
 
 # Fields people may not change once traffic flows: changing them would reshuffle users
 # between variants or change what a metric means mid-experiment (services.STRUCTURAL_FIELDS).
@@ -217,6 +218,14 @@ class ExperimentForm(forms.Form):
         for name in locked:
             if name in self.fields:
                 self.fields[name].disabled = True
+
+    def clean_key(self) -> str:
+        key = str(self.cleaned_data.get("key") or "")
+        # /experiments/new/ is the creation form, so an experiment called "new" would have
+        # no page of its own.
+        if key in RESERVED_KEYS and not self.fields["key"].disabled:
+            raise forms.ValidationError(f"“{key}” is reserved by the web UI; choose another key.")
+        return key
 
     def clean_overrides(self) -> dict[str, str]:
         text = self.cleaned_data.get("overrides") or ""
@@ -796,12 +805,21 @@ class ActionForm(forms.Form):
     def __init__(
         self,
         *args: Any,
-        reason_required: bool = False,
+        reason: str = "optional",
         winner_choices: Sequence[tuple[str, str]] = (),
         **kwargs: Any,
     ) -> None:
+        """`reason` is "required", "optional" or "none" (the action records no reason)."""
         super().__init__(*args, **kwargs)
-        self.fields["reason"].required = reason_required
+        if reason == "none":
+            del self.fields["reason"]
+        else:
+            self.fields["reason"].required = reason == "required"
+            self.fields["reason"].help_text = (
+                "Required: it goes into the audit log."
+                if reason == "required"
+                else "Optional: it goes into the audit log."
+            )
         winner = self.fields["winner"]
         assert isinstance(winner, forms.ChoiceField)
         winner.choices = list(winner_choices)

@@ -292,7 +292,7 @@ class ActionSpec:
     title: str
     explanation: str
     button_class: str
-    reason_required: bool
+    reason: str  # none | optional | required: whether the service records a reason
     allowed: Callable[[Experiment], bool]
 
 
@@ -306,7 +306,7 @@ ACTIONS: dict[str, ActionSpec] = {
             "Traffic starts flowing to the variants at once; a canary starts at its first "
             "ramp step. Variants, metrics and the unit attribute are frozen from now on.",
             "btn-primary",
-            False,
+            "none",
             lambda e: e.status == S.DRAFT,
         ),
         ActionSpec(
@@ -316,7 +316,7 @@ ACTIONS: dict[str, ActionSpec] = {
             "While paused every user gets control; assignments are kept and resume "
             "unchanged. A paused canary restarts its current step's minimum duration.",
             "",
-            False,
+            "optional",
             lambda e: e.status == S.RUNNING,
         ),
         ActionSpec(
@@ -325,7 +325,7 @@ ACTIONS: dict[str, ActionSpec] = {
             "Resume this experiment?",
             "Users get their variants again, exactly as before the pause.",
             "btn-primary",
-            False,
+            "none",
             lambda e: e.status == S.PAUSED,
         ),
         ActionSpec(
@@ -335,7 +335,7 @@ ACTIONS: dict[str, ActionSpec] = {
             "More users move from control to the canary now, without waiting for the "
             "minimum duration or exposures. At the last step this completes the canary.",
             "",
-            False,
+            "optional",
             lambda e: e.status == S.RUNNING and e.kind == ExperimentKind.CANARY,
         ),
         ActionSpec(
@@ -343,9 +343,9 @@ ACTIONS: dict[str, ActionSpec] = {
             "Roll back",
             "Roll back this experiment?",
             "Every user goes back to control at once and the experiment ends; it cannot be "
-            "restarted. Alerts go to Slack and the webhooks.",
+            "restarted. The reason goes into the audit log.",
             "btn-danger",
-            True,
+            "required",
             lambda e: e.status in LIVE_STATUSES,
         ),
         ActionSpec(
@@ -354,7 +354,7 @@ ACTIONS: dict[str, ActionSpec] = {
             "Complete this experiment and ship a winner?",
             "Every user gets the winner from now on and the experiment ends.",
             "",
-            False,
+            "optional",
             lambda e: e.status in LIVE_STATUSES,
         ),
     )
@@ -370,7 +370,7 @@ def _action_form(spec: ActionSpec, experiment: Experiment, data: Any = None) -> 
         winners = [(v.key, f"{v.key} (control)" if v.is_control else v.key) for v in routed]
     return ActionForm(
         data,
-        reason_required=spec.reason_required,
+        reason=spec.reason,
         winner_choices=winners,
         auto_id=f"id_{spec.name}_%s",
     )

@@ -225,6 +225,11 @@ def test_form_type_errors_are_inline_before_any_service_call(web: Client, metric
     assert "less than or equal to 100" in field_errors(html, "id_ramp-0-share_pct")
 
 
+def test_the_creation_page_key_is_reserved(web: Client, metrics: Any) -> None:
+    html = web.post(reverse("experiments:create"), experiment_form(key="new")).content.decode()
+    assert "is reserved by the web UI" in field_errors(html, "id_key")
+
+
 def test_ab_test_ignores_the_hidden_ramp_rows(web: Client, metrics: Any) -> None:
     response = web.post(
         reverse("experiments:create"), experiment_form(kind="ab", **{"ramp-0-share_pct": "x"})
@@ -333,6 +338,8 @@ def test_actions_have_a_confirmation_step_and_use_the_services(web: Client, metr
     assert '<dialog id="dialog-start"' in detail
     confirm = web.get(reverse("experiments:action", args=["ranker-v2", "start"]))
     assert "Start this experiment?" in confirm.content.decode()
+    # Starting records no reason, so the confirmation asks for none.
+    assert 'name="reason"' not in confirm.content.decode()
     assert Experiment.objects.get(key="ranker-v2").status == S.DRAFT
     response = web.post(reverse("experiments:action", args=["ranker-v2", "start"]))
     assert response.status_code == 302
@@ -359,6 +366,8 @@ def test_rollback_needs_a_reason(web: Client, metrics: Any) -> None:
     create_experiment("ranker-v2")
     services.experiment_start(actor="t", key="ranker-v2")
     url = reverse("experiments:action", args=["ranker-v2", "rollback"])
+    confirm = web.get(url).content.decode()
+    assert re.search(r'<textarea name="reason"[^>]*required', confirm)
     refused = web.post(url, {"reason": "  "})
     assert refused.status_code == 400
     assert "This field is required." in field_errors(refused.content.decode(), "id_rollback_reason")
