@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
@@ -38,7 +38,7 @@ from routing.sdk._transport import (
     json_body,
 )
 from routing.sdk.errors import BadRequestError, NotFoundError, RampartError
-from routing.sdk.records import MAX_UNIT_LENGTH, Decision
+from routing.sdk.records import MAX_UNIT_LENGTH, Decision, fast_decision
 
 logger = logging.getLogger("routing.sdk")
 
@@ -78,12 +78,12 @@ class LocalRoute:
         """The edge's decision for ``unit`` (a valid unit id); pure, no I/O."""
         fixed = self._fixed
         if fixed is not None:
-            return Decision(self.key, unit, fixed.variant, False, fixed.reason, fixed.upstream)
+            return fast_decision(self.key, unit, fixed.variant, False, fixed.reason, fixed.upstream)
         outcome = assign(self._spec, unit)  # type: ignore[arg-type]
         variant = outcome.variant_key
         if variant is None:
             variant = self.control
-        return Decision(
+        return fast_decision(
             self.key, unit, variant, outcome.in_experiment, outcome.reason, self._upstreams[variant]
         )
 
@@ -113,7 +113,7 @@ def _spec_from_entry(entry: Mapping[str, Any]) -> AssignmentSpec:
 class LocalConfig:
     """A /v1/config document compiled for decisions; immutable."""
 
-    __slots__ = ("routes", "version")
+    __slots__ = ("deciders", "routes", "version")
 
     def __init__(self, document: Mapping[str, Any]) -> None:
         if document.get("format") != CONFIG_FORMAT:
@@ -124,6 +124,10 @@ class LocalConfig:
         self.version: int = int(document["version"])
         self.routes: dict[str, LocalRoute] = {
             entry["key"]: LocalRoute(entry) for entry in document["experiments"]
+        }
+        # Bound methods, looked up once: decide() is the hot path of local evaluation.
+        self.deciders: dict[str, Callable[[str], Decision]] = {
+            key: route.decide for key, route in self.routes.items()
         }
 
 
@@ -194,14 +198,14 @@ class _Evaluator:
         config = self._config
         if config is None:
             raise RampartError("the local evaluator has no config yet: start it first")
-        route = config.routes.get(experiment)
-        if route is None:
+        decide = config.deciders.get(experiment)
+        if decide is None:
             raise NotFoundError(
                 404, "not_found", f"unknown experiment {experiment!r}", field="experiment"
             )
         if type(unit) is not str or not 0 < len(unit) <= MAX_UNIT_LENGTH:
             unit = _unit_id(unit)
-        return route.decide(unit)
+        return decide(unit)
 
     def decide_all(
         self, unit: str | int, experiments: Iterable[str] | None = None

@@ -46,6 +46,33 @@ class Decision:
         )
 
 
+# A frozen dataclass's __init__ sets each field through object.__setattr__, about 1 us for
+# Decision's six fields. Local evaluation builds one Decision per call, so it fills the
+# slots through their descriptors instead, in about half the time; the object is the
+# same ordinary, immutable, comparable Decision.
+_allocate = object.__new__
+_set_experiment = Decision.__dict__["experiment"].__set__
+_set_unit = Decision.__dict__["unit"].__set__
+_set_variant = Decision.__dict__["variant"].__set__
+_set_in_experiment = Decision.__dict__["in_experiment"].__set__
+_set_reason = Decision.__dict__["reason"].__set__
+_set_upstream = Decision.__dict__["upstream"].__set__
+
+
+def fast_decision(
+    experiment: str, unit: str, variant: str, in_experiment: bool, reason: str, upstream: str
+) -> Decision:
+    """``Decision(experiment, unit, variant, in_experiment, reason, upstream)``, faster."""
+    decision: Decision = _allocate(Decision)
+    _set_experiment(decision, experiment)
+    _set_unit(decision, unit)
+    _set_variant(decision, variant)
+    _set_in_experiment(decision, in_experiment)
+    _set_reason(decision, reason)
+    _set_upstream(decision, upstream)
+    return decision
+
+
 def new_event_id() -> str:
     """A random event id (UUID 4): retries of the same event reuse it, so it is stored once."""
     return uuid.uuid4().hex
