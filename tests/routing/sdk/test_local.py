@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import FrozenInstanceError
 from typing import Any
 
 import httpx
@@ -161,6 +162,9 @@ def test_fixed_and_unbuildable_experiments() -> None:
     )
     decision = fixed.routes["exp"].decide("u-1")
     assert decision == Decision("exp", "u-1", "b", False, "completed", "http://b")
+    assert hash(decision) == hash(Decision("exp", "u-1", "b", False, "completed", "http://b"))
+    with pytest.raises(FrozenInstanceError):
+        decision.variant = "a"  # type: ignore[misc]
     # Ranges that do not match the weights cannot be evaluated: control, as the edge does.
     broken = LocalConfig(_document(coverage=0.5))
     assert broken.routes["exp"].decide("u-1").reason == "invalid_config"
