@@ -169,6 +169,8 @@ def test_create_start_watch_and_roll_back_a_canary(
         ("conversion", "primary", 0.0),
     ]
 
+    _shot(page, "experiment-draft")
+
     # 3. Start it, through the confirmation dialog.
     page.get_by_role("link", name="Start…").click()
     dialog = page.locator("dialog#dialog-start")
@@ -241,6 +243,14 @@ def test_create_start_watch_and_roll_back_a_canary(
     page.goto(f"{app_url}/catalogue/")
     page.get_by_role("heading", name="Metric catalogue").wait_for()
     _shot(page, "metrics")
+
+    # The same pages on a phone: one column, tables scroll sideways.
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.goto(f"{app_url}/experiments/ranker-v2/")
+    page.locator("#results-table").wait_for()
+    _shot(page, "experiment-phone")
+    page.goto(f"{app_url}/")
+    _shot(page, "list-phone")
 
     # The README's pictures are committed; refresh them only when asked, so that a test run
     # does not leave tracked files changed.
