@@ -530,7 +530,6 @@ def _webhooks_response(
     *,
     form: WebhookForm | None = None,
     notice: str = "",
-    status: int = 200,
 ) -> HttpResponse:
     endpoints = [
         {"id": w.pk, "name": w.name, "host": _host(w.url), "enabled": w.enabled}
@@ -545,7 +544,6 @@ def _webhooks_response(
             "notice": notice,
             "slack_default_configured": bool(settings.SLACK_WEBHOOK_URL),
         },
-        status=status,
     )
 
 
@@ -586,7 +584,8 @@ def webhook_create(request: HttpRequest) -> HttpResponse:
         for field, errors in form.errors.items():
             messages.error(request, f"Webhook {field}: {' '.join(errors)}")
         return _back_to_settings()
-    return _webhooks_response(request, form=form, status=400)
+    # 200, not 400: htmx does not swap error responses, and the errors must show inline.
+    return _webhooks_response(request, form=form)
 
 
 @login_required
