@@ -15,17 +15,22 @@ Incremental aggregation and its correctness conditions
       lag, a row is lost only if its insert transaction stays open for a whole analysis
       interval (the recorder's flushes are single short INSERTs). SQLite has one writer at a
       time, so there the condition always holds. Every row is read at most twice.
-    * Business events (`routing.models.Event`) are folded into `UnitEventRollup`: per
-      (experiment, unit, event name) the sum and count of the unit's events at or after its
-      first exposure, by INSERT ... SELECT ... GROUP BY ... ON CONFLICT DO UPDATE (SQLite
-      >= 3.24 and PostgreSQL both have it) over the events with `cursor < id <= horizon`.
-      Events are consumed with the same one-run lag and no unsaved tail: business metrics
-      trail by one analysis interval. An event only counts if its unit's exposure row is
-      already there when the event is consumed; exposures are flushed within
-      RECORDER_FLUSH_S, so the condition is that the recorder flushes faster than one
-      analysis interval (defaults: 1 s against 10 s). An event of a unit that is exposed
-      only later ("late exposure") is therefore not counted, which is also right in
-      principle: an event before exposure cannot be an effect of the variant.
+    * Business events (`routing.models.Event`) are summed per (experiment, unit, event name)
+      in `UnitEventRollup`: the sum and count of the unit's events at or after its first
+      exposure. A read is one GROUP BY over the rollup UNION ALL the raw events past the
+      cursor (the "tail"), so results are always current, however far the fold lags. The
+      fold is INSERT ... SELECT ... GROUP BY ... ON CONFLICT DO UPDATE (SQLite >= 3.24 and
+      PostgreSQL both have it) over a bounded id range, in the same transaction as the
+      cursor; it takes only events that were already visible at the previous run (the
+      same one-run lag as above, for the same reason). Small backlogs are folded by the
+      analysis run itself, large ones (a first look at millions of events) by a separate
+      task in chunks, so no analysis run ever waits for a big fold.
+      An event counts only if its unit's exposure row exists when the event is folded (or
+      read, for the tail). Exposures are flushed within RECORDER_FLUSH_S, so the condition
+      is that the recorder flushes faster than one analysis interval (defaults: 1 s against
+      10 s). An event of a unit whose exposure row arrives later still ("late exposure")
+      is not counted once folded, which is also right in principle when the event happened
+      before the exposure; units are never double counted.
     * Exposures are re-grouped at every run (a GROUP BY per unit, then per variant). That
       is what makes the exclusion of units exposed to several variants exact even when the
       second exposure arrives late: the exclusion happens when the metrics are read, not
@@ -56,6 +61,8 @@ from routing.models import Event, Exposure, ObservationBucket
 BUILTIN_LATENCY = "latency_ms"
 BUILTIN_ERROR = "error"
 _HISTOGRAM_CHUNK = 2000
+# Larger than any id: the open end of the raw tail.
+_MAX_ID = 2**62
 
 
 @dataclass
@@ -239,28 +246,52 @@ def metric_event_names(metrics: Sequence[MetricView]) -> list[str]:
     return sorted(names)
 
 
-def refresh_unit_events(*, state: AnalysisState, event_names: Sequence[str]) -> int:
-    """Upsert the settled events into the per-unit rollup; returns how many groups changed.
+def note_event_horizon(*, state: AnalysisState) -> None:
+    """Once per run: what the previous run saw is settled; remember what is visible now."""
+    state.event_settled = max(state.event_settled, state.event_horizon, state.event_cursor)
+    newest = Event.objects.aggregate(top=Max("id"))["top"]
+    state.event_horizon = max(int(newest or 0), state.event_cursor)
 
-    Call inside the transaction that holds `state` FOR UPDATE.
+
+def events_to_fold(state: AnalysisState) -> int:
+    """How many event ids are settled but not yet folded into the rollup."""
+    return max(state.event_settled - state.event_cursor, 0)
+
+
+def _tail_events_sql(placeholders: str) -> str:
+    """Events past the cursor, of the given names, at or after their unit's first exposure.
+
+    EXISTS counts each event once whatever the number of exposure rows of its unit.
     """
-    low, high = state.event_cursor, state.event_horizon
-    changed = 0
-    if event_names and high > low:
+    return f"""
+        FROM {_table(Event)} ev
+        WHERE ev.id > %s AND ev.id <= %s AND ev.name IN ({placeholders})
+          AND EXISTS (
+            SELECT 1 FROM {_table(Exposure)} ex
+            WHERE ex.experiment_id = %s AND ex.unit_id = ev.unit_id
+              AND ex.first_seen_at <= ev.timestamp
+          )
+    """
+
+
+def fold_unit_events(*, state: AnalysisState, event_names: Sequence[str], limit: int) -> int:
+    """Upsert settled events (at most `limit` ids past the cursor) into the per-unit rollup.
+
+    Returns how many settled event ids remain to fold. Call inside the transaction that holds
+    `state` FOR UPDATE, and save `state` in it: the rollup and the cursor move together.
+    """
+    low = state.event_cursor
+    high = min(state.event_settled, low + max(limit, 0))
+    if high <= low:
+        return events_to_fold(state)
+    if event_names:
         placeholders = ", ".join(["%s"] * len(event_names))
         rollup = _table(UnitEventRollup)
-        # The WHERE clause is required by SQLite's upsert-after-SELECT grammar; EXISTS counts
-        # each event once whatever the number of exposure rows of its unit.
+        # SQLite's grammar needs the WHERE clause that _tail_events_sql has before ON CONFLICT.
         sql = f"""
             INSERT INTO {rollup} (experiment_id, unit_id, event_name, value_sum, event_count)
             SELECT %s, ev.unit_id, ev.name, SUM(ev.value), COUNT(*)
-            FROM {_table(Event)} ev
-            WHERE ev.id > %s AND ev.id <= %s AND ev.name IN ({placeholders})
-              AND EXISTS (
-                SELECT 1 FROM {_table(Exposure)} ex
-                WHERE ex.experiment_id = %s AND ex.unit_id = ev.unit_id
-                  AND ex.first_seen_at <= ev.timestamp
-              )
+            {_tail_events_sql(placeholders)}
             GROUP BY ev.unit_id, ev.name
             ON CONFLICT (experiment_id, unit_id, event_name) DO UPDATE SET
               value_sum = {rollup}.value_sum + excluded.value_sum,
@@ -269,13 +300,8 @@ def refresh_unit_events(*, state: AnalysisState, event_names: Sequence[str]) -> 
         params = [state.experiment_id, low, high, *event_names, state.experiment_id]
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
-            changed = max(cursor.rowcount, 0)
-    state.event_cursor = max(low, high)
-    state.event_horizon = int(
-        Event.objects.filter(id__gt=state.event_cursor).aggregate(top=Max("id"))["top"]
-        or state.event_cursor
-    )
-    return changed
+    state.event_cursor = high
+    return events_to_fold(state)
 
 
 # --------------------------------------------------------------------------- exposures
@@ -350,12 +376,19 @@ def _capped(expression: str, cap: float | None) -> str:
 
 
 def business_stats(
-    *, experiment_id: int, metrics: Sequence[MetricView]
+    *,
+    experiment_id: int,
+    metrics: Sequence[MetricView],
+    tail_after: int,
+    tail_until: int | None = None,
 ) -> dict[str, dict[str, MetricStats]]:
     """Per metric and variant, the unit-level sufficient statistics in one GROUP BY query.
 
-    Only units exposed to exactly one variant count; a unit with no events counts as 0
-    (binomial 0, mean 0, ratio 0/0). Built-in latency/error metrics are not handled here.
+    Reads the per-unit rollup plus the raw events with tail_after < id (<= tail_until) that
+    are not folded yet (`tail_after` is the fold cursor: a smaller value double counts), so
+    the result is current whatever the fold's progress. Only units exposed to exactly one
+    variant count; a unit with no events counts as 0 (binomial 0, mean 0, ratio 0/0).
+    Built-in latency/error metrics are not handled here.
     """
     unit_metrics = [
         m
@@ -389,19 +422,36 @@ def business_stats(
             d = f"COALESCE(r.v{alias[metric.denominator_event]}, 0)"
             outer.append(f"SUM({m}), SUM({m} * {m}), SUM({d}), SUM({d} * {d}), SUM({m} * {d})")
     units_sql, units_params = _units_subquery("", canary=False)
+    placeholders = ", ".join(["%s"] * len(names))
+    until = tail_until if tail_until is not None else _MAX_ID
     sql = f"""
         SELECT u.variant, COUNT(*), {", ".join(outer)}
         FROM ({units_sql}) u
         LEFT JOIN (
             SELECT unit_id, {", ".join(columns)}
-            FROM {_table(UnitEventRollup)}
-            WHERE experiment_id = %s
+            FROM (
+                SELECT unit_id, event_name, value_sum, event_count
+                FROM {_table(UnitEventRollup)}
+                WHERE experiment_id = %s
+                UNION ALL
+                SELECT ev.unit_id, ev.name, ev.value, 1
+                {_tail_events_sql(placeholders)}
+            ) parts
             GROUP BY unit_id
         ) r ON r.unit_id = u.unit_id
         WHERE u.variant <> ''
         GROUP BY u.variant
     """
-    params = [*units_params, experiment_id, *inner_params, experiment_id]
+    params = [
+        *units_params,
+        experiment_id,
+        *inner_params,
+        experiment_id,
+        tail_after,
+        until,
+        *names,
+        experiment_id,
+    ]
     result: dict[str, dict[str, MetricStats]] = {m.key: {} for m in unit_metrics}
     for row in _fetch(sql, params):
         variant, n = row[0], int(row[1])
@@ -433,13 +483,13 @@ def business_stats(
 
 
 def aggregate(*, experiment: ExperimentView, state: AnalysisState) -> Aggregates:
-    """Bring the rollups up to date and read every statistic the analysis needs.
+    """Bring the observation rollup up to date and read every statistic the analysis needs.
 
     Runs inside the caller's transaction, which holds `state` FOR UPDATE; the caller saves
-    `state` (its cursors moved).
+    `state` (its cursors moved). Events are read as rollup plus tail; folding them is the
+    caller's choice (`fold_unit_events`).
     """
     metrics = [use.metric for use in experiment.metrics]
-    refresh_unit_events(state=state, event_names=metric_event_names(metrics))
     canary = experiment.kind == "canary"
     since = experiment.step_started_at if canary else None
     return Aggregates(
@@ -450,5 +500,7 @@ def aggregate(*, experiment: ExperimentView, state: AnalysisState) -> Aggregates
             since=since,
         ),
         observations=refresh_observations(state=state),
-        business=business_stats(experiment_id=experiment.id, metrics=metrics),
+        business=business_stats(
+            experiment_id=experiment.id, metrics=metrics, tail_after=state.event_cursor
+        ),
     )

@@ -24,6 +24,8 @@ class AnalysisState(models.Model):
     observation_horizon = models.BigIntegerField(default=0)
     event_cursor = models.BigIntegerField(default=0)
     event_horizon = models.BigIntegerField(default=0)
+    # Events with cursor < id <= settled were visible one run ago and may be folded now.
+    event_settled = models.BigIntegerField(default=0)
     # Running maximum of the sequential SRM log e-value, for the ramp step it belongs to
     # (a canary's expected split changes with every step, so the evidence restarts).
     srm_max_log_e_value = models.FloatField(default=0.0)
@@ -66,11 +68,18 @@ class UnitEventRollup(models.Model):
     """Per (experiment, unit, event name): sum and count of the unit's post-exposure events.
 
     Updated with INSERT ... ON CONFLICT DO UPDATE from the events with ids past the cursor;
-    the metrics are a GROUP BY over this table joined to the units' exposures.
+    the metrics are a GROUP BY over this table joined to the units' exposures. The foreign
+    key has no database constraint: PostgreSQL checks deferred constraints row by row at
+    COMMIT, which doubled the cost of a large fold; deleting an experiment still cascades
+    through Django.
     """
 
     experiment = models.ForeignKey(
-        "experiments.Experiment", on_delete=models.CASCADE, related_name="+", db_index=False
+        "experiments.Experiment",
+        on_delete=models.CASCADE,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,
     )
     unit_id = models.CharField(max_length=200)
     event_name = models.CharField(max_length=128)

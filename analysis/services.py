@@ -25,7 +25,13 @@ from django.db import transaction
 from django.utils import timezone
 
 from analysis import alerts, metrics
-from analysis.aggregation import aggregate
+from analysis.aggregation import (
+    aggregate,
+    events_to_fold,
+    fold_unit_events,
+    metric_event_names,
+    note_event_horizon,
+)
 from analysis.guardrails import (
     ArmState,
     ExperimentAnalysis,
@@ -47,6 +53,10 @@ from experiments.errors import InvalidInput, InvalidTransition, NotFound
 logger = logging.getLogger(__name__)
 
 ACTOR = "rampart:analysis"
+# Event ids an analysis run folds into the rollup itself; a larger backlog goes to the
+# `analysis.fold_events` task in chunks of FOLD_CHUNK, so no run waits for a big fold.
+INLINE_FOLD = 50_000
+FOLD_CHUNK = 500_000
 # A new ramp step is counted for the SRM only after the edges have had time to load it.
 STEP_GRACE_FACTOR = 3
 
@@ -240,7 +250,44 @@ def analysis_run(*, experiment_id: int, now: datetime | None = None) -> RunResul
     return result
 
 
+def _event_names(view: ExperimentView) -> list[str]:
+    return metric_event_names([use.metric for use in view.metrics])
+
+
+def schedule_fold(experiment_id: int) -> None:
+    """Ask a worker to fold the event backlog (after commit); beat's next run retries."""
+    # Imported here: the tasks module imports this one.
+    from analysis.tasks import events_fold as fold_task
+
+    try:
+        fold_task.delay(experiment_id=experiment_id)
+    except Exception as exc:  # a broker outage must not fail the committed analysis
+        logger.warning("could not enqueue the event fold (%s)", type(exc).__name__)
+
+
+def events_fold(*, experiment_id: int, limit: int = FOLD_CHUNK) -> int:
+    """Fold one chunk of settled events into the rollup; returns the ids still to fold."""
+    view = experiment_selectors.experiment_view_by_id(experiment_id=experiment_id)
+    if view is None:
+        return 0
+    with transaction.atomic():
+        state = (
+            AnalysisState.objects.select_for_update().filter(experiment_id=experiment_id).first()
+        )
+        if state is None:
+            return 0
+        remaining = fold_unit_events(state=state, event_names=_event_names(view), limit=limit)
+        state.save(update_fields=["event_cursor"])
+    return remaining
+
+
 def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> RunResult:
+    note_event_horizon(state=state)
+    if 0 < events_to_fold(state) <= INLINE_FOLD:
+        fold_unit_events(state=state, event_names=_event_names(view), limit=INLINE_FOLD)
+    if events_to_fold(state) > 0:
+        experiment_id = view.id
+        transaction.on_commit(lambda: schedule_fold(experiment_id))
     aggregates = aggregate(experiment=_step_view(view), state=state)
     if view.kind == "canary" and state.srm_ramp_position != view.ramp_position:
         state.srm_max_log_e_value = 0.0

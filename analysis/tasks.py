@@ -29,6 +29,15 @@ def analysis_run(*, experiment_id: int) -> str | None:
     return None if result is None else result.snapshot.decision
 
 
+@shared_task(name="analysis.fold_events", acks_late=True, ignore_result=True)
+def events_fold(*, experiment_id: int) -> int:
+    """Fold one chunk of an experiment's event backlog; queue the next chunk if any is left."""
+    remaining = services.events_fold(experiment_id=experiment_id)
+    if remaining > 0:
+        events_fold.delay(experiment_id=experiment_id)
+    return remaining
+
+
 @shared_task(name="analysis.deliver_alerts", acks_late=True, ignore_result=True)
 def alerts_deliver() -> dict[str, int]:
     """Deliver due alerts from the outbox (also swept by beat)."""

@@ -12,15 +12,16 @@ from analysis.aggregation import (
     aggregate,
     business_stats,
     exposure_counts,
+    fold_unit_events,
+    note_event_horizon,
     refresh_observations,
-    refresh_unit_events,
 )
 from analysis.models import AnalysisState
 from analysis.stats.moments import MeanStats, ProportionStats, RatioStats
 from experiments import selectors as experiment_selectors
 from experiments import services as experiment_services
 from routing.histogram import LogHistogram
-from routing.models import ObservationBucket
+from routing.models import Event, ObservationBucket
 from tests.analysis.conftest import add_bucket, add_events, add_exposures, start_experiment
 
 pytestmark = pytest.mark.django_db
@@ -52,9 +53,10 @@ def business(metrics: Any) -> dict[str, Any]:
 
 
 def _settle(state: AnalysisState, names: list[str]) -> None:
-    """Two refreshes: the first sees the events, the second folds them (one-run lag)."""
-    refresh_unit_events(state=state, event_names=names)
-    refresh_unit_events(state=state, event_names=names)
+    """Two looks: the first sees the events, the second may fold them (one-run lag)."""
+    note_event_horizon(state=state)
+    note_event_horizon(state=state)
+    assert fold_unit_events(state=state, event_names=names, limit=10**9) == 0
 
 
 def test_unit_metrics_match_a_python_recomputation(business: dict[str, Any]) -> None:
@@ -98,7 +100,11 @@ def test_unit_metrics_match_a_python_recomputation(business: dict[str, Any]) -> 
     state = AnalysisState.objects.create(experiment_id=experiment.pk)
     _settle(state, ["click", "purchase", "view"])
     view = experiment_selectors.experiment_view_get(key="units")
-    stats = business_stats(experiment_id=experiment.pk, metrics=[u.metric for u in view.metrics])
+    stats = business_stats(
+        experiment_id=experiment.pk,
+        metrics=[u.metric for u in view.metrics],
+        tail_after=state.event_cursor,
+    )
     for variant, values in expected.items():
         assert stats["conversion"][variant] == ProportionStats.from_values(values["buy"])
         revenue = stats["revenue"][variant]
@@ -120,33 +126,49 @@ def test_unit_metrics_match_a_python_recomputation(business: dict[str, Any]) -> 
     assert (counts.total_units, counts.multiple, counts.unexpected_multiple) == (110, 2, 2)
 
 
-def test_incremental_runs_equal_one_run_over_everything(business: dict[str, Any]) -> None:
-    metrics = [{"metric": "revenue", "role": "primary"}]
-    first = start_experiment("inc-a", kind="ab", ramp=[], metrics=metrics)
-    second = start_experiment("inc-b", kind="ab", ramp=[], metrics=metrics)
-    t0 = first.started_at
-    for experiment in (first, second):
-        add_exposures(experiment.pk, "v1", [f"u{i}" for i in range(0, 40)], t0)
-        add_exposures(experiment.pk, "v2", [f"u{i}" for i in range(40, 80)], t0)
-    state = AnalysisState.objects.create(experiment_id=first.pk)
+def _revenue_reference() -> dict[str, MeanStats]:
+    """Per-unit revenue (winsorised at 100) recomputed in Python from every event so far."""
+    per_unit: dict[str, list[float]] = {"v1": [0.0] * 40, "v2": [0.0] * 40}
+    for unit, value in Event.objects.values_list("unit_id", "value"):
+        index = int(unit[1:])
+        per_unit["v1" if index < 40 else "v2"][index % 40] += value
+    return {
+        variant: MeanStats.from_values(np.minimum(values, 100.0))
+        for variant, values in per_unit.items()
+    }
+
+
+def test_folded_rollup_plus_tail_equals_the_raw_events(business: dict[str, Any]) -> None:
+    experiment = start_experiment(
+        "inc", kind="ab", ramp=[], metrics=[{"metric": "revenue", "role": "primary"}]
+    )
+    t0 = experiment.started_at
+    add_exposures(experiment.pk, "v1", [f"u{i}" for i in range(0, 40)], t0)
+    add_exposures(experiment.pk, "v2", [f"u{i}" for i in range(40, 80)], t0)
+    view = experiment_selectors.experiment_view_get(key="inc")
+    metric = [view.metrics[0].metric]
+    state = AnalysisState.objects.create(experiment_id=experiment.pk)
     rng = np.random.default_rng(11)
-    for batch in range(5):
+    for batch in range(6):
         rows = [
             (f"u{int(u)}", "purchase", float(v), t0 + timedelta(seconds=5))
             for u, v in zip(rng.integers(0, 80, 30), rng.random(30) * 50, strict=True)
         ]
         add_events(rows, prefix=f"batch{batch}")
-        refresh_unit_events(state=state, event_names=["purchase"])
-    refresh_unit_events(state=state, event_names=["purchase"])
-    scratch = AnalysisState.objects.create(experiment_id=second.pk)
-    _settle(scratch, ["purchase"])
-    view = experiment_selectors.experiment_view_get(key="inc-a")
-    incremental = business_stats(experiment_id=first.pk, metrics=[view.metrics[0].metric])
-    once = business_stats(experiment_id=second.pk, metrics=[view.metrics[0].metric])
-    for variant in ("v1", "v2"):
-        a, b = incremental["revenue"][variant], once["revenue"][variant]
-        assert a.n == b.n and a.sum == pytest.approx(b.sum)
-        assert a.sum_squares == pytest.approx(b.sum_squares)
+        note_event_horizon(state=state)
+        # Fold in small uneven chunks, so part of the events is always still in the tail.
+        fold_unit_events(state=state, event_names=["purchase"], limit=17)
+        assert state.event_cursor <= state.event_settled <= state.event_horizon
+        stats = business_stats(
+            experiment_id=experiment.pk, metrics=metric, tail_after=state.event_cursor
+        )
+        for variant, reference in _revenue_reference().items():
+            assert stats["revenue"][variant].n == reference.n == 40
+            assert stats["revenue"][variant].sum == pytest.approx(reference.sum)
+            assert stats["revenue"][variant].sum_squares == pytest.approx(reference.sum_squares)
+    assert state.event_cursor > 0
+    _settle(state, ["purchase"])
+    assert state.event_cursor == state.event_horizon
 
 
 def test_observations_fold_late_rows_and_merge_histograms(metrics: Any) -> None:
