@@ -67,16 +67,16 @@ import orjson
 from django.db import DatabaseError, OperationalError, connection, transaction
 
 from routing import ingest_metrics
-from routing.edge import (
-    EdgeContext,
-    EdgeError,
-    Receive,
-    Scope,
-    Send,
-    header_value,
-    read_body,
-    send_error,
-    send_json,
+from routing.edge import EdgeContext, EdgeError, Receive, Scope, Send, send_error, send_json
+from routing.edge_http import (
+    FieldError,
+    InvalidItem,
+    TimestampParser,
+    check_scope,
+    parse_batch,
+    read_limited_body,
+    text_field,
+    unit_id_field,
 )
 from routing.models import Event
 from routing.snapshot import close_thread_connections, run_with_db
@@ -89,11 +89,7 @@ MAX_EVENTS_PER_BATCH: Final = 10_000
 # 10,000 events of the longest allowed strings take about 5 MB of JSON.
 MAX_EVENTS_BODY_BYTES: Final = 8 * 1024 * 1024
 MAX_EVENT_ID_LENGTH: Final = 128
-MAX_UNIT_LENGTH: Final = 200
 MAX_NAME_LENGTH: Final = 128
-# Epoch seconds must name a time datetime can hold (before the year 10000); epoch
-# milliseconds, the usual mistake, fall far beyond it and are refused.
-MAX_EPOCH_SECONDS: Final = 253_402_300_800
 # Writer threads (one connection each). SQLite takes one writer at a time, so more threads
 # would only wait for its lock; PostgreSQL writes batches in parallel.
 WRITERS_SQLITE: Final = 1
@@ -102,33 +98,16 @@ WRITERS_POSTGRESQL: Final = 4
 WRITE_ATTEMPTS: Final = 3
 
 EVENT_FIELDS: Final = frozenset({"event_id", "unit_id", "name", "value", "timestamp"})
-_TOP_LEVEL_FIELDS: Final = frozenset({"events"})
 _RETRYABLE_SQLSTATES: Final = frozenset({"40P01", "40001"})  # deadlock, serialization
 
 # (event_id, unit_id, name, value, timestamp)
 EventRow = tuple[str, str, str, float, datetime]
 
 
-class InvalidEvent(Exception):
+class InvalidEvent(InvalidItem):
     """One event of a batch breaks a rule; the whole batch is refused."""
 
-    def __init__(self, index: int, field: str | None, message: str) -> None:
-        super().__init__(message)
-        self.index = index
-        self.field = field
-        self.message = message
-
-    def as_body(self) -> bytes:
-        return orjson.dumps(
-            {
-                "error": {
-                    "code": "invalid_event",
-                    "index": self.index,
-                    "field": self.field,
-                    "message": self.message,
-                }
-            }
-        )
+    code = "invalid_event"
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,42 +139,25 @@ def parse_events(
 
     ``now`` (aware, UTC) is the timestamp of events that carry none.
     """
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise EdgeError(400, "invalid", f"the body is not valid JSON: {exc}") from None
-    if isinstance(data, dict):
-        unknown = sorted(set(data) - _TOP_LEVEL_FIELDS)
-        if unknown:
-            raise EdgeError(400, "invalid", f"unknown field {unknown[0]!r}", unknown[0])
-        if "events" not in data:
-            raise EdgeError(400, "invalid", "events is required", "events")
-        events = data["events"]
-    else:
-        events = data
-    if not isinstance(events, list):
-        raise EdgeError(
-            400, "invalid", 'the body must be {"events": [...]} or a JSON list of events', "events"
-        )
-    if len(events) > max_events:
-        raise EdgeError(
-            413, "too_large", f"at most {max_events} events per batch, got {len(events)}", "events"
-        )
+    events = parse_batch(body, name="events", max_items=max_events, allow_list=True)
     rows: list[EventRow] = []
     seen: set[str] = set()
-    parse_time = _TimestampParser(now)
+    parse_time = TimestampParser()
     for index, item in enumerate(events):
         if type(item) is not dict:
             raise InvalidEvent(index, None, "each event must be a JSON object")
         if len(item) > 3 and not EVENT_FIELDS.issuperset(item):
             field = sorted(set(item) - EVENT_FIELDS)[0]
             raise InvalidEvent(index, field, f"unknown field {field!r}")
-        event_id = _text(index, "event_id", item.get("event_id"), MAX_EVENT_ID_LENGTH)
-        unit_id = _unit(index, item.get("unit_id"))
-        name = _text(index, "name", item.get("name"), MAX_NAME_LENGTH)
-        value = _value(index, item.get("value"))
-        raw_time = item.get("timestamp")
-        timestamp = now if raw_time is None else parse_time(index, raw_time)
+        try:
+            event_id = text_field("event_id", item.get("event_id"), MAX_EVENT_ID_LENGTH)
+            unit_id = unit_id_field(item.get("unit_id"))
+            name = text_field("name", item.get("name"), MAX_NAME_LENGTH)
+            value = _value(item.get("value"))
+            raw_time = item.get("timestamp")
+            timestamp = now if raw_time is None else parse_time(raw_time)
+        except FieldError as error:
+            raise InvalidEvent(index, error.field, error.message) from None
         if event_id in seen:
             continue
         seen.add(event_id)
@@ -203,27 +165,7 @@ def parse_events(
     return ParsedBatch(rows=rows, size=len(events))
 
 
-def _text(index: int, field: str, value: Any, max_length: int) -> str:
-    if type(value) is str and 0 < len(value) <= max_length and "\x00" not in value:
-        return value
-    if value is None or value == "":
-        raise InvalidEvent(index, field, f"{field} is required")
-    if not isinstance(value, str):
-        raise InvalidEvent(index, field, f"{field} must be a string")
-    if "\x00" in value:
-        raise InvalidEvent(index, field, f"{field} must not contain NUL characters")
-    raise InvalidEvent(index, field, f"{field} is longer than {max_length} characters")
-
-
-def _unit(index: int, value: Any) -> str:
-    # Integers are taken as their decimal string, as /v1/decide takes them, so a unit id
-    # sent as a number here matches the exposure recorded for it there.
-    if type(value) is int:
-        value = str(value)
-    return _text(index, "unit_id", value, MAX_UNIT_LENGTH)
-
-
-def _value(index: int, value: Any) -> float:
+def _value(value: Any) -> float:
     if value is None:
         return 1.0
     kind = type(value)
@@ -231,64 +173,10 @@ def _value(index: int, value: Any) -> float:
         # orjson refuses NaN and infinities, but a caller of parse_events may not use it.
         if math.isfinite(value):
             return float(value)
-        raise InvalidEvent(index, "value", "value must be a finite number")
+        raise FieldError("value", "value must be a finite number")
     if kind is int:
         return float(value)
-    raise InvalidEvent(index, "value", "value must be a number")
-
-
-class _TimestampParser:
-    """Turns an ISO 8601 string or epoch seconds into an aware UTC datetime.
-
-    Events of one batch often share a timestamp string, so parsed strings are remembered
-    for the batch.
-    """
-
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-        self.parsed: dict[str, datetime] = {}
-
-    def __call__(self, index: int, raw: Any) -> datetime:
-        kind = type(raw)
-        if kind is str:
-            cached = self.parsed.get(raw)
-            if cached is None:
-                cached = self._parse_iso(index, raw)
-                self.parsed[raw] = cached
-            return cached
-        if kind is int or kind is float:
-            if not (math.isfinite(raw) and 0 <= raw < MAX_EPOCH_SECONDS):
-                raise InvalidEvent(
-                    index,
-                    "timestamp",
-                    "timestamp in epoch seconds must lie between 0 and 253402300800 "
-                    "(seconds, not milliseconds)",
-                )
-            return datetime.fromtimestamp(raw, UTC)
-        raise InvalidEvent(
-            index, "timestamp", "timestamp must be an ISO 8601 string or epoch seconds"
-        )
-
-    @staticmethod
-    def _parse_iso(index: int, raw: str) -> datetime:
-        try:
-            parsed = datetime.fromisoformat(raw)
-        except ValueError:
-            raise InvalidEvent(
-                index, "timestamp", f"timestamp {raw[:40]!r} is not an ISO 8601 date-time"
-            ) from None
-        if parsed.tzinfo is None or parsed.utcoffset() is None:
-            raise InvalidEvent(
-                index,
-                "timestamp",
-                "timestamp needs a UTC offset, e.g. 2024-05-01T12:00:00Z",
-            )
-        if parsed.tzinfo is UTC:
-            return parsed
-        try:
-            return parsed.astimezone(UTC)
-        except OverflowError:
-            raise InvalidEvent(index, "timestamp", "timestamp is out of range") from None
+    raise FieldError("value", "value must be a number")
 
 
 # --- storage ------------------------------------------------------------------------------
@@ -457,13 +345,8 @@ class EventsApp:
             raise EdgeError(404, "not_found", f"no such endpoint: {scope['path']}")
         if scope["method"] != "POST":
             raise EdgeError(405, "method_not_allowed", "use POST")
-        self._check_key(scope)
-        declared = header_value(scope["headers"], b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise EdgeError(
-                413, "too_large", f"the request body exceeds {self.max_body_bytes} bytes"
-            )
-        body = await read_body(receive, self.max_body_bytes)
+        check_scope(self.context, scope, SCOPE_INGEST)
+        body = await read_limited_body(scope, receive, self.max_body_bytes)
         idle = self._idle
         if idle is None:
             raise EdgeError(503, "not_ready", "the events API has not started")
@@ -494,17 +377,6 @@ class EventsApp:
         ingest_metrics.EVENTS_DUPLICATE.inc(result.duplicates)
         ingest_metrics.BATCH_EVENTS.observe(result.accepted + result.duplicates)
         return result
-
-    def _check_key(self, scope: Scope) -> None:
-        context = self.context
-        if not context.require_key:
-            return
-        if not context.snapshots.current.loaded:
-            raise EdgeError(503, "not_ready", "the routing snapshot is not loaded yet")
-        failed = context.check_key(scope["headers"], SCOPE_INGEST)
-        if failed is not None:
-            code = "unauthorized" if failed.status == 401 else "forbidden"
-            raise EdgeError(failed.status, code, failed.error)
 
 
 def _count_events(body: bytes) -> int:
