@@ -143,8 +143,18 @@ class Decision(models.TextChoices):
 class ResultSnapshot(models.Model):
     """What one analysis run found: decision, health, exposures, metrics and latency.
 
-    The UI renders these as a time series; the JSON shapes are documented on
-    `analysis.guardrails.ExperimentAnalysis` and kept stable for it.
+    The UI renders these as a time series; keep the shapes stable:
+      * decision: continue | rollback | hold | safe_to_promote | advance | complete
+      * health: {"srm": {"p", "e_value", "flagged"}, "multiple_exposure": {"share", "units",
+        "flagged"}, "no_traffic": bool}
+      * exposures: {variant_key: units exposed to that variant only}
+      * metrics: one entry per (metric, treatment arm): "metric", "name", "kind", "role",
+        "direction", "arm", "control_arm", "n_control", "n_treatment", "control_estimate",
+        "treatment_estimate", "abs_effect", "rel_effect", "ci_fixed" and "ci_always_valid"
+        ([lo, hi] on the relative effect), "p_value", "p_always_valid", "harm_bound",
+        "margin", "status" (breach | ok | insufficient | win | loss | inconclusive) and
+        "summary" (a plain-words sentence). Unknown or unbounded numbers are null.
+      * latency: {variant_key: {"n", "mean", "p50", "p95", "p99", "error_rate"}}
     """
 
     experiment = models.ForeignKey(

@@ -40,7 +40,6 @@ from analysis.guardrails import (
 )
 from analysis.models import (
     AnalysisState,
-    Decision,
     ResultSnapshot,
     SequentialState,
     WebhookEndpoint,
@@ -201,16 +200,16 @@ def _advance(view: ExperimentView, result: ExperimentAnalysis) -> str | None:
         from_position=position,
         exposures=result.exposures,
     )
-    return Decision.COMPLETE if completed else Decision.ADVANCE
+    return kind
 
 
 def _health_alerts(view: ExperimentView, state: AnalysisState, result: ExperimentAnalysis) -> None:
     """Alert once when health starts failing (a new episode), not at every run."""
     failing = result.health.failing
     # A rollback because of health sends its own alert.
-    if failing and not state.health_failing and result.decision != Decision.ROLLBACK:
+    if failing and not state.health_failing and result.decision != "rollback":
         state.health_episode += 1
-        held = result.decision == Decision.HOLD
+        held = result.decision == "hold"
         _alert(
             view,
             "hold" if held else "health_warning",
@@ -305,12 +304,12 @@ def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> Ru
     state.srm_max_log_e_value = result.health.srm_max_log_e_value
     decision = result.decision
     acted = False
-    if decision == Decision.ROLLBACK:
+    if decision == "rollback":
         acted = _rollback(view, result)
-    elif decision == Decision.ADVANCE:
+    elif decision == "advance":
         taken = _advance(view, result)
         acted = taken is not None
-        decision = taken or Decision.CONTINUE
+        decision = taken or "continue"
     _health_alerts(view, state, result)
     state.runs += 1
     state.last_run_at = now
