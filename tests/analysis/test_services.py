@@ -218,3 +218,53 @@ def test_snapshot_selectors_give_latest_and_history(metrics: Any) -> None:
     assert set(latest.latency) == {"v1", "v2"}
     assert set(latest.latency["v1"]) == {"n", "mean", "p50", "p95", "p99", "error_rate"}
     assert AnalysisState.objects.get(experiment=experiment).runs == 3
+
+
+def test_an_arm_without_traffic_holds_the_ramp(metrics: Any, slack_url: str) -> None:
+    experiment = start_experiment("silent", ramp=[(0.5, 0, 0), (1.0, 0, 0)])
+    at = later(experiment.started_at, 10)
+    traffic(experiment, control_n=300, canary_n=0, at=at)
+    early = services.analysis_run(experiment_id=experiment.pk, now=later(at, 5))
+    assert early is not None and early.snapshot.health["no_traffic"] is False
+    result = services.analysis_run(experiment_id=experiment.pk, now=later(at, 300))
+    assert result is not None
+    assert result.snapshot.health["no_traffic"] is True
+    assert result.snapshot.decision == "hold"
+    assert _experiment("silent").ramp_position == 0
+    assert list(
+        AlertOutbox.objects.filter(experiment=experiment).values_list("kind", flat=True)
+    ) == ["hold"]
+
+
+def test_a_large_event_backlog_is_folded_by_the_task_in_chunks(
+    metrics: Any, monkeypatch: pytest.MonkeyPatch, django_capture_on_commit_callbacks: Any
+) -> None:
+    from routing.models import Event
+    from tests.analysis.conftest import add_events, add_exposures
+
+    monkeypatch.setattr(services, "INLINE_FOLD", 10)
+    scheduled: list[int] = []
+    monkeypatch.setattr(services, "schedule_fold", scheduled.append)
+    experiment = start_experiment(
+        "backlog", kind="ab", ramp=[], metrics=[{"metric": "conversion", "role": "primary"}]
+    )
+    at = later(experiment.started_at, 1)
+    add_exposures(experiment.pk, "v1", [f"a{i}" for i in range(150)], at)
+    add_exposures(experiment.pk, "v2", [f"b{i}" for i in range(150)], at)
+    add_events(
+        (f"{arm}{i}", "purchase", 1.0, later(at, 1)) for arm in "ab" for i in range(0, 150, 3)
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        first = services.analysis_run(experiment_id=experiment.pk, now=later(at, 2))
+        second = services.analysis_run(experiment_id=experiment.pk, now=later(at, 3))
+    assert first is not None and second is not None
+    assert scheduled == [experiment.pk]  # only the second look has a settled backlog
+    while services.events_fold(experiment_id=experiment.pk, limit=7) > 0:
+        pass
+    state = AnalysisState.objects.get(experiment=experiment)
+    assert state.event_cursor == Event.objects.order_by("-id").values_list("id", flat=True)[0]
+    third = services.analysis_run(experiment_id=experiment.pk, now=later(at, 4))
+    assert third is not None
+    for look in (first, second, third):
+        row = next(m for m in look.snapshot.metrics if m["metric"] == "conversion")
+        assert (row["n_control"], row["control_estimate"]) == (150, pytest.approx(50 / 150))
