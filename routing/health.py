@@ -107,7 +107,7 @@ def mark_dead_processes(directory: str) -> list[int]:
                 if pid != os.getpid() and pid not in dead and not _pid_alive(pid):
                     dead.add(pid)
     for pid in dead:
-        mark_process_dead(pid, directory)
+        mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
     return sorted(dead)
 
 
@@ -119,7 +119,7 @@ def metrics_exposition(accept: str | None) -> tuple[bytes, str]:
     else:
         mark_dead_processes(directory)
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=directory)
+        MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
     encoder, content_type = choose_encoder(accept or "")
     return encoder(registry), content_type
 
@@ -173,7 +173,7 @@ class MetricsApp:
                 await task
         directory = multiprocess_dir()
         if directory is not None:
-            mark_process_dead(os.getpid(), directory)
+            mark_process_dead(os.getpid(), directory)  # type: ignore[no-untyped-call]
 
     async def _publish_age(self) -> None:
         while True:

@@ -1,51 +1,740 @@
-"""`make demo`: set up the embedded platform, load a demo canary and serve it until Ctrl-C."""
+"""`make demo`: run the whole platform locally and watch a canary get rolled back (or promoted).
+
+What runs, all on loopback, with the embedded defaults (SQLite and kombu's filesystem broker
+under the data directory, unless DATABASE_URL / CELERY_BROKER_URL say otherwise):
+
+* the edge and the web app: one ``uvicorn config.asgi:application`` (UI, admin, REST API,
+  /proxy/, /v1/events, /metrics, /readyz);
+* a Celery worker and Celery beat (analysis every ``--interval`` seconds, rollback, ramp,
+  alerts through the outbox);
+* two model versions (``scripts.demo_models``): v1, the control, and v2, the canary: 40%
+  slower at p95 in the ``bad`` scenario, 10% faster and converting better in ``healthy``;
+* a Slack stand-in (``scripts.demo_slack``) that SLACK_WEBHOOK_URL points at;
+* simulated users (``scripts.demo_traffic``) sending predictions through the proxy and
+  purchases to the events API.
+
+The platform runs unmodified; the demo only chooses settings (short ramp steps, a short
+ANALYSIS_INTERVAL_S) and talks to the public APIs. Its story is read back from the
+platform: the audit log, the analysis results, and what the Slack stand-in received.
+
+``--exit`` stops after the decision (and exits 1 if the outcome is not the expected one);
+without it everything keeps serving until Ctrl-C so the UI can be explored.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import io
+import json
+import logging
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from scripts.demo_slack import SlackStandIn, render
+from scripts.demo_story import Narrator, percent
+from scripts.demo_traffic import SimulatedUsers
 
 ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT = "ranker-canary"
+CONTROL, CANARY = "v1", "v2"
+LOGIN = ("admin", "rampart-demo")
+MARKER = ".rampart-demo"
+# Inference-like latencies, large enough that scheduling noise on a busy 2-core laptop (tens
+# of milliseconds at the tail) stays small next to a 40% difference at p95.
+V1_MEDIAN_MS = 150.0
+# After a decision: keep the users coming this long, to show where traffic goes now.
+AFTER_DECISION_S = 4.0
+SLACK_WAIT_S = 30.0
+POLL_S = 1.0
+
+# One uvicorn serves the edge and the web app; the worker runs one task at a time (solo pool)
+# and skips the cluster chatter a single local worker does not need.
+UVICORN_ARGS = (
+    "-m",
+    "uvicorn",
+    "config.asgi:application",
+    "--host",
+    "127.0.0.1",
+    "--no-access-log",
+)
+WORKER_ARGS = (
+    "-m",
+    "celery",
+    "-A",
+    "config",
+    "worker",
+    "--pool=solo",
+    "--loglevel=INFO",
+    "--without-heartbeat",
+    "--without-gossip",
+    "--without-mingle",
+)
+BEAT_ARGS = ("-m", "celery", "-A", "config", "beat", "--loglevel=INFO")
 
 
-def manage(*args: str) -> None:
-    subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, check=True)
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    summary: str
+    canary_median_ms: float
+    conversion: Mapping[str, float]
+    expected_status: str
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--exit", action="store_true", help="set up and exit without serving")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.dev")
-    manage("migrate", "--noinput", "-v", "0")
-    manage("createdemoadmin")
-    manage("seeddemo")
-    base = f"http://127.0.0.1:{args.port}"
-    print(f"\nRampart is ready.\n  UI and admin: {base}/admin/  (login admin / rampart-demo)")
-    print(f"  API docs:     {base}/api/docs/\n  API schema:   {base}/api/schema/")
-    if args.exit:
-        return 0
-    print("Serving until Ctrl-C.\n", flush=True)
-    try:
-        return subprocess.call(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "config.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(args.port),
-            ],
+SCENARIOS = {
+    "bad": Scenario(
+        name="bad",
+        summary="v2 answers about 40% slower at p95 than v1 (guardrail: at most 10% worse)",
+        canary_median_ms=V1_MEDIAN_MS * 1.4,
+        conversion={CONTROL: 0.10, CANARY: 0.10},
+        expected_status="rolled_back",
+    ),
+    "healthy": Scenario(
+        name="healthy",
+        summary="v2 is 20% faster than v1 and converts a little better",
+        canary_median_ms=V1_MEDIAN_MS * 0.8,
+        conversion={CONTROL: 0.10, CANARY: 0.12},
+        expected_status="completed",
+    ),
+}
+
+
+class DemoError(RuntimeError):
+    """A step of the demo failed; the message says which and where to look."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def prepare_data_dir(path: Path) -> None:
+    """Start from an empty data directory; never wipe one the demo did not create."""
+    if path.exists() and any(path.iterdir()):
+        if not (path / MARKER).exists():
+            raise DemoError(f"{path} is not empty and was not made by the demo; choose --data-dir")
+        shutil.rmtree(path)
+    (path / "logs").mkdir(parents=True, exist_ok=True)
+    (path / "metrics").mkdir(exist_ok=True)
+    (path / MARKER).write_text("created by scripts/demo.py; wiped at every demo run\n")
+
+
+class Processes:
+    """The demo's child processes: started in their own sessions, stopped in reverse order."""
+
+    def __init__(self, logs: Path, env: Mapping[str, str]) -> None:
+        self.logs = logs
+        self.env = dict(env)
+        self.children: list[tuple[str, subprocess.Popen[bytes], TextIO]] = []
+
+    def start(self, name: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - closed in stop_all
+        process = subprocess.Popen(
+            [sys.executable, *args],
             cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            # Ctrl-C goes to the demo only, which then stops the children in order.
+            start_new_session=True,
         )
+        self.children.append((name, process, log))
+        return process
+
+    def check(self) -> None:
+        for name, process, _ in self.children:
+            if process.poll() is not None:
+                raise DemoError(
+                    f"{name} exited with code {process.returncode}; see {self.logs / name}.log:\n"
+                    + tail(self.logs / f"{name}.log")
+                )
+
+    def stop_all(self) -> None:
+        for _, process, _ in reversed(self.children):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for _, process, log in reversed(self.children):
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            log.close()
+        self.children.clear()
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def manage(*args: str) -> str:
+    """Run a management command in this process (set up by ``setup_django``); its output."""
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    output = io.StringIO()
+    try:
+        call_command(*args, stdout=output, stderr=output)
+    except CommandError as error:
+        raise DemoError(
+            f"manage.py {' '.join(args)} failed: {error}\n{output.getvalue()}"
+        ) from None
+    return output.getvalue()
+
+
+def setup_django(env: Mapping[str, str]) -> None:
+    """Configure Django in this process with the demo's settings (one start-up, not five)."""
+    for name, value in env.items():
+        # The demo process itself records no metrics; only its children share the directory.
+        if name != "PROMETHEUS_MULTIPROC_DIR":
+            os.environ[name] = value
+    import django
+
+    django.setup()
+    # httpx logs every request at INFO; the story is told by the narrator instead.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def wait_until_answers(url: str, processes: Processes, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        processes.check()
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise DemoError(f"{url} did not answer within {timeout:.0f}s")
+
+
+@dataclass
+class Options:
+    scenario: Scenario
+    port: int
+    data_dir: Path
+    rate: float
+    step_seconds: int
+    step_exposures: int
+    interval: float
+    timeout: float
+    exit: bool
+    summary: Path | None
+
+
+def parse_args(argv: Sequence[str] | None) -> Options:
+    parser = argparse.ArgumentParser(description="Run Rampart locally and watch a canary.")
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="bad")
+    parser.add_argument("--exit", action="store_true", help="exit after the decision")
+    parser.add_argument("--port", type=int, default=8000, help="UI and edge port (0: any)")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "var" / "demo")
+    parser.add_argument("--rate", type=float, default=60.0, help="visits per second")
+    parser.add_argument("--step-seconds", type=int, default=8, help="minimum ramp step length")
+    parser.add_argument("--step-exposures", type=int, default=6, help="users per arm per step")
+    parser.add_argument("--interval", type=float, default=1.0, help="ANALYSIS_INTERVAL_S")
+    parser.add_argument("--timeout", type=float, default=300.0, help="give up after (seconds)")
+    parser.add_argument("--summary", type=Path, help="write a JSON summary here")
+    args = parser.parse_args(argv)
+    return Options(
+        scenario=SCENARIOS[args.scenario],
+        port=args.port or free_port(),
+        data_dir=args.data_dir.resolve(),
+        rate=args.rate,
+        step_seconds=args.step_seconds,
+        step_exposures=args.step_exposures,
+        interval=args.interval,
+        timeout=args.timeout,
+        exit=args.exit,
+        summary=args.summary,
+    )
+
+
+def demo_env(options: Options, slack_url: str) -> dict[str, str]:
+    """The environment of every Rampart process of the demo: ordinary settings only."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "config.settings.dev",
+            "DJANGO_DEBUG": "false",
+            "RAMPART_DATA_DIR": str(options.data_dir),
+            "RAMPART_BASE_URL": f"http://127.0.0.1:{options.port}",
+            "SLACK_WEBHOOK_URL": slack_url,
+            "ANALYSIS_INTERVAL_S": str(options.interval),
+            "SNAPSHOT_REFRESH_S": "0.5",
+            "RECORDER_FLUSH_S": "0.5",
+            "OBSERVATION_BUCKET_S": "1",
+            "ALERT_BACKOFF_BASE_S": "0.5",
+            "ALERT_BACKOFF_MAX_S": "2",
+            "EDGE_REQUIRE_KEY": "true",
+            # Edge, worker and beat share one directory, so the edge's /metrics also shows
+            # the pipeline's counters (rollbacks, ramp steps, alert deliveries).
+            "PROMETHEUS_MULTIPROC_DIR": str(options.data_dir / "metrics"),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+def create_key(name: str, scopes: str) -> str:
+    output = manage("createapikey", "--name", name, "--scopes", scopes)
+    return output.strip().splitlines()[-1]
+
+
+class Demo:
+    def __init__(self, options: Options, console: Console) -> None:
+        self.options = options
+        self.console = console
+        self.base = f"http://127.0.0.1:{options.port}"
+        self.slack = SlackStandIn()
+        self.env = demo_env(options, "")
+        self.processes = Processes(options.data_dir / "logs", self.env)
+        self.started_at = time.monotonic()
+        self.traffic: SimulatedUsers | None = None
+        self.narrator: Narrator | None = None
+        self.outcome: dict[str, Any] = {}
+
+    def step(self, text: str) -> None:
+        self.console.print(f"[dim]•[/dim] {text}")
+
+    def setup(self) -> tuple[str, str]:
+        """Data directory, database, demo login and experiment, processes; (traffic, admin) keys."""
+        options = self.options
+        if not port_is_free(options.port):
+            raise DemoError(f"port {options.port} is in use; pass --port (0 picks a free one)")
+        prepare_data_dir(options.data_dir)
+        self.slack.start()
+        self.env = demo_env(options, self.slack.url())
+        self.processes = Processes(options.data_dir / "logs", self.env)
+        database = self.env.get("DATABASE_URL") or f"SQLite in {options.data_dir}"
+        broker = self.env.get("CELERY_BROKER_URL") or "filesystem:// (no server)"
+        self.step(f"database: {database}; broker: {broker}")
+        setup_django(self.env)
+        manage("migrate", "--noinput", "-v", "0")
+        self.step("migrated the database")
+        manage("createdemoadmin", "--username", LOGIN[0], "--password", LOGIN[1])
+        self.step(f"demo login {LOGIN[0]} / {LOGIN[1]}")
+        ports = {CONTROL: free_port(), CANARY: free_port()}
+        try:
+            seeded = manage(
+                "seeddemo",
+                "--key",
+                EXPERIMENT,
+                "--control-url",
+                f"http://127.0.0.1:{ports[CONTROL]}",
+                "--canary-url",
+                f"http://127.0.0.1:{ports[CANARY]}",
+                "--step-seconds",
+                str(options.step_seconds),
+                "--step-exposures",
+                str(options.step_exposures),
+            )
+        except DemoError as error:
+            raise DemoError(f"could not create the demo experiment: {error}") from None
+        if "Created demo experiment" not in seeded:
+            raise DemoError(
+                f"the database already holds an experiment {EXPERIMENT} (DATABASE_URL is "
+                f"{self.env.get('DATABASE_URL')}); run the demo on an empty database, or unset "
+                "DATABASE_URL to use the demo's own SQLite file"
+            )
+        traffic_key = create_key("demo-traffic", "decide,ingest")
+        admin_key = create_key("demo-narrator", "read,manage")
+        from django.db import connections
+
+        # The children own the database from here on; this process only uses the APIs.
+        connections.close_all()
+        self.step(
+            f"experiment {EXPERIMENT} (draft): guardrails p95 latency (10% margin) and error "
+            f"rate; ramp 1% → 5% → 10% → 25% → 50% → 100%, steps of at least "
+            f"{options.step_seconds}s and {options.step_exposures} users per arm"
+        )
+        scenario = options.scenario
+        for name, median in ((CONTROL, V1_MEDIAN_MS), (CANARY, scenario.canary_median_ms)):
+            self.processes.start(
+                f"model-{name}",
+                [
+                    "-m",
+                    "scripts.demo_models",
+                    "--name",
+                    name,
+                    "--port",
+                    str(ports[name]),
+                    "--median-ms",
+                    str(median),
+                    "--seed",
+                    str(ports[name]),
+                ],
+            )
+        self.step(
+            f"model servers: v1 (median {V1_MEDIAN_MS:g} ms) on :{ports[CONTROL]}, "
+            f"v2 (median {scenario.canary_median_ms:g} ms) on :{ports[CANARY]}"
+        )
+        self.processes.start(
+            "web-edge",
+            [*UVICORN_ARGS, "--port", str(options.port)],
+        )
+        self.processes.start(
+            "worker",
+            WORKER_ARGS,
+        )
+        self.processes.start(
+            "beat",
+            [*BEAT_ARGS, "--schedule", str(options.data_dir / "celerybeat-schedule")],
+        )
+        for name in (CONTROL, CANARY):
+            wait_until_answers(f"http://127.0.0.1:{ports[name]}/", self.processes)
+        wait_until_answers(f"{self.base}/readyz", self.processes)
+        self.check_edge(traffic_key)
+        self.warm_up(admin_key)
+        self.step(
+            f"edge and web app on {self.base}, Celery worker and beat (analysis every "
+            f"{options.interval:g}s), Slack stand-in on :{self.slack.port}; logs in "
+            f"{options.data_dir / 'logs'}"
+        )
+        return traffic_key, admin_key
+
+    def check_edge(self, key: str) -> None:
+        """Fail loudly when a part the story needs is not mounted on the edge."""
+        headers = {"X-Rampart-Key": key}
+        try:
+            events = httpx.post(
+                f"{self.base}/v1/events", json={"events": []}, headers=headers, timeout=30
+            )
+            proxied = httpx.post(
+                f"{self.base}/proxy/{EXPERIMENT}/predict", headers=headers, timeout=30
+            )
+        except httpx.HTTPError as error:
+            raise DemoError(f"the edge did not answer: {error!r}") from None
+        if events.status_code == 404:
+            raise DemoError("the events API (/v1/events) is not mounted on the edge")
+        if proxied.status_code == 404 or "x-rampart-variant" not in proxied.headers:
+            raise DemoError(f"the proxy did not serve {EXPERIMENT}: {proxied.text[:300]}")
+
+    def warm_up(self, admin_key: str) -> None:
+        """Read what the narrator will read, once, before the canary starts.
+
+        The first request to each API view imports its modules in the process that also
+        proxies; doing that now keeps the pause out of the canary's latency measurements.
+        """
+        headers = {"Authorization": f"Bearer {admin_key}"}
+        path = f"{self.base}/api/v1/experiments/{EXPERIMENT}/"
+        for url in (path, f"{path}audit/", f"{path}results/", f"{self.base}/metrics"):
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.get(url, headers=headers, timeout=30)
+
+    def start_experiment(self, admin_key: str) -> None:
+        try:
+            response = httpx.post(
+                f"{self.base}/api/v1/experiments/{EXPERIMENT}/start/",
+                headers={"Authorization": f"Bearer {admin_key}"},
+                timeout=30,
+            )
+        except httpx.HTTPError as error:
+            raise DemoError(f"the management API did not answer: {error!r}") from None
+        if response.status_code != 200:
+            raise DemoError(f"starting {EXPERIMENT} failed: {response.status_code} {response.text}")
+
+    async def run_story(self, traffic_key: str, admin_key: str) -> None:
+        options = self.options
+        scenario = options.scenario
+        self.traffic = SimulatedUsers(
+            base_url=self.base,
+            experiment=EXPERIMENT,
+            api_key=traffic_key,
+            rate=options.rate,
+            conversion=scenario.conversion,
+            control=CONTROL,
+        )
+        self.narrator = Narrator(
+            console=self.console,
+            base_url=self.base,
+            experiment=EXPERIMENT,
+            api_key=admin_key,
+            started_at=self.started_at,
+        )
+        stop_traffic = asyncio.Event()
+        users = asyncio.create_task(self.traffic.run(stop_traffic))
+        progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=20),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )
+        deadline = time.monotonic() + options.timeout
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+                with progress:
+                    task = progress.add_task("starting", total=6, detail="")
+                    self.start_experiment(admin_key)
+                    after_decision: float | None = None
+                    while True:
+                        self.processes.check()
+                        if users.done():
+                            users.result()
+                            raise DemoError("the simulated users stopped unexpectedly")
+                        observed = await self.narrator.poll(session)
+                        self.print_slack()
+                        progress.update(task, **self.progress_fields(observed))
+                        if observed.finished and after_decision is None:
+                            after_decision = time.monotonic() + AFTER_DECISION_S
+                        if after_decision is not None and time.monotonic() >= after_decision:
+                            break
+                        if time.monotonic() > deadline:
+                            raise DemoError(self.stuck_report())
+                        await asyncio.sleep(POLL_S)
+                    stop_traffic.set()
+                    await users
+                    await self.wait_for_slack(session)
+        finally:
+            stop_traffic.set()
+            if not users.done():
+                users.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await users
+
+    def progress_fields(self, observed: Any) -> dict[str, Any]:
+        stats = self.traffic.stats if self.traffic else None
+        if observed.status == "running":
+            description = f"canary v2 at {percent(observed.share)}"
+        else:
+            description = observed.status.replace("_", " ")
+        position = observed.position or 0
+        completed = observed.steps if observed.status == "completed" else position
+        latency = ((observed.result or {}).get("latency")) or {}
+        p95 = " / ".join(
+            f"{arm} p95 {row['p95']:.0f} ms"
+            for arm, row in sorted(latency.items())
+            if isinstance(row.get("p95"), int | float)
+        )
+        detail = ""
+        if stats is not None:
+            detail = (
+                f"{stats.requests:,} predictions · {stats.users:,} users · "
+                f"{stats.conversions:,} purchases"
+            )
+        if p95:
+            detail += f" · {p95}"
+        return {
+            "description": description,
+            "completed": completed,
+            "total": max(observed.steps, 1),
+            "detail": detail,
+        }
+
+    def print_slack(self) -> None:
+        """Show what the Slack stand-in received: ramp steps in one line, decisions in full."""
+        assert self.narrator is not None
+        while not self.slack.inbox.empty():
+            message = self.slack.inbox.get()
+            self.narrator.say(f"Slack stand-in received: {message.header}")
+            if message.kind != "advance":
+                channel = f"#alerts (stand-in on :{self.slack.port})"
+                self.console.print(render(message, channel=channel))
+
+    async def wait_for_slack(self, session: aiohttp.ClientSession) -> None:
+        assert self.narrator is not None
+        expected = "rollback" if self.narrator.observed.status == "rolled_back" else "complete"
+        deadline = time.monotonic() + SLACK_WAIT_S
+        while not self.slack.received(expected) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            self.print_slack()
+        self.print_slack()
+
+    def stuck_report(self) -> str:
+        assert self.narrator is not None
+        observed = self.narrator.observed
+        result = observed.result or {}
+        return (
+            f"no decision within {self.options.timeout:.0f}s: {EXPERIMENT} is {observed.status} "
+            f"at {percent(observed.share)}; last analysis: {result.get('decision')} "
+            f"({result.get('reason')}).\nworker log:\n"
+            + tail(self.options.data_dir / "logs" / "worker.log")
+        )
+
+    def conclude(self) -> bool:
+        """Print the evidence and the summary; True if the outcome is the expected one."""
+        assert self.narrator is not None and self.traffic is not None
+        observed = self.narrator.observed
+        scenario = self.options.scenario
+        stats = self.traffic.stats
+        decided = observed.decided_at or time.monotonic()
+        after = self.traffic.served_since(decided + 1.5)
+        decision_entry = next(
+            (e for e in observed.audit if e["action"] in ("rollback", "complete")), None
+        )
+        table = self.narrator.evidence_table()
+        if table is not None:
+            self.console.print(table)
+        served_to = CONTROL if observed.status == "rolled_back" else observed.winner
+        share = after.get(served_to or "", 0) / max(sum(after.values()), 1)
+        if after:
+            self.narrator.say(
+                f"afterwards: {share:.0%} of {sum(after.values()):,} predictions were served "
+                f"by {served_to}"
+            )
+        self.narrator.say(
+            f"stickiness: {stats.returning:,} returning visits; {stats.to_canary:,} moved "
+            f"v1 → v2 as the ramp widened, {len(stats.to_control_at):,} v2 → v1 after the "
+            f"decision, {stats.other_switches} other switches"
+        )
+        metrics_text = ""
+        with contextlib.suppress(httpx.HTTPError):
+            metrics_text = httpx.get(f"{self.base}/metrics", timeout=5).text
+        counters = {
+            name: sum_samples(metrics_text, name)
+            for name in ("rampart_rollbacks_total", "rampart_ramp_steps_total")
+        }
+        self.narrator.say(
+            f"/metrics: rampart_rollbacks_total {counters['rampart_rollbacks_total']:g}, "
+            f"rampart_ramp_steps_total {counters['rampart_ramp_steps_total']:g}"
+        )
+        decided_wall = parse_time(decision_entry["created_at"]) if decision_entry else None
+        early_returns = sum(
+            1 for at in stats.to_control_at if decided_wall is None or at < decided_wall
+        )
+        slack = self.slack.received()
+        elapsed = (observed.decided_at or time.monotonic()) - self.started_at
+        self.outcome = {
+            "scenario": scenario.name,
+            "expected_status": scenario.expected_status,
+            "status": observed.status,
+            "winner": observed.winner,
+            "seconds_to_decision": round(elapsed, 1),
+            "decision_reason": decision_entry["reason"] if decision_entry else None,
+            "evidence": ((decision_entry or {}).get("after") or {}).get("evidence"),
+            "audit_actions": [e["action"] for e in observed.audit],
+            "slack_messages": [{"kind": m.kind, "header": m.header} for m in slack],
+            "served_after_decision": dict(after),
+            "predictions": stats.requests,
+            "failed_predictions": stats.failed,
+            "status_codes": {str(k): v for k, v in stats.status_codes.items()},
+            "users": stats.users,
+            "returning_visits": stats.returning,
+            "switches_to_canary": stats.to_canary,
+            "switches_to_control": len(stats.to_control_at),
+            "switches_to_control_before_decision": early_returns,
+            "other_switches": stats.other_switches,
+            "purchases": stats.conversions,
+            "events_sent": stats.events_sent,
+            "event_batches_failed": stats.event_batches_failed,
+            "metrics": counters,
+            "story": self.narrator.lines,
+        }
+        ok = observed.status == scenario.expected_status
+        if scenario.expected_status == "completed":
+            ok = ok and observed.winner == CANARY
+        style = "bold green" if ok else "bold red"
+        verdict = "as expected" if ok else f"NOT the expected {scenario.expected_status}"
+        self.console.print(
+            f"\nOutcome: {observed.status.replace('_', ' ')} after {elapsed:.0f}s, {verdict}; "
+            f"Slack received {len(slack)} message(s): " + ", ".join(m.kind for m in slack),
+            style=style,
+        )
+        return ok
+
+    def write_summary(self) -> None:
+        if self.options.summary is not None:
+            self.options.summary.write_text(json.dumps(self.outcome, indent=2))
+
+    def serve_until_interrupted(self) -> None:
+        self.console.print(
+            f"\nRampart keeps running. Open {self.base}/ and log in as "
+            f"{LOGIN[0]} / {LOGIN[1]}.\n"
+            f"  experiment:  {self.base}/experiments/{EXPERIMENT}/\n"
+            f"  admin:       {self.base}/admin/\n"
+            f"  API docs:    {self.base}/api/docs/\n"
+            f"  metrics:     {self.base}/metrics   readiness: {self.base}/readyz\n"
+            "Press Ctrl-C to stop.",
+        )
+        while True:
+            self.processes.check()
+            time.sleep(1)
+
+    def stop(self) -> None:
+        self.processes.stop_all()
+        with contextlib.suppress(Exception):
+            self.slack.stop()
+
+
+def parse_time(value: str) -> float:
+    """Unix time of an ISO 8601 timestamp from the API (``Z`` or an offset)."""
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def sum_samples(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Ctrl-C and `kill` both stop the demo cleanly, children included, even when the shell
+    # that started it made SIGINT ignored (a background job).
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    options = parse_args(argv)
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    scenario = options.scenario
+    console.rule("Rampart demo")
+    console.print(
+        f"Scenario [bold]{scenario.name}[/bold]: {scenario.summary}. "
+        f"Simulated users: {options.rate:g} visits/s.\n"
+    )
+    demo = Demo(options, console)
+    try:
+        traffic_key, admin_key = demo.setup()
+        asyncio.run(demo.run_story(traffic_key, admin_key))
+        ok = demo.conclude()
+        demo.write_summary()
+        if options.exit:
+            return 0 if ok else 1
+        demo.serve_until_interrupted()
+    except DemoError as error:
+        console.print(f"\nThe demo failed: {error}", style="bold red", markup=False)
+        return 1
     except KeyboardInterrupt:
-        return 0
+        console.print("\nStopping.")
+    finally:
+        demo.stop()
+    return 0
 
 
 if __name__ == "__main__":

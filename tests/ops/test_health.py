@@ -16,7 +16,7 @@ from django.db import OperationalError
 
 from experiments import services
 from routing import health
-from routing.edge import Edge, EdgeContext, build_edge, send_json
+from routing.edge import Edge, EdgeContext, SubApp, build_edge, send_json
 from routing.health import HealthApp, MetricsApp, ReadyApp, StaticFilesApp
 from routing.logcontext import RequestIdMiddleware, current
 from routing.recorder import ExposureRecorder
@@ -24,7 +24,7 @@ from routing.snapshot import SnapshotHolder
 from tests.factories import create_experiment
 from tests.processes import free_port, start_process, stop_process, wait_for_http
 
-MOUNTS = {
+MOUNTS: dict[str, Callable[[EdgeContext], SubApp]] = {
     "/healthz": HealthApp,
     "/readyz": ReadyApp,
     "/metrics": MetricsApp,

@@ -34,12 +34,12 @@ OWNERS: tuple[ModuleType, ...] = (
 
 def declared_families(module: ModuleType) -> dict[str, str]:
     """Family name (as the text format names it) -> type, of every metric a module declares."""
-    families = {}
+    families: dict[str, str] = {}
     for value in vars(module).values():
         if isinstance(value, MetricWrapperBase):
             # Counter keeps its name without "_total"; the text format 0.0.4 adds it back.
             suffix = "_total" if value._type == "counter" else ""
-            families[value._name + suffix] = value._type
+            families[value._name + suffix] = str(value._type)
     return families
 
 
