@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from django.conf import settings
 from django.db import OperationalError
 
 from experiments import services
-from routing import health
+from routing import health, logcontext
 from routing.edge import Edge, EdgeContext, SubApp, build_edge, send_json
 from routing.health import HealthApp, MetricsApp, ReadyApp, StaticFilesApp
 from routing.logcontext import RequestIdMiddleware, current
@@ -223,21 +224,39 @@ def test_static_files_prefer_the_collected_copy(tmp_path: Path, settings: Any) -
     assert health.find_static("admin/css/") is None
 
 
-def test_request_ids_are_bound_echoed_and_sanitised() -> None:
+def test_request_ids_are_kept_echoed_or_made_when_first_logged() -> None:
     app = RequestIdMiddleware(fallback)
 
     async def test(client: httpx.AsyncClient) -> None:
         given = await client.get("/x", headers={"X-Request-ID": "lb-1234"})
         assert given.headers["x-request-id"] == "lb-1234"
         assert given.json()["context"] == {"request_id": "lb-1234"}
+        # No id given: one is made when the request logs (here: reads its context), and the
+        # response carries no header, so requests that log nothing pay nothing.
         made = await client.get("/x")
-        assert len(made.headers["x-request-id"]) == 16
-        assert made.json()["context"]["request_id"] == made.headers["x-request-id"]
+        assert "x-request-id" not in made.headers
+        made_id = made.json()["context"]["request_id"]
+        assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]+", made_id)
+        again = (await client.get("/x")).json()["context"]["request_id"]
+        assert again != made_id
         for bad in ("has space", "x" * 129):
             response = await client.get("/x", headers={"X-Request-ID": bad})
-            assert response.headers["x-request-id"] != bad
+            assert "x-request-id" not in response.headers
+            assert response.json()["context"]["request_id"] != bad
 
     serve(app, test)
+
+
+def test_route_and_block_context_reach_the_log_fields() -> None:
+    assert logcontext.current() == {}
+    with logcontext.log_context(request_id="task-1", experiment="ranker-v2"):
+        logcontext.set_route("ranker-v2", "v2")
+        assert logcontext.current() == {
+            "request_id": "task-1",
+            "experiment": "ranker-v2",
+            "variant": "v2",
+        }
+    assert logcontext.current() == {}
 
 
 @pytest.fixture
