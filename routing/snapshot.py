@@ -22,7 +22,9 @@ Specs: an A/B test uses its routed variants' weights (control first, then the ot
 their configured order) and its coverage. A canary gives its current ramp step's
 ``canary_share`` to the non-control variants, split in proportion to their configured
 weights, each in its own fixed lane (``routing.assignment.build_canary_spec``), so raising
-the share only moves units from control to a canary. Canary specs have full coverage.
+the share only moves units from control to a canary. Lanes follow those weights: with two
+or more canaries, changing their weights mid-ramp moves lane borders and can move units
+between canaries. Canary specs have full coverage (coverage is an A/B setting).
 Shadow variants never receive routed traffic; overrides that name one are ignored.
 """
 
@@ -300,7 +302,11 @@ def _build_spec(view: ExperimentView, routed: tuple[VariantView, ...]) -> Assign
 
 
 class RoutingSnapshot:
-    """All experiments and active API keys at one config version; immutable."""
+    """All experiments and active API keys at one config version.
+
+    Immutable, apart from two memos that only ever cache what the snapshot already
+    determines: the /v1/config document and the keys that passed ``check_key``.
+    """
 
     __slots__ = ("_by_id", "_config", "_keys", "_routes", "_verified", "built_at", "version")
 
