@@ -24,7 +24,7 @@ Incremental aggregation and its correctness conditions
       cursor; it takes only events that were already visible at the previous run (the
       same one-run lag as above, for the same reason). Small backlogs are folded by the
       analysis run itself, large ones (a first look at millions of events) by a separate
-      task in chunks, so no analysis run ever waits for a big fold.
+      task, one chunk per run, so no analysis run ever waits for a big fold.
       An event counts only if its unit's exposure row exists when the event is folded (or
       read, for the tail). Exposures are flushed within RECORDER_FLUSH_S, so the condition
       is that the recorder flushes faster than one analysis interval (defaults: 1 s against

@@ -52,8 +52,9 @@ from experiments.errors import InvalidInput, InvalidTransition, NotFound
 logger = logging.getLogger(__name__)
 
 ACTOR = "rampart:analysis"
-# Event ids an analysis run folds into the rollup itself; a larger backlog goes to the
-# `analysis.fold_events` task in chunks of FOLD_CHUNK, so no run waits for a big fold.
+# Event ids an analysis run folds into the rollup itself; with a larger backlog each run
+# queues one `analysis.fold_events` task for a chunk of FOLD_CHUNK ids, so no run waits for
+# a big fold and the backlog shrinks by a chunk per interval.
 INLINE_FOLD = 50_000
 FOLD_CHUNK = 500_000
 # A new ramp step is counted for the SRM only after the edges have had time to load it.

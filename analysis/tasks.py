@@ -31,11 +31,12 @@ def analysis_run(*, experiment_id: int) -> str | None:
 
 @shared_task(name="analysis.fold_events", acks_late=True, ignore_result=True)
 def events_fold(*, experiment_id: int) -> int:
-    """Fold one chunk of an experiment's event backlog; queue the next chunk if any is left."""
-    remaining = services.events_fold(experiment_id=experiment_id)
-    if remaining > 0:
-        events_fold.delay(experiment_id=experiment_id)
-    return remaining
+    """Fold one chunk of an experiment's event backlog into the rollup.
+
+    Each analysis run that finds a large backlog queues one chunk, so the fold advances one
+    chunk per interval and never multiplies into parallel chains.
+    """
+    return services.events_fold(experiment_id=experiment_id)
 
 
 @shared_task(name="analysis.deliver_alerts", acks_late=True, ignore_result=True)
