@@ -53,6 +53,7 @@ from analysis.stats.quantiles import quantile_difference_ci, quantile_guardrail
 from analysis.stats.sequential import RunningEvidence, asymptotic_confidence_sequence
 from experiments.contracts import ExperimentMetricView, ExperimentView, MetricView
 from routing.histogram import LogHistogram
+from routing.split import planned_split
 
 GUARDRAIL = "guardrail"
 # Burn-in for metrics that are not guardrails, as for guardrails (STATS.md 2.1 notes).
@@ -235,16 +236,8 @@ def arms(experiment: ExperimentView) -> tuple[str, tuple[str, ...]]:
 
 
 def expected_weights(experiment: ExperimentView) -> dict[str, float]:
-    """The split the routing aims for now: variant weights, or the canary step's shares.
-
-    Several canaries share the step's canary share equally.
-    """
-    control, treatments = arms(experiment)
-    share = experiment.canary_share
-    if share is None:
-        return {v.key: float(v.weight) for v in experiment.routed_variants}
-    each = share / len(treatments) if treatments else 0.0
-    return {control: 1.0 - share, **{arm: each for arm in treatments}}
+    """The split the routing aims for now (one definition: `routing.split.planned_split`)."""
+    return planned_split(experiment)
 
 
 def metric_stats(metric: MetricView, aggregates: Aggregates, arm: str) -> object | None:
