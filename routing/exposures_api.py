@@ -1,0 +1,338 @@
+"""The exposures API: ``POST /v1/exposures`` records exposures of units decided in an SDK.
+
+Mounted on the edge at ``/v1/exposures`` (``build_edge(mounts={"/v1/exposures":
+ExposuresApp})``). An SDK that decides in-process (``routing.sdk.LocalEvaluator``) reports
+here the exposures the edge would have recorded had it answered the decision itself, so
+analysis counts locally decided units like any other.
+
+Request
+-------
+``POST /v1/exposures`` with an API key holding the ``decide`` scope (``Authorization:
+Bearer rk_...`` or ``X-Rampart-Key``; not checked when ``EDGE_REQUIRE_KEY`` is false) and
+the body ``{"exposures": [exposure, ...]}``, at most ``MAX_EXPOSURES_PER_BATCH`` of them::
+
+    {"experiment": "ranker-v2",         # key of a running experiment
+     "unit_id": "u-42",                 # string (or integer), 1-200 characters
+     "variant": "v2",                   # key of the variant the unit was served
+     "timestamp": 1714564800.25}        # optional: when the unit was served, ISO 8601
+                                        # with an offset or epoch seconds; default: now
+
+No other fields are accepted. The edge recomputes every decision from its routing snapshot
+(``ExperimentRoute.decide``) and takes an exposure only if the edge itself would have
+recorded it: the unit is in the experiment (``in_experiment``) and gets that variant. So a
+client cannot put units into an arm, or into the analysis, that the assignment did not put
+there. Units in the experiment's ``overrides`` are allowlisted QA traffic, which the edge
+never counts: they are not refused whatever variant is named, and not recorded.
+
+Answer
+------
+``202 {"accepted": n, "ignored": m}``: n exposures were handed to the edge's exposure
+recorder (the same buffered ``ExposureRecorder`` that ``/v1/decide`` writes through: first
+exposure per (experiment, unit, variant) wins, written within ``RECORDER_FLUSH_S``); m named
+overridden units. Sending a batch again is harmless: the unique (experiment, unit, variant)
+row is written once. A timestamp later than the time of receipt is taken as the time of
+receipt (an exposure cannot be seen before it happened).
+
+Errors: the batch is validated whole against one snapshot before anything is recorded;
+any invalid exposure refuses the whole batch::
+
+    400 {"error": {"code": "invalid_exposure", "index": 3, "field": "variant",
+                   "message": "unit 'u-7' gets variant 'v1' of experiment 'ranker-v2', not 'v2'",
+                   "errors": [{"index": 3, "field": "variant", "message": "..."}, ...]}}
+
+``index`` and ``field`` name the first invalid exposure; ``errors`` lists every one (each
+with the same three keys), so a client can drop them all and send the rest in one more
+request. Fields: ``experiment`` (missing, unknown, not running), ``unit_id`` (missing, bad,
+not in the experiment: outside its coverage or namespace), ``variant`` (missing, not a
+variant of the experiment, not the unit's), ``timestamp``, or an unknown field's name;
+``field`` is null when the exposure is not an object. Refusals of a correct SDK happen
+only around a config change, while its config or the edge's snapshot lags the other (a
+canary step moves units between arms). Other errors use the edge's ``{"error": {"code",
+"message", "field"}}``: 400 ``invalid`` (bad JSON or shape), 401/403 (key), 404, 405 (not
+POST), 413 ``too_large`` (more than ``MAX_EXPOSURES_PER_BATCH`` exposures or
+``MAX_EXPOSURES_BODY_BYTES`` bytes), 503 ``not_ready`` (no routing snapshot yet).
+
+Validation runs in a worker thread, so a batch of 10,000 (about 50 ms of Python) does not
+hold up the decisions the event loop is answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import orjson
+from prometheus_client import Counter
+
+from routing.edge import (
+    SCOPE_DECIDE,
+    EdgeContext,
+    EdgeError,
+    Receive,
+    Scope,
+    Send,
+    send_error,
+    send_json,
+)
+from routing.edge_http import (
+    FieldError,
+    InvalidItem,
+    TimestampParser,
+    check_scope,
+    parse_batch,
+    read_limited_body,
+    text_field,
+    unit_id_field,
+)
+from routing.snapshot import ExperimentRoute, RoutingSnapshot
+
+logger = logging.getLogger(__name__)
+
+MOUNT_PATH: Final = "/v1/exposures"
+MAX_EXPOSURES_PER_BATCH: Final = 10_000
+# 10,000 exposures of the longest allowed keys and unit ids take about 4 MB of JSON.
+MAX_EXPOSURES_BODY_BYTES: Final = 8 * 1024 * 1024
+# Experiment and variant keys are slugs of at most 64 characters; longer cannot match.
+MAX_KEY_LENGTH: Final = 64
+EXPOSURE_FIELDS: Final = frozenset({"experiment", "unit_id", "variant", "timestamp"})
+REASON_OVERRIDE: Final = "override"
+
+EXPOSURES_ACCEPTED = Counter(
+    "rampart_exposure_api_accepted_total",
+    "Exposures accepted by POST /v1/exposures and handed to the exposure recorder.",
+)
+EXPOSURES_IGNORED = Counter(
+    "rampart_exposure_api_ignored_total",
+    "Exposures of overridden (allowlisted) units, accepted by POST /v1/exposures, not counted.",
+)
+EXPOSURES_REJECTED = Counter(
+    "rampart_exposure_api_rejected_total",
+    "Exposures in batches POST /v1/exposures refused as a whole because one was invalid.",
+)
+REQUESTS_REJECTED = Counter(
+    "rampart_exposure_api_requests_rejected_total",
+    "Requests to POST /v1/exposures answered with an error, by error code.",
+    ["code"],
+)
+
+
+class InvalidExposure(InvalidItem):
+    """One exposure of a batch breaks a rule."""
+
+    code = "invalid_exposure"
+
+
+class InvalidExposures(Exception):
+    """The invalid exposures of a refused batch, in batch order (at least one)."""
+
+    def __init__(self, errors: list[InvalidExposure], size: int) -> None:
+        super().__init__(errors[0].message)
+        self.errors = errors
+        self.size = size
+
+    def as_body(self) -> bytes:
+        error = self.errors[0].as_json()
+        error["errors"] = [
+            {"index": item.index, "field": item.field, "message": item.message}
+            for item in self.errors
+        ]
+        return orjson.dumps({"error": error})
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedExposure:
+    experiment_id: int
+    unit_id: str
+    variant_key: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ValidatedExposures:
+    """A valid batch: the exposures to record, and how many named overridden units."""
+
+    accepted: list[AcceptedExposure]
+    ignored: int
+
+
+def validate_exposures(
+    body: bytes,
+    *,
+    snapshot: RoutingSnapshot,
+    now: datetime,
+    max_exposures: int = MAX_EXPOSURES_PER_BATCH,
+) -> ValidatedExposures:
+    """Parse and check a request body against ``snapshot``; records nothing.
+
+    Raises EdgeError (bad JSON or shape) or InvalidExposures (every invalid exposure).
+    ``now`` (aware, UTC) is the timestamp of exposures that carry none, and the latest one
+    an exposure may carry.
+    """
+    items = parse_batch(body, name="exposures", max_items=max_exposures, allow_list=False)
+    check = _ExposureCheck(snapshot, now)
+    accepted: list[AcceptedExposure] = []
+    errors: list[InvalidExposure] = []
+    ignored = 0
+    for index, item in enumerate(items):
+        try:
+            exposure = check(item)
+        except FieldError as error:
+            errors.append(InvalidExposure(index, error.field, error.message))
+            continue
+        if exposure is None:
+            ignored += 1
+        else:
+            accepted.append(exposure)
+    if errors:
+        raise InvalidExposures(errors, len(items))
+    return ValidatedExposures(accepted=accepted, ignored=ignored)
+
+
+class _ExposureCheck:
+    """Checks one exposure of a batch; None for an overridden unit (valid, not counted)."""
+
+    def __init__(self, snapshot: RoutingSnapshot, now: datetime) -> None:
+        self.snapshot = snapshot
+        self.now = now
+        self.parse_time = TimestampParser()
+
+    def __call__(self, item: Any) -> AcceptedExposure | None:
+        if type(item) is not dict:
+            raise FieldError(None, "each exposure must be a JSON object")
+        if not EXPOSURE_FIELDS.issuperset(item):
+            field = sorted(set(item) - EXPOSURE_FIELDS)[0]
+            raise FieldError(field, f"unknown field {field!r}")
+        route = self._route(item.get("experiment"))
+        unit = unit_id_field(item.get("unit_id"))
+        variant = text_field("variant", item.get("variant"), MAX_KEY_LENGTH)
+        try:
+            route.variant(variant)
+        except KeyError:
+            raise FieldError(
+                "variant", f"experiment {route.key!r} has no variant {variant!r}"
+            ) from None
+        raw_time = item.get("timestamp")
+        at = self.now if raw_time is None else min(self.parse_time(raw_time), self.now)
+        decision = route.decide(unit)
+        if decision.reason == REASON_OVERRIDE:
+            return None
+        if not decision.in_experiment:
+            raise FieldError(
+                "unit_id",
+                f"unit {unit!r} is not in experiment {route.key!r} ({decision.reason}); "
+                "the edge records no exposure for it",
+            )
+        if decision.variant != variant:
+            raise FieldError(
+                "variant",
+                f"unit {unit!r} gets variant {decision.variant!r} of experiment "
+                f"{route.key!r}, not {variant!r}",
+            )
+        return AcceptedExposure(route.experiment_id, unit, variant, at)
+
+    def _route(self, value: Any) -> ExperimentRoute:
+        key = text_field("experiment", value, MAX_KEY_LENGTH)
+        route = self.snapshot.route(key)
+        if route is None:
+            raise FieldError("experiment", f"unknown experiment {key!r}")
+        if not route.is_running:
+            raise FieldError(
+                "experiment",
+                f"experiment {key!r} is not running ({route.fixed_reason}); "
+                "the edge records no exposure for it",
+            )
+        return route
+
+
+def record_exposures(exposures: list[AcceptedExposure], record: Callable[..., None]) -> None:
+    """Hand accepted exposures to ``record`` (``ExposureRecorder.record``)."""
+    for exposure in exposures:
+        record(
+            experiment_id=exposure.experiment_id,
+            unit_id=exposure.unit_id,
+            variant_key=exposure.variant_key,
+            at=exposure.at,
+        )
+
+
+# --- the ASGI part ------------------------------------------------------------------------
+
+
+class ExposuresApp:
+    """The ``/v1/exposures`` part of the edge (``routing.edge.SubApp``)."""
+
+    def __init__(
+        self,
+        context: EdgeContext,
+        *,
+        max_exposures: int = MAX_EXPOSURES_PER_BATCH,
+        max_body_bytes: int = MAX_EXPOSURES_BODY_BYTES,
+    ) -> None:
+        self.context = context
+        self.max_exposures = max_exposures
+        self.max_body_bytes = max_body_bytes
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def startup(self) -> None:
+        """Start the validation thread."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="rampart-exposures-api"
+            )
+
+    async def shutdown(self) -> None:
+        """Finish the batches in flight, then stop the thread."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            validated = await self._handle(scope, receive)
+        except InvalidExposures as refused:
+            REQUESTS_REJECTED.labels(InvalidExposure.code).inc()
+            EXPOSURES_REJECTED.inc(refused.size)
+            await send_json(send, 400, refused.as_body())
+            return
+        except EdgeError as error:
+            REQUESTS_REJECTED.labels(error.code).inc()
+            await send_error(send, error.status, error.code, error.message, error.field)
+            return
+        await send_json(
+            send,
+            202,
+            orjson.dumps({"accepted": len(validated.accepted), "ignored": validated.ignored}),
+        )
+
+    async def _handle(self, scope: Scope, receive: Receive) -> ValidatedExposures:
+        if scope["path"].rstrip("/") != MOUNT_PATH:
+            raise EdgeError(404, "not_found", f"no such endpoint: {scope['path']}")
+        if scope["method"] != "POST":
+            raise EdgeError(405, "method_not_allowed", "use POST")
+        context = self.context
+        check_scope(context, scope, SCOPE_DECIDE)
+        if not context.snapshots.current.loaded:
+            raise EdgeError(503, "not_ready", "the routing snapshot is not loaded yet")
+        body = await read_limited_body(scope, receive, self.max_body_bytes)
+        executor = self._executor
+        if executor is None:
+            raise EdgeError(503, "not_ready", "the exposures API has not started")
+        return await asyncio.get_running_loop().run_in_executor(executor, self._accept, body)
+
+    def _accept(self, body: bytes) -> ValidatedExposures:
+        # One snapshot for the whole batch: a refresh meanwhile cannot split its verdicts.
+        validated = validate_exposures(
+            body,
+            snapshot=self.context.snapshots.current,
+            now=datetime.now(UTC),
+            max_exposures=self.max_exposures,
+        )
+        record_exposures(validated.accepted, self.context.exposures.record)
+        EXPOSURES_ACCEPTED.inc(len(validated.accepted))
+        EXPOSURES_IGNORED.inc(validated.ignored)
+        return validated
