@@ -3,11 +3,15 @@
 Importing it loads httpx and the pure assignment modules (``routing.hashing``,
 ``routing.assignment``), never Django or the rest of the server::
 
-    from routing.sdk import Client
+    from routing.sdk import Client, LocalEvaluator
 
     with Client("https://rampart.example.com", "rk_...") as rampart:
         decision = rampart.decide("ranker-v2", "u-42")
         rampart.track("u-42", "purchase", 19.99)
+
+    # Or decide in-process; exposures are reported to the edge in the background.
+    with LocalEvaluator("https://rampart.example.com", "rk_...") as evaluator:
+        decision = evaluator.decide("ranker-v2", "u-42")
 """
 
 from routing.sdk._transport import RetryPolicy
@@ -24,7 +28,13 @@ from routing.sdk.errors import (
     RampartError,
     ServerError,
 )
-from routing.sdk.local import AsyncLocalEvaluator, LocalEvaluator, PollStats
+from routing.sdk.local import (
+    AsyncLocalEvaluator,
+    ExposureResult,
+    ExposureStats,
+    LocalEvaluator,
+    PollStats,
+)
 from routing.sdk.records import Decision, Event, TrackResult
 
 __all__ = [
@@ -36,6 +46,8 @@ __all__ = [
     "Client",
     "Decision",
     "Event",
+    "ExposureResult",
+    "ExposureStats",
     "InvalidEventError",
     "LocalEvaluator",
     "NotFoundError",
