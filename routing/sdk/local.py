@@ -280,9 +280,10 @@ class ExposureResult:
 class ExposureStats:
     """Exposures of one evaluator: waiting now, and totals since it was created.
 
-    ``dropped`` counts exposures never sent: the queue was full, the edge refused a whole
-    batch (401, 403, 413), reporting was off, or they were still queued when sending failed
-    at ``close()``.
+    ``buffered`` counts a unit decided several times before a flush each time (the flusher
+    sends it once). ``dropped`` counts exposures never sent: the queue was full, the edge
+    refused a whole batch (401, 403, 413), reporting was off, or they were still queued
+    when sending failed at ``close()``.
     """
 
     buffered: int
@@ -444,8 +445,8 @@ class ExposureQueue:
             return None
         self.rejected += len(refused)
         self._log(
-            f"rampart: the edge refused {len(refused)} exposure(s), deciding those units "
-            f"differently (a config change not seen here yet?): {error.message}"
+            f"rampart: the edge refused {len(refused)} exposure(s) (the first: {error.message}); "
+            "this follows a config change that this process or the edge has not caught up with"
         )
         return [exposure for position, exposure in enumerate(batch) if position not in refused]
 
