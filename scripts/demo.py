@@ -554,12 +554,12 @@ class Demo:
         }
 
     def print_slack(self) -> None:
-        """Show what the Slack stand-in received: ramp steps in one line, decisions in full."""
+        """Show what the Slack stand-in received: routine news in one line, decisions in full."""
         assert self.narrator is not None
         while not self.slack.inbox.empty():
             message = self.slack.inbox.get()
             self.narrator.say(f"Slack stand-in received: {message.header}")
-            if message.kind != "advance":
+            if message.kind not in ("advance", "manual"):
                 channel = f"#alerts (stand-in on :{self.slack.port})"
                 self.console.print(render(message, channel=channel))
 

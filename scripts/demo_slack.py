@@ -22,6 +22,7 @@ from rich.text import Text
 
 # Header text of Rampart's messages (analysis.alerts) -> the kind of alert.
 _KINDS = (
+    ("Changed by hand", "manual"),
     ("Rolled back", "rollback"),
     ("Canary advanced", "advance"),
     ("Canary completed", "complete"),
