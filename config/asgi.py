@@ -20,6 +20,11 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.dev")
 django_application = get_asgi_application()
 
 from django.conf import settings  # noqa: E402
+from django.urls import get_resolver  # noqa: E402
+
+# Import every view now. Otherwise the first request to each part of the web app imports it
+# inside this process, stalling the proxy and decision traffic that shares the event loop.
+get_resolver().url_patterns  # noqa: B018
 
 # The pipeline's metrics are declared at import; importing them here lists their families on
 # the edge's /metrics, with the workers' values when they share PROMETHEUS_MULTIPROC_DIR.
