@@ -3,8 +3,8 @@
 One process answers everything: the edge (``routing.edge``) serves ``/v1/decide``,
 ``/v1/decide/batch`` and ``/v1/config`` from its in-process snapshot, and dispatches these
 prefixes to the parts mounted below; every other path goes to Django's ASGI app (UI, admin,
-``/api/v1/``). ``RequestIdMiddleware`` binds a request id to every request for the logs
-(``routing.logcontext``) and returns it as ``X-Request-ID``.
+``/api/v1/``). ``RequestIdMiddleware`` gives every request a logging context with a request
+id (``routing.logcontext``; an incoming ``X-Request-ID`` is kept and echoed).
 
     /proxy/                       routing.proxy.ProxyApp (inference, per-unit variant)
     /v1/events                    routing.ingest.EventsApp (business events, in batches)
