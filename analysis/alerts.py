@@ -160,6 +160,7 @@ def _percent(value: Any) -> str:
 
 
 _TITLES = {
+    "manual": ":bust_in_silhouette: Changed by hand",
     "rollback": ":rotating_light: Rolled back",
     "hold": ":warning: Ramp held",
     "health_warning": ":warning: Health warning",
@@ -356,3 +357,42 @@ def deliver_due(*, limit: int = 100, now: datetime | None = None) -> DeliveryRep
             if not _deliver_one(client, moment, report):
                 break
     return report
+
+
+# --------------------------------------------------------------------------- manual changes
+
+# The analysis worker alerts on its own actions with their statistical evidence; changes
+# made by people (UI, API, CLI) reach on-call through this receiver of
+# `experiments.signals.experiment_transitioned`, in the same transaction as the change.
+ANALYSIS_ACTOR = "rampart:analysis"
+# Starting is done by the person watching the launch; what on-call must hear about is
+# traffic changing under them.
+MANUAL_ALERT_ACTIONS = frozenset({"pause", "resume", "advance", "complete", "rollback"})
+
+
+def alert_on_manual_transition(
+    *,
+    experiment_id: int,
+    key: str,
+    name: str,
+    action: str,
+    actor: str,
+    reason: str,
+    before: str,
+    after: str,
+    audit_id: int,
+    **_: Any,
+) -> None:
+    if actor == ANALYSIS_ACTOR or action not in MANUAL_ALERT_ACTIONS:
+        return
+    payload = alert_payload(
+        kind="manual",
+        experiment_key=key,
+        experiment_name=name,
+        action=f"{action} by {actor} ({before} → {after})",
+        reason=reason or f"{actor} chose to {action} the experiment.",
+        details={"actor": actor, "before": before, "after": after},
+    )
+    alert_enqueue(
+        experiment_id=experiment_id, kind="manual", payload=payload, dedupe=f"audit:{audit_id}"
+    )

@@ -51,7 +51,7 @@ from experiments.errors import InvalidInput, InvalidTransition, NotFound
 
 logger = logging.getLogger(__name__)
 
-ACTOR = "rampart:analysis"
+ACTOR = alerts.ANALYSIS_ACTOR
 # Event ids an analysis run folds into the rollup itself; with a larger backlog each run
 # queues one `analysis.fold_events` task for a chunk of FOLD_CHUNK ids, so no run waits for
 # a big fold and the backlog shrinks by a chunk per interval.

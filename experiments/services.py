@@ -44,6 +44,7 @@ from experiments.models import (
     UnitSource,
     Variant,
 )
+from experiments.signals import experiment_transitioned
 
 WEIGHT_TOLERANCE = 1e-6
 DEFAULT_RAMP = (0.01, 0.05, 0.10, 0.25, 0.50, 1.0)
@@ -552,6 +553,21 @@ def experiment_state(experiment: Experiment) -> dict[str, Any]:
 # --- experiments: lifecycle -----------------------------------------------------------
 
 
+def _announce(experiment: Experiment, entry: AuditEntry, *, before_status: str) -> None:
+    experiment_transitioned.send(
+        sender=Experiment,
+        experiment_id=experiment.pk,
+        key=experiment.key,
+        name=experiment.name,
+        action=entry.action,
+        actor=entry.actor,
+        reason=entry.reason,
+        before=before_status,
+        after=experiment.status,
+        audit_id=entry.pk,
+    )
+
+
 def _transition(
     *,
     actor: str,
@@ -598,7 +614,7 @@ def _transition(
         if updated != 1:
             raise InvalidTransition(current, target, action)
         experiment.refresh_from_db()
-        _audit(
+        entry = _audit(
             experiment=experiment,
             actor=actor,
             action=action,
@@ -610,6 +626,7 @@ def _transition(
             reason=reason,
         )
         config_version_bump()
+        _announce(experiment, entry, before_status=current)
         if on_commit is not None:
             transaction.on_commit(lambda: on_commit(experiment))
     return TransitionResult(experiment=experiment, changed=True)
@@ -720,7 +737,7 @@ def experiment_advance_ramp(
             experiment.ramp_position = position + 1
             experiment.step_started_at = timezone.now()
             experiment.save(update_fields=["ramp_position", "step_started_at", "updated_at"])
-            _audit(
+            entry = _audit(
                 experiment=experiment,
                 actor=actor,
                 action="advance",
@@ -733,6 +750,7 @@ def experiment_advance_ramp(
                 reason=reason,
             )
             config_version_bump()
+            _announce(experiment, entry, before_status=experiment.status)
             return TransitionResult(experiment=experiment, changed=True)
     return experiment_complete(
         actor=actor,
