@@ -57,6 +57,7 @@ from routing.assignment import (
     build_assignment_spec,
     build_canary_spec,
 )
+from routing.split import canary_lanes
 
 logger = logging.getLogger(__name__)
 
@@ -266,13 +267,8 @@ def _build_spec(view: ExperimentView, routed: tuple[VariantView, ...]) -> Assign
     overrides = {unit: key for unit, key in view.overrides.items() if key in routed_keys}
     namespace = None if view.namespace is None else Namespace(*view.namespace)
     if view.kind == "canary":
-        canaries = routed[1:]
         share = view.canary_share or 0.0
-        total = math.fsum(v.weight for v in canaries)
-        if total > 0:
-            lanes = [v.weight / total for v in canaries]
-        else:
-            lanes = [1.0 / len(canaries)] * len(canaries)
+        lanes = canary_lanes(view)
         return build_canary_spec(
             experiment_key=view.key,
             variant_keys=keys,
