@@ -69,10 +69,9 @@ def test_the_slow_canary_is_rolled_back_with_evidence_and_one_slack_message(
     assert evidence["arm"] == "v2" and evidence["control_arm"] == "v1"
     assert evidence["harm_bound"] > evidence["margin"] == 0.1
     # The Slack stand-in printed exactly one rollback message. The platform also announces
-    # the start (a change by hand, through the API) and each ramp step before it.
+    # each ramp step before it (and, depending on its policy, changes made by hand).
     kinds = Counter(message["kind"] for message in summary["slack_messages"])
     assert kinds["rollback"] == 1, kinds
-    assert kinds["manual"] == 1, kinds
     assert set(kinds) <= {"manual", "advance", "rollback"}, kinds
     assert result.stdout.count("Slack stand-in received: 🚨 Rolled back") == 1
     assert "GUARDRAIL BREACHED, rolled back: p95 latency" in result.stdout
@@ -100,7 +99,8 @@ def test_the_healthy_canary_is_promoted(tmp_path: Path) -> None:
     actions = summary["audit_actions"]
     assert actions.count("advance") == 5 and actions[-1] == "complete"
     kinds = Counter(message["kind"] for message in summary["slack_messages"])
-    assert kinds == {"manual": 1, "advance": 5, "complete": 1}, kinds
+    assert kinds["advance"] == 5 and kinds["complete"] == 1, kinds
+    assert set(kinds) <= {"manual", "advance", "complete"}, kinds
     assert "canary completed, v2 is the winner" in result.stdout
     served = summary["served_after_decision"]
     assert served and set(served) == {"v2"}
