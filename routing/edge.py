@@ -307,7 +307,17 @@ class Edge:
         self.mounts = MappingProxyType(
             dict(sorted(mounts.items(), key=lambda item: len(item[0]), reverse=True))
         )
-        self._mount_list = [(prefix.rstrip("/"), app) for prefix, app in self.mounts.items()]
+        # Mounts by the first path segment of their prefix ("/v1/events" under "/v1"), still
+        # longest first, so a request compares its path with the few prefixes that can match.
+        # A prefix of "/" (empty once stripped) matches every path and comes last everywhere.
+        stripped = [(prefix.rstrip("/"), app) for prefix, app in self.mounts.items()]
+        self._catch_all = [(prefix, app) for prefix, app in stripped if not prefix]
+        self._mounts_by_segment: dict[str, list[tuple[str, SubApp]]] = {}
+        for prefix, app in stripped:
+            if prefix:
+                self._mounts_by_segment.setdefault(_first_segment(prefix), []).append((prefix, app))
+        for candidates in self._mounts_by_segment.values():
+            candidates.extend(self._catch_all)
         self.fallback = fallback
         self._started: list[Callable[[], Awaitable[None]]] = []
         self._routes: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] = {
@@ -327,7 +337,11 @@ class Edge:
                 except EdgeError as error:
                     await send_error(send, error.status, error.code, error.message, error.field)
                 return
-            for prefix, app in self._mount_list:
+            end = path.find("/", 1)  # _first_segment(path), inlined on the hot path
+            candidates = self._mounts_by_segment.get(
+                path if end < 0 else path[:end], self._catch_all
+            )
+            for prefix, app in candidates:
                 if path.startswith(prefix) and (
                     len(path) == len(prefix) or path[len(prefix)] == "/"
                 ):
@@ -504,6 +518,12 @@ class Edge:
             await send({"type": "http.response.body", "body": b""})
             return
         await send_json(send, 200, body, headers)
+
+
+def _first_segment(path: str) -> str:
+    """``"/v1"`` for ``"/v1/events"``; the whole path when it has one segment."""
+    end = path.find("/", 1)
+    return path if end < 0 else path[:end]
 
 
 def _etag_matches(if_none_match: bytes, etag: bytes) -> bool:
