@@ -48,6 +48,7 @@ from experiments import selectors as experiment_selectors
 from experiments import services as experiment_services
 from experiments.contracts import ExperimentView
 from experiments.errors import InvalidInput, InvalidTransition, NotFound
+from routing.logcontext import log_context
 
 logger = logging.getLogger(__name__)
 
@@ -228,9 +229,17 @@ def analysis_run(*, experiment_id: int, now: datetime | None = None) -> RunResul
     Idempotent: a missing or no longer running experiment is a no-op.
     """
     started = time.perf_counter()
-    if experiment_selectors.experiment_view_by_id(experiment_id=experiment_id) is None:
+    found = experiment_selectors.experiment_view_by_id(experiment_id=experiment_id)
+    if found is None:
         metrics.ANALYSIS_RUNS.labels("skipped").inc()
         return None
+    with log_context(experiment=found.key):
+        return _analysis_run_logged(experiment_id, now, started)
+
+
+def _analysis_run_logged(
+    experiment_id: int, now: datetime | None, started: float
+) -> RunResult | None:
     try:
         with transaction.atomic():
             state, _ = AnalysisState.objects.get_or_create(experiment_id=experiment_id)
