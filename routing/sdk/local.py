@@ -47,7 +47,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -163,10 +162,13 @@ class LocalRoute:
             variant = outcome.variant_key
             if variant is None:
                 variant = control
-            elif outcome.in_experiment and sent_variant(unit) != variant:
+            # "is not": a config's variant keys are the very strings ``take`` remembers,
+            # so identity suffices; after a config change a remembered unit is queued once
+            # more, and ``take`` drops it as a repeat.
+            elif outcome.in_experiment and sent_variant(unit) is not variant:
                 size = len(pending)
                 if size < queue_limit:
-                    # One extend: atomic under the GIL, so racing deciders keep the four
+                    # One extend, atomic under the GIL: racing deciders keep the four
                     # fields of each exposure together.
                     queue((key, unit, variant, now()))
                     if size == wake_at:
@@ -313,13 +315,16 @@ class ExposureQueue:
 
     Work is split so that ``decide`` does the least of it. ``decide`` skips a unit whose
     variant ``recent`` holds (one dict lookup), and otherwise appends the exposure to
-    ``pending``: one flat deque, four items per exposure (experiment, unit, variant, Unix
-    seconds of the decision), so it holds no tuples for the garbage collector to traverse.
-    ``take``, in the flusher, drops repeats (a unit decided again before the flusher ran,
-    or found in ``older``) and records the rest in ``recent``; growing a large dict costs a
-    cache miss or two per insertion, which ``decide`` does not pay. Appends (``extend``)
-    and ``popleft`` are single deque operations, atomic under the GIL, so the hot path
-    takes no lock; racing deciders can at most pass the bound by a few exposures.
+    ``pending``: one flat list, four items per exposure (experiment, unit, variant, Unix
+    seconds of the decision), so it holds no tuples for the garbage collector to traverse,
+    and ``list.extend`` of a tuple is a copy of four pointers (a deque's costs twice as
+    much). ``take``, in the flusher, drops repeats (a unit decided again before the flusher
+    ran, or found in ``older``) and records the rest in ``recent``; growing a large dict
+    costs a cache miss or two per insertion, which ``decide`` does not pay.
+
+    Threads: an ``extend`` is atomic under the GIL, so the four fields of an exposure stay
+    together and the hot path takes no lock; only the flusher removes, from the front
+    (racing deciders can at most pass the bound by a few exposures).
     """
 
     def __init__(
@@ -329,7 +334,7 @@ class ExposureQueue:
         self.max_buffered = max_buffered
         self.generation_size = max(cache_size // 2, 1)
         self.wake = wake
-        self.pending: deque[str | float] = deque()
+        self.pending: list[str | float] = []
         self.sending = True
         self.accepted = 0
         self.ignored = 0
@@ -367,14 +372,27 @@ class ExposureQueue:
         """Remove up to ``count`` exposures to send, oldest first, skipping repeats."""
         batch = self._retry[:count]
         del self._retry[:count]
+        while len(batch) < count:
+            raw = self._remove((count - len(batch)) * _FIELDS)
+            if not raw:
+                break
+            self._keep_new(raw, batch)
+        return batch
+
+    def _remove(self, items: int) -> list[Any]:
+        """The first ``items`` items of ``pending`` (fewer if it holds fewer), removed."""
         pending = self.pending
-        popleft = pending.popleft
+        items = min(items, len(pending) // _FIELDS * _FIELDS)
+        # Slice, then delete: deciders append at the end meanwhile, never at the front.
+        raw = pending[:items]
+        del pending[:items]
+        return raw
+
+    def _keep_new(self, raw: list[Any], batch: list[Exposure]) -> None:
+        """Append to ``batch`` the exposures of ``raw`` not sent yet; remember them."""
         by_experiment = self._by_experiment
-        while len(batch) < count and len(pending) >= _FIELDS:
-            experiment: Any = popleft()
-            unit: Any = popleft()
-            variant: Any = popleft()
-            at: Any = popleft()
+        for position in range(0, len(raw), _FIELDS):
+            experiment, unit, variant, at = raw[position : position + _FIELDS]
             seen = by_experiment.get(experiment) or self.seen_units(experiment)
             recent = seen.recent
             if recent.get(unit) == variant:
@@ -385,7 +403,6 @@ class ExposureQueue:
             self._remembered += 1
             if self._remembered >= self.generation_size:
                 self._turn_over()
-        return batch
 
     def _turn_over(self) -> None:
         """Forget the older generation; the recent one becomes it."""
@@ -405,12 +422,8 @@ class ExposureQueue:
 
     def discard(self) -> int:
         """Drop every queued exposure; returns how many."""
-        queued = len(self.pending) // _FIELDS
-        left = queued + len(self._retry)
+        left = len(self._remove(len(self.pending))) // _FIELDS + len(self._retry)
         self._retry.clear()
-        popleft = self.pending.popleft
-        for _ in range(queued * _FIELDS):
-            popleft()
         self.dropped += left
         return left
 
@@ -520,6 +533,8 @@ class _Evaluator:
         self.refresh_s = refresh_s
         self._exposures = exposures
         self._config: LocalConfig | None = None
+        # The installed config's deciders, read once per decision (decide's hot path).
+        self._deciders: dict[str, Callable[[str], Decision]] = {}
         self._etag: str | None = None
         self._fetched = 0
         self._not_modified = 0
@@ -556,17 +571,13 @@ class _Evaluator:
         Raises NotFoundError for an unknown experiment and BadRequestError for a missing,
         non-string or too long unit id, as the edge answers them.
         """
-        config = self._config
-        if config is None:
-            raise RampartError("the local evaluator has no config yet: start it first")
-        decide = config.deciders.get(experiment)
-        if decide is None:
-            raise NotFoundError(
-                404, "not_found", f"unknown experiment {experiment!r}", field="experiment"
-            )
-        if type(unit) is not str or not 0 < len(unit) <= MAX_UNIT_LENGTH:
-            unit = _unit_id(unit)
-        return decide(unit)
+        try:
+            decide = self._deciders[experiment]
+        except KeyError:
+            raise self._unknown(experiment) from None
+        if type(unit) is str and 0 < len(unit) <= MAX_UNIT_LENGTH:
+            return decide(unit)
+        return decide(_unit_id(unit))
 
     def decide_all(
         self, unit: str | int, experiments: Iterable[str] | None = None
@@ -578,6 +589,13 @@ class _Evaluator:
         else:
             keys = list(experiments)
         return {key: self.decide(key, unit) for key in keys}
+
+    def _unknown(self, experiment: str) -> RampartError:
+        if self._config is None:
+            return RampartError("the local evaluator has no config yet: start it first")
+        return NotFoundError(
+            404, "not_found", f"unknown experiment {experiment!r}", field="experiment"
+        )
 
     def _loaded(self) -> LocalConfig:
         config = self._config
@@ -596,6 +614,7 @@ class _Evaluator:
         config = LocalConfig(json_body(response), self._exposures)
         # One assignment each: a concurrent decide() sees the old or the new config whole.
         self._config = config
+        self._deciders = config.deciders
         self._etag = response.headers.get("etag")
         self._fetched += 1
         return True
