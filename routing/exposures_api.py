@@ -52,8 +52,8 @@ canary step moves units between arms). Other errors use the edge's ``{"error": {
 POST), 413 ``too_large`` (more than ``MAX_EXPOSURES_PER_BATCH`` exposures or
 ``MAX_EXPOSURES_BODY_BYTES`` bytes), 503 ``not_ready`` (no routing snapshot yet).
 
-Validation runs in a worker thread, so a batch of 10,000 (about 50 ms of Python) does not
-hold up the decisions the event loop is answering.
+Validation runs in a worker thread, so a batch of 10,000 (about 60 ms of Python: the edge
+recomputes each decision) does not hold up the decisions the event loop is answering.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import orjson
 from prometheus_client import Counter
@@ -144,8 +144,9 @@ class InvalidExposures(Exception):
         return orjson.dumps({"error": error})
 
 
-@dataclass(frozen=True, slots=True)
-class AcceptedExposure:
+class AcceptedExposure(NamedTuple):
+    """An exposure to record (a named tuple: 10,000 of them are built per batch)."""
+
     experiment_id: int
     unit_id: str
     variant_key: str
