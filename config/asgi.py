@@ -8,6 +8,7 @@ id (``routing.logcontext``; an incoming ``X-Request-ID`` is kept and echoed).
 
     /proxy/                       routing.proxy.ProxyApp (inference, per-unit variant)
     /v1/events                    routing.ingest.EventsApp (business events, in batches)
+    /v1/exposures                 routing.exposures_api.ExposuresApp (SDK-local decisions)
     /healthz, /readyz, /metrics   routing.health (liveness, readiness, Prometheus)
     /static/                      routing.health.StaticFilesApp (no Django per file)
 """
@@ -30,6 +31,7 @@ get_resolver().url_patterns  # noqa: B018
 # the edge's /metrics, with the workers' values when they share PROMETHEUS_MULTIPROC_DIR.
 import analysis.metrics  # noqa: E402, F401
 from routing.edge import build_edge  # noqa: E402
+from routing.exposures_api import ExposuresApp  # noqa: E402
 from routing.health import HealthApp, MetricsApp, ReadyApp, StaticFilesApp  # noqa: E402
 from routing.ingest import EventsApp  # noqa: E402
 from routing.logcontext import RequestIdMiddleware  # noqa: E402
@@ -39,6 +41,7 @@ edge = build_edge(
     mounts={
         "/proxy/": ProxyApp,
         "/v1/events": EventsApp,
+        "/v1/exposures": ExposuresApp,
         "/healthz": HealthApp,
         "/readyz": ReadyApp,
         "/metrics": MetricsApp,

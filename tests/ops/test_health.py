@@ -295,3 +295,22 @@ def test_a_real_server_is_ready_and_logs_json_with_request_ids(
     traced = [line for line in lines if line.get("request_id") == "trace-42"]
     assert {line["logger"] for line in traced} >= {"django.request", "uvicorn.access"}
     assert any("/no-such-page" in line["message"] for line in traced)
+
+
+def test_the_composed_app_sends_every_edge_prefix_to_the_edge(
+    json_server: tuple[str, Path],
+) -> None:
+    base, _ = json_server
+    edge_paths = [
+        ("GET", "/v1/decide?experiment=x&unit=y"),
+        ("GET", "/v1/config"),
+        ("POST", "/v1/decide/batch"),
+        ("POST", "/v1/events"),
+        ("POST", "/v1/exposures"),
+        ("POST", "/proxy/x/predict"),
+    ]
+    for method, path in edge_paths:
+        response = httpx.request(method, f"{base}{path}", json={})
+        # Without a key the edge answers with its JSON 401, not Django's HTML 404.
+        assert response.status_code == 401, (path, response.status_code, response.text)
+        assert "error" in response.json(), path
