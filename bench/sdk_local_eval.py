@@ -20,6 +20,7 @@ from functools import partial
 from typing import Any
 
 import httpx
+import orjson
 
 from bench.local_eval import CASES, UNIT_COUNT, Case, growthbook_reused_pass
 from routing.assignment import AssignmentSpec
@@ -85,9 +86,13 @@ class LocalPass:
     """Decisions of a fresh LocalEvaluator (empty memos), set up before the timer starts."""
 
     def __init__(self, document: dict[str, Any], unit_ids: list[str]) -> None:
-        transport = httpx.MockTransport(
-            lambda request: httpx.Response(200, json=document, headers={"ETag": '"1"'})
-        )
+        def answer(request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/v1/exposures":
+                sent = len(orjson.loads(request.content)["exposures"])
+                return httpx.Response(202, json={"accepted": sent, "ignored": 0})
+            return httpx.Response(200, json=document, headers={"ETag": '"1"'})
+
+        transport = httpx.MockTransport(answer)
         self.evaluator = LocalEvaluator("http://edge", "rk_bench_key", transport=transport)
         self.evaluator.refresh()
         self.unit_ids = unit_ids
