@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError
+from django.db import DatabaseError, DataError, IntegrityError
 
 from routing import metrics
 from routing.services import (
@@ -36,6 +36,7 @@ from routing.services import (
     ExposureRow,
     exposures_insert,
     exposures_insert_by_experiment,
+    exposures_insert_one_by_one,
 )
 from routing.snapshot import close_thread_connections, run_with_db
 
@@ -167,12 +168,14 @@ class ExposureRecorder:
 
     def _write(self, rows: list[ExposureRow]) -> int | None:
         """Insert one chunk; the rows inserted, or None if the database failed."""
-        dropped = 0
+        dropped = refused = 0
         try:
             try:
                 written = self._insert(rows)
             except IntegrityError:
                 written, dropped = exposures_insert_by_experiment(rows=rows)
+            except DataError:
+                written, refused = exposures_insert_one_by_one(rows=rows)
         except DatabaseError:
             metrics.RECORDER_FLUSH_ERRORS.inc()
             logger.exception("writing exposures failed; keeping them for the next flush")
@@ -181,6 +184,8 @@ class ExposureRecorder:
             self._written += written
             if dropped:
                 self._drop_locked(dropped, "experiment_gone", force_log=True)
+            if refused:
+                self._drop_locked(refused, "refused_by_database", force_log=True)
         metrics.RECORDER_WRITTEN.inc(written)
         return written
 

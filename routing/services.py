@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from django.db import IntegrityError, connection, transaction
+from django.db import DataError, IntegrityError, connection, transaction
 
 from routing.models import Exposure
 
@@ -101,3 +101,20 @@ def exposures_insert_by_experiment(*, rows: Sequence[ExposureRow]) -> tuple[int,
         else:
             written += inserted
     return written, dropped
+
+
+def exposures_insert_one_by_one(*, rows: Sequence[ExposureRow]) -> tuple[int, int]:
+    """Insert rows singly, dropping the ones the database refuses as data.
+
+    The fallback after a chunk failed with DataError (PostgreSQL refuses a NUL character or a
+    unit id longer than the column): without it one such row would send its whole chunk back
+    to the buffer at every flush forever. Returns (rows inserted, rows refused).
+    """
+    written = refused = 0
+    for row in rows:
+        try:
+            with transaction.atomic():
+                written += exposures_insert(rows=[row])
+        except (DataError, IntegrityError):
+            refused += 1
+    return written, refused

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from django.db import OperationalError
+from django.db import OperationalError, connection
 
 from experiments import services
 from routing.models import Exposure
@@ -178,6 +178,23 @@ def test_rows_of_a_deleted_experiment_are_dropped_not_retried(metrics: Any) -> N
     assert recorder.stats.written == 1
     assert recorder.stats.buffered == 0
     assert list(Exposure.objects.values_list("experiment_id", flat=True)) == [live]
+
+
+@pytest.mark.django_db
+def test_rows_the_database_refuses_are_dropped_not_retried_forever(metrics: Any) -> None:
+    live = _experiment_id("live")
+    recorder = ExposureRecorder(flush_s=60)
+    recorder.record(experiment_id=live, unit_id="fine", variant_key="v1")
+    recorder.record(experiment_id=live, unit_id="nul\x00inside", variant_key="v1")
+    recorder.record(experiment_id=live, unit_id="x" * 300, variant_key="v1")
+    recorder.flush_now()
+    # PostgreSQL refuses NUL in text and values longer than the column; SQLite stores both.
+    refused = 2 if connection.vendor == "postgresql" else 0
+    assert recorder.stats.buffered == 0
+    assert recorder.stats.written == 3 - refused
+    assert recorder.stats.dropped == refused
+    assert recorder.flush_now() == 0  # nothing went back to the buffer
+    assert Exposure.objects.filter(unit_id="fine").count() == 1
 
 
 @pytest.mark.django_db(transaction=True)
