@@ -1,6 +1,6 @@
 """URL routes of the analysis API, mounted at /api/v1/ before the experiments routes."""
 
-from django.urls import path, re_path
+from django.urls import re_path
 
 from analysis.api.views import (
     ResultHistoryView,
@@ -19,10 +19,11 @@ urlpatterns = [
         ResultHistoryView.as_view(),
         name="experiment-results-history",
     ),
-    path("webhooks", WebhookListView.as_view(), name="webhook-list"),
-    path("webhooks/", WebhookListView.as_view()),
-    path("webhooks/test", TestAlertView.as_view(), name="webhook-test"),
-    path("webhooks/test/", TestAlertView.as_view()),
-    path("webhooks/<int:webhook_id>", WebhookDetailView.as_view(), name="webhook-detail"),
-    path("webhooks/<int:webhook_id>/", WebhookDetailView.as_view()),
+    # One pattern per route with an optional trailing slash, like the experiments router,
+    # so the OpenAPI schema lists each endpoint once.
+    re_path(r"^webhooks/?$", WebhookListView.as_view(), name="webhook-list"),
+    re_path(r"^webhooks/test/?$", TestAlertView.as_view(), name="webhook-test"),
+    re_path(
+        r"^webhooks/(?P<webhook_id>[0-9]+)/?$", WebhookDetailView.as_view(), name="webhook-detail"
+    ),
 ]

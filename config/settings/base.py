@@ -138,6 +138,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "ExperimentKindEnum": "experiments.models.ExperimentKind",
+        "MetricKindEnum": "experiments.models.MetricKind",
+    },
 }
 
 # Celery: the embedded default is kombu's filesystem transport, which needs no server.

@@ -279,7 +279,15 @@ def test_schema_describes_every_endpoint(api: APIClient) -> None:
         "/api/v1/metrics/{key}/",
         "/api/v1/api-keys/",
         "/api/v1/api-keys/{prefix}/revoke/",
+        "/api/v1/experiments/{key}/results/",
+        "/api/v1/experiments/{key}/results/history/",
+        "/api/v1/webhooks/",
+        "/api/v1/webhooks/test/",
+        "/api/v1/webhooks/{webhook_id}/",
     ]:
         assert path in paths, sorted(paths)
+    assert len(paths) == len({p.rstrip("/") for p in paths}), "an endpoint is listed twice"
+    schemes = response.json()["components"]["securitySchemes"]
+    assert schemes["ApiKey"]["scheme"] == "bearer"
     docs = api.get("/api/docs/")
     assert docs.status_code == 200
