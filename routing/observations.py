@@ -19,9 +19,11 @@ What a cell's fields mean (the contract analysis reads):
   have no latency, so the latency sample size is the histogram's count, which is at most
   ``count``; mean latency is ``latency_sum / histogram.count``.
 * A request whose client disconnected before the answer (the upstream call is then
-  cancelled) is in ``count``, not an error, with the time until the client left as its
-  latency: a lower bound, kept because clients give up on slow answers and dropping those
-  requests would flatter a slow arm.
+  cancelled) is in ``count``, not an error, with the time until the proxy noticed the
+  departure as its latency (at once, or 50-100 ms into the request for a client that left
+  earlier; see ``routing.proxy``): a lower bound, as the upstream had not answered yet, kept
+  because clients give up on slow answers and dropping those requests would flatter a slow
+  arm.
 * ``fallback_count``: those of ``count`` that control answered instead of the arm.
 * ``cache_hits``: requests answered from the prediction cache (no upstream call, in no other
   field).
@@ -165,7 +167,11 @@ class ObservationAggregator:
         is_shadow: bool = False,
     ) -> None:
         """Record one request of an arm; ``latency_ms`` None means no upstream call was made."""
-        cell = self._cell(experiment_id, variant_key, is_shadow)
+        # _cell inlined: this runs for every proxied request.
+        key = (experiment_id, variant_key, is_shadow, int(self._clock() // self._bucket_s))
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = self._cells[key] = ObservationCell()
         cell.count += 1
         if error:
             cell.error_count += 1

@@ -64,23 +64,26 @@ Limits and resources
     One ``aiohttp.ClientSession`` per process, created at start-up, with a TCP connector
     limited to PROXY_POOL_LIMIT connections (PROXY_POOL_LIMIT_PER_HOST per upstream) that are
     kept alive between requests. A client that disconnects cancels the upstream call: the
-    connection is closed, never returned to the pool half-read. Answers with a Content-Length
-    up to 1 MiB are read whole and sent in one message (the common case for inference);
-    others are streamed chunk by chunk. Hop-by-hop headers are removed both ways (and the
-    model's Date and Server, which the edge sets), and ``X-Forwarded-For`` gets the client's
-    address appended.
+    connection is closed, never returned to the pool half-read. The proxy listens for
+    disconnects only once a request has waited DISCONNECT_WATCH_AFTER_S (up to twice that) for
+    its upstream, which spares fast answers a listener task; a client that leaves earlier is
+    noticed then. Answers with a Content-Length up to 1 MiB are read whole and sent in one
+    message (the common case for inference); others are streamed chunk by chunk. Hop-by-hop
+    headers are removed both ways (and the model's Date and Server, which the edge sets), and
+    ``X-Forwarded-For`` gets the client's address appended.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final, TypeGuard
 from urllib.parse import parse_qsl
 
@@ -92,7 +95,6 @@ from yarl import URL
 from routing import proxy_metrics
 from routing.breaker import CircuitBreaker
 from routing.edge import EdgeContext, Message, Receive, Scope, Send, send_error
-from routing.metrics import count_decision
 from routing.observations import ObservationAggregator
 from routing.snapshot import ExperimentRoute, RoutingSnapshot
 
@@ -104,6 +106,11 @@ MOUNT_PREFIX: Final = "/proxy/"
 BUFFER_LIMIT_BYTES: Final = 1024 * 1024
 # Units longer than this are treated as missing, as the decision API rejects them.
 MAX_UNIT_LENGTH: Final = 200
+# Parsed upstream URLs kept per arm (see _Arm.url); past this many paths the cache restarts.
+MAX_CACHED_URLS: Final = 256
+# A request starts listening for its client's disconnect after waiting this long (up to
+# twice as long) for its upstream; see _WatchSweep.
+DISCONNECT_WATCH_AFTER_S: Final = 0.05
 
 # RFC 9110 section 7.6.1: connection-specific fields a proxy must not forward.
 _HOP_BY_HOP: Final = frozenset(
@@ -153,6 +160,18 @@ class _Arm:
     breaker: CircuitBreaker
     metrics: proxy_metrics.ArmMetrics
     response_headers: tuple[tuple[bytes, bytes], ...]
+    # Upstream URLs by target path (without a query), parsed once: a model serves few paths.
+    urls: dict[str, URL] = field(default_factory=dict)
+
+    def url(self, target: str) -> URL:
+        url = self.urls.get(target)
+        if url is None:
+            url = URL(self.base_url + target, encoded=True)
+            if "?" not in target:
+                if len(self.urls) >= MAX_CACHED_URLS:
+                    self.urls.clear()
+                self.urls[target] = url
+        return url
 
 
 @dataclass(slots=True)
@@ -183,7 +202,7 @@ class _Attempt:
     """
 
     status: int
-    headers: list[tuple[bytes, bytes]]
+    headers: Sequence[tuple[bytes, bytes]]
     body: bytes | None
     response: aiohttp.ClientResponse | None
     started: float
@@ -241,18 +260,29 @@ class PredictionCache:
 class _DisconnectWatch:
     """Cancels the request's task when the client disconnects during the upstream call.
 
+    The client's disconnect arrives through ``receive()``, so noticing it takes a listener
+    task. ``_WatchSweep`` starts that listener (``listen``) only for requests still waiting
+    after ``DISCONNECT_WATCH_AFTER_S``; see there why.
+
     It also remembers the attempt in flight whose observation is still due (``arm_key``,
     ``started``), so that a request abandoned by its client is still counted for its arm.
     """
 
-    __slots__ = ("arm_key", "disconnected", "listener", "started", "task")
+    __slots__ = ("arm_key", "disconnected", "listener", "receive", "started", "task")
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, task: asyncio.Task[Any] | None) -> None:
+        self.receive: Receive | None = receive
+        self.task = task
+        self.listener: asyncio.Future[Message] | None = None
         self.disconnected = False
         self.arm_key: str | None = None
         self.started = 0.0
-        self.task = asyncio.current_task()
-        self.listener: asyncio.Future[Message] = asyncio.ensure_future(receive())
+
+    def listen(self) -> None:
+        """Start listening for the client's disconnect, unless the request has finished."""
+        if self.receive is None or self.listener is not None:
+            return
+        self.listener = asyncio.ensure_future(self.receive())
         self.listener.add_done_callback(self._on_message)
 
     def _on_message(self, listener: asyncio.Future[Message]) -> None:
@@ -264,12 +294,59 @@ class _DisconnectWatch:
 
     def stop(self) -> None:
         """Stop watching; call before the last message of the response (see ``__call__``)."""
-        self.listener.cancel()
+        # The sweep may hold this watch for another period: let the request's objects go now.
+        # A watch without ``receive`` has finished.
+        self.receive = None
+        self.task = None
+        if self.listener is not None:
+            self.listener.cancel()
 
     def begin(self, arm_key: str) -> None:
         """An attempt whose observation belongs to ``arm_key`` starts now."""
         self.arm_key = arm_key
         self.started = time.perf_counter()
+
+
+class _WatchSweep:
+    """Starts the disconnect listeners of requests that have waited a whole period.
+
+    A listener task per request costs about as much CPU as the rest of Rampart's own work on
+    a fast answer, and most answers arrive within milliseconds, long before a client gives
+    up. So a request only joins a list here (one append), and a timer running while requests
+    are in flight starts, every ``period_s``, the listeners of the requests that joined during
+    the period before the last one and are still unanswered: a request starts listening after
+    waiting between one and two periods. A client that leaves earlier is noticed then, and its
+    upstream call cancelled at that point; later departures are noticed at once.
+    """
+
+    __slots__ = ("_handle", "_older", "_young", "period_s")
+
+    def __init__(self, period_s: float) -> None:
+        self.period_s = period_s
+        self._young: list[_DisconnectWatch] = []
+        self._older: list[_DisconnectWatch] = []
+        self._handle: asyncio.TimerHandle | None = None
+
+    def add(self, watch: _DisconnectWatch) -> None:
+        self._young.append(watch)
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(self.period_s, self._tick)
+
+    def _tick(self) -> None:
+        for watch in self._older:
+            if watch.receive is not None:
+                watch.listen()
+        self._older, self._young = self._young, []
+        self._handle = None
+        if self._older:
+            self._handle = asyncio.get_running_loop().call_later(self.period_s, self._tick)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._young.clear()
+        self._older.clear()
 
 
 class ProxyApp:
@@ -298,11 +375,15 @@ class ProxyApp:
         self._plans: dict[str, _Plan] = {}
         self._plans_snapshot: RoutingSnapshot | None = None
         self._shadow_tasks: set[asyncio.Task[None]] = set()
+        self._watches = _WatchSweep(DISCONNECT_WATCH_AFTER_S)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._publisher: asyncio.Task[None] | None = None
 
     # ----------------------------------------------------------------- lifecycle
 
     async def startup(self) -> None:
-        """Create the pooled upstream client and start the observation flusher."""
+        """Create the pooled upstream client, start the observation flusher and the publisher."""
+        loop = self._loop = asyncio.get_running_loop()
         self.connector = aiohttp.TCPConnector(
             limit=self.pool_limit,
             limit_per_host=self.pool_limit_per_host,
@@ -323,9 +404,16 @@ class ProxyApp:
             raise_for_status=False,
         )
         await self.observations.start()
+        self._publisher = loop.create_task(self._publish_metrics(), name="rampart-proxy-metrics")
 
     async def shutdown(self) -> None:
         """Finish mirrored requests, close the client, write the remaining observations."""
+        self._watches.close()
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publisher
         for task in list(self._shadow_tasks):
             task.cancel()
         if self._shadow_tasks:
@@ -333,7 +421,13 @@ class ProxyApp:
         session, self.session = self.session, None
         if session is not None:
             await session.close()
+        proxy_metrics.publish_pending()
         await self.observations.stop()
+
+    async def _publish_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(proxy_metrics.PUBLISH_INTERVAL_S)
+            proxy_metrics.publish_pending()
 
     @property
     def shadows_in_flight(self) -> int:
@@ -521,8 +615,8 @@ class ProxyApp:
             unit = None
         route = plan.route
         decision = route.decide(unit)
-        count_decision(decision.experiment, decision.variant, decision.reason)
         arm = plan.arms[decision.variant]
+        arm.metrics.count_decision(decision.reason)
         if decision.in_experiment and unit is not None:
             self.context.exposures.record(
                 experiment_id=plan.experiment_id, unit_id=unit, variant_key=arm.key
@@ -562,7 +656,10 @@ class ProxyApp:
             control_answer = asyncio.get_running_loop().create_future()
             self._mirror(plan, method, target, forwarded, body, control_answer)
 
-        watch = _DisconnectWatch(receive)
+        # With the loop given, current_task() skips get_running_loop(), which costs a getpid()
+        # system call on Python 3.11.
+        watch = _DisconnectWatch(receive, asyncio.current_task(self._loop))
+        self._watches.add(watch)
         try:
             await self._forward(
                 plan, arm, method, target, forwarded, body, send, watch, cache_key, control_answer
@@ -572,8 +669,9 @@ class ProxyApp:
                 raise
             # The client went away: the upstream call was cancelled with this task and its
             # connection closed. Nothing is left to answer. The attempt still counts for its
-            # arm, with the time until the client left: a lower bound of its latency (clients
-            # give up on slow answers, so leaving these out would flatter a slow arm).
+            # arm, with the time until the proxy noticed: a lower bound of its latency, as the
+            # upstream had not answered yet (clients give up on slow answers, so leaving these
+            # out would flatter a slow arm).
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
@@ -586,7 +684,8 @@ class ProxyApp:
                     error=False,
                 )
         finally:
-            watch.stop()
+            if watch.receive is not None:
+                watch.stop()
             if control_answer is not None and not control_answer.done():
                 control_answer.set_result(None)
 
@@ -689,7 +788,7 @@ class ProxyApp:
         try:
             response = await session.request(
                 method,
-                URL(arm.base_url + target, encoded=True),
+                arm.url(target),
                 headers=headers,
                 data=body or None,
                 allow_redirects=False,
@@ -701,7 +800,7 @@ class ProxyApp:
                 latency_ms = (time.perf_counter() - started) * 1000.0
                 return _Attempt(
                     status,
-                    list(response.raw_headers),
+                    response.raw_headers,
                     payload,
                     None,
                     started,
@@ -723,7 +822,7 @@ class ProxyApp:
             raise
         return _Attempt(
             status,
-            list(response.raw_headers),
+            response.raw_headers,
             None,
             response,
             started,
@@ -979,7 +1078,7 @@ class ProxyApp:
 
 
 def _failed(failure: str, started: float) -> _Attempt:
-    return _Attempt(0, [], None, None, started, (time.perf_counter() - started) * 1000.0, failure)
+    return _Attempt(0, (), None, None, started, (time.perf_counter() - started) * 1000.0, failure)
 
 
 def _content_encoding(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
