@@ -17,10 +17,13 @@ three ways:
 
 Throughput is measured with ``--connections`` connections, latency with one connection.
 Targets: Rampart's throughput at least 0.4x nginx's, and its p50 latency at one connection at
-most 0.5 ms above direct. The three are measured in alternating rounds and the best round of
-each is compared: load from other processes only ever slows a run down. Every round is printed.
+most 0.5 ms above direct. The four setups are measured in alternating rounds and the best round
+of each is compared: load from other processes only ever slows a run down. Every round is
+printed, with the CPU time the server process (nginx: its worker) spent per request during the
+throughput run, user plus system, all threads: on a shared machine that figure moves much less
+than requests per second, so it shows where a proxy's cost goes even when throughput is noisy.
 
-Run: .venv/bin/python bench/proxy.py [--duration 10] [--connections 32] [--rounds 3]
+Run: .venv/bin/python -m bench.proxy [--duration 10] [--connections 32] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -175,6 +179,15 @@ class WrkResult:
     errors: str
 
 
+@dataclass(frozen=True)
+class Run:
+    """One setup in one round: throughput run, 1-connection run, server CPU per request."""
+
+    throughput: WrkResult
+    latency: WrkResult
+    cpu_us_per_request: float
+
+
 def _ms(value: str) -> float:
     match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value)
     if match is None:
@@ -211,9 +224,32 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process (all its threads) so far, from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    # After the command name: fields[11] is utime and fields[12] stime, in clock ticks.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pid(parent: int) -> int:
+    """The pid of the (first) child of ``parent``: nginx's worker under its master."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == parent:
+                        return int(entry)
+            except OSError:
+                continue
+    raise RuntimeError(f"process {parent} has no child")
+
+
 @contextmanager
-def running(args: Sequence[str], *, env: dict[str, str], log: Path, url: str) -> Iterator[str]:
-    """Run a server process until the block ends; yields its URL once it answers."""
+def running(
+    args: Sequence[str], *, env: dict[str, str], log: Path, url: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a server process until the block ends; yields it once its URL answers."""
     with open(log, "wb") as out:
         process = subprocess.Popen(
             list(args), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
@@ -228,7 +264,7 @@ def running(args: Sequence[str], *, env: dict[str, str], log: Path, url: str) ->
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{args[0]} did not start; see {log}") from None
                 time.sleep(0.05)
-        yield url
+        yield process
     finally:
         process.terminate()
         try:
@@ -285,7 +321,7 @@ def main() -> int:
 
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="proxy-", dir=BENCH_DIR))
-    rounds: list[dict[str, tuple[WrkResult, WrkResult]]] = []
+    rounds: list[dict[str, Run]] = []
     try:
         model_port, nginx_port, edge_port = free_port(), free_port(), free_port()
         bare_port = free_port()
@@ -311,9 +347,11 @@ def main() -> int:
         print(f"load average before the run: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
         with ExitStack() as servers:
             model = [sys.executable, "-m", "tests.model_server", "--port", str(model_port)]
-            servers.enter_context(running(model, env=env, log=workdir / "model.log", url=model_url))
+            model_server = servers.enter_context(
+                running(model, env=env, log=workdir / "model.log", url=model_url)
+            )
             nginx = [NGINX, "-p", str(workdir), "-c", str(nginx_conf)]
-            servers.enter_context(
+            nginx_master = servers.enter_context(
                 running(
                     nginx,
                     env=env,
@@ -332,7 +370,7 @@ def main() -> int:
                 "on",
                 *UVICORN_FLAGS,
             ]
-            servers.enter_context(
+            bare_proxy = servers.enter_context(
                 running(
                     bare, env=env, log=workdir / "bare.log", url=f"http://127.0.0.1:{bare_port}"
                 )
@@ -348,11 +386,18 @@ def main() -> int:
                 "on",
                 *UVICORN_FLAGS,
             ]
-            servers.enter_context(
+            rampart_edge = servers.enter_context(
                 running(
                     edge, env=env, log=workdir / "edge.log", url=f"http://127.0.0.1:{edge_port}"
                 )
             )
+            # The process whose CPU time serves each setup's requests.
+            server_pids = {
+                "direct": model_server.pid,
+                "nginx": child_pid(nginx_master.pid),
+                "aiohttp": bare_proxy.pid,
+                "rampart": rampart_edge.pid,
+            }
             targets = {
                 "direct": (model_url, "/predict"),
                 "nginx": (f"http://127.0.0.1:{nginx_port}", "/predict"),
@@ -374,13 +419,15 @@ def main() -> int:
                 for label, (url, _) in targets.items():
                     if round_index == 0:
                         run_wrk(url, scripts[label], duration_s=2, connections=args.connections)
+                    cpu_before = cpu_seconds(server_pids[label])
                     throughput = run_wrk(
                         url, scripts[label], duration_s=args.duration, connections=args.connections
                     )
+                    cpu_s = cpu_seconds(server_pids[label]) - cpu_before
                     latency = run_wrk(
                         url, scripts[label], duration_s=args.latency_duration, connections=1
                     )
-                    results[label] = (throughput, latency)
+                    results[label] = Run(throughput, latency, cpu_s * 1e6 / throughput.requests)
                 rounds.append(results)
         observed = observed_requests()
     finally:
@@ -391,17 +438,24 @@ def main() -> int:
         f"-d{args.latency_duration}s (latency); POST {len(BODY)}-byte JSON; one worker each"
     )
     for round_index, results in enumerate(rounds):
-        for label, (throughput, latency) in results.items():
+        for label, run in results.items():
+            throughput, latency = run.throughput, run.latency
             errors = ", ".join(e for e in (throughput.errors, latency.errors) if e)
             print(
                 f"  round {round_index + 1} {label:7s} {throughput.requests_per_s:8.0f} req/s "
-                f"(p99 {throughput.p99_ms:6.2f} ms)  1 conn: p50 {latency.p50_ms:5.3f} ms "
-                f"p99 {latency.p99_ms:5.3f} ms{'  ' + errors if errors else ''}"
+                f"(p99 {throughput.p99_ms:6.2f} ms, server CPU {run.cpu_us_per_request:5.1f} "
+                f"us/req)  1 conn: p50 {latency.p50_ms:5.3f} ms p99 {latency.p99_ms:5.3f} ms"
+                f"{'  ' + errors if errors else ''}"
             )
     # Other load on the machine only ever slows a run down: the best round of each setup is
     # its least disturbed measurement.
-    best_rate = {label: max(r[label][0].requests_per_s for r in rounds) for label in rounds[0]}
-    best_p50 = {label: min(r[label][1].p50_ms for r in rounds) for label in rounds[0]}
+    best_rate = {
+        label: max(r[label].throughput.requests_per_s for r in rounds) for label in rounds[0]
+    }
+    best_p50 = {label: min(r[label].latency.p50_ms for r in rounds) for label in rounds[0]}
+    cpu = {
+        label: statistics.median(r[label].cpu_us_per_request for r in rounds) for label in rounds[0]
+    }
     ratio_nginx = best_rate["rampart"] / best_rate["nginx"]
     ratio_direct = best_rate["rampart"] / best_rate["direct"]
     ratio_aiohttp = best_rate["rampart"] / best_rate["aiohttp"]
@@ -416,6 +470,10 @@ def main() -> int:
             for label in best_rate
         )
     )
+    print(
+        "  server CPU per request (median): "
+        + ", ".join(f"{label} {cpu[label]:.1f} us" for label in cpu)
+    )
     print(f"  observations recorded by the proxy: {observed} requests")
     print(
         f"  throughput rampart/nginx {ratio_nginx:.2f}x (target >= {TARGET_THROUGHPUT_RATIO}x), "
@@ -427,11 +485,13 @@ def main() -> int:
         f"(target <= {TARGET_ADDED_P50_MS} ms), nginx {added_nginx:+.3f} ms, "
         f"bare aiohttp proxy {added_aiohttp:+.3f} ms"
     )
-    errors = any(r["rampart"][0].errors or r["rampart"][1].errors for r in rounds)
+    rampart_errors = any(
+        r["rampart"].throughput.errors or r["rampart"].latency.errors for r in rounds
+    )
     ok = (
         ratio_nginx >= TARGET_THROUGHPUT_RATIO
         and added_rampart <= TARGET_ADDED_P50_MS
-        and not errors
+        and not rampart_errors
     )
     print("  PASS" if ok else "  FAIL")
     return 0 if ok else 1
