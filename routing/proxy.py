@@ -66,11 +66,12 @@ Limits and resources
     kept alive between requests. A client that disconnects cancels the upstream call: the
     connection is closed, never returned to the pool half-read. The proxy listens for
     disconnects only once a request has waited DISCONNECT_WATCH_AFTER_S (up to twice that) for
-    its upstream, which spares fast answers a listener task; a client that leaves earlier is
-    noticed then. Answers with a Content-Length up to 1 MiB are read whole and sent in one
-    message (the common case for inference); others are streamed chunk by chunk. Hop-by-hop
-    headers are removed both ways (and the model's Date and Server, which the edge sets), and
-    ``X-Forwarded-For`` gets the client's address appended.
+    its upstream, which spares fast answers a listener task: a client that leaves earlier is
+    noticed then, or not at all if its answer arrives first (the request then counts as an
+    ordinary one and the answer goes nowhere). Answers with a Content-Length up to 1 MiB are
+    read whole and sent in one message (the common case for inference); others are streamed
+    chunk by chunk. Hop-by-hop headers are removed both ways (and the model's Date and
+    Server, which the edge sets), and ``X-Forwarded-For`` gets the client's address appended.
 """
 
 from __future__ import annotations
