@@ -2,7 +2,7 @@
 
 The edge binds a fresh context to every HTTP request (``RequestIdMiddleware``, which
 ``config.asgi`` wraps around the whole app); the parts that decide a variant (the decision
-API, the proxy, the events API) call ``set_route(experiment, variant)`` once they know it.
+API and the proxy) call ``set_route(experiment, variant)`` once they know it.
 ``config.logging.JsonFormatter`` adds whatever is bound to every record logged while the
 request is handled, so one ``grep`` of a request id finds all of its lines.
 

@@ -96,6 +96,7 @@ from yarl import URL
 from routing import proxy_metrics
 from routing.breaker import CircuitBreaker
 from routing.edge import EdgeContext, Message, Receive, Scope, Send, send_error
+from routing.logcontext import set_route
 from routing.observations import ObservationAggregator
 from routing.snapshot import Decision, ExperimentRoute, RoutingSnapshot
 
@@ -651,6 +652,7 @@ class ProxyApp:
         if unit is not None and (not unit or len(unit) > MAX_UNIT_LENGTH):
             unit = None
         arm, in_experiment, reason = plan.decide(unit)
+        set_route(plan.route.key, arm.key)
         arm.metrics.count_decision(reason)
         if in_experiment and unit is not None:
             self.context.exposures.record(
