@@ -37,6 +37,8 @@ BucketRange = tuple[float, float]
 AssignmentReason = Literal["override", "assigned", "not_in_namespace", "not_in_coverage"]
 
 WEIGHT_SUM_TOLERANCE: Final = 1e-9
+# How far past 1.0 an interval may end: float rounding in GrowthBook's cumulative ranges.
+RANGE_END_TOLERANCE: Final = 1e-9
 
 # GrowthBook replaces a weight vector by equal weights when its sum falls outside
 # [0.99, 1.01] (SDK spec, getBucketRanges); bucket_ranges mirrors that rule.
@@ -509,7 +511,13 @@ def _check_ranges(spec: AssignmentSpec) -> None:
         if not intervals:
             raise ValueError(f"ranges: variant {variant_key!r} has no interval")
         for start, end in intervals:
-            if not (math.isfinite(start) and math.isfinite(end) and 0.0 <= start <= end <= 1.0):
+            # GrowthBook accumulates weights in floats, so a last interval may end a rounding
+            # error past 1.0 (1.0000000000000002); bucket values are below 1 either way.
+            if not (
+                math.isfinite(start)
+                and math.isfinite(end)
+                and 0.0 <= start <= end <= 1.0 + RANGE_END_TOLERANCE
+            ):
                 raise ValueError(
                     f"ranges: variant {variant_key!r} has invalid interval [{start}, {end})"
                 )

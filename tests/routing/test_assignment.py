@@ -579,3 +579,25 @@ def test_rolled_back_canary_has_no_canary_traffic() -> None:
     )
     rolled_back = rolled_back_spec(spec)
     assert {assign(rolled_back, unit).variant_key for unit in IDS_100K[:5000]} == {"control"}
+
+
+def test_a_last_range_that_rounds_past_one_is_accepted() -> None:
+    # Found by hypothesis: GrowthBook's cumulative float sums end this layout at
+    # 1.0000000000000002, which the spec check once refused as an invalid interval.
+    weights = [
+        0.1357504537539382,
+        0.2684674920350294,
+        0.17194743492308592,
+        0.11303764512179212,
+        0.3107969741661544,
+    ]
+    assert bucket_ranges(5, 1.0, weights)[-1][1] > 1.0
+    spec = build_assignment_spec(
+        experiment_key="exp",
+        variant_keys=[f"v{index}" for index in range(5)],
+        weights=weights,
+        coverage=1.0,
+    )
+    assert {assign(spec, unit).variant_key for unit in IDS_100K[:500]} == {
+        f"v{index}" for index in range(5)
+    }
