@@ -18,11 +18,13 @@ Request handling, in order
     4. Prediction cache (experiments with ``cache_ttl_s`` > 0): a hit is answered at once with
        ``X-Rampart-Cache: hit``, counted in ``cache_hits`` and kept out of latency statistics.
     5. Shadow variants get a mirrored copy in the background (see below).
-    6. The request goes to the assigned arm's upstream through one pooled aiohttp session.
+    6. The request goes to the assigned arm's upstream over the pooled connections of one
+       aiohttp session (``routing.upstream``: one write, aiohttp's C parser for the answer).
 
 Failures and fallback
-    An attempt fails on a 5xx answer, a timeout (PROXY_CONNECT_TIMEOUT_S to connect,
-    PROXY_READ_TIMEOUT_S between reads) or a connection failure. When a non-control arm fails
+    An attempt fails on a 5xx answer, a timeout (PROXY_CONNECT_TIMEOUT_S to connect;
+    PROXY_READ_TIMEOUT_S for the whole answer when it is read whole, between chunks when it is
+    streamed) or a connection failure. When a non-control arm fails
     and the experiment has ``fallback_to_control``, the request is sent once to control, so the
     user still gets an answer; the failure counts against the arm (``error_count``, with its
     latency) and the fallback is counted (``fallback_count``). The response then carries
@@ -63,7 +65,8 @@ Measurement
 Limits and resources
     One ``aiohttp.ClientSession`` per process, created at start-up, with a TCP connector
     limited to PROXY_POOL_LIMIT connections (PROXY_POOL_LIMIT_PER_HOST per upstream) that are
-    kept alive between requests. A client that disconnects cancels the upstream call: the
+    kept alive between requests; requests use its connections directly (``routing.upstream``
+    says why and how). A client that disconnects cancels the upstream call: the
     connection is closed, never returned to the pool half-read. The proxy listens for
     disconnects only once a request has waited DISCONNECT_WATCH_AFTER_S (up to twice that) for
     its upstream, which spares fast answers a listener task: a client that leaves earlier is
@@ -91,7 +94,6 @@ from urllib.parse import parse_qsl
 import aiohttp
 import orjson
 from django.conf import settings
-from yarl import URL
 
 from routing import proxy_metrics
 from routing.breaker import CircuitBreaker
@@ -99,6 +101,7 @@ from routing.edge import EdgeContext, Message, Receive, Scope, Send, send_error
 from routing.logcontext import set_route
 from routing.observations import ObservationAggregator
 from routing.snapshot import Decision, ExperimentRoute, RoutingSnapshot
+from routing.upstream import Upstream, UpstreamAnswer, UpstreamClient
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +111,6 @@ MOUNT_PREFIX: Final = "/proxy/"
 BUFFER_LIMIT_BYTES: Final = 1024 * 1024
 # Units longer than this are treated as missing, as the decision API rejects them.
 MAX_UNIT_LENGTH: Final = 200
-# Parsed upstream URLs kept per arm (see _Arm.url); past this many paths the cache restarts.
-MAX_CACHED_URLS: Final = 256
 # Units whose decision a plan remembers (see _Plan.decided); past this many it starts over.
 # About 100 bytes per unit.
 MAX_REMEMBERED_UNITS: Final = 100_000
@@ -132,7 +133,7 @@ _HOP_BY_HOP: Final = frozenset(
     }
 )
 # Request headers that are not forwarded as they came: Host and Content-Length are set for
-# the upstream by aiohttp, the Rampart key is ours, X-Forwarded-For is rebuilt, and Expect
+# the upstream (routing.upstream), the Rampart key is ours, X-Forwarded-For is rebuilt, and Expect
 # was already answered (the body is read before forwarding).
 _REQUEST_DROP: Final = _HOP_BY_HOP | {
     b"host",
@@ -145,9 +146,7 @@ _REQUEST_DROP: Final = _HOP_BY_HOP | {
 # server (uvicorn) sets; passing the model's as well would send each twice. nginx's
 # proxy_pass drops the same two by default.
 _RESPONSE_DROP: Final = _HOP_BY_HOP | {b"date", b"server"}
-# Headers aiohttp would otherwise invent; the client's own ones are forwarded as they are.
-_SKIP_AUTO_HEADERS: Final = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-_SHADOW_HEADER: Final = ("X-Rampart-Shadow", "1")
+_SHADOW_HEADER: Final = b"X-Rampart-Shadow: 1\r\n"
 _CACHE_HIT_HEADER: Final = (b"x-rampart-cache", b"hit")
 
 _TIMEOUT: Final = "timeout"
@@ -160,23 +159,15 @@ class _Arm:
     """One variant of one experiment, with everything a request needs precomputed."""
 
     key: str
-    base_url: str
+    upstream: Upstream
     is_control: bool
     breaker: CircuitBreaker
     metrics: proxy_metrics.ArmMetrics
     response_headers: tuple[tuple[bytes, bytes], ...]
-    # Upstream URLs by target path (without a query), parsed once: a model serves few paths.
-    urls: dict[str, URL] = field(default_factory=dict)
 
-    def url(self, target: str) -> URL:
-        url = self.urls.get(target)
-        if url is None:
-            url = URL(self.base_url + target, encoded=True)
-            if "?" not in target:
-                if len(self.urls) >= MAX_CACHED_URLS:
-                    self.urls.clear()
-                self.urls[target] = url
-        return url
+    @property
+    def base_url(self) -> str:
+        return self.upstream.base_url
 
 
 # What a decision means to the proxy: the arm that serves the unit, whether the unit is in the
@@ -235,14 +226,14 @@ class _Plan:
 class _Attempt:
     """The outcome of one upstream call.
 
-    ``body`` is set when the answer was read whole; ``response`` when it is still to be
+    ``body`` is set when the answer was read whole; ``answer`` when it is still to be
     streamed. ``failure`` is None, ``_STATUS_5XX``, ``_TIMEOUT`` or ``_CONNECT``.
     """
 
     status: int
     headers: Sequence[tuple[bytes, bytes]]
     body: bytes | None
-    response: aiohttp.ClientResponse | None
+    answer: UpstreamAnswer | None
     started: float
     latency_ms: float | None
     failure: str | None
@@ -408,6 +399,8 @@ class ProxyApp:
         )
         self.session: aiohttp.ClientSession | None = None
         self.connector: aiohttp.TCPConnector | None = None
+        self.client: UpstreamClient | None = None
+        self._upstreams: dict[str, Upstream] = {}
         self.breakers: dict[str, CircuitBreaker] = {}
         self._caches: dict[int, PredictionCache] = {}
         self._plans: dict[str, _Plan] = {}
@@ -429,17 +422,14 @@ class ProxyApp:
         )
         self.session = aiohttp.ClientSession(
             connector=self.connector,
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                connect=self.connect_timeout_s,
-                sock_connect=self.connect_timeout_s,
-                sock_read=self.read_timeout_s,
-            ),
             # Bytes pass through untouched: the client asked for any compression it gets.
             auto_decompress=False,
-            skip_auto_headers=_SKIP_AUTO_HEADERS,
             cookie_jar=aiohttp.DummyCookieJar(),
-            raise_for_status=False,
+        )
+        self.client = UpstreamClient(
+            self.session,
+            connect_timeout_s=self.connect_timeout_s,
+            read_timeout_s=self.read_timeout_s,
         )
         await self.observations.start()
         self._publisher = loop.create_task(self._publish_metrics(), name="rampart-proxy-metrics")
@@ -497,6 +487,12 @@ class ProxyApp:
             proxy_metrics.set_breaker_state(upstream, breaker.state)
         return breaker
 
+    def _upstream(self, base_url: str) -> Upstream:
+        upstream = self._upstreams.get(base_url)
+        if upstream is None:
+            upstream = self._upstreams[base_url] = Upstream(base_url)
+        return upstream
+
     def _build_plan(self, route: ExperimentRoute) -> _Plan:
         view = route.view
         key_bytes = view.key.encode()
@@ -505,7 +501,7 @@ class ProxyApp:
             base_url = variant.upstream_url.rstrip("/")
             arms[variant.key] = _Arm(
                 key=variant.key,
-                base_url=base_url,
+                upstream=self._upstream(base_url),
                 is_control=variant.is_control,
                 breaker=self._breaker(base_url),
                 metrics=proxy_metrics.arm_metrics(view.key, variant.key),
@@ -557,7 +553,7 @@ class ProxyApp:
 
         # One pass over the headers: what to forward, the key, the unit, the body size.
         unit_header = plan.unit_header if plan is not None and plan.unit_source == "header" else b""
-        forwarded: list[tuple[str, str]] = []
+        forwarded: list[bytes] = []
         header_key: str | None = None
         bearer_key: str | None = None
         unit: str | None = None
@@ -586,20 +582,17 @@ class ProxyApp:
                 continue
             if name == b"cookie":
                 cookie = value
-            # aiohttp writes header values as UTF-8: decoding them as UTF-8 passes them on
-            # byte for byte (ASCII, and any valid UTF-8).
-            forwarded.append((name.decode("latin-1"), value.decode("utf-8", "replace")))
+            # Forwarded byte for byte: the server's parser has already refused CR, LF and NUL.
+            forwarded.append(b"%s: %s\r\n" % (name, value))
         if connection_tokens:
             forwarded = [
-                (name, value)
-                for name, value in forwarded
-                if name.lower().encode("latin-1") not in connection_tokens
+                line for line in forwarded if line.partition(b":")[0] not in connection_tokens
             ]
         client = scope.get("client")
         if client:
             forwarded_for = f"{forwarded_for}, {client[0]}" if forwarded_for else str(client[0])
         if forwarded_for:
-            forwarded.append(("X-Forwarded-For", forwarded_for))
+            forwarded.append(b"X-Forwarded-For: %s\r\n" % forwarded_for.encode("utf-8", "replace"))
 
         if not snapshot.loaded:
             await send_error(send, 503, "not_ready", "the routing snapshot is not loaded yet")
@@ -651,13 +644,23 @@ class ProxyApp:
             unit = _unit_from_request(plan, scope, body, cookie)
         if unit is not None and (not unit or len(unit) > MAX_UNIT_LENGTH):
             unit = None
-        arm, in_experiment, reason = plan.decide(unit)
+        index = plan.decided.get(unit) if unit is not None else None
+        if index is not None:
+            # A unit the plan remembers has had its exposure recorded already (if it counts).
+            arm, in_experiment, reason = plan.outcomes[index]
+        else:
+            arm, in_experiment, reason = plan.decide(unit)
+            if (
+                in_experiment
+                and unit is not None
+                and not self.context.exposures.record(
+                    experiment_id=plan.experiment_id, unit_id=unit, variant_key=arm.key
+                )
+            ):
+                # The recorder's buffer was full: try again with the unit's next request.
+                plan.decided.pop(unit, None)
         set_route(plan.route.key, arm.key)
         arm.metrics.count_decision(reason)
-        if in_experiment and unit is not None:
-            self.context.exposures.record(
-                experiment_id=plan.experiment_id, unit_id=unit, variant_key=arm.key
-            )
 
         method: str = scope["method"]
         # The rest of the path after /proxy/{experiment}, still percent-encoded as received.
@@ -740,7 +743,7 @@ class ProxyApp:
         arm: _Arm,
         method: str,
         target: str,
-        headers: list[tuple[str, str]],
+        headers: list[bytes],
         body: bytes,
         send: Send,
         watch: _DisconnectWatch,
@@ -767,8 +770,8 @@ class ProxyApp:
                 observations.observe(
                     experiment_id, arm.key, attempt.latency_ms, error=True, fallback=True
                 )
-                if attempt.response is not None:
-                    attempt.response.close()
+                if attempt.answer is not None:
+                    attempt.answer.close()
             else:
                 arm.metrics.errors_breaker_open.inc()
                 if not plan.fallback_to_control:
@@ -813,59 +816,28 @@ class ProxyApp:
         arm: _Arm,
         method: str,
         target: str,
-        headers: list[tuple[str, str]],
+        headers: list[bytes],
         body: bytes,
     ) -> _Attempt:
         """One call to an upstream; reads the answer whole unless it is large or unsized."""
-        session = self.session
-        if session is None:
+        client = self.client
+        if client is None:
             raise RuntimeError("ProxyApp.startup() has not run")
         started = time.perf_counter()
-        response = None
         try:
-            response = await session.request(
-                method,
-                arm.url(target),
-                headers=headers,
-                data=body or None,
-                allow_redirects=False,
+            answer = await client.request(
+                arm.upstream, method, target, headers, body, buffer_limit=BUFFER_LIMIT_BYTES
             )
-            status = response.status
-            length = response.content_length
-            if method == "HEAD" or (length is not None and length <= BUFFER_LIMIT_BYTES):
-                payload = await response.read()
-                latency_ms = (time.perf_counter() - started) * 1000.0
-                return _Attempt(
-                    status,
-                    response.raw_headers,
-                    payload,
-                    None,
-                    started,
-                    latency_ms,
-                    _STATUS_5XX if status >= 500 else None,
-                )
         except TimeoutError:
-            if response is not None:
-                response.close()
             return _failed(_TIMEOUT, started)
         except (aiohttp.ClientError, OSError):
-            if response is not None:
-                response.close()
             return _failed(_CONNECT, started)
-        except BaseException:
-            # Cancelled (the client left): the half-read connection must not be reused.
-            if response is not None:
-                response.close()
-            raise
-        return _Attempt(
-            status,
-            response.raw_headers,
-            None,
-            response,
-            started,
-            None,
-            _STATUS_5XX if status >= 500 else None,
-        )
+        status = answer.status
+        failure = _STATUS_5XX if status >= 500 else None
+        if answer.body is not None:
+            latency_ms = (time.perf_counter() - started) * 1000.0
+            return _Attempt(status, answer.headers, answer.body, None, started, latency_ms, failure)
+        return _Attempt(status, answer.headers, None, answer, started, None, failure)
 
     def _count_failure(self, arm: _Arm, failure: str) -> None:
         arm.breaker.record_failure()
@@ -935,7 +907,7 @@ class ProxyApp:
         assigned.metrics.count_response(status)
         if latency_ms is not None:
             answering_metrics = answering.metrics
-            answering_metrics.latency.observe(latency_ms / 1000.0)
+            answering_metrics.observe_latency(latency_ms / 1000.0)
         if not fallback:
             self.observations.observe(plan.experiment_id, assigned.key, latency_ms, error=False)
         if body is None:
@@ -955,8 +927,8 @@ class ProxyApp:
         watch: _DisconnectWatch,
     ) -> None:
         """Relay a large or unsized answer chunk by chunk; sets ``attempt.latency_ms``."""
-        response = attempt.response
-        if response is None:
+        answer = attempt.answer
+        if answer is None:
             raise RuntimeError("nothing to stream")
         try:
             await send(
@@ -966,13 +938,13 @@ class ProxyApp:
                     "headers": response_headers,
                 }
             )
-            async for chunk in response.content.iter_any():
+            async for chunk in answer.chunks():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             attempt.latency_ms = (time.perf_counter() - attempt.started) * 1000.0
             watch.stop()
             await send({"type": "http.response.body", "body": b""})
         finally:
-            response.close()
+            answer.close()
 
     async def _answer_failure(
         self,
@@ -985,7 +957,7 @@ class ProxyApp:
     ) -> None:
         """Pass on a 5xx answer, or send a JSON 502/504 for a timeout or connection failure."""
         if attempt.latency_ms is not None:
-            answering.metrics.latency.observe(attempt.latency_ms / 1000.0)
+            answering.metrics.observe_latency(attempt.latency_ms / 1000.0)
         if attempt.failure == _STATUS_5XX:
             headers = [
                 (name, value)
@@ -1040,7 +1012,7 @@ class ProxyApp:
         plan: _Plan,
         method: str,
         target: str,
-        headers: list[tuple[str, str]],
+        headers: list[bytes],
         body: bytes,
         control_answer: asyncio.Future[tuple[bytes, bytes] | None],
     ) -> None:
@@ -1066,22 +1038,22 @@ class ProxyApp:
         shadow: _Arm,
         method: str,
         target: str,
-        headers: list[tuple[str, str]],
+        headers: list[bytes],
         body: bytes,
         control_answer: asyncio.Future[tuple[bytes, bytes] | None],
     ) -> None:
         attempt = await self._attempt(shadow, method, target, headers, body)
         shadow_body = attempt.body
-        if attempt.response is not None:
+        if attempt.answer is not None:
             try:
-                shadow_body = await attempt.response.read()
+                shadow_body = await attempt.answer.read()
                 attempt.latency_ms = (time.perf_counter() - attempt.started) * 1000.0
             except TimeoutError:
                 attempt.failure = _TIMEOUT
             except (aiohttp.ClientError, OSError):
                 attempt.failure = _CONNECT
             finally:
-                attempt.response.close()
+                attempt.answer.close()
         if attempt.latency_ms is None:
             attempt.latency_ms = (time.perf_counter() - attempt.started) * 1000.0
         failed = attempt.failure is not None
@@ -1091,7 +1063,7 @@ class ProxyApp:
         else:
             shadow.breaker.record_success()
             shadow.metrics.shadow_ok.inc()
-        shadow.metrics.latency.observe(attempt.latency_ms / 1000.0)
+        shadow.metrics.observe_latency(attempt.latency_ms / 1000.0)
         self.observations.observe(
             plan.experiment_id, shadow.key, attempt.latency_ms, error=failed, is_shadow=True
         )

@@ -115,21 +115,24 @@ class ExposureRecorder:
 
     def record(
         self, *, experiment_id: int, unit_id: str, variant_key: str, at: datetime | None = None
-    ) -> None:
-        """Buffer the exposure unless this process already did; never blocks on I/O."""
+    ) -> bool:
+        """Buffer the exposure unless this process already did; never blocks on I/O.
+
+        False when the exposure was dropped because the buffer is full.
+        """
         key = f"{experiment_id}\x1f{variant_key}\x1f{unit_id}"
         with self._lock:
             if key in self._recent:
                 self._skipped += 1
-                return
+                return True
             if key in self._older:
                 self._skipped += 1
                 self._remember(key)
-                return
+                return True
             buffer = self._buffer
             if len(buffer) >= self.max_buffer:
                 self._drop_locked(1, "buffer_full")
-                return
+                return False
             seconds = time.time() if at is None else at.timestamp()
             buffer.append((experiment_id, unit_id, variant_key, seconds))
             self._accepted += 1
@@ -137,6 +140,7 @@ class ExposureRecorder:
             due = len(buffer) >= self.batch_rows
         if due:
             self._wake()
+        return True
 
     def _remember(self, key: str) -> None:
         recent = self._recent
