@@ -11,13 +11,18 @@ shared with the decision API), are kept as plain integers and added to their cou
 :func:`publish_pending`, which the proxy calls every ``PUBLISH_INTERVAL_S`` and at shutdown.
 An increment of a prometheus_client counter takes a lock, and in multiprocess mode
 (``PROMETHEUS_MULTIPROC_DIR``) writes a memory-mapped file, about 2 µs on the benchmark
-machine: a batch costs that once per second instead of on every request. Rare events (errors,
-fallbacks, shadow outcomes) and the latency histogram, whose public API takes one
-observation at a time, are recorded directly.
+machine: a batch costs that once per second instead of on every request. The upstream latency
+histogram is batched the same way: observations are counted per bucket in plain integers and
+added to the histogram's bucket and sum values at publication. prometheus_client's public API
+takes one observation at a time (two increments each), so this reaches into the labelled
+child's ``_upper_bounds``, ``_buckets`` and ``_sum``; tests/routing/test_proxy_metrics.py checks
+the exported histogram against the observations. Rare events (errors, fallbacks, shadow
+outcomes) are recorded directly.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -126,6 +131,20 @@ class ArmMetrics:
     shadow_breaker_open: Counter
     pending_by_class: list[int] = field(default_factory=lambda: [0] * len(STATUS_CLASSES))
     pending_decisions: dict[str, int] = field(default_factory=dict)
+    # Latency observations not yet in ``latency``: counts by bucket (the first upper bound at
+    # or above the value, as Histogram.observe() picks it) and their sum, in seconds.
+    latency_bounds: tuple[float, ...] = ()
+    pending_latency: list[int] = field(default_factory=list)
+    pending_latency_sum: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.latency_bounds = tuple(self.latency._upper_bounds)
+        self.pending_latency = [0] * len(self.latency_bounds)
+
+    def observe_latency(self, seconds: float) -> None:
+        """One upstream round trip for the latency histogram (published later)."""
+        self.pending_latency[bisect_left(self.latency_bounds, seconds)] += 1
+        self.pending_latency_sum += seconds
 
     def count_response(self, status: int) -> None:
         """Count one response to the client by status class (published later)."""
@@ -145,6 +164,14 @@ class ArmMetrics:
             if count:
                 pending_by_class[index] = 0
                 self.requests_by_class[index].inc(count)
+        if self.pending_latency_sum or any(self.pending_latency):
+            counts, self.pending_latency = self.pending_latency, [0] * len(self.latency_bounds)
+            total, self.pending_latency_sum = self.pending_latency_sum, 0.0
+            buckets = self.latency._buckets
+            for index, count in enumerate(counts):
+                if count:
+                    buckets[index].inc(count)
+            self.latency._sum.inc(total)
         if self.pending_decisions:
             decisions, self.pending_decisions = self.pending_decisions, {}
             for reason, count in decisions.items():
