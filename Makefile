@@ -22,7 +22,8 @@ demo: $(STAMP)
 	$(BIN)/python -m scripts.demo $(ARGS)
 
 serve: migrate
-	$(BIN)/uvicorn config.asgi:application --host 127.0.0.1 --port 8000
+	$(BIN)/uvicorn config.asgi:application --host 127.0.0.1 --port 8000 \
+		--http routing.server:EdgeHttpProtocol
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)

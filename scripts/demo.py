@@ -73,6 +73,8 @@ UVICORN_ARGS = (
     "--host",
     "127.0.0.1",
     "--no-access-log",
+    "--http",
+    "routing.server:EdgeHttpProtocol",
 )
 WORKER_ARGS = (
     "-m",

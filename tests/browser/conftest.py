@@ -42,6 +42,8 @@ def app_url(transactional_db: None, tmp_path: Path) -> Iterator[str]:
             "--port",
             str(port),
             "--no-access-log",
+            "--http",
+            "routing.server:EdgeHttpProtocol",
         ],
         env={"ANALYSIS_INTERVAL_S": "5"},
         log=log,

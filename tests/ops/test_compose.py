@@ -146,6 +146,13 @@ def check_command(command: list[str]) -> str:
     if command[0] == "uvicorn":
         module, _, attribute = command[1].partition(":")
         assert _defines(_importable(module), attribute), f"{command[1]} is not defined"
+        # An --http protocol given as an import path must exist too.
+        options = " ".join(command[2:]).replace("--http=", "--http ").split()
+        if "--http" in options:
+            protocol = options[options.index("--http") + 1]
+            if ":" in protocol:
+                module, _, attribute = protocol.partition(":")
+                assert _defines(_importable(module), attribute), f"{protocol} is not defined"
         return f"uvicorn {command[1]}"
     if command[:2] == ["python", "manage.py"]:
         from django.core.management import get_commands
@@ -181,6 +188,24 @@ def test_the_edge_can_be_scaled_without_port_clashes(rendered: dict[str, Any]) -
     ]
     # A range of host ports: every replica of `--scale edge=N` takes the next free one.
     assert any(re.search(r"\d+-\d+", value) for value in published), published
+
+
+def test_servers_coalesce_writes_and_the_edge_keeps_the_peer_address(
+    rendered: dict[str, Any],
+) -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    cmd = next(line for line in dockerfile.splitlines() if line.startswith("CMD "))
+    commands = {
+        "Dockerfile": ast.literal_eval(cmd.removeprefix("CMD ")),
+        **{name: rendered["services"][name]["command"] for name in ("web", "edge")},
+    }
+    for name, command in commands.items():
+        options = " ".join(command).replace("--http=", "--http ").split()
+        assert options[options.index("--http") + 1] == "routing.server:EdgeHttpProtocol", name
+    # X-Forwarded-For gets the load balancer's address from the proxy itself (see
+    # docker-compose.yml): uvicorn must not replace the peer with the forwarded client.
+    assert "--no-proxy-headers" in commands["edge"]
+    assert "--proxy-headers" not in commands["edge"]
 
 
 def test_metrics_directories_are_per_container_tmpfs(rendered: dict[str, Any]) -> None:

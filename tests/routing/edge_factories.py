@@ -68,6 +68,8 @@ def serve_edge(
             "--port",
             str(port),
             "--no-access-log",
+            "--http",
+            "routing.server:EdgeHttpProtocol",
             "--lifespan",
             "on",
         ],

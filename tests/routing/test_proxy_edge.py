@@ -97,7 +97,7 @@ def edge(
             "--loop",
             "uvloop",
             "--http",
-            "httptools",
+            "routing.server:EdgeHttpProtocol",
             "--no-access-log",
             "--log-level",
             "warning",
