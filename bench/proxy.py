@@ -2,22 +2,30 @@
 
 One tiny model server (``tests/model_server.py``: uvicorn, one worker, uvloop + httptools)
 answers every request. wrk sends the same inference request, a POST with a small JSON body,
-three ways:
+five ways:
 
 * direct: to the model server itself (the baseline for latency);
 * nginx: through nginx ``proxy_pass`` with one worker and a keep-alive upstream pool (a temp
   config under var/bench/, run in the foreground with its own pid and log paths);
-* aiohttp: through the smallest ASGI proxy built on the same aiohttp client settings
-  (``bare_aiohttp_proxy`` below, uvicorn, one worker): the ceiling any aiohttp-based proxy
-  reaches here, which separates the cost of the client library from Rampart's own work;
-* rampart: through the edge (``config.asgi:application``, uvicorn, one worker) at
+* aiohttp: through the smallest ASGI proxy that calls ``ClientSession.request()``
+  (``bare_aiohttp_proxy`` below, uvicorn, one worker): what the usual way of using aiohttp
+  costs, the way Rampart forwarded before routing/upstream.py;
+* conn: through the smallest ASGI proxy on the client Rampart uses, ``routing.upstream``
+  (aiohttp's pooled connections and parser without ``ClientSession.request()``;
+  ``bare_connection_proxy`` below): the ceiling of any proxy built that way here, which
+  separates the cost of the client from Rampart's own work;
+* rampart: through the edge (``config.asgi:application``, uvicorn, one worker, served as
+  docker-compose.yml serves it: ``--http routing.server:EdgeHttpProtocol --no-proxy-headers``) at
   ``/proxy/bench-ab/predict``, for a running A/B test whose two variants both point at the model
   server. Every request carries an API key and one of 10,000 unit ids, so the proxy checks the
   key, assigns the unit, records exposures and pre-aggregates observations as in production.
 
+The three Python proxies run under uvicorn with the same flags as Rampart's edge (uvloop, the
+edge's HTTP protocol, no proxy headers), so they differ only in what they do per request.
+
 Throughput is measured with ``--connections`` connections, latency with one connection.
 Targets: Rampart's throughput at least 0.4x nginx's, and its p50 latency at one connection at
-most 0.5 ms above direct. The four setups are measured in alternating rounds and the best round
+most 0.5 ms above direct. The five setups are measured in alternating rounds and the best round
 of each is compared: load from other processes only ever slows a run down. Every round is
 printed, with the CPU time the server process (nginx: its worker) spent per request during the
 throughput run, user plus system, all threads: on a shared machine that figure moves much less
@@ -48,6 +56,8 @@ import aiohttp
 import httpx
 from yarl import URL
 
+from routing.upstream import Upstream, UpstreamClient
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "var" / "bench"
 NGINX = "/usr/sbin/nginx"
@@ -62,7 +72,8 @@ UVICORN_FLAGS = [
     "--loop",
     "uvloop",
     "--http",
-    "httptools",
+    "routing.server:EdgeHttpProtocol",
+    "--no-proxy-headers",
     "--no-access-log",
     "--log-level",
     "warning",
@@ -112,6 +123,7 @@ http {{
 
 
 _BARE_SESSION: list[aiohttp.ClientSession] = []
+_BARE_CONNECTION: list[tuple[UpstreamClient, Upstream]] = []
 _BARE_DROP = frozenset({b"host", b"content-length", b"connection", b"keep-alive"})
 
 
@@ -140,12 +152,7 @@ async def bare_aiohttp_proxy(scope: dict[str, Any], receive: Any, send: Any) -> 
                 await _BARE_SESSION[0].close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
+    body = await _read_body(receive)
     headers = [
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in scope["headers"]
@@ -155,7 +162,7 @@ async def bare_aiohttp_proxy(scope: dict[str, Any], receive: Any, send: Any) -> 
         scope["method"],
         URL(os.environ["BENCH_UPSTREAM"] + scope["path"], encoded=True),
         headers=headers,
-        data=b"".join(chunks) or None,
+        data=body or None,
         allow_redirects=False,
     )
     body = await response.read()
@@ -168,6 +175,55 @@ async def bare_aiohttp_proxy(scope: dict[str, Any], receive: Any, send: Any) -> 
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(receive: Any) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def bare_connection_proxy(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The baseline on Rampart's client: forward to BENCH_UPSTREAM, nothing else."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                session = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=1000, limit_per_host=200),
+                    auto_decompress=False,
+                )
+                _BARE_SESSION.append(session)
+                _BARE_CONNECTION.append(
+                    (
+                        UpstreamClient(session, connect_timeout_s=2.0, read_timeout_s=10.0),
+                        Upstream(os.environ["BENCH_UPSTREAM"]),
+                    )
+                )
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await _BARE_SESSION[0].close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    body = await _read_body(receive)
+    headers = [b"%s: %s\r\n" % pair for pair in scope["headers"] if pair[0] not in _BARE_DROP]
+    client, upstream = _BARE_CONNECTION[0]
+    answer = await client.request(
+        upstream, scope["method"], scope["path"], headers, body, buffer_limit=1 << 20
+    )
+    data = await answer.read()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": answer.status,
+            "headers": [(n, v) for n, v in answer.headers if n.lower() not in _BARE_DROP]
+            + [(b"content-length", str(len(data)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
 
 
 @dataclass(frozen=True)
@@ -324,7 +380,7 @@ def main() -> int:
     rounds: list[dict[str, Run]] = []
     try:
         model_port, nginx_port, edge_port = free_port(), free_port(), free_port()
-        bare_port = free_port()
+        bare_port, conn_port = free_port(), free_port()
         model_url = f"http://127.0.0.1:{model_port}"
         env = {
             **os.environ,
@@ -359,22 +415,30 @@ def main() -> int:
                     url=f"http://127.0.0.1:{nginx_port}",
                 )
             )
-            bare = [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "bench.proxy:bare_aiohttp_proxy",
-                "--port",
-                str(bare_port),
-                "--lifespan",
-                "on",
-                *UVICORN_FLAGS,
-            ]
-            bare_proxy = servers.enter_context(
-                running(
-                    bare, env=env, log=workdir / "bare.log", url=f"http://127.0.0.1:{bare_port}"
-                )
-            )
+            bare_pids = {}
+            for label, app, port in (
+                ("aiohttp", "bare_aiohttp_proxy", bare_port),
+                ("conn", "bare_connection_proxy", conn_port),
+            ):
+                command = [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    f"bench.proxy:{app}",
+                    "--port",
+                    str(port),
+                    "--lifespan",
+                    "on",
+                    *UVICORN_FLAGS,
+                ]
+                bare_pids[label] = servers.enter_context(
+                    running(
+                        command,
+                        env=env,
+                        log=workdir / f"{label}.log",
+                        url=f"http://127.0.0.1:{port}",
+                    )
+                ).pid
             edge = [
                 sys.executable,
                 "-m",
@@ -395,13 +459,15 @@ def main() -> int:
             server_pids = {
                 "direct": model_server.pid,
                 "nginx": child_pid(nginx_master.pid),
-                "aiohttp": bare_proxy.pid,
+                "aiohttp": bare_pids["aiohttp"],
+                "conn": bare_pids["conn"],
                 "rampart": rampart_edge.pid,
             }
             targets = {
                 "direct": (model_url, "/predict"),
                 "nginx": (f"http://127.0.0.1:{nginx_port}", "/predict"),
                 "aiohttp": (f"http://127.0.0.1:{bare_port}", "/predict"),
+                "conn": (f"http://127.0.0.1:{conn_port}", "/predict"),
                 "rampart": (f"http://127.0.0.1:{edge_port}", "/proxy/bench-ab/predict"),
             }
             check = httpx.post(
@@ -460,9 +526,12 @@ def main() -> int:
     ratio_direct = best_rate["rampart"] / best_rate["direct"]
     ratio_aiohttp = best_rate["rampart"] / best_rate["aiohttp"]
     ratio_aiohttp_nginx = best_rate["aiohttp"] / best_rate["nginx"]
+    ratio_conn = best_rate["rampart"] / best_rate["conn"]
+    ratio_conn_nginx = best_rate["conn"] / best_rate["nginx"]
     added_rampart = best_p50["rampart"] - best_p50["direct"]
     added_nginx = best_p50["nginx"] - best_p50["direct"]
     added_aiohttp = best_p50["aiohttp"] - best_p50["direct"]
+    added_conn = best_p50["conn"] - best_p50["direct"]
     print(
         "  best: "
         + ", ".join(
@@ -477,13 +546,16 @@ def main() -> int:
     print(f"  observations recorded by the proxy: {observed} requests")
     print(
         f"  throughput rampart/nginx {ratio_nginx:.2f}x (target >= {TARGET_THROUGHPUT_RATIO}x), "
-        f"rampart/direct {ratio_direct:.2f}x, rampart/bare aiohttp proxy {ratio_aiohttp:.2f}x "
-        f"(bare aiohttp proxy/nginx {ratio_aiohttp_nginx:.2f}x)"
+        f"rampart/direct {ratio_direct:.2f}x; rampart/bare proxy on the same client "
+        f"{ratio_conn:.2f}x (that proxy/nginx {ratio_conn_nginx:.2f}x); rampart/bare "
+        f"ClientSession.request() proxy {ratio_aiohttp:.2f}x (that proxy/nginx "
+        f"{ratio_aiohttp_nginx:.2f}x)"
     )
     print(
         f"  added p50 at 1 connection: rampart {added_rampart:+.3f} ms "
         f"(target <= {TARGET_ADDED_P50_MS} ms), nginx {added_nginx:+.3f} ms, "
-        f"bare aiohttp proxy {added_aiohttp:+.3f} ms"
+        f"bare proxy on the same client {added_conn:+.3f} ms, bare ClientSession.request() "
+        f"proxy {added_aiohttp:+.3f} ms"
     )
     rampart_errors = any(
         r["rampart"].throughput.errors or r["rampart"].latency.errors for r in rounds
