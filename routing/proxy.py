@@ -147,6 +147,26 @@ _REQUEST_DROP: Final = _HOP_BY_HOP | {
 # proxy_pass drops the same two by default.
 _RESPONSE_DROP: Final = _HOP_BY_HOP | {b"date", b"server"}
 _SHADOW_HEADER: Final = b"X-Rampart-Shadow: 1\r\n"
+
+# What the proxy does with a request header, by name; a name not listed is forwarded as it is.
+# One dict lookup per header (the request loop runs for every header of every request).
+_DROP: Final = 0
+_KEY: Final = 1
+_LENGTH: Final = 2
+_FORWARDED_FOR: Final = 3
+_CONNECTION: Final = 4
+_AUTHORIZATION: Final = 5
+_COOKIE: Final = 6
+_UNIT: Final = 7
+_REQUEST_HEADER_ACTIONS: Final[dict[bytes, int]] = {
+    **dict.fromkeys(_REQUEST_DROP, _DROP),
+    b"x-rampart-key": _KEY,
+    b"content-length": _LENGTH,
+    b"x-forwarded-for": _FORWARDED_FOR,
+    b"connection": _CONNECTION,
+    b"authorization": _AUTHORIZATION,
+    b"cookie": _COOKIE,
+}
 _CACHE_HIT_HEADER: Final = (b"x-rampart-cache", b"hit")
 
 _TIMEOUT: Final = "timeout"
@@ -185,6 +205,9 @@ class _Plan:
     unit_source: str
     unit_attribute: str
     unit_header: bytes
+    # _REQUEST_HEADER_ACTIONS, plus _UNIT for the unit header when the unit comes from one
+    # (unless that header has an action of its own; then the unit is looked up separately).
+    header_actions: dict[bytes, int]
     arms: dict[str, _Arm]
     control: _Arm
     shadows: tuple[_Arm, ...]
@@ -523,13 +546,18 @@ class ProxyApp:
         else:
             self._caches.pop(view.id, None)
         control = arms[route.control.key]
+        unit_header = view.unit_attribute.lower().encode("latin-1")
+        header_actions = _REQUEST_HEADER_ACTIONS
+        if view.unit_source == "header" and unit_header not in _REQUEST_HEADER_ACTIONS:
+            header_actions = {**_REQUEST_HEADER_ACTIONS, unit_header: _UNIT}
         return _Plan(
             route=route,
             experiment_id=view.id,
             key=view.key,
             unit_source=view.unit_source,
             unit_attribute=view.unit_attribute,
-            unit_header=view.unit_attribute.lower().encode("latin-1"),
+            unit_header=unit_header,
+            header_actions=header_actions,
             arms=arms,
             control=control,
             shadows=tuple(arms[shadow.key] for shadow in route.shadows),
@@ -552,7 +580,8 @@ class ProxyApp:
         plan = self._plan(snapshot, experiment_key) if experiment_key else None
 
         # One pass over the headers: what to forward, the key, the unit, the body size.
-        unit_header = plan.unit_header if plan is not None and plan.unit_source == "header" else b""
+        actions = plan.header_actions if plan is not None else _REQUEST_HEADER_ACTIONS
+        headers = scope["headers"]
         forwarded: list[bytes] = []
         header_key: str | None = None
         bearer_key: str | None = None
@@ -561,29 +590,34 @@ class ProxyApp:
         content_length = -1
         forwarded_for = ""
         connection_tokens: frozenset[bytes] = frozenset()
-        for name, value in scope["headers"]:
-            if name == unit_header:
+        for name, value in headers:
+            action = actions.get(name)
+            if action is None:
+                # Forwarded byte for byte: the server's parser has already refused CR and LF.
+                forwarded.append(b"%s: %s\r\n" % (name, value))
+            elif action == _UNIT:
                 unit = value.decode("utf-8", "replace")
-            if name in _REQUEST_DROP:
-                if name == b"x-rampart-key":
-                    header_key = value.decode("latin-1").strip()
-                elif name == b"content-length":
-                    content_length = int(value) if value.isdigit() else -1
-                elif name == b"x-forwarded-for":
-                    forwarded_for = value.decode("utf-8", "replace")
-                elif name == b"connection":
-                    connection_tokens = frozenset(
-                        token.strip().lower() for token in value.split(b",")
-                    )
-                continue
-            if name == b"authorization" and value[:10].lower() == b"bearer rk_":
-                # A Rampart key is ours; any other Authorization header is the model's.
-                bearer_key = value[7:].decode("latin-1").strip()
-                continue
-            if name == b"cookie":
+                forwarded.append(b"%s: %s\r\n" % (name, value))
+            elif action == _KEY:
+                header_key = value.decode("latin-1").strip()
+            elif action == _LENGTH:
+                content_length = int(value) if value.isdigit() else -1
+            elif action == _FORWARDED_FOR:
+                forwarded_for = value.decode("utf-8", "replace")
+            elif action == _CONNECTION:
+                connection_tokens = frozenset(token.strip().lower() for token in value.split(b","))
+            elif action == _AUTHORIZATION:
+                if value[:10].lower() == b"bearer rk_":
+                    # A Rampart key is ours; any other Authorization header is the model's.
+                    bearer_key = value[7:].decode("latin-1").strip()
+                else:
+                    forwarded.append(b"%s: %s\r\n" % (name, value))
+            elif action == _COOKIE:
                 cookie = value
-            # Forwarded byte for byte: the server's parser has already refused CR, LF and NUL.
-            forwarded.append(b"%s: %s\r\n" % (name, value))
+                forwarded.append(b"%s: %s\r\n" % (name, value))
+        if plan is not None and plan.unit_source == "header" and actions is _REQUEST_HEADER_ACTIONS:
+            # The unit header is one the proxy also reads for itself (say, Cookie).
+            unit = _header_text(headers, plan.unit_header)
         if connection_tokens:
             forwarded = [
                 line for line in forwarded if line.partition(b":")[0] not in connection_tokens
@@ -863,9 +897,7 @@ class ProxyApp:
         fallback: bool = False,
     ) -> None:
         """Send a successful (non-5xx) upstream answer to the client and record it."""
-        headers = [
-            (name, value) for name, value in attempt.headers if name.lower() not in _RESPONSE_DROP
-        ]
+        headers = _passed_on(attempt.headers)
         response_headers = [*headers, *assigned.response_headers]
         if fallback:
             response_headers.append(plan.fallback_header)
@@ -959,11 +991,7 @@ class ProxyApp:
         if attempt.latency_ms is not None:
             answering.metrics.observe_latency(attempt.latency_ms / 1000.0)
         if attempt.failure == _STATUS_5XX:
-            headers = [
-                (name, value)
-                for name, value in attempt.headers
-                if name.lower() not in _RESPONSE_DROP
-            ]
+            headers = _passed_on(attempt.headers)
             response_headers = [*headers, *assigned.response_headers]
             if answering is not assigned:
                 response_headers.append(plan.fallback_header)
@@ -1088,6 +1116,20 @@ class ProxyApp:
 
 def _failed(failure: str, started: float) -> _Attempt:
     return _Attempt(0, (), None, None, started, (time.perf_counter() - started) * 1000.0, failure)
+
+
+def _passed_on(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """An upstream's response headers without those the proxy must not pass on."""
+    return [header for header in headers if header[0].lower() not in _RESPONSE_DROP]
+
+
+def _header_text(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The last value of a (lower-case) header as text, or None."""
+    found = None
+    for header, value in headers:
+        if header == name:
+            found = value
+    return None if found is None else found.decode("utf-8", "replace")
 
 
 def _content_encoding(headers: Iterable[tuple[bytes, bytes]]) -> bytes:

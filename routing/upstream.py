@@ -206,8 +206,13 @@ class UpstreamClient:
                 or payload.is_eof()
                 or (length is not None and length.isdigit() and int(length) <= buffer_limit)
             ):
-                deadline.payload = payload
-                data = await payload.read()
+                if payload.is_eof():
+                    # The whole body came with the head (the usual case for an inference
+                    # answer): take it without read()'s coroutine and buffer loop.
+                    data = payload.read_nowait()
+                else:
+                    deadline.payload = payload
+                    data = await payload.read()
                 deadline.handle.cancel()
                 connection.release()
                 return UpstreamAnswer(message.code, message.raw_headers, data, None, None)

@@ -250,6 +250,8 @@ def test_same_unit_same_variant_same_header(
         ("json_field", "user_id", {"content": b'{"user_id": "unit-7", "x": [1]}'}),
         ("query", "user", {"params": {"user": "unit-7", "q": "1"}}),
         ("header", "X-User", {"headers": {"X-User": "unit-7"}}),
+        # A unit header the proxy also reads for itself is still the unit (and forwarded).
+        ("header", "Cookie", {"headers": {"Cookie": "unit-7"}}),
     ],
 )
 def test_unit_from_cookie_json_query_or_named_header(
