@@ -46,7 +46,7 @@ UVICORN_FLAGS = [
     "--loop",
     "uvloop",
     "--http",
-    "httptools",
+    "routing.server:EdgeHttpProtocol",
     "--no-access-log",
     "--log-level",
     "warning",
