@@ -290,6 +290,9 @@ def _unit_id(value: Any, name: str = "unit") -> str:
     unit = value if isinstance(value, str) else str(value)
     if len(unit) > MAX_UNIT_LENGTH:
         raise EdgeError(400, "invalid", f"{name} is longer than {MAX_UNIT_LENGTH} characters", name)
+    if "\x00" in unit:
+        # PostgreSQL text cannot hold NUL: the exposure could not be recorded.
+        raise EdgeError(400, "invalid", f"{name} must not contain NUL characters", name)
     return unit
 
 
@@ -463,7 +466,12 @@ class Edge:
         # The common case (a known experiment, a short string unit) skips the validators,
         # which only exist to name what is wrong.
         route = snapshot.route(experiment) if type(experiment) is str else None
-        if route is None or type(unit) is not str or not 0 < len(unit) <= MAX_UNIT_LENGTH:
+        if (
+            route is None
+            or type(unit) is not str
+            or not 0 < len(unit) <= MAX_UNIT_LENGTH
+            or "\x00" in unit
+        ):
             route = self._route(snapshot, _experiment_key(experiment))
             unit = _unit_id(unit)
         decision = self._serve(route, unit)

@@ -676,7 +676,8 @@ class ProxyApp:
 
         if plan.unit_source != "header":
             unit = _unit_from_request(plan, scope, body, cookie)
-        if unit is not None and (not unit or len(unit) > MAX_UNIT_LENGTH):
+        if unit is not None and (not unit or len(unit) > MAX_UNIT_LENGTH or "\x00" in unit):
+            # What /v1/decide refuses (a NUL cannot be stored) counts as no unit: control.
             unit = None
         index = plan.decided.get(unit) if unit is not None else None
         if index is not None:

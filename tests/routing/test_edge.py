@@ -157,6 +157,8 @@ def test_errors_name_the_field(
         (b"[1, 2]", None),
         (b'{"experiment": "ranker-v2", "unit": ["a"]}', "unit"),
         (b'{"experiment": "ranker-v2", "unit": "' + b"x" * 201 + b'"}', "unit"),
+        # A NUL could not be stored with the exposure (PostgreSQL text).
+        (b'{"experiment": "ranker-v2", "unit": "a\\u0000b"}', "unit"),
         (b'{"experiment": 3, "unit": "a"}', "experiment"),
     ],
 )

@@ -305,6 +305,30 @@ def test_request_without_unit_goes_to_control_and_is_not_an_error(
     assert not Exposure.objects.filter(experiment_id=experiment_id).exists()
 
 
+def test_a_unit_with_a_nul_counts_as_no_unit(
+    proxy_settings: Any, make_key: Callable[..., str], servers: dict[str, ModelServer]
+) -> None:
+    # /v1/decide refuses such a unit with 400 (its exposure could not be stored); the proxy
+    # still answers, from control, as for a request without a unit.
+    key = make_key("decide")
+    experiment_id = make_experiment(
+        "nul",
+        [("v1", servers["control"].url, 0.0), ("v2", servers["canary"].url, 1.0)],
+        unit_source="query",
+        unit_attribute="user",
+    )
+
+    async def scenario() -> httpx.Response:
+        async with running_edge(key) as running:
+            return await running.client.get("/proxy/nul/x", params={"user": "a\x00b"})
+
+    response = run(scenario)
+    assert response.status_code == 200
+    assert response.headers["x-rampart-variant"] == "v1"
+    assert servers["canary"].count == 0
+    assert not Exposure.objects.filter(experiment_id=experiment_id).exists()
+
+
 def test_auth_unknown_experiment_and_body_limit(
     proxy_settings: Any, make_key: Callable[..., str], servers: dict[str, ModelServer]
 ) -> None:
