@@ -16,16 +16,24 @@ DECISIONS = Counter(
     ["experiment", "variant", "reason"],
 )
 
+# With PROMETHEUS_MULTIPROC_DIR (several workers per host), one scrape reports, over the
+# live processes: the oldest snapshot any of them serves (a worker that fell behind shows),
+# the stalest confirmation, and the buffered rows of all of them.
 SNAPSHOT_VERSION = Gauge(
-    "rampart_snapshot_version", "Config version of the routing snapshot this process serves."
+    "rampart_snapshot_version",
+    "Config version of the routing snapshot served (the oldest over live worker processes).",
+    multiprocess_mode="livemin",
 )
 SNAPSHOT_BUILT = Gauge(
     "rampart_snapshot_built_timestamp_seconds",
-    "Unix time at which the routing snapshot in use was built.",
+    "Unix time at which the routing snapshot in use was built (the oldest over live workers).",
+    multiprocess_mode="livemin",
 )
 SNAPSHOT_AGE = Gauge(
     "rampart_snapshot_age_seconds",
-    "Seconds since this process last confirmed that its snapshot matches the config version.",
+    "Seconds since the snapshot was last confirmed to match the config version (the longest"
+    " over live workers).",
+    multiprocess_mode="livemax",
 )
 SNAPSHOT_REBUILDS = Counter(
     "rampart_snapshot_rebuilds", "Routing snapshots built because the config version changed."
@@ -35,14 +43,19 @@ SNAPSHOT_ERRORS = Counter(
     "Failed checks or rebuilds of the routing snapshot (the previous snapshot stays in use).",
 )
 SNAPSHOT_EXPERIMENTS = Gauge(
-    "rampart_snapshot_experiments", "Experiments in the routing snapshot, by status.", ["status"]
+    "rampart_snapshot_experiments",
+    "Experiments in the routing snapshot, by status (the most over live workers).",
+    ["status"],
+    multiprocess_mode="livemax",
 )
 
 RECORDER_ACCEPTED = Counter(
     "rampart_exposures_accepted", "First exposures accepted into the recorder's buffer."
 )
 RECORDER_BUFFERED = Gauge(
-    "rampart_exposures_buffered", "Exposure rows waiting in memory for the next flush."
+    "rampart_exposures_buffered",
+    "Exposure rows waiting in memory for the next flush (all live workers).",
+    multiprocess_mode="livesum",
 )
 RECORDER_WRITTEN = Counter(
     "rampart_exposures_written",

@@ -127,6 +127,12 @@ def test_multiprocess_mode_sums_every_worker(two_worker_edge: tuple[str, Path]) 
         assert _sum_samples(text, pattern) == decisions
         # Families of other processes sharing the directory (the worker) are merged in too.
         assert "# TYPE rampart_analysis_run_seconds histogram" in text
+    # Per-process gauges come out aggregated over the live workers: one series, no pid label.
+    for family in ("rampart_snapshot_version", "rampart_snapshot_age_seconds"):
+        series = [line for line in text.splitlines() if line.startswith(family + " ")]
+        assert len(series) == 1, (family, series)
+    buffered = [line for line in text.splitlines() if line.startswith("rampart_exposures_buffered")]
+    assert len(buffered) == 1 and "pid=" not in buffered[0], buffered
 
 
 def test_dead_processes_are_marked_so_live_gauges_forget_them(tmp_path: Path) -> None:
