@@ -10,6 +10,7 @@ import pytest
 from experiments import services
 from routing import proxy
 from routing.edge import EdgeContext
+from routing.proxy import plan as proxy_plan
 from routing.snapshot import load_snapshot
 from tests.factories import create_experiment
 
@@ -21,7 +22,7 @@ UNITS = [f"user-{i}" for i in range(3000)] + ["qa-anna"]
 def plan_and_route(key: str) -> tuple[Any, Any]:
     snapshot = load_snapshot()
     app = proxy.ProxyApp(EdgeContext.from_settings())
-    plan = app._plan(snapshot, key)
+    plan = app.plans.get(snapshot, key)
     assert plan is not None
     return plan, snapshot.route(key)
 
@@ -44,7 +45,7 @@ def test_remembered_decisions_equal_the_routes_for_every_reason(
     )
     services.experiment_start(actor="test", key="covered")
     plan, route = plan_and_route("covered")
-    monkeypatch.setattr(proxy, "MAX_REMEMBERED_UNITS", 1000)
+    monkeypatch.setattr(proxy_plan, "MAX_REMEMBERED_UNITS", 1000)
     reasons = set()
     for unit in UNITS * 2:  # the second pass answers from memory (and past the bound)
         outcome = plan.decide(unit)
@@ -61,11 +62,11 @@ def test_a_new_snapshot_starts_a_new_memory(metrics: Any) -> None:
     create_experiment("ramped", "ab")
     services.experiment_start(actor="test", key="ramped")
     app = proxy.ProxyApp(EdgeContext.from_settings())
-    first = app._plan(load_snapshot(), "ramped")
+    first = app.plans.get(load_snapshot(), "ramped")
     assert first is not None
     assert {first.decide(unit)[0].key for unit in UNITS} == {"v1", "v2"}
     services.experiment_update(actor="test", key="ramped", weights={"v1": 0.0, "v2": 1.0})
-    second = app._plan(load_snapshot(), "ramped")
+    second = app.plans.get(load_snapshot(), "ramped")
     assert second is not None and second is not first
     assert not second.decided
     assert {second.decide(unit)[0].key for unit in UNITS} == {"v2"}

@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import Any
 
-from routing.proxy import _DisconnectWatch, _WatchSweep
+from routing.proxy.watch import DisconnectWatch, WatchSweep
 
 PERIOD_S = 0.01
 
@@ -30,10 +30,10 @@ def test_an_answered_request_never_listens_and_a_waiting_one_does() -> None:
             await asyncio.sleep(60)  # the client stays
             return {"type": "http.disconnect"}
 
-        sweep = _WatchSweep(PERIOD_S)
+        sweep = WatchSweep(PERIOD_S)
         task = asyncio.current_task()
-        answered = _DisconnectWatch(receive, task)
-        waiting = _DisconnectWatch(receive, task)
+        answered = DisconnectWatch(receive, task)
+        waiting = DisconnectWatch(receive, task)
         sweep.add(answered)
         sweep.add(waiting)
         answered.stop()  # answered within the period
@@ -59,18 +59,18 @@ def test_a_client_that_leaves_cancels_its_waiting_request() -> None:
         async def receive() -> dict[str, Any]:
             return {"type": "http.disconnect"}
 
-        sweep = _WatchSweep(PERIOD_S)
+        sweep = WatchSweep(PERIOD_S)
         upstream_call = asyncio.get_running_loop().create_future()
 
         async def request() -> None:
-            watch = _DisconnectWatch(receive, asyncio.current_task())
+            watch = DisconnectWatch(receive, asyncio.current_task())
             sweep.add(watch)
             try:
                 await upstream_call  # never answers
             finally:
                 watches.append(watch)
 
-        watches: list[_DisconnectWatch] = []
+        watches: list[DisconnectWatch] = []
         task = asyncio.create_task(request())
         await asyncio.wait([task], timeout=2.0)
         sweep.close()

@@ -1,0 +1,566 @@
+"""The ``/proxy/`` ASGI app: one request from arrival to answer (see ``routing.proxy``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from typing import Final
+
+import aiohttp
+from django.conf import settings
+
+from routing import proxy_metrics
+from routing.breaker import CircuitBreaker
+from routing.edge import EdgeContext, Receive, Scope, Send, send_error
+from routing.logcontext import set_route
+from routing.observations import ObservationAggregator
+from routing.proxy.attempt import (
+    CONNECT,
+    STATUS_5XX,
+    TIMEOUT,
+    Attempt,
+    call_upstream,
+    count_failure,
+)
+from routing.proxy.headers import (
+    ACTION_AUTHORIZATION,
+    ACTION_CONNECTION,
+    ACTION_COOKIE,
+    ACTION_FORWARDED_FOR,
+    ACTION_KEY,
+    ACTION_LENGTH,
+    ACTION_UNIT,
+    CACHE_HIT_HEADER,
+    MAX_UNIT_LENGTH,
+    REQUEST_HEADER_ACTIONS,
+    content_encoding,
+    header_text,
+    passed_on,
+    unit_from_request,
+)
+from routing.proxy.plan import Arm, Plan, PlanBook
+from routing.proxy.shadow import Shadows
+from routing.proxy.watch import DISCONNECT_WATCH_AFTER_S, DisconnectWatch, WatchSweep
+from routing.upstream import UpstreamClient
+
+logger = logging.getLogger(__name__)
+
+SCOPE_DECIDE: Final = "decide"
+MOUNT_PREFIX: Final = "/proxy/"
+
+
+class ProxyApp:
+    """The ``/proxy/`` part of the edge (``routing.edge.SubApp``)."""
+
+    def __init__(self, context: EdgeContext) -> None:
+        self.context = context
+        self.max_body_bytes = int(settings.PROXY_MAX_BODY_BYTES)
+        self.connect_timeout_s = float(settings.PROXY_CONNECT_TIMEOUT_S)
+        self.read_timeout_s = float(settings.PROXY_READ_TIMEOUT_S)
+        self.pool_limit = int(settings.PROXY_POOL_LIMIT)
+        self.pool_limit_per_host = int(settings.PROXY_POOL_LIMIT_PER_HOST)
+        self.observations = ObservationAggregator(
+            bucket_s=int(settings.OBSERVATION_BUCKET_S),
+            flush_interval_s=float(settings.RECORDER_FLUSH_S),
+            max_cells=int(settings.RECORDER_MAX_BUFFER),
+            batch_rows=int(settings.RECORDER_BATCH_ROWS),
+        )
+        self.session: aiohttp.ClientSession | None = None
+        self.connector: aiohttp.TCPConnector | None = None
+        self.client: UpstreamClient | None = None
+        self.plans = PlanBook(
+            breaker_failures=int(settings.PROXY_BREAKER_FAILURES),
+            breaker_cooldown_s=float(settings.PROXY_BREAKER_COOLDOWN_S),
+        )
+        self.shadows = Shadows(
+            self.observations, concurrency=int(settings.PROXY_SHADOW_CONCURRENCY)
+        )
+        self._watches = WatchSweep(DISCONNECT_WATCH_AFTER_S)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._publisher: asyncio.Task[None] | None = None
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def startup(self) -> None:
+        """Create the pooled upstream client, start the observation flusher and the publisher."""
+        loop = self._loop = asyncio.get_running_loop()
+        self.connector = aiohttp.TCPConnector(
+            limit=self.pool_limit,
+            limit_per_host=self.pool_limit_per_host,
+            ttl_dns_cache=300,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=self.connector,
+            # Bytes pass through untouched: the client asked for any compression it gets.
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        self.client = UpstreamClient(
+            self.session,
+            connect_timeout_s=self.connect_timeout_s,
+            read_timeout_s=self.read_timeout_s,
+        )
+        self.shadows.client = self.client
+        await self.observations.start()
+        self._publisher = loop.create_task(self._publish_metrics(), name="rampart-proxy-metrics")
+
+    async def shutdown(self) -> None:
+        """Finish mirrored requests, close the client, write the remaining observations."""
+        self._watches.close()
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publisher
+        await self.shadows.close()
+        session, self.session = self.session, None
+        if session is not None:
+            await session.close()
+        proxy_metrics.publish_pending()
+        await self.observations.stop()
+
+    async def _publish_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(proxy_metrics.PUBLISH_INTERVAL_S)
+            proxy_metrics.publish_pending()
+
+    @property
+    def shadows_in_flight(self) -> int:
+        return self.shadows.in_flight
+
+    @property
+    def breakers(self) -> dict[str, CircuitBreaker]:
+        """Circuit breakers by upstream base URL."""
+        return self.plans.breakers
+
+    # ----------------------------------------------------------------- ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        path: str = scope["path"]
+        experiment_key, _, _ = path[len(MOUNT_PREFIX) :].partition("/")
+        snapshot = self.context.snapshots.current
+        plan = self.plans.get(snapshot, experiment_key) if experiment_key else None
+
+        # One pass over the headers: what to forward, the key, the unit, the body size.
+        actions = plan.header_actions if plan is not None else REQUEST_HEADER_ACTIONS
+        headers = scope["headers"]
+        forwarded: list[bytes] = []
+        header_key: str | None = None
+        bearer_key: str | None = None
+        unit: str | None = None
+        cookie: bytes | None = None
+        content_length = -1
+        forwarded_for = ""
+        connection_tokens: frozenset[bytes] = frozenset()
+        for name, value in headers:
+            action = actions.get(name)
+            if action is None:
+                # Forwarded byte for byte: the server's parser has already refused CR and LF.
+                forwarded.append(b"%s: %s\r\n" % (name, value))
+            elif action == ACTION_UNIT:
+                unit = value.decode("utf-8", "replace")
+                forwarded.append(b"%s: %s\r\n" % (name, value))
+            elif action == ACTION_KEY:
+                header_key = value.decode("latin-1").strip()
+            elif action == ACTION_LENGTH:
+                content_length = int(value) if value.isdigit() else -1
+            elif action == ACTION_FORWARDED_FOR:
+                forwarded_for = value.decode("utf-8", "replace")
+            elif action == ACTION_CONNECTION:
+                connection_tokens = frozenset(token.strip().lower() for token in value.split(b","))
+            elif action == ACTION_AUTHORIZATION:
+                if value[:10].lower() == b"bearer rk_":
+                    # A Rampart key is ours; any other Authorization header is the model's.
+                    bearer_key = value[7:].decode("latin-1").strip()
+                else:
+                    forwarded.append(b"%s: %s\r\n" % (name, value))
+            elif action == ACTION_COOKIE:
+                cookie = value
+                forwarded.append(b"%s: %s\r\n" % (name, value))
+        if plan is not None and plan.unit_source == "header" and actions is REQUEST_HEADER_ACTIONS:
+            # The unit header is one the proxy also reads for itself (say, Cookie).
+            unit = header_text(headers, plan.unit_header)
+        if connection_tokens:
+            forwarded = [
+                line for line in forwarded if line.partition(b":")[0] not in connection_tokens
+            ]
+        client = scope.get("client")
+        if client:
+            forwarded_for = f"{forwarded_for}, {client[0]}" if forwarded_for else str(client[0])
+        if forwarded_for:
+            forwarded.append(b"X-Forwarded-For: %s\r\n" % forwarded_for.encode("utf-8", "replace"))
+
+        if not snapshot.loaded:
+            await send_error(send, 503, "not_ready", "the routing snapshot is not loaded yet")
+            return
+        if self.context.require_key:
+            check = snapshot.check_key(header_key or bearer_key, SCOPE_DECIDE)
+            if not check.ok:
+                proxy_metrics.REJECTED.labels("auth").inc()
+                code = "unauthorized" if check.status == 401 else "forbidden"
+                await send_error(send, check.status, code, check.error)
+                return
+        if plan is None:
+            proxy_metrics.REJECTED.labels("unknown_experiment").inc()
+            await send_error(
+                send, 404, "not_found", f"unknown experiment {experiment_key!r}", "experiment"
+            )
+            return
+        if content_length > self.max_body_bytes:
+            await self._too_large(send)
+            return
+
+        # The request body, whole: it may be sent twice (fallback, shadow) and may hold the unit.
+        body = b""
+        chunks: list[bytes] | None = None
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                proxy_metrics.CLIENT_DISCONNECTS.inc()
+                return
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    await self._too_large(send)
+                    return
+                if not body:
+                    body = chunk
+                else:
+                    if chunks is None:
+                        chunks = [body]
+                    chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        if chunks is not None:
+            body = b"".join(chunks)
+
+        if plan.unit_source != "header":
+            unit = unit_from_request(plan.unit_source, plan.unit_attribute, scope, body, cookie)
+        if unit is not None and (not unit or len(unit) > MAX_UNIT_LENGTH or "\x00" in unit):
+            # What /v1/decide refuses (a NUL cannot be stored) counts as no unit: control.
+            unit = None
+        index = plan.decided.get(unit) if unit is not None else None
+        if index is not None:
+            # A unit the plan remembers has had its exposure recorded already (if it counts).
+            arm, in_experiment, reason = plan.outcomes[index]
+        else:
+            arm, in_experiment, reason = plan.decide(unit)
+            if (
+                in_experiment
+                and unit is not None
+                and not self.context.exposures.record(
+                    experiment_id=plan.experiment_id, unit_id=unit, variant_key=arm.key
+                )
+            ):
+                # The recorder's buffer was full: try again with the unit's next request.
+                plan.decided.pop(unit, None)
+        set_route(plan.route.key, arm.key)
+        arm.metrics.count_decision(reason)
+
+        method: str = scope["method"]
+        # The rest of the path after /proxy/{experiment}, still percent-encoded as received.
+        raw_path: bytes | None = scope.get("raw_path")
+        full_path = raw_path.decode("latin-1") if raw_path else path
+        slash = full_path.find("/", len(MOUNT_PREFIX))
+        target = full_path[slash:] if slash >= 0 else ""
+        query: bytes = scope["query_string"]
+        if query:
+            target = f"{target}?{query.decode('latin-1')}"
+
+        cache = plan.cache
+        cache_key = None
+        if cache is not None:
+            cache_key = (arm.key, method, target, hashlib.blake2b(body, digest_size=16).digest())
+            hit = cache.get(cache_key, time.monotonic())
+            if hit is not None:
+                self.observations.count_cache_hit(plan.experiment_id, arm.key)
+                arm.metrics.cache_hits.inc()
+                arm.metrics.count_response(hit.status)
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": hit.status,
+                        "headers": [*hit.headers, *arm.response_headers, CACHE_HIT_HEADER],
+                    }
+                )
+                await send({"type": "http.response.body", "body": hit.body})
+                return
+
+        control_answer: asyncio.Future[tuple[bytes, bytes] | None] | None = None
+        if plan.shadows:
+            control_answer = asyncio.get_running_loop().create_future()
+            self.shadows.mirror(plan, method, target, forwarded, body, control_answer)
+
+        # With the loop given, current_task() skips get_running_loop(), which costs a getpid()
+        # system call on Python 3.11.
+        watch = DisconnectWatch(receive, asyncio.current_task(self._loop))
+        self._watches.add(watch)
+        try:
+            await self._forward(
+                plan, arm, method, target, forwarded, body, send, watch, cache_key, control_answer
+            )
+        except asyncio.CancelledError:
+            if not watch.disconnected:
+                raise
+            # The client went away: the upstream call was cancelled with this task and its
+            # connection closed. Nothing is left to answer. The attempt still counts for its
+            # arm, with the time until the proxy noticed: a lower bound of its latency, as the
+            # upstream had not answered yet (clients give up on slow answers, so leaving these
+            # out would flatter a slow arm).
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            proxy_metrics.CLIENT_DISCONNECTS.inc()
+            if watch.arm_key is not None:
+                self.observations.observe(
+                    plan.experiment_id,
+                    watch.arm_key,
+                    (time.perf_counter() - watch.started) * 1000.0,
+                    error=False,
+                )
+        finally:
+            if watch.receive is not None:
+                watch.stop()
+            if control_answer is not None and not control_answer.done():
+                control_answer.set_result(None)
+
+    async def _too_large(self, send: Send) -> None:
+        proxy_metrics.REJECTED.labels("body_too_large").inc()
+        await send_error(
+            send, 413, "too_large", f"the request body exceeds {self.max_body_bytes} bytes"
+        )
+
+    # ----------------------------------------------------------------- forwarding
+
+    async def _forward(
+        self,
+        plan: Plan,
+        arm: Arm,
+        method: str,
+        target: str,
+        headers: list[bytes],
+        body: bytes,
+        send: Send,
+        watch: DisconnectWatch,
+        cache_key: tuple[str, str, str, bytes] | None,
+        control_answer: asyncio.Future[tuple[bytes, bytes] | None] | None,
+    ) -> None:
+        """Call the arm (and control on failure) and send the answer to the client."""
+        observations = self.observations
+        experiment_id = plan.experiment_id
+        fallback = False
+        if not arm.is_control:
+            if arm.breaker.allow():
+                watch.begin(arm.key)
+                attempt = await call_upstream(self.client, arm, method, target, headers, body)
+                if attempt.failure is None:
+                    await self._respond(plan, arm, arm, attempt, send, watch, cache_key, None)
+                    return
+                count_failure(arm, attempt.failure)
+                watch.arm_key = None
+                if not plan.fallback_to_control:
+                    observations.observe(experiment_id, arm.key, attempt.latency_ms, error=True)
+                    await self._answer_failure(plan, arm, arm, attempt, send, watch)
+                    return
+                observations.observe(
+                    experiment_id, arm.key, attempt.latency_ms, error=True, fallback=True
+                )
+                if attempt.answer is not None:
+                    attempt.answer.close()
+            else:
+                arm.metrics.errors_breaker_open.inc()
+                if not plan.fallback_to_control:
+                    observations.observe(experiment_id, arm.key, None, error=True)
+                    await self._circuit_open(arm, arm, send, watch)
+                    return
+                observations.observe(experiment_id, arm.key, None, error=True, fallback=True)
+            arm.metrics.fallbacks.inc()
+            fallback = True
+
+        control = plan.control
+        if not control.breaker.allow():
+            control.metrics.errors_breaker_open.inc()
+            if not fallback:
+                observations.observe(experiment_id, control.key, None, error=True)
+            await self._circuit_open(arm, control, send, watch)
+            return
+        if not fallback:
+            watch.begin(control.key)
+        attempt = await call_upstream(self.client, control, method, target, headers, body)
+        if attempt.failure is not None:
+            count_failure(control, attempt.failure)
+            watch.arm_key = None
+            if not fallback:
+                observations.observe(experiment_id, control.key, attempt.latency_ms, error=True)
+            await self._answer_failure(plan, arm, control, attempt, send, watch)
+            return
+        await self._respond(
+            plan,
+            arm,
+            control,
+            attempt,
+            send,
+            watch,
+            None if fallback else cache_key,
+            control_answer,
+            fallback=fallback,
+        )
+
+    async def _respond(
+        self,
+        plan: Plan,
+        assigned: Arm,
+        answering: Arm,
+        attempt: Attempt,
+        send: Send,
+        watch: DisconnectWatch,
+        cache_key: tuple[str, str, str, bytes] | None,
+        control_answer: asyncio.Future[tuple[bytes, bytes] | None] | None,
+        *,
+        fallback: bool = False,
+    ) -> None:
+        """Send a successful (non-5xx) upstream answer to the client and record it."""
+        headers = passed_on(attempt.headers)
+        response_headers = [*headers, *assigned.response_headers]
+        if fallback:
+            response_headers.append(plan.fallback_header)
+        status = attempt.status
+        body = attempt.body
+        if body is None:
+            try:
+                await self._stream(attempt, response_headers, send, watch)
+            except (TimeoutError, aiohttp.ClientError, OSError) as error:
+                # Headers are already sent, so neither a fallback nor an error status is
+                # possible: count the failure and let the server abort the connection, which
+                # tells the client the answer is incomplete.
+                failure = TIMEOUT if isinstance(error, TimeoutError) else CONNECT
+                count_failure(answering, failure)
+                watch.arm_key = None
+                assigned.metrics.count_response(status)
+                if not fallback:
+                    self.observations.observe(
+                        plan.experiment_id,
+                        assigned.key,
+                        (time.perf_counter() - attempt.started) * 1000.0,
+                        error=True,
+                    )
+                logger.warning(
+                    "upstream %s failed mid-answer (%s); aborting the response",
+                    answering.base_url,
+                    failure,
+                )
+                raise
+        else:
+            watch.stop()
+            await send(
+                {"type": "http.response.start", "status": status, "headers": response_headers}
+            )
+            await send({"type": "http.response.body", "body": body})
+        latency_ms = attempt.latency_ms
+        watch.arm_key = None
+        answering.breaker.record_success()
+        assigned.metrics.count_response(status)
+        if latency_ms is not None:
+            answering_metrics = answering.metrics
+            answering_metrics.observe_latency(latency_ms / 1000.0)
+        if not fallback:
+            self.observations.observe(plan.experiment_id, assigned.key, latency_ms, error=False)
+        if body is None:
+            return
+        if cache_key is not None and plan.cache is not None and 200 <= status < 300:
+            plan.cache.put(
+                cache_key, now=time.monotonic(), status=status, headers=headers, body=body
+            )
+        if control_answer is not None and answering.is_control and not control_answer.done():
+            control_answer.set_result((body, content_encoding(headers)))
+
+    async def _stream(
+        self,
+        attempt: Attempt,
+        response_headers: list[tuple[bytes, bytes]],
+        send: Send,
+        watch: DisconnectWatch,
+    ) -> None:
+        """Relay a large or unsized answer chunk by chunk; sets ``attempt.latency_ms``."""
+        answer = attempt.answer
+        if answer is None:
+            raise RuntimeError("nothing to stream")
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": attempt.status,
+                    "headers": response_headers,
+                }
+            )
+            async for chunk in answer.chunks():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            attempt.latency_ms = (time.perf_counter() - attempt.started) * 1000.0
+            watch.stop()
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            answer.close()
+
+    async def _answer_failure(
+        self,
+        plan: Plan,
+        assigned: Arm,
+        answering: Arm,
+        attempt: Attempt,
+        send: Send,
+        watch: DisconnectWatch,
+    ) -> None:
+        """Pass on a 5xx answer, or send a JSON 502/504 for a timeout or connection failure."""
+        if attempt.latency_ms is not None:
+            answering.metrics.observe_latency(attempt.latency_ms / 1000.0)
+        if attempt.failure == STATUS_5XX:
+            headers = passed_on(attempt.headers)
+            response_headers = [*headers, *assigned.response_headers]
+            if answering is not assigned:
+                response_headers.append(plan.fallback_header)
+            assigned.metrics.count_response(attempt.status)
+            if attempt.body is None:
+                await self._stream(attempt, response_headers, send, watch)
+            else:
+                watch.stop()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": attempt.status,
+                        "headers": response_headers,
+                    }
+                )
+                await send({"type": "http.response.body", "body": attempt.body})
+            return
+        watch.stop()
+        if attempt.failure == TIMEOUT:
+            assigned.metrics.count_response(504)
+            await send_error(
+                send, 504, "upstream_timeout", f"variant {answering.key!r} did not answer in time"
+            )
+        else:
+            assigned.metrics.count_response(502)
+            await send_error(
+                send, 502, "upstream_unavailable", f"variant {answering.key!r} is unreachable"
+            )
+
+    async def _circuit_open(
+        self, assigned: Arm, answering: Arm, send: Send, watch: DisconnectWatch
+    ) -> None:
+        watch.stop()
+        assigned.metrics.count_response(502)
+        await send_error(
+            send,
+            502,
+            "upstream_unavailable",
+            f"variant {answering.key!r} is failing; its circuit breaker is open",
+        )

@@ -1,0 +1,115 @@
+"""Shadow variants: a mirrored copy of each forwarded request, compared with control's answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+
+from routing.observations import ObservationAggregator
+from routing.proxy.attempt import CONNECT, TIMEOUT, call_upstream, count_failure
+from routing.proxy.compare import compare_answers
+from routing.proxy.headers import SHADOW_HEADER, content_encoding
+from routing.proxy.plan import Arm, Plan
+from routing.upstream import UpstreamClient
+
+
+class Shadows:
+    """Sends the mirrored copies in the background, at most ``concurrency`` at a time."""
+
+    def __init__(self, observations: ObservationAggregator, *, concurrency: int) -> None:
+        self.observations = observations
+        self.concurrency = concurrency
+        # Set by ProxyApp.startup(), with the session it creates.
+        self.client: UpstreamClient | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def close(self) -> None:
+        """Cancel the copies still in flight and wait for them to end."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def mirror(
+        self,
+        plan: Plan,
+        method: str,
+        target: str,
+        headers: list[bytes],
+        body: bytes,
+        control_answer: asyncio.Future[tuple[bytes, bytes] | None],
+    ) -> None:
+        """Start one background copy per shadow, within the concurrency budget."""
+        loop = asyncio.get_running_loop()
+        shadow_headers = [*headers, SHADOW_HEADER]
+        for shadow in plan.shadows:
+            if len(self._tasks) >= self.concurrency:
+                shadow.metrics.shadow_saturated.inc()
+                continue
+            if not shadow.breaker.allow():
+                shadow.metrics.shadow_breaker_open.inc()
+                continue
+            task = loop.create_task(
+                self._shadow(plan, shadow, method, target, shadow_headers, body, control_answer)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _shadow(
+        self,
+        plan: Plan,
+        shadow: Arm,
+        method: str,
+        target: str,
+        headers: list[bytes],
+        body: bytes,
+        control_answer: asyncio.Future[tuple[bytes, bytes] | None],
+    ) -> None:
+        attempt = await call_upstream(self.client, shadow, method, target, headers, body)
+        shadow_body = attempt.body
+        if attempt.answer is not None:
+            try:
+                shadow_body = await attempt.answer.read()
+                attempt.latency_ms = (time.perf_counter() - attempt.started) * 1000.0
+            except TimeoutError:
+                attempt.failure = TIMEOUT
+            except (aiohttp.ClientError, OSError):
+                attempt.failure = CONNECT
+            finally:
+                attempt.answer.close()
+        if attempt.latency_ms is None:
+            attempt.latency_ms = (time.perf_counter() - attempt.started) * 1000.0
+        failed = attempt.failure is not None
+        if failed:
+            count_failure(shadow, attempt.failure or CONNECT)
+            shadow.metrics.shadow_error.inc()
+        else:
+            shadow.breaker.record_success()
+            shadow.metrics.shadow_ok.inc()
+        shadow.metrics.observe_latency(attempt.latency_ms / 1000.0)
+        self.observations.observe(
+            plan.experiment_id, shadow.key, attempt.latency_ms, error=failed, is_shadow=True
+        )
+        if failed or shadow_body is None:
+            return
+        answer = await control_answer
+        if answer is None:
+            return
+        control_body, control_encoding = answer
+        shadow_encoding = content_encoding(attempt.headers)
+        disagreed, abs_diff = compare_answers(
+            control_body,
+            shadow_body,
+            field=plan.compare_field,
+            control_encoding=control_encoding,
+            shadow_encoding=shadow_encoding,
+        )
+        self.observations.compare(
+            plan.experiment_id, shadow.key, disagreed=disagreed, abs_diff=abs_diff
+        )
