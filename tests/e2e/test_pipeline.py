@@ -28,6 +28,7 @@ import httpx
 import pytest
 
 from analysis import selectors
+from analysis.models import AlertOutbox
 from experiments import services
 from experiments.models import AuditEntry, Experiment
 from tests.processes import free_port, start_process, stop_process, wait_for_http
@@ -296,8 +297,15 @@ def test_bad_canary_rolls_back_and_good_canary_completes(
     tripped = audit.after["evidence"]["metric"]
     assert tripped in ("latency-p95", "error-rate")
 
+    # One alert, delivered at least once: an attempt whose answer did not arrive within the
+    # send timeout (a loaded machine) is sent again, with the same delivery id, and counted.
     messages = slack.messages("/slow")
-    assert len(messages) == 1
+    assert {m.headers["x-rampart-delivery"] for m in messages} == {
+        messages[0].headers["x-rampart-delivery"]
+    }
+    assert {m.body for m in messages} == {messages[0].body}
+    alert = AlertOutbox.objects.get(experiment__key="slow")
+    assert alert.status == "delivered" and len(messages) == alert.attempts
     message = messages[0].json
     text = str(message)
     assert message["blocks"][0]["type"] == "header" and "Rolled back" in text
@@ -315,5 +323,7 @@ def test_bad_canary_rolls_back_and_good_canary_completes(
     steady = Experiment.objects.get(key="steady")
     assert steady.winner is not None and steady.winner.key == "v2"
     assert AuditEntry.objects.filter(experiment=steady, action="advance").count() == 2
-    titles = [m.json["blocks"][0]["text"]["text"] for m in slack.messages("/steady")]
+    # Distinct alerts in the order sent (a repeated delivery of one alert counted once).
+    by_delivery = {m.headers["x-rampart-delivery"]: m for m in slack.messages("/steady")}
+    titles = [m.json["blocks"][0]["text"]["text"] for m in by_delivery.values()]
     assert [t.split(":")[1] for t in titles] == ["arrow_up", "arrow_up", "white_check_mark"]
