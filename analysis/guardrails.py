@@ -49,7 +49,8 @@ from analysis.stats.health import (
     srm_chi_square,
     srm_sequential,
 )
-from analysis.stats.quantiles import quantile_difference_ci, quantile_guardrail
+from analysis.stats.quantiles import quantile_guardrail
+from analysis.stats.quantiles_fixed import quantile_difference_ci
 from analysis.stats.sequential import RunningEvidence, asymptotic_confidence_sequence
 from experiments.contracts import ExperimentMetricView, ExperimentView, MetricView
 from routing.histogram import LogHistogram

@@ -33,7 +33,8 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import stats
 
-from analysis.stats.quantiles import quantile_difference_ci, quantile_guardrail
+from analysis.stats.quantiles import quantile_guardrail
+from analysis.stats.quantiles_fixed import quantile_difference_ci
 from routing.histogram import LogHistogram
 
 QUANTILE = 0.95

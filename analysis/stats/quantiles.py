@@ -1,4 +1,4 @@
-"""Anytime-valid and fixed-horizon inference on latency quantiles (p50/p95/p99) from histograms.
+"""Anytime-valid inference on latency quantiles (p50/p95/p99) from histograms.
 
 Everything here works on bucket counts of a log-bucketed latency histogram
 (``routing.histogram.LogHistogram``, or anything with the same bucket interface, see
@@ -47,15 +47,12 @@ it exceeds the margin ``m``, i.e. ``L_B > (1 + m) U_A``. We use the one-sided mi
 each arm contributes only one side to each harm bound; two-sided arm CSs at ``alpha/2`` would
 also be valid but wider.
 
-Fixed horizon (reporting only, invalid under peeking): Deng, Knoblich & Yu 2018, "Applying the
-Delta Method in Metric Analytics: A Practical Guide with Novel Ideas", KDD (quantile
-metrics), as GrowthBook's ``QuantileStatistic`` computes it (STATS.md 8.3): the standard error of
-a sample quantile from the width of its order-statistic (binomial) confidence interval, Welch
-t-interval for the difference, delta method for the relative difference.
-
 Two-sample test (reporting only): confseq's ``quantile_ab_p_value`` (Howard & Ramdas 2022,
 A/B-testing section; STATS.md 8.2), from histograms by treating each bucket as an interval of
 possible empirical-CDF values (conservative).
+
+The fixed-horizon (Deng, Knoblich & Yu 2018) interval on a quantile difference is in
+:mod:`analysis.stats.quantiles_fixed`.
 """
 
 from __future__ import annotations
@@ -68,7 +65,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import optimize, special, stats
+from scipy import optimize, special
 
 QuantileMethod = Literal["beta_binomial", "stitching"]
 
@@ -79,10 +76,6 @@ STITCHING_ETA = 2.0
 
 # confseq's default tuning level for the two-sample test's mixture (STATS.md 8.2).
 AB_TEST_ALPHA_OPT = 0.05
-
-# GrowthBook (and Deng, Knoblich & Yu) size the order-statistic interval at 95% whatever the
-# reporting level, and turn its width into a standard error with the same 1.96.
-_DKY_Z = float(stats.norm.ppf(0.975))
 
 FloatArray = NDArray[np.float64]
 
@@ -110,7 +103,7 @@ class LatencyHistogram(Protocol):
 # --------------------------------------------------------------------------- argument checks
 
 
-def _check_probability(name: str, value: float) -> None:
+def check_probability(name: str, value: float) -> None:
     if not 0.0 < value < 1.0:
         raise ValueError(f"{name} must be in (0, 1), got {value!r}")
 
@@ -217,7 +210,7 @@ def beta_binomial_mixture_bound(
     interval is unique. The returned value is nudged up by the root-finder's tolerance so it is
     never below the exact root.
     """
-    _check_probability("alpha", alpha)
+    check_probability("alpha", alpha)
     if v <= 0.0:
         return math.inf
     r = _beta_binomial_r(v_opt, alpha_opt, g, h, one_sided)
@@ -257,8 +250,8 @@ def double_stitching_bound(
     ``l = s ln ln(eta t_m/t_opt) + s ln j + ln(2 zeta(s)(2 zeta(s)+1) / (alpha (ln eta)^s))``;
     ``c_p = (1-2p)/3``; ``k1 = (eta^(1/4) + eta^(-1/4))/sqrt 2``; ``k2 = (sqrt eta + 1)/2``.
     """
-    _check_probability("p", p)
-    _check_probability("alpha", alpha)
+    check_probability("p", p)
+    check_probability("alpha", alpha)
     _check_t_opt(t_opt)
     t_m = max(t, t_opt)
     logit_p = math.log(p / (1.0 - p))
@@ -306,8 +299,8 @@ def quantile_cs_ranks(
     on ``(t, p, alpha, t_opt)``, never on the data, so they are cached: simulations and the worker
     reuse them across experiments.
     """
-    _check_probability("p", p)
-    _check_probability("alpha", alpha)
+    check_probability("p", p)
+    check_probability("alpha", alpha)
     _check_t_opt(t_opt)
     if t < 0:
         raise ValueError(f"t must be >= 0, got {t}")
@@ -500,8 +493,8 @@ def quantile_guardrail(
     ``L_B > (1 + margin) U_A`` for lower-is-better latency. Bounds may be -inf/+inf when an arm
     has too few observations.
     """
-    _check_probability("p", p)
-    _check_probability("alpha", alpha)
+    check_probability("p", p)
+    check_probability("alpha", alpha)
     side_alpha = alpha / 2.0
     control_interval = quantile_cs(control, p, alpha=side_alpha, t_opt=t_opt, one_sided=True)
     treatment_interval = quantile_cs(treatment, p, alpha=side_alpha, t_opt=t_opt, one_sided=True)
@@ -532,140 +525,6 @@ def quantile_guardrail(
         harm_lower_bound=harm_lower,
         harm_upper_bound=harm_upper,
         relative_effect=relative_effect,
-    )
-
-
-# --------------------------------------------------------------------------- fixed horizon
-
-
-@dataclass(frozen=True, slots=True)
-class QuantileDifferenceInterval:
-    """Fixed-horizon (single look) CI for the difference of one quantile between two arms.
-
-    Reporting only: repeated looks inflate its error rate (STATS.md 10.1). On degenerate input
-    (too few observations for the order-statistic interval, or zero spread) every estimate and
-    interval is 0 and ``error`` says why (STATS.md section 0 convention).
-    """
-
-    p: float
-    alpha: float
-    control_estimate: float
-    treatment_estimate: float
-    absolute_difference: float
-    absolute_interval: tuple[float, float]
-    relative_difference: float
-    relative_interval: tuple[float, float]
-    error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _ArmQuantileSummary:
-    n: int
-    estimate: float
-    unit_variance: float  # n * Var(sample quantile), Deng, Knoblich & Yu 2018
-
-
-def interpolated_quantile(histogram: LatencyHistogram, level: float) -> float:
-    """Quantile ``level`` of the histogram with the empirical CDF interpolated inside buckets.
-
-    The CDF is taken as log-linear across each bucket (values spread evenly in log scale between
-    its nominal edges ``gamma**(i-1)`` and ``gamma**i``), and the quantile is the value where it
-    reaches ``level * n``. Unlike :meth:`quantile` this varies continuously with ``level``, which
-    the Deng-Knoblich-Yu standard error needs: at large ``n`` the order-statistic interval it
-    measures spans only one or two 2% buckets, and stepping from bucket to bucket would make the
-    standard error wrong by up to a factor of two.
-    """
-    if histogram.count == 0:
-        raise ValueError("quantile of an empty histogram")
-    accuracy = histogram.relative_accuracy
-    log_gamma = math.log((1.0 + accuracy) / (1.0 - accuracy))
-    target = min(max(level, 0.0), 1.0) * histogram.count
-    cumulative = 0
-    for index, bucket_count in histogram:
-        if cumulative + bucket_count >= target:
-            fraction = max(target - cumulative, 0.0) / bucket_count
-            nominal_lower = histogram.representative(index) / (1.0 + accuracy)
-            return nominal_lower * math.exp(fraction * log_gamma)
-        cumulative += bucket_count
-    raise AssertionError("bucket counts do not add up to count")
-
-
-def _dky_summary(histogram: LatencyHistogram, p: float) -> _ArmQuantileSummary | str:
-    """Quantile and per-unit variance from the 95% order-statistic interval (DKY 2018)."""
-    n = histogram.count
-    half_width = _DKY_Z * math.sqrt(p * (1.0 - p) / n) if n > 0 else math.inf
-    if not (p - half_width > 0.0 and p + half_width < 1.0):
-        return "too few observations for the order-statistic interval"
-    lower = interpolated_quantile(histogram, p - half_width)
-    upper = interpolated_quantile(histogram, p + half_width)
-    # GrowthBook's QuantileStatistic.variance_init: (n - 1) * ((Y_U - Y_L) / (2 z))^2.
-    unit_variance = (n - 1) * ((upper - lower) / (2.0 * _DKY_Z)) ** 2
-    if unit_variance <= 0.0:
-        return "zero spread between the order statistics"
-    return _ArmQuantileSummary(n=n, estimate=histogram.quantile(p), unit_variance=unit_variance)
-
-
-def quantile_difference_ci(
-    control: LatencyHistogram,
-    treatment: LatencyHistogram,
-    *,
-    p: float,
-    alpha: float,
-) -> QuantileDifferenceInterval:
-    """Fixed-horizon two-sided CI for ``Q_B(p) - Q_A(p)`` and ``Q_B(p)/Q_A(p) - 1``.
-
-    Deng, Knoblich & Yu 2018 (KDD), quantile metrics: ``Var(q_hat) = ((Y_U - Y_L) / (2 z_0.975))^2``
-    from the order statistics at ranks ``n (p -+ z_0.975 sqrt(p(1-p)/n))`` (read from the
-    histogram with :func:`interpolated_quantile`); Welch t-interval
-    with Welch-Satterthwaite degrees of freedom for the absolute difference, and the delta method
-    ``Var(q_B/q_A) = V_B/(q_A^2 n_B) + V_A q_B^2/(q_A^4 n_A)`` for the relative one, exactly as
-    gbstats' ``TwoSidedTTest`` on two ``QuantileStatistic`` (STATS.md 8.3).
-    """
-    _check_probability("p", p)
-    _check_probability("alpha", alpha)
-    control_summary = _dky_summary(control, p)
-    treatment_summary = _dky_summary(treatment, p)
-    for summary, arm in ((control_summary, "control"), (treatment_summary, "treatment")):
-        if isinstance(summary, str):
-            return _no_difference_result(p, alpha, f"{arm}: {summary}")
-    assert isinstance(control_summary, _ArmQuantileSummary)
-    assert isinstance(treatment_summary, _ArmQuantileSummary)
-    if control_summary.estimate <= 0.0:
-        return _no_difference_result(p, alpha, "control quantile is zero")
-    a, b = control_summary, treatment_summary
-    variance_a, variance_b = a.unit_variance / a.n, b.unit_variance / b.n
-    degrees_of_freedom = (variance_a + variance_b) ** 2 / (
-        variance_a**2 / (a.n - 1) + variance_b**2 / (b.n - 1)
-    )
-    critical = float(stats.t.ppf(1.0 - alpha / 2.0, degrees_of_freedom))
-    absolute = b.estimate - a.estimate
-    absolute_half_width = critical * math.sqrt(variance_a + variance_b)
-    relative = absolute / a.estimate
-    relative_variance = variance_b / a.estimate**2 + variance_a * b.estimate**2 / a.estimate**4
-    relative_half_width = critical * math.sqrt(relative_variance)
-    return QuantileDifferenceInterval(
-        p=p,
-        alpha=alpha,
-        control_estimate=a.estimate,
-        treatment_estimate=b.estimate,
-        absolute_difference=absolute,
-        absolute_interval=(absolute - absolute_half_width, absolute + absolute_half_width),
-        relative_difference=relative,
-        relative_interval=(relative - relative_half_width, relative + relative_half_width),
-    )
-
-
-def _no_difference_result(p: float, alpha: float, error: str) -> QuantileDifferenceInterval:
-    return QuantileDifferenceInterval(
-        p=p,
-        alpha=alpha,
-        control_estimate=0.0,
-        treatment_estimate=0.0,
-        absolute_difference=0.0,
-        absolute_interval=(0.0, 0.0),
-        relative_difference=0.0,
-        relative_interval=(0.0, 0.0),
-        error=error,
     )
 
 
@@ -744,7 +603,7 @@ def quantile_ab_p_value(
     can only go down and the p-value only up (conservative). No margin, two-sided: for
     reporting, not for guardrails.
     """
-    _check_probability("p", p)
+    check_probability("p", p)
     _check_t_opt(t_opt)
     if control.relative_accuracy != treatment.relative_accuracy:
         raise ValueError("histograms must share their bucketing (relative accuracy)")
@@ -780,7 +639,7 @@ def quantile_ab_p_value_from_samples(
     t_opt: float,
 ) -> float:
     """The same always-valid p-value from exact observations (each distinct value is a cell)."""
-    _check_probability("p", p)
+    check_probability("p", p)
     _check_t_opt(t_opt)
     control_sorted = np.sort(np.asarray(control_values, dtype=np.float64))
     treatment_sorted = np.sort(np.asarray(treatment_values, dtype=np.float64))
