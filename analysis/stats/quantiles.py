@@ -47,18 +47,15 @@ it exceeds the margin ``m``, i.e. ``L_B > (1 + m) U_A``. We use the one-sided mi
 each arm contributes only one side to each harm bound; two-sided arm CSs at ``alpha/2`` would
 also be valid but wider.
 
-Two-sample test (reporting only): confseq's ``quantile_ab_p_value`` (Howard & Ramdas 2022,
-A/B-testing section; STATS.md 8.2), from histograms by treating each bucket as an interval of
-possible empirical-CDF values (conservative).
-
-The fixed-horizon (Deng, Knoblich & Yu 2018) interval on a quantile difference is in
-:mod:`analysis.stats.quantiles_fixed`.
+The always-valid two-sample test (reporting only; confseq's ``quantile_ab_p_value``, STATS.md
+8.2) is in :mod:`analysis.stats.quantile_ab`, and the fixed-horizon (Deng, Knoblich & Yu 2018)
+interval on a quantile difference in :mod:`analysis.stats.quantiles_fixed`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, Protocol
@@ -73,9 +70,6 @@ QuantileMethod = Literal["beta_binomial", "stitching"]
 STITCHING_DELTA = 0.5
 STITCHING_S = 1.4
 STITCHING_ETA = 2.0
-
-# confseq's default tuning level for the two-sample test's mixture (STATS.md 8.2).
-AB_TEST_ALPHA_OPT = 0.05
 
 FloatArray = NDArray[np.float64]
 
@@ -108,7 +102,7 @@ def check_probability(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in (0, 1), got {value!r}")
 
 
-def _check_t_opt(t_opt: float) -> None:
+def check_t_opt(t_opt: float) -> None:
     if not t_opt >= 1.0:
         raise ValueError(f"t_opt must be >= 1, got {t_opt!r}")
 
@@ -125,7 +119,7 @@ def _normal_mixture_rho(v_opt: float, alpha_opt: float) -> float:
     return v_opt / (2.0 * log_inverse_alpha + math.log1p(2.0 * log_inverse_alpha))
 
 
-def _beta_binomial_r(v_opt: float, alpha_opt: float, g: float, h: float, one_sided: bool) -> float:
+def beta_binomial_r(v_opt: float, alpha_opt: float, g: float, h: float, one_sided: bool) -> float:
     """Mixture parameter ``r = max(rho - g h, 1e-3 g h)``, rho at ``2 alpha_opt`` if one-sided."""
     rho = _normal_mixture_rho(v_opt, 2.0 * alpha_opt if one_sided else alpha_opt)
     return max(rho - g * h, 1e-3 * g * h)
@@ -141,7 +135,7 @@ def _log_incomplete_beta(
     return np.log(special.betainc(a, b, x)) + log_complete  # type: ignore[no-any-return]
 
 
-def _log_mixture_array(
+def log_mixture_array(
     s: FloatArray | float,
     v: float,
     *,
@@ -185,11 +179,11 @@ def beta_binomial_log_mixture(
                 - log B_x(r/(g(g+h)), r/(h(g+h)))
 
     with ``x = 1`` (two-sided) or ``x = h/(g+h)`` (one-sided) and ``r`` from
-    :func:`_beta_binomial_r`. ``s`` is the centred sum, ``v`` its intrinsic time (``g h t`` for
+    :func:`beta_binomial_r`. ``s`` is the centred sum, ``v`` its intrinsic time (``g h t`` for
     ``t`` observations), and increments lie in ``[-g, h]``.
     """
-    r = _beta_binomial_r(v_opt, alpha_opt, g, h, one_sided)
-    return float(_log_mixture_array(s, v, g=g, h=h, r=r, one_sided=one_sided))
+    r = beta_binomial_r(v_opt, alpha_opt, g, h, one_sided)
+    return float(log_mixture_array(s, v, g=g, h=h, r=r, one_sided=one_sided))
 
 
 def beta_binomial_mixture_bound(
@@ -213,12 +207,12 @@ def beta_binomial_mixture_bound(
     check_probability("alpha", alpha)
     if v <= 0.0:
         return math.inf
-    r = _beta_binomial_r(v_opt, alpha_opt, g, h, one_sided)
+    r = beta_binomial_r(v_opt, alpha_opt, g, h, one_sided)
     threshold = math.log(1.0 / alpha)
     s_max = v / g
 
     def excess(s: float) -> float:
-        return float(_log_mixture_array(s, v, g=g, h=h, r=r, one_sided=one_sided)) - threshold
+        return float(log_mixture_array(s, v, g=g, h=h, r=r, one_sided=one_sided)) - threshold
 
     if excess(s_max) < 0.0:
         return math.inf
@@ -252,7 +246,7 @@ def double_stitching_bound(
     """
     check_probability("p", p)
     check_probability("alpha", alpha)
-    _check_t_opt(t_opt)
+    check_t_opt(t_opt)
     t_m = max(t, t_opt)
     logit_p = math.log(p / (1.0 - p))
     if p >= 0.5:
@@ -301,7 +295,7 @@ def quantile_cs_ranks(
     """
     check_probability("p", p)
     check_probability("alpha", alpha)
-    _check_t_opt(t_opt)
+    check_t_opt(t_opt)
     if t < 0:
         raise ValueError(f"t must be >= 0, got {t}")
     if t == 0:
@@ -525,128 +519,4 @@ def quantile_guardrail(
         harm_lower_bound=harm_lower,
         harm_upper_bound=harm_upper,
         relative_effect=relative_effect,
-    )
-
-
-# --------------------------------------------------------------------------- two-sample test
-
-
-@dataclass(frozen=True, slots=True)
-class _EmpiricalCdfCells:
-    """For each cell of the value axis, the range of an arm's empirical CDF inside the cell."""
-
-    total: int
-    lowest: FloatArray  # smallest proportion of observations <= x for x in the cell
-    highest: FloatArray  # largest such proportion
-
-
-def _arm_log_mixture_minimum(cells: _EmpiricalCdfCells, p: float, t_opt: float) -> FloatArray:
-    """Per cell, the smallest G(x) = log M((F(x) - p) N, p(1-p) N) over the cell's CDF range.
-
-    log M of the two-sided mixture is convex in ``s`` (a log of a mixture of exponentials), so on
-    an interval of proportions its minimum is at the unconstrained minimiser clipped to the
-    interval. For exact samples this equals confseq's handling of the minimiser's "flat region".
-    """
-    g, h = p, 1.0 - p
-    v = p * (1.0 - p) * cells.total
-    r = _beta_binomial_r(p * (1.0 - p) * t_opt, AB_TEST_ALPHA_OPT, g, h, one_sided=False)
-
-    def log_mixture_of_proportion(proportion: float) -> float:
-        s = (proportion - p) * cells.total
-        return float(_log_mixture_array(s, v, g=g, h=h, r=r, one_sided=False))
-
-    minimiser = optimize.minimize_scalar(
-        log_mixture_of_proportion, bounds=(0.0, 1.0), method="bounded", options={"xatol": 1e-12}
-    ).x
-    proportions = np.clip(float(minimiser), cells.lowest, cells.highest)
-    values = _log_mixture_array((proportions - p) * cells.total, v, g=g, h=h, r=r, one_sided=False)
-    return np.asarray(values, dtype=np.float64)
-
-
-def _two_sample_p_value(
-    control: _EmpiricalCdfCells, treatment: _EmpiricalCdfCells, p: float, t_opt: float
-) -> float:
-    if control.total == 0 or treatment.total == 0:
-        return 1.0
-    combined = _arm_log_mixture_minimum(control, p, t_opt) + _arm_log_mixture_minimum(
-        treatment, p, t_opt
-    )
-    return min(1.0, math.exp(-float(np.min(combined))))
-
-
-def _histogram_cells(
-    histogram: LatencyHistogram, cell_indices: NDArray[np.int64]
-) -> _EmpiricalCdfCells:
-    counts = dict(histogram)
-    total = histogram.count
-    per_cell = np.array([counts.get(int(index), 0) for index in cell_indices], dtype=np.float64)
-    at_or_below = np.cumsum(per_cell)
-    below = at_or_below - per_cell
-    scale = 1.0 / total if total else 0.0
-    return _EmpiricalCdfCells(total=total, lowest=below * scale, highest=at_or_below * scale)
-
-
-def quantile_ab_p_value(
-    control: LatencyHistogram,
-    treatment: LatencyHistogram,
-    *,
-    p: float,
-    t_opt: float,
-) -> float:
-    """Always-valid two-sided p-value for equal ``p``-quantiles, from histograms (STATS.md 8.2).
-
-    Howard & Ramdas 2022, A/B testing of quantiles (confseq ``quantile_ab_p_value``):
-    ``p = min(1, exp(-min_x [G_A(x) + G_B(x)]))`` with
-    ``G_a(x) = log M_a((F_a(x) - p) N_a, p(1-p) N_a)`` (two-sided beta-binomial mixture, tuned at
-    ``t_opt`` per arm). Within a bucket the empirical CDFs are only known to lie between the
-    bucket's cumulative counts, so each arm's ``G`` is minimised over that range: the minimum
-    can only go down and the p-value only up (conservative). No margin, two-sided: for
-    reporting, not for guardrails.
-    """
-    check_probability("p", p)
-    _check_t_opt(t_opt)
-    if control.relative_accuracy != treatment.relative_accuracy:
-        raise ValueError("histograms must share their bucketing (relative accuracy)")
-    cell_indices = np.array(
-        sorted({index for index, _ in control} | {index for index, _ in treatment}),
-        dtype=np.int64,
-    )
-    return _two_sample_p_value(
-        _histogram_cells(control, cell_indices),
-        _histogram_cells(treatment, cell_indices),
-        p,
-        t_opt,
-    )
-
-
-def _sample_cells(sorted_values: FloatArray, cell_values: FloatArray) -> _EmpiricalCdfCells:
-    total = len(sorted_values)
-    scale = 1.0 / total if total else 0.0
-    strictly_below = np.searchsorted(sorted_values, cell_values, side="left")
-    at_or_below = np.searchsorted(sorted_values, cell_values, side="right")
-    return _EmpiricalCdfCells(
-        total=total,
-        lowest=strictly_below.astype(np.float64) * scale,
-        highest=at_or_below.astype(np.float64) * scale,
-    )
-
-
-def quantile_ab_p_value_from_samples(
-    control_values: Sequence[float] | FloatArray,
-    treatment_values: Sequence[float] | FloatArray,
-    *,
-    p: float,
-    t_opt: float,
-) -> float:
-    """The same always-valid p-value from exact observations (each distinct value is a cell)."""
-    check_probability("p", p)
-    _check_t_opt(t_opt)
-    control_sorted = np.sort(np.asarray(control_values, dtype=np.float64))
-    treatment_sorted = np.sort(np.asarray(treatment_values, dtype=np.float64))
-    cell_values = np.unique(np.concatenate([control_sorted, treatment_sorted]))
-    return _two_sample_p_value(
-        _sample_cells(control_sorted, cell_values),
-        _sample_cells(treatment_sorted, cell_values),
-        p,
-        t_opt,
     )

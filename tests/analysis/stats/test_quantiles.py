@@ -1,5 +1,5 @@
 """Golden values and properties of the latency-quantile statistics (analysis/stats/quantiles.py,
-analysis/stats/quantiles_fixed.py)."""
+analysis/stats/quantile_ab.py, analysis/stats/quantiles_fixed.py)."""
 
 import math
 
@@ -11,13 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
+from analysis.stats.quantile_ab import quantile_ab_p_value, quantile_ab_p_value_from_samples
 from analysis.stats.quantiles import (
     QuantileGuardrailResult,
     beta_binomial_log_mixture,
     beta_binomial_mixture_bound,
     double_stitching_bound,
-    quantile_ab_p_value,
-    quantile_ab_p_value_from_samples,
     quantile_cs,
     quantile_cs_ranks,
     quantile_difference_cs,
