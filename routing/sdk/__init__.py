@@ -28,13 +28,9 @@ from routing.sdk.errors import (
     RampartError,
     ServerError,
 )
-from routing.sdk.local import (
-    AsyncLocalEvaluator,
-    ExposureResult,
-    ExposureStats,
-    LocalEvaluator,
-    PollStats,
-)
+from routing.sdk.evaluator import PollStats
+from routing.sdk.exposures import ExposureResult, ExposureStats
+from routing.sdk.local import AsyncLocalEvaluator, LocalEvaluator
 from routing.sdk.records import Decision, Event, TrackResult
 
 __all__ = [

@@ -23,7 +23,7 @@ from routing.sdk import (
     NotFoundError,
     RampartError,
 )
-from routing.sdk.local import LocalConfig
+from routing.sdk.local_config import LocalConfig
 from tests.factories import create_experiment
 from tests.processes import ROOT
 from tests.routing.sdk.conftest import EdgeServer
