@@ -16,7 +16,7 @@ config and is retried at the next interval (``stats.failed`` counts them).
 Exposures (``track_exposures=True``, the default): the edge records an exposure for every
 decision it answers with ``in_experiment``, and analysis counts only units with one. So a
 local decision with ``in_experiment`` queues the exposure (experiment, unit, variant, time
-of the decision), and a background flusher (``routing.sdk.client.BatchFlusher``, the one
+of the decision), and a background flusher (``routing.sdk.sending.BatchFlusher``, the one
 that sends ``Client.track``'s events) posts the queue to ``POST /v1/exposures`` every
 ``exposure_flush_interval_s`` seconds, or as soon as ``exposure_batch_size`` are waiting;
 ``flush()`` sends now, ``close()`` (the end of the ``with`` block) sends what is left.
@@ -56,12 +56,6 @@ from routing.sdk._transport import (
     connection_error,
     is_retryable,
 )
-from routing.sdk.client import (
-    AsyncBatchFlusher,
-    BatchFlusher,
-    acall_with_retries,
-    call_with_retries,
-)
 from routing.sdk.errors import RampartError
 from routing.sdk.evaluator import Evaluator
 from routing.sdk.exposures import (
@@ -75,6 +69,12 @@ from routing.sdk.exposures import (
     ExposureResult,
     check_exposure_settings,
     exposures_body,
+)
+from routing.sdk.sending import (
+    AsyncBatchFlusher,
+    BatchFlusher,
+    acall_with_retries,
+    call_with_retries,
 )
 
 
