@@ -32,12 +32,9 @@ from analysis.aggregation import (
     metric_event_names,
     note_event_horizon,
 )
-from analysis.guardrails import (
-    ArmState,
-    ExperimentAnalysis,
-    HealthSettings,
-    analyse,
-)
+from analysis.evidence import ArmState
+from analysis.guardrails import ExperimentAnalysis, analyse
+from analysis.health import HealthSettings
 from analysis.models import (
     AnalysisState,
     ResultSnapshot,
