@@ -14,9 +14,16 @@ from typing import Any, ClassVar, Final
 
 import orjson
 
-from routing.edge import EdgeContext, EdgeError, Receive, Scope, header_value, read_body
+from routing.edge import (
+    MAX_UNIT_LENGTH,
+    EdgeContext,
+    EdgeError,
+    Receive,
+    Scope,
+    header_value,
+    read_body,
+)
 
-MAX_UNIT_LENGTH: Final = 200
 # Epoch seconds must name a time datetime can hold (before the year 10000); epoch
 # milliseconds, the usual mistake, fall far beyond it and are refused.
 MAX_EPOCH_SECONDS: Final = 253_402_300_800

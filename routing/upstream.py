@@ -135,10 +135,10 @@ class UpstreamClient:
         connect_timeout_s: float,
         read_timeout_s: float,
     ) -> None:
-        self.session = session
-        self.connector = session.connector
-        if self.connector is None:
+        connector = session.connector
+        if connector is None:
             raise ValueError("the session has no connector")
+        self.connector: aiohttp.BaseConnector = connector
         self.read_timeout_s = read_timeout_s
         self._loop = asyncio.get_running_loop()
         self._connect_timeout = aiohttp.ClientTimeout(
@@ -173,9 +173,7 @@ class UpstreamClient:
             head.append(b"Content-Length: %d\r\n" % len(body))
         head.append(b"\r\n")
         head.append(body)
-        connector = self.connector
-        assert connector is not None
-        connection = await connector.connect(
+        connection = await self.connector.connect(
             upstream.pool_request(self._loop), [], self._connect_timeout
         )
         deadline = None

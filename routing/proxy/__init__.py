@@ -77,13 +77,12 @@ Limits and resources
     Server, which the edge sets), and ``X-Forwarded-For`` gets the client's address appended.
 """
 
-from routing.proxy.app import MOUNT_PREFIX, SCOPE_DECIDE, ProxyApp
+from routing.proxy.app import MOUNT_PREFIX, ProxyApp
 from routing.proxy.cache import CachedAnswer, PredictionCache
 from routing.proxy.compare import compare_answers
 
 __all__ = [
     "MOUNT_PREFIX",
-    "SCOPE_DECIDE",
     "CachedAnswer",
     "PredictionCache",
     "ProxyApp",

@@ -14,7 +14,15 @@ from django.conf import settings
 
 from routing import proxy_metrics
 from routing.breaker import CircuitBreaker
-from routing.edge import EdgeContext, Receive, Scope, Send, send_error
+from routing.edge import (
+    MAX_UNIT_LENGTH,
+    SCOPE_DECIDE,
+    EdgeContext,
+    Receive,
+    Scope,
+    Send,
+    send_error,
+)
 from routing.logcontext import set_route
 from routing.observations import ObservationAggregator
 from routing.proxy.attempt import (
@@ -34,7 +42,6 @@ from routing.proxy.headers import (
     ACTION_LENGTH,
     ACTION_UNIT,
     CACHE_HIT_HEADER,
-    MAX_UNIT_LENGTH,
     REQUEST_HEADER_ACTIONS,
     content_encoding,
     header_text,
@@ -48,7 +55,6 @@ from routing.upstream import UpstreamClient
 
 logger = logging.getLogger(__name__)
 
-SCOPE_DECIDE: Final = "decide"
 MOUNT_PREFIX: Final = "/proxy/"
 
 
@@ -92,12 +98,9 @@ class ProxyApp:
             limit_per_host=self.pool_limit_per_host,
             ttl_dns_cache=300,
         )
-        self.session = aiohttp.ClientSession(
-            connector=self.connector,
-            # Bytes pass through untouched: the client asked for any compression it gets.
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        # The session owns the pool; requests use its connections (routing.upstream), so
+        # its per-request settings (decompression, cookies) never apply.
+        self.session = aiohttp.ClientSession(connector=self.connector)
         self.client = UpstreamClient(
             self.session,
             connect_timeout_s=self.connect_timeout_s,

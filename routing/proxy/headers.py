@@ -15,9 +15,6 @@ import orjson
 
 from routing.edge import Scope
 
-# Units longer than this are treated as missing, as the decision API rejects them.
-MAX_UNIT_LENGTH: Final = 200
-
 # RFC 9110 section 7.6.1: connection-specific fields a proxy must not forward.
 HOP_BY_HOP: Final = frozenset(
     {
