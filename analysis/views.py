@@ -18,7 +18,6 @@ from urllib.parse import urlsplit
 from django import forms
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -43,6 +42,7 @@ from analysis.presentation import (
 from experiments import selectors as experiment_selectors
 from experiments.contracts import ExperimentView
 from experiments.errors import InvalidInput, NotFound
+from experiments.roles import role_required
 from routing import selectors as routing_selectors
 
 ENDED_STATUSES = ("completed", "rolled_back")
@@ -52,6 +52,14 @@ HISTORY_POINTS = 500
 ALERT_ROWS = 50
 
 _URL = re.compile(r"https?://\S+")
+
+# Django permissions of the views (granted through roles, see experiments.roles).
+READ_RESULTS = "analysis.view_resultsnapshot"
+READ_WEBHOOKS = "analysis.view_webhookendpoint"
+ADD_WEBHOOKS = "analysis.add_webhookendpoint"
+DELETE_WEBHOOKS = "analysis.delete_webhookendpoint"
+# Sending a test alert exercises the webhooks: part of managing them.
+TEST_WEBHOOKS = "analysis.change_webhookendpoint"
 
 
 def _view_or_404(key: str) -> ExperimentView:
@@ -64,7 +72,7 @@ def _view_or_404(key: str) -> ExperimentView:
 # --- experiment page partials -----------------------------------------------------------
 
 
-@login_required
+@role_required(READ_RESULTS)
 def results(request: HttpRequest, key: str) -> HttpResponse:
     """Decision, health warnings, per-arm traffic and latency, and the results table."""
     view = _view_or_404(key)
@@ -91,7 +99,7 @@ def results(request: HttpRequest, key: str) -> HttpResponse:
     return render(request, "analysis/_results.html", context)
 
 
-@login_required
+@role_required(READ_RESULTS)
 def chart_data(request: HttpRequest, key: str) -> JsonResponse:
     """Time series for the charts: relative lift with its always-valid interval per metric
     and treatment arm, and latency percentiles per arm, one point per analysis run."""
@@ -100,7 +108,7 @@ def chart_data(request: HttpRequest, key: str) -> JsonResponse:
     return JsonResponse(chart_series(view, history))
 
 
-@login_required
+@role_required(READ_RESULTS)
 def alerts(request: HttpRequest, key: str) -> HttpResponse:
     view = _view_or_404(key)
     names = {w.pk: w.name for w in selectors.webhook_list()}
@@ -124,7 +132,7 @@ def alerts(request: HttpRequest, key: str) -> HttpResponse:
 # --- experiment list: latest decision per row --------------------------------------------
 
 
-@login_required
+@role_required(READ_RESULTS)
 def decisions(request: HttpRequest) -> HttpResponse:
     """Out-of-band swaps that fill the list page's "Latest decision" cells."""
     wanted = {k for k in request.GET.get("keys", "").split(",") if k}
@@ -222,12 +230,12 @@ def _back_to_settings() -> HttpResponse:
     return redirect(reverse("experiments:settings") + "#webhooks")
 
 
-@login_required
+@role_required(READ_WEBHOOKS)
 def webhooks(request: HttpRequest) -> HttpResponse:
     return _webhooks_response(request)
 
 
-@login_required
+@role_required(ADD_WEBHOOKS)
 @require_POST
 def webhook_create(request: HttpRequest) -> HttpResponse:
     form = WebhookForm(request.POST)
@@ -255,7 +263,7 @@ def webhook_create(request: HttpRequest) -> HttpResponse:
     return _webhooks_response(request, form=form)
 
 
-@login_required
+@role_required(DELETE_WEBHOOKS)
 @require_http_methods(["GET", "POST"])
 def webhook_delete(request: HttpRequest, webhook_id: int) -> HttpResponse:
     endpoint = selectors.webhook_list().filter(pk=webhook_id).first()
@@ -281,7 +289,7 @@ def webhook_delete(request: HttpRequest, webhook_id: int) -> HttpResponse:
     return _webhooks_response(request, notice=notice)
 
 
-@login_required
+@role_required(TEST_WEBHOOKS)
 @require_POST
 def alert_test(request: HttpRequest) -> HttpResponse:
     queued = services.alert_test(actor=_actor(request))

@@ -20,10 +20,18 @@ class _MetricsHandler(BaseHTTPRequestHandler):
     mode), the same body the edge and the web app serve."""
 
     def do_GET(self) -> None:
-        from routing.health import metrics_exposition
+        from routing.health import METRICS_UNAUTHORIZED, metrics_authorized, metrics_exposition
 
         if self.path.split("?", 1)[0] != "/metrics":
             self.send_error(404)
+            return
+        if not metrics_authorized(self.headers.get("Authorization")):
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("WWW-Authenticate", 'Bearer realm="metrics"')
+            self.send_header("Content-Length", str(len(METRICS_UNAUTHORIZED)))
+            self.end_headers()
+            self.wfile.write(METRICS_UNAUTHORIZED)
             return
         body, content_type = metrics_exposition(self.headers.get("Accept"))
         self.send_response(200)

@@ -39,3 +39,16 @@ class NotEditable(DomainError):
         self.status = status
         self.fields = list(fields)
         super().__init__(f"fields {', '.join(self.fields)} cannot change while {status}")
+
+
+class LockoutRisk(DomainError):
+    """Revoking this API key could lock its holders out; the caller must confirm.
+
+    `warnings` says why: it is the key making the request, or the last active key with the
+    manage scope.
+    """
+
+    def __init__(self, prefix: str, warnings: Sequence[str]) -> None:
+        self.prefix = prefix
+        self.warnings = list(warnings)
+        super().__init__(" ".join(self.warnings))

@@ -209,6 +209,9 @@ class AuditEntry(models.Model):
         Experiment, null=True, blank=True, on_delete=models.CASCADE, related_name="audit"
     )
     actor = models.CharField(max_length=200)
+    # The actor's role when they acted (experiments.roles): viewer, experimenter, admin,
+    # or system for the analysis worker and management commands; empty on older entries.
+    actor_role = models.CharField(max_length=16, blank=True, default="")
     action = models.CharField(max_length=64)
     before = models.JSONField(default=dict, blank=True)
     after = models.JSONField(default=dict, blank=True)

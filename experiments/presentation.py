@@ -179,6 +179,7 @@ ACTION_LABELS = {
 class AuditLine:
     at: datetime
     actor: str
+    actor_role: str
     what: str
     reason: str
     evidence: dict[str, Any] | None
@@ -202,6 +203,7 @@ def audit_lines(entries: Sequence[AuditEntry]) -> list[AuditLine]:
             AuditLine(
                 at=entry.created_at,
                 actor=entry.actor,
+                actor_role=entry.actor_role,
                 what=what,
                 reason=entry.reason,
                 evidence=evidence if isinstance(evidence, dict) else None,

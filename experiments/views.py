@@ -12,7 +12,6 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
 from django.db.models import Count
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
@@ -21,10 +20,10 @@ from django.utils import timezone
 from django.utils.timesince import timesince
 from django.views.decorators.http import require_http_methods, require_POST
 
-from experiments import selectors, services
+from experiments import roles, selectors, services
 from experiments.errors import InvalidInput, InvalidTransition, NotEditable, NotFound
 from experiments.forms import ActionForm, ApiKeyForm, ExperimentEditor, MetricForm
-from experiments.models import Experiment, ExperimentStatus, Metric, MetricRole
+from experiments.models import ApiKey, Experiment, ExperimentStatus, Metric, MetricRole
 from experiments.presentation import (
     ACTIONS,
     LIVE_STATUSES,
@@ -90,7 +89,7 @@ def _action_form(spec: ActionSpec, experiment: Experiment, data: Any = None) -> 
 # --- experiments ----------------------------------------------------------------------
 
 
-@login_required
+@roles.role_required(roles.READ)
 def experiment_list(request: HttpRequest) -> HttpResponse:
     status = request.GET.get("status", "")
     if status not in S.values:
@@ -139,7 +138,7 @@ def _editor_context(editor: ExperimentEditor, **extra: Any) -> dict[str, Any]:
     }
 
 
-@login_required
+@roles.role_required(roles.CREATE_EXPERIMENTS)
 @require_http_methods(["GET", "POST"])
 def experiment_create(request: HttpRequest) -> HttpResponse:
     metrics = _metric_catalogue()
@@ -162,7 +161,7 @@ def experiment_create(request: HttpRequest) -> HttpResponse:
     )
 
 
-@login_required
+@roles.role_required(roles.EDIT_EXPERIMENTS)
 @require_http_methods(["GET", "POST"])
 def experiment_edit(request: HttpRequest, key: str) -> HttpResponse:
     experiment = _experiment_or_404(key)
@@ -189,9 +188,11 @@ def experiment_edit(request: HttpRequest, key: str) -> HttpResponse:
     return render(request, "experiments/form.html", _editor_context(editor, **context), status=400)
 
 
-def _detail_context(experiment: Experiment) -> dict[str, Any]:
+def _detail_context(experiment: Experiment, user: Any) -> dict[str, Any]:
     now = timezone.now()
-    available = [spec for spec in ACTIONS.values() if spec.allowed(experiment)]
+    # Only the actions this user's role may take get a button (and a dialog).
+    may_run = user.has_perm(roles.RUN_EXPERIMENTS)
+    available = [spec for spec in ACTIONS.values() if may_run and spec.allowed(experiment)]
     return {
         "nav": "experiments",
         "experiment": experiment,
@@ -226,15 +227,15 @@ def _seen_token(experiment: Experiment) -> str:
     return f"{experiment.status}:{experiment.ramp_position}"
 
 
-@login_required
+@roles.role_required(roles.READ)
 def experiment_detail(request: HttpRequest, key: str) -> HttpResponse:
     experiment = _experiment_or_404(key)
-    context = _detail_context(experiment)
+    context = _detail_context(experiment, request.user)
     context["audit"] = audit_lines(list(experiment.audit.all()[:AUDIT_ROWS]))
     return render(request, "experiments/detail.html", context)
 
 
-@login_required
+@roles.role_required(roles.READ)
 def experiment_overview(request: HttpRequest, key: str) -> HttpResponse:
     """The live header of the experiment page (ramp, split, step clock), polled by htmx.
 
@@ -248,10 +249,10 @@ def experiment_overview(request: HttpRequest, key: str) -> HttpResponse:
         response = HttpResponse(status=204)
         response["HX-Refresh"] = "true"
         return response
-    return render(request, "experiments/_overview.html", _detail_context(experiment))
+    return render(request, "experiments/_overview.html", _detail_context(experiment, request.user))
 
 
-@login_required
+@roles.role_required(roles.READ)
 def experiment_audit(request: HttpRequest, key: str) -> HttpResponse:
     experiment = _experiment_or_404(key)
     return render(
@@ -265,7 +266,7 @@ def experiment_audit(request: HttpRequest, key: str) -> HttpResponse:
     )
 
 
-@login_required
+@roles.role_required(roles.RUN_EXPERIMENTS)
 @require_http_methods(["GET", "POST"])
 def experiment_action(request: HttpRequest, key: str, action: str) -> HttpResponse:
     """Confirm (GET) and perform (POST) one lifecycle action through the services."""
@@ -346,13 +347,13 @@ def _done_message(action: str, data: dict[str, Any]) -> str:
 # --- metric catalogue -----------------------------------------------------------------
 
 
-@login_required
+@roles.role_required(roles.READ)
 def metric_list(request: HttpRequest) -> HttpResponse:
     metrics = selectors.metric_list().annotate(uses_count=Count("uses"))
     return render(request, "experiments/metric_list.html", {"nav": "metrics", "metrics": metrics})
 
 
-@login_required
+@roles.role_required(roles.CREATE_METRICS)
 @require_http_methods(["GET", "POST"])
 def metric_create(request: HttpRequest) -> HttpResponse:
     if request.method == "GET":
@@ -374,7 +375,7 @@ def metric_create(request: HttpRequest) -> HttpResponse:
     )
 
 
-@login_required
+@roles.role_required(roles.EDIT_METRICS)
 @require_http_methods(["GET", "POST"])
 def metric_edit(request: HttpRequest, key: str) -> HttpResponse:
     try:
@@ -407,11 +408,21 @@ def metric_edit(request: HttpRequest, key: str) -> HttpResponse:
 # --- settings: API keys and alert destinations ----------------------------------------
 
 
+def _may_grant_manage(request: HttpRequest) -> bool:
+    return request.user.has_perm(roles.GRANT_MANAGE_SCOPE)
+
+
+def _keys_with_warnings(keys: list[ApiKey]) -> list[tuple[ApiKey, str]]:
+    """Each key with what revoking it would risk (the last active manage key)."""
+    active = [k for k in keys if k.revoked_at is None]
+    return [(key, " ".join(services.api_key_lockout_warnings(key, active=active))) for key in keys]
+
+
 def _settings_context(request: HttpRequest, **extra: Any) -> dict[str, Any]:
     return {
         "nav": "settings",
-        "keys": selectors.api_key_list(),
-        "key_form": ApiKeyForm(),
+        "keys": _keys_with_warnings(list(selectors.api_key_list())),
+        "key_form": ApiKeyForm(may_grant_manage=_may_grant_manage(request)),
         "slack_default_configured": bool(settings.SLACK_WEBHOOK_URL),
         "slack_experiments": Experiment.objects.exclude(slack_webhook_url="")
         .order_by("key")
@@ -420,15 +431,15 @@ def _settings_context(request: HttpRequest, **extra: Any) -> dict[str, Any]:
     }
 
 
-@login_required
+@roles.role_required(roles.READ)
 def settings_page(request: HttpRequest) -> HttpResponse:
     return render(request, "experiments/settings.html", _settings_context(request))
 
 
-@login_required
+@roles.role_required(roles.CREATE_KEYS)
 @require_POST
 def api_key_create(request: HttpRequest) -> HttpResponse:
-    form = ApiKeyForm(request.POST)
+    form = ApiKeyForm(request.POST, may_grant_manage=_may_grant_manage(request))
     if form.is_valid():
         try:
             key, secret = services.api_key_create(
@@ -453,16 +464,26 @@ def api_key_create(request: HttpRequest) -> HttpResponse:
     )
 
 
-@login_required
+@roles.role_required(roles.REVOKE_KEYS)
 @require_http_methods(["GET", "POST"])
 def api_key_revoke(request: HttpRequest, prefix: str) -> HttpResponse:
     key = selectors.api_key_list().filter(prefix=prefix).first()
     if key is None:
         raise Http404(f"No API key {prefix!r}.")
+    active = list(selectors.api_key_list().filter(revoked_at__isnull=True))
+    warning = " ".join(services.api_key_lockout_warnings(key, active=active))
     if request.method == "GET":
-        return render(request, "experiments/api_key_revoke.html", {"nav": "settings", "key": key})
-    services.api_key_revoke(actor=_actor(request), prefix=prefix)
+        return render(
+            request,
+            "experiments/api_key_revoke.html",
+            {"nav": "settings", "key": key, "warning": warning},
+        )
+    # The dialog or this page, which show the warning, are the confirmation; a person logged
+    # in keeps access whatever happens to the keys.
+    services.api_key_revoke(actor=_actor(request), prefix=prefix, confirmed=True)
     messages.success(
         request, f"Revoked key “{key.name}” ({prefix}). Edges reject it within seconds."
     )
+    if warning:
+        messages.warning(request, warning)
     return redirect(reverse("experiments:settings") + "#api-keys")

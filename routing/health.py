@@ -11,7 +11,9 @@ The edge mounts these parts (``config.asgi``)::
                     "snapshot": {"loaded": true, "version": 17, "age_s": 0.6,
                                  "built_at": 1764409000.1, "experiments": 3},
                     "exposures": {"buffered": 0, "written": 120, "dropped": 0}}
-    GET /metrics   Prometheus exposition (OpenMetrics when the scraper asks for it).
+    GET /metrics   Prometheus exposition (OpenMetrics when the scraper asks for it). With
+                   METRICS_TOKEN set, only with `Authorization: Bearer <METRICS_TOKEN>`
+                   (401 otherwise); the web app's view and the worker's port check the same.
     GET /static/…  Django's static files (admin, API docs, UI), see ``StaticFilesApp``.
 
 Prometheus and several processes: when ``PROMETHEUS_MULTIPROC_DIR`` is set (it must be set
@@ -33,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
 import math
 import mimetypes
@@ -124,8 +127,31 @@ def metrics_exposition(accept: str | None) -> tuple[bytes, str]:
     return encoder(registry), content_type
 
 
+def metrics_authorized(authorization: str | None) -> bool:
+    """Whether a request may read /metrics: always without METRICS_TOKEN, else only with
+    ``Authorization: Bearer <METRICS_TOKEN>`` (compared in constant time)."""
+    token = str(settings.METRICS_TOKEN)
+    if not token:
+        return True
+    scheme, _, credentials = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(credentials.strip().encode(), token.encode())
+
+
+METRICS_AUTH_MESSAGE: Final = "/metrics needs Authorization: Bearer <METRICS_TOKEN>"
+# The body of the web app's and the worker's 401, in the edge's error format.
+METRICS_UNAUTHORIZED: Final = orjson.dumps(
+    {"error": {"code": "unauthorized", "message": METRICS_AUTH_MESSAGE, "field": None}}
+)
+
+
 def metrics_view(request: HttpRequest) -> HttpResponse:
     """/metrics of a Django web app served by WSGI (the edge serves its own)."""
+    if not metrics_authorized(request.headers.get("Authorization")):
+        response = HttpResponse(METRICS_UNAUTHORIZED, status=401, content_type="application/json")
+        response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+        return response
     body, content_type = metrics_exposition(request.headers.get("Accept"))
     return HttpResponse(body, content_type=content_type)
 
@@ -185,6 +211,12 @@ class MetricsApp:
         method = scope["method"]
         if method not in ("GET", "HEAD"):
             await _method_not_allowed(send)
+            return
+        authorization = header_value(scope["headers"], b"authorization")
+        if not metrics_authorized(
+            None if authorization is None else authorization.decode("latin-1")
+        ):
+            await send_error(send, 401, "unauthorized", METRICS_AUTH_MESSAGE)
             return
         accept = header_value(scope["headers"], b"accept")
         loop = asyncio.get_running_loop()

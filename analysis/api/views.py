@@ -32,6 +32,7 @@ class ResultView(APIView):
     """The latest analysis result of an experiment."""
 
     required_scope = "read"
+    permission_model = "analysis.resultsnapshot"
 
     @extend_schema(responses=ResultSnapshotSerializer)
     def get(self, request: Request, key: str) -> Response:
@@ -46,6 +47,7 @@ class ResultHistoryView(APIView):
     """Analysis results of an experiment, oldest first (for time series)."""
 
     required_scope = "read"
+    permission_model = "analysis.resultsnapshot"
 
     @extend_schema(
         parameters=[OpenApiParameter("limit", int, description="newest N (default 500)")],
@@ -67,6 +69,8 @@ class ResultHistoryView(APIView):
 
 class WebhookListView(APIView):
     required_scope = "manage"
+    # Session users: viewers list webhooks (names and hosts only), admins add them.
+    permission_model = "analysis.webhookendpoint"
 
     @extend_schema(responses=WebhookSerializer(many=True))
     def get(self, request: Request) -> Response:
@@ -82,6 +86,7 @@ class WebhookListView(APIView):
 
 class WebhookDetailView(APIView):
     required_scope = "manage"
+    permission_model = "analysis.webhookendpoint"
 
     @extend_schema(responses={204: None})
     def delete(self, request: Request, webhook_id: int) -> Response:
@@ -91,6 +96,7 @@ class WebhookDetailView(APIView):
 
 class TestAlertView(APIView):
     required_scope = "manage"
+    action_permissions = {"post": "analysis.change_webhookendpoint"}
 
     @extend_schema(request=None, responses={202: TestAlertSerializer})
     def post(self, request: Request) -> Response:

@@ -59,6 +59,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "experiments.roles.role_context",
             ],
         },
     },
@@ -121,7 +122,7 @@ REST_FRAMEWORK = {
         "experiments.api.auth.ApiKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["experiments.api.auth.HasScope"],
+    "DEFAULT_PERMISSION_CLASSES": ["experiments.api.permissions.RolePermission"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
@@ -134,6 +135,8 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Experiments, metrics, API keys, lifecycle actions and audit log of Rampart.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Public unless API_DOCS_PUBLIC is false (checked per request by ApiDocsAccess).
+    "SERVE_PERMISSIONS": ["experiments.api.permissions.ApiDocsAccess"],
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
@@ -208,6 +211,14 @@ CELERY_BEAT_SCHEDULE = {
     }
     for name, task in (("analysis", "analysis.fan_out"), ("alerts", "analysis.deliver_alerts"))
 }
+
+# --- access ------------------------------------------------------------------------------
+# When set, GET /metrics (edge, web app, worker metrics port) requires
+# `Authorization: Bearer <METRICS_TOKEN>`; empty leaves it open (see README, Operations).
+METRICS_TOKEN = env("METRICS_TOKEN", default="")
+# False: /api/schema/ and /api/docs/ need a logged-in user or a key with the read scope.
+# Production defaults to false (config.settings.production).
+API_DOCS_PUBLIC = env.bool("API_DOCS_PUBLIC", default=True)
 
 LOG_FORMAT = env("LOG_FORMAT", default="text")
 LOG_LEVEL = env("LOG_LEVEL", default="INFO")

@@ -1,15 +1,16 @@
-"""API-key authentication (`Authorization: Bearer <key>`) and scope checks for the API."""
+"""API-key authentication (`Authorization: Bearer <key>`); permissions are in `permissions`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from rest_framework import authentication, exceptions, permissions
+from rest_framework import authentication, exceptions
 from rest_framework.request import Request
 
 from experiments import services
-from experiments.models import ApiKey, ApiScope
+from experiments.models import ApiKey
+from experiments.roles import key_role
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,11 @@ class ApiKeyPrincipal:
     @property
     def actor(self) -> str:
         return f"apikey:{self.prefix}:{self.name}"
+
+    @property
+    def role(self) -> str:
+        """The role the key acts with: admin for the manage scope, viewer for read."""
+        return key_role(self.scopes)
 
 
 class ApiKeyAuthentication(authentication.BaseAuthentication):
@@ -63,26 +69,3 @@ def actor_of(request: Request) -> str:
     if isinstance(user, ApiKeyPrincipal):
         return user.actor
     return f"user:{user.get_username()}"
-
-
-class HasScope(permissions.BasePermission):
-    """Reads need the `read` scope and writes `manage`; a view may name another scope.
-
-    People logged in through a session are staff users of the UI and may do everything.
-    """
-
-    message = "This API key lacks the scope this endpoint needs."
-
-    def has_permission(self, request: Request, view: Any) -> bool:
-        user: Any = request.user
-        if user is None or not getattr(user, "is_authenticated", False):
-            raise exceptions.NotAuthenticated()
-        if not isinstance(user, ApiKeyPrincipal):
-            return True
-        required = getattr(view, "required_scope", None)
-        if required is None:
-            safe = request.method in permissions.SAFE_METHODS
-            required = ApiScope.READ if safe else ApiScope.MANAGE
-        if required == ApiScope.READ and ApiScope.MANAGE in user.scopes:
-            return True
-        return required in user.scopes

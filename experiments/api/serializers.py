@@ -274,4 +274,11 @@ class ApiKeyCreatedSerializer(ApiKeySerializer):
 class AuditEntrySerializer(serializers.ModelSerializer):
     class Meta:
         model = AuditEntry
-        fields = ["id", "actor", "action", "before", "after", "reason", "created_at"]
+        fields = ["id", "actor", "actor_role", "action", "before", "after", "reason", "created_at"]
+
+
+class ApiKeyRevokeSerializer(serializers.Serializer):
+    confirm = serializers.BooleanField(
+        default=False,
+        help_text="Revoke even the key making the request or the last active manage key.",
+    )

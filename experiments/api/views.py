@@ -5,17 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from drf_spectacular.utils import OpenApiParameter, extend_schema
-from rest_framework import mixins, status, viewsets
+from rest_framework import exceptions, mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from experiments import selectors, services
-from experiments.api.auth import actor_of
+from experiments import roles, selectors, services
+from experiments.api.auth import ApiKeyPrincipal, actor_of
 from experiments.api.serializers import (
     ApiKeyCreatedSerializer,
     ApiKeyCreateSerializer,
+    ApiKeyRevokeSerializer,
     ApiKeySerializer,
     AuditEntrySerializer,
     CompleteSerializer,
@@ -26,7 +27,10 @@ from experiments.api.serializers import (
     RollbackSerializer,
     TransitionSerializer,
 )
-from experiments.models import ExperimentStatus
+from experiments.errors import LockoutRisk
+from experiments.models import ApiScope, ExperimentStatus
+
+LIFECYCLE_ACTIONS = ("start", "pause", "resume", "advance", "complete", "rollback")
 
 
 def _transition_response(result: services.TransitionResult) -> Response:
@@ -39,6 +43,11 @@ class ExperimentViewSet(viewsets.ViewSet):
     lookup_field = "key"
     lookup_value_regex = "[-a-zA-Z0-9_]+"
     serializer_class = ExperimentSerializer
+    permission_model = "experiments.experiment"
+    action_permissions = {
+        **dict.fromkeys(LIFECYCLE_ACTIONS, roles.RUN_EXPERIMENTS),
+        "audit": roles.READ,
+    }
 
     @extend_schema(
         parameters=[OpenApiParameter("status", enum=ExperimentStatus.values)],
@@ -156,6 +165,7 @@ class MetricViewSet(viewsets.ViewSet):
     lookup_field = "key"
     lookup_value_regex = "[-a-zA-Z0-9_]+"
     serializer_class = MetricSerializer
+    permission_model = "experiments.metric"
 
     @extend_schema(responses=MetricSerializer(many=True))
     def list(self, request: Request) -> Response:
@@ -190,9 +200,18 @@ class MetricViewSet(viewsets.ViewSet):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
+class KeyRevocationNeedsConfirmation(exceptions.APIException):
+    """409: the revocation could lock its holders out; repeat with `{"confirm": true}`."""
+
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "confirmation_required"
+
+
 class ApiKeyViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     lookup_field = "prefix"
     serializer_class = ApiKeySerializer
+    permission_model = "experiments.apikey"
+    action_permissions = {"revoke": roles.REVOKE_KEYS}
 
     def get_queryset(self) -> Any:
         return selectors.api_key_list()
@@ -201,12 +220,44 @@ class ApiKeyViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     def create(self, request: Request) -> Response:
         body = ApiKeyCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
+        if ApiScope.MANAGE in body.validated_data["scopes"] and not _may_grant_manage(request):
+            raise exceptions.PermissionDenied("Only admins can create keys with the manage scope.")
         key, secret = services.api_key_create(actor=actor_of(request), **body.validated_data)
         data = {**ApiKeySerializer(key).data, "key": secret}
         return Response(data, status=status.HTTP_201_CREATED)
 
-    @extend_schema(request=None, responses=ApiKeySerializer)
+    @extend_schema(
+        request=ApiKeyRevokeSerializer,
+        responses=ApiKeySerializer,
+        description="Revoking the key that makes the request, or the last active key with "
+        'the manage scope, answers 409 `confirmation_required` unless the body is `{"confirm": '
+        "true}`; a confirmed one answers 200 with a `warning` member.",
+    )
     @action(detail=True, methods=["post"])
     def revoke(self, request: Request, prefix: str) -> Response:
-        key = services.api_key_revoke(actor=actor_of(request), prefix=prefix)
-        return Response(ApiKeySerializer(key).data)
+        body = ApiKeyRevokeSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        caller: Any = request.user
+        try:
+            revocation = services.api_key_revoke(
+                actor=actor_of(request),
+                prefix=prefix,
+                requested_by=caller.prefix if isinstance(caller, ApiKeyPrincipal) else "",
+                confirmed=body.validated_data["confirm"],
+            )
+        except LockoutRisk as exc:
+            raise KeyRevocationNeedsConfirmation(
+                " ".join(exc.warnings) + ' Repeat with {"confirm": true} to revoke it anyway.'
+            ) from exc
+        data = dict(ApiKeySerializer(revocation.key).data)
+        if revocation.warnings:
+            data["warning"] = " ".join(revocation.warnings)
+        return Response(data)
+
+
+def _may_grant_manage(request: Request) -> bool:
+    """Keys with the manage scope act as admins, so only admins (and manage keys) mint them."""
+    caller: Any = request.user
+    if isinstance(caller, ApiKeyPrincipal):
+        return caller.role == roles.ADMIN
+    return bool(caller.has_perm(roles.GRANT_MANAGE_SCOPE))

@@ -104,10 +104,18 @@ class ApiKeyForm(forms.Form):
         required=False,
     )
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, may_grant_manage: bool = True, **kwargs: Any) -> None:
         # The settings page also holds the webhook form: ids must not collide ("id_name").
         kwargs.setdefault("auto_id", "id_apikey_%s")
         super().__init__(*args, **kwargs)
+        if not may_grant_manage:
+            # A manage key acts as an admin (experiments.roles): only admins may create one.
+            scopes = self.fields["scopes"]
+            assert isinstance(scopes, forms.MultipleChoiceField)
+            scopes.choices = [c for c in ApiScope.choices if c[0] != ApiScope.MANAGE]
+            scopes.error_messages["invalid_choice"] = (
+                "Only admins can create keys with the %(value)s scope."
+            )
 
     def show_errors(self, errors: Mapping[str, Sequence[str]]) -> None:
         for name, messages in errors.items():

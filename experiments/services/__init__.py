@@ -28,7 +28,9 @@ from experiments.services.definitions import (
 )
 from experiments.services.keys import (
     API_KEY_PREFIX,
+    ApiKeyRevocation,
     api_key_create,
+    api_key_lockout_warnings,
     api_key_matches,
     api_key_revoke,
     api_key_touch,
@@ -52,6 +54,7 @@ from experiments.services.metrics import (
     metric_update,
     validate_metric,
 )
+from experiments.services.roles import RoleChange, user_role_assign
 
 __all__ = [
     "ALLOWED_TRANSITIONS",
@@ -62,11 +65,14 @@ __all__ = [
     "METRIC_FIELDS",
     "STRUCTURAL_FIELDS",
     "WEIGHT_TOLERANCE",
+    "ApiKeyRevocation",
     "MetricUseInput",
     "RampStepInput",
+    "RoleChange",
     "TransitionResult",
     "VariantInput",
     "api_key_create",
+    "api_key_lockout_warnings",
     "api_key_matches",
     "api_key_revoke",
     "api_key_touch",
@@ -87,6 +93,7 @@ __all__ = [
     "metric_delete",
     "metric_update",
     "split_api_key",
+    "user_role_assign",
     "validate_metric",
     "validate_metric_uses",
     "validate_ramp",

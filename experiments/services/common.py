@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from experiments.errors import InvalidInput, NotFound
 from experiments.models import AuditEntry, ConfigVersion, Experiment
+from experiments.roles import role_of_actor
 
 
 @dataclass
@@ -51,9 +52,12 @@ def audit(
     after: Mapping[str, Any] | None = None,
     reason: str = "",
 ) -> AuditEntry:
+    actor = actor or "system"
     return AuditEntry.objects.create(
         experiment=experiment,
-        actor=actor or "system",
+        actor=actor,
+        # Resolved now: the role the actor holds when acting, not the one they hold later.
+        actor_role=role_of_actor(actor),
         action=action,
         before=dict(before or {}),
         after=dict(after or {}),

@@ -6,13 +6,14 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from experiments.errors import NotFound
+from experiments.errors import LockoutRisk, NotFound
 from experiments.models import ApiKey, ApiScope
 from experiments.services.common import Errors, audit, config_version_bump
 
@@ -67,18 +68,59 @@ def api_key_create(*, actor: str, name: str, scopes: Sequence[str]) -> tuple[Api
     return key, raw
 
 
-def api_key_revoke(*, actor: str, prefix: str) -> ApiKey:
+@dataclass(frozen=True)
+class ApiKeyRevocation:
+    key: ApiKey
+    # Why this revocation could lock someone out (empty when it cannot); see
+    # `api_key_lockout_warnings`.
+    warnings: tuple[str, ...]
+
+
+def api_key_lockout_warnings(
+    key: ApiKey, *, active: Sequence[ApiKey], requested_by: str = ""
+) -> list[str]:
+    """Why revoking `key` could lock its holders out, given the active keys.
+
+    `requested_by` is the prefix of the key making the request ("" for a person).
+    """
+    if key.revoked_at is not None:
+        return []
+    warnings = []
+    if requested_by and requested_by == key.prefix:
+        warnings.append("This is the key making this request: the next request with it fails.")
+    managers = [k for k in active if ApiScope.MANAGE in k.scopes]
+    if ApiScope.MANAGE in key.scopes and [k.pk for k in managers] == [key.pk]:
+        warnings.append(
+            "This is the last active key with the manage scope: no key can manage Rampart "
+            "afterwards until an admin creates one (settings page or manage.py createapikey)."
+        )
+    return warnings
+
+
+def api_key_revoke(
+    *, actor: str, prefix: str, requested_by: str = "", confirmed: bool = False
+) -> ApiKeyRevocation:
+    """Revoke a key; idempotent.
+
+    Revoking the key that makes the request (`requested_by`, its prefix) or the last active
+    manage key raises `LockoutRisk` unless `confirmed`; the check runs under the lock of
+    every active key, so two manage keys cannot revoke each other at once unwarned.
+    """
     with transaction.atomic():
+        active = list(ApiKey.objects.select_for_update().filter(revoked_at__isnull=True))
         try:
             key = ApiKey.objects.select_for_update().get(prefix=prefix)
         except ApiKey.DoesNotExist:
             raise NotFound("api key", prefix) from None
+        warnings = api_key_lockout_warnings(key, active=active, requested_by=requested_by)
+        if warnings and not confirmed:
+            raise LockoutRisk(prefix, warnings)
         if key.revoked_at is None:
             key.revoked_at = timezone.now()
             key.save(update_fields=["revoked_at"])
             audit(experiment=None, actor=actor, action="apikey.revoke", after={"prefix": prefix})
             config_version_bump()
-    return key
+    return ApiKeyRevocation(key=key, warnings=tuple(warnings))
 
 
 def api_key_touch(*, key_id: int, min_interval_s: float = 60.0) -> None:

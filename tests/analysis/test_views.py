@@ -25,6 +25,8 @@ WEBHOOK_SECRET = "s3cret-signing-key-0123456789"
 def web(db: None) -> Client:
     client = Client()
     client.force_login(User.objects.create_user("bob", password="pw-for-tests-only"))
+    # An admin, who may manage webhooks; tests/experiments/test_roles.py covers the others.
+    experiment_services.user_role_assign(actor="test", username="bob", role="admin")
     return client
 
 

@@ -57,7 +57,7 @@ def test_revoked_key_is_refused(make_key: Callable[..., str]) -> None:
     client = _client(raw)
     assert client.get("/api/v1/experiments/").status_code == 200
     prefix = services.split_api_key(raw)[0]  # type: ignore[index]
-    services.api_key_revoke(actor="test", prefix=prefix)
+    services.api_key_revoke(actor="test", prefix=prefix, confirmed=True)
     response = client.get("/api/v1/experiments/")
     assert response.status_code == 401
     assert "revoked" in response.json()["detail"]

@@ -20,7 +20,10 @@ SECRET_SLACK = "https://hooks.slack.com/services/T000/B000/very-secret-token"
 
 @pytest.fixture
 def user(db: None) -> User:
-    return User.objects.create_user("alice", password="correct horse battery staple")
+    """An admin: these tests cover every page; tests/experiments/test_roles.py covers roles."""
+    user = User.objects.create_user("alice", password="correct horse battery staple")
+    services.user_role_assign(actor="test", username="alice", role="admin")
+    return user
 
 
 @pytest.fixture
