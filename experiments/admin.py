@@ -1,7 +1,20 @@
-"""Django admin registrations for every experiments model."""
+"""Django admin registrations for every experiments model, and roles on the user admin.
 
-from django.contrib import admin
+Access follows the role groups' Django permissions (`experiments.roles`); only admins are
+staff. The audit log and API keys are read-only here: keys are created and revoked on the
+Settings page, the API or `manage.py createapikey`, where secrets are shown once, changes
+are audited and the edges learn of them.
+"""
 
+from typing import Any
+
+from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from experiments import roles, services
 from experiments.models import (
     ApiKey,
     AuditEntry,
@@ -65,21 +78,74 @@ class RampStepAdmin(admin.ModelAdmin):
     )
 
 
-@admin.register(AuditEntry)
-class AuditEntryAdmin(admin.ModelAdmin):
-    list_display = ("created_at", "experiment", "actor", "action", "reason")
-    list_filter = ("action",)
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Viewable by roles with the view permission; changed only through the services."""
 
-    def has_change_permission(self, request, obj=None):  # type: ignore[no-untyped-def]
-        return False  # the audit log is append-only
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(AuditEntry)
+class AuditEntryAdmin(ReadOnlyAdmin):
+    # The audit log is append-only.
+    list_display = ("created_at", "experiment", "actor", "actor_role", "action", "reason")
+    list_filter = ("action", "actor_role")
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
+class ApiKeyAdmin(ReadOnlyAdmin):
     list_display = ("name", "prefix", "scopes", "created_at", "revoked_at", "last_used_at")
-    readonly_fields = ("prefix", "key_hash", "created_at", "last_used_at")
+    exclude = ("key_hash",)
 
 
 @admin.register(ConfigVersion)
 class ConfigVersionAdmin(admin.ModelAdmin):
     list_display = ("version", "changed_at")
+
+
+def _assign(role: str) -> Any:
+    def assign(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet) -> None:
+        actor = request.user.get_username()
+        changed = [
+            change.username
+            for user in queryset
+            if (
+                change := services.user_role_assign(
+                    actor=actor, username=user.get_username(), role=role
+                )
+            ).changed
+        ]
+        modeladmin.message_user(
+            request,
+            f"{len(changed)} user(s) now {role}: {', '.join(changed) or 'no change'}.",
+            messages.SUCCESS,
+        )
+
+    assign.__name__ = f"make_{role}"
+    return admin.action(
+        description=f"Give the {role} role ({roles.ROLE_SUMMARIES[role]})",
+        permissions=["change"],
+    )(assign)
+
+
+class RampartUserAdmin(UserAdmin):
+    """Django's user admin with each user's role and actions that assign one."""
+
+    list_display = ("username", "email", "role", "is_active", "last_login")
+    actions = [_assign(role) for role in roles.ROLES]
+
+    @admin.display(description="role")
+    def role(self, user: Any) -> str:
+        return roles.role_of(user)
+
+
+User = get_user_model()
+if admin.site.is_registered(User):
+    admin.site.unregister(User)
+admin.site.register(User, RampartUserAdmin)
