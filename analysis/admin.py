@@ -1,6 +1,5 @@
 """Django admin of webhooks: names, hosts and the enabled flag; never the URL or the secret."""
 
-from typing import Any
 from urllib.parse import urlsplit
 
 from django.contrib import admin
@@ -23,4 +22,3 @@ class WebhookEndpointAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
-
