@@ -108,6 +108,8 @@ def test_create_start_watch_and_roll_back_a_canary(
 ) -> None:
     page = browser_page
     User.objects.create_user("oncall", password=PASSWORD)
+    # New users are viewers; the on-call engineer creates and rolls back experiments.
+    services.user_role_assign(actor="test", username="oncall", role="experimenter")
     _other_experiments(datetime.now())
 
     # 1. Log in.
