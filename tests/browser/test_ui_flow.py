@@ -219,13 +219,19 @@ def test_create_start_watch_and_roll_back_a_canary(
 
     # 7. The audit log shows who did it and why.
     audit = page.locator("#audit")
-    assert "Rolled back by oncall" in audit.inner_text()
+    assert "Rolled back by oncall (experimenter)" in audit.inner_text()
     assert ROLLBACK_REASON in audit.inner_text()
     assert AuditEntry.objects.get(experiment=experiment, action="rollback").actor == "oncall"
     _shot(page, "experiment-rolled-back")
 
-    # Settings: a webhook and a test alert through htmx (CSRF header included), an API key
-    # shown once.
+    # Settings: an experimenter may not manage webhooks or keys; as an admin, a webhook and
+    # a test alert through htmx (CSRF header included), an API key shown once.
+    page.goto(f"{app_url}/settings/")
+    page.locator("#webhooks-card").get_by_text(
+        "Only admins add, delete and test webhooks."
+    ).wait_for()
+    assert page.get_by_role("button", name="Create key").count() == 0
+    services.user_role_assign(actor="test", username="oncall", role="admin")
     page.goto(f"{app_url}/settings/")
     card = page.locator("#webhooks-card")
     card.get_by_label("Name").fill("On-call pager")
