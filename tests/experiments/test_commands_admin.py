@@ -40,6 +40,7 @@ def test_createdemoadmin_gives_a_working_login() -> None:
     call_command("createdemoadmin", "--password", "pw-for-the-test", stdout=io.StringIO())
     user = get_user_model().objects.get(username="admin")
     assert user.is_superuser and user.is_staff
+    assert list(user.groups.values_list("name", flat=True)) == ["admin"]
     assert Client().login(username="admin", password="pw-for-the-test")
 
 

@@ -5,6 +5,8 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandParser
 
+from experiments import services
+
 
 class Command(BaseCommand):
     help = "Create or reset a superuser for the demo (default admin / rampart-demo)."
@@ -23,5 +25,9 @@ class Command(BaseCommand):
         user.is_superuser = True
         user.set_password(options["password"])
         user.save()
+        # A superuser is an admin anyway; the group makes the role visible in the admin too.
+        services.user_role_assign(
+            actor="cli:createdemoadmin", username=options["username"], role="admin"
+        )
         verb = "Created" if created else "Reset"
         self.stdout.write(f"{verb} demo login {options['username']} / {options['password']}")
