@@ -11,18 +11,15 @@ from rest_framework.test import APIClient
 
 from experiments import roles, services
 from experiments.models import ApiKey, AuditEntry, Experiment, ExperimentStatus
+from tests.experiments.test_roles import user_with_role
 from tests.factories import create_experiment, experiment_payload
 
 pytestmark = pytest.mark.django_db
 
 
 def session(role: str, username: str | None = None) -> APIClient:
-    name = username or f"api-{role}"
-    user = User.objects.create_user(name, password="pw-for-api-roles")
-    if role != roles.VIEWER:
-        services.user_role_assign(actor="test", username=name, role=role)
     client = APIClient()
-    client.force_login(user)
+    client.force_login(user_with_role(role, username or f"api-{role}"))
     return client
 
 

@@ -26,20 +26,19 @@ pytestmark = pytest.mark.django_db
 S = ExperimentStatus
 
 
-def login_as(role: str, username: str | None = None) -> Client:
-    """A client logged in as a new user with `role` (new users start as viewers)."""
-    name = username or f"{role}-user"
-    user = User.objects.create_user(name, password="pw-for-role-tests")
+def user_with_role(role: str, username: str) -> User:
+    """A new user given `role` (new users start as viewers)."""
+    user = User.objects.create_user(username, password="pw-for-role-tests")
     if role != roles.VIEWER:
-        services.user_role_assign(actor="test", username=name, role=role)
+        services.user_role_assign(actor="test", username=username, role=role)
+    return user
+
+
+def login_as(role: str, username: str | None = None) -> Client:
+    """A web client logged in as a new user with `role`."""
     client = Client()
-    client.force_login(user)
+    client.force_login(user_with_role(role, username or f"{role}-user"))
     return client
-
-
-@pytest.fixture
-def as_role() -> Callable[[str], Client]:
-    return login_as
 
 
 # --- groups, new users, superusers ------------------------------------------------------------
