@@ -26,7 +26,7 @@ from rest_framework.request import Request
 
 from experiments.api.auth import ApiKeyPrincipal
 from experiments.models import ApiScope
-from experiments.roles import READ
+from experiments.roles import READ, role_of
 
 _ACTION_VERBS = {
     "list": "view",
@@ -89,7 +89,13 @@ class RolePermission(permissions.BasePermission):
                 )
             return True
         needed = permission_for(request, view)
-        return needed is not None and bool(user.has_perm(needed))
+        if needed is not None and user.has_perm(needed):
+            return True
+        # This instance serves this request only (DRF builds one per request).
+        self.message = f"Your role ({role_of(user)}) does not allow this action" + (
+            f": it needs the permission {needed}." if needed else "."
+        )
+        return False
 
 
 class ApiDocsAccess(permissions.BasePermission):

@@ -96,6 +96,7 @@ def test_session_users_call_the_api_by_role(
         assert response.status_code in (200, 201, 202, 204), (name, role, response.content)
     else:
         assert response.status_code == 403, (name, role, response.status_code)
+        assert f"Your role ({role}) does not allow this action" in response.content.decode()
     if name == "start":
         status = Experiment.objects.get(key="ranker-v2").status
         assert status == (ExperimentStatus.RUNNING if allowed else ExperimentStatus.DRAFT)
