@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from django.contrib.auth.models import Permission, User
+from django.db import connection
 from rest_framework.test import APIClient
 
 from experiments import roles, services
+from experiments.errors import LockoutRisk
 from experiments.models import ApiKey, AuditEntry, Experiment, ExperimentStatus
+from experiments.services import keys as keys_service
 from tests.experiments.test_roles import user_with_role
 from tests.factories import create_experiment, experiment_payload
 
@@ -229,3 +234,48 @@ def test_experimenters_and_viewers_cannot_revoke_keys(make_key: Callable[..., st
         response = session(role).post(f"/api/v1/api-keys/{_prefix(raw)}/revoke/", {}, format="json")
         assert response.status_code == 403
     assert ApiKey.objects.get(name="r").revoked_at is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_manage_keys_revoking_each_other_at_once_leave_one_active(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    check = keys_service.api_key_lockout_warnings
+
+    def slow_check(*args: Any, **kwargs: Any) -> list[str]:
+        # Widen the window between the check and the revocation: without the lock on every
+        # active key, both callers would see two manage keys and revoke each other.
+        warnings = check(*args, **kwargs)
+        time.sleep(0.5)
+        return warnings
+
+    monkeypatch.setattr(keys_service, "api_key_lockout_warnings", slow_check)
+    first, _ = services.api_key_create(actor="test", name="a", scopes=["manage"])
+    second, _ = services.api_key_create(actor="test", name="b", scopes=["manage"])
+    barrier = threading.Barrier(2)
+    outcomes: dict[str, str] = {}
+
+    def revoke(caller: ApiKey, target: ApiKey) -> None:
+        barrier.wait()
+        try:
+            services.api_key_revoke(
+                actor=f"apikey:{caller.prefix}:{caller.name}",
+                prefix=target.prefix,
+                requested_by=caller.prefix,
+            )
+            outcomes[caller.name] = "revoked"
+        except LockoutRisk:
+            outcomes[caller.name] = "warned"
+        finally:
+            connection.close()
+
+    threads = [
+        threading.Thread(target=revoke, args=(first, second)),
+        threading.Thread(target=revoke, args=(second, first)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(outcomes.values()) == ["revoked", "warned"]
+    assert ApiKey.objects.filter(revoked_at__isnull=True).count() == 1
