@@ -124,7 +124,8 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["experiments.api.auth.HasScope"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # drf-spectacular's AutoSchema plus the problem+json error responses of each operation.
+    "DEFAULT_SCHEMA_CLASS": "experiments.api.schema.ProblemAutoSchema",
     "EXCEPTION_HANDLER": "experiments.api.errors.exception_handler",
     "UNAUTHENTICATED_USER": None,
 }
@@ -138,6 +139,11 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    # Keep drf-spectacular's default hook first; more hooks (e.g. the edge's operations) append.
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "experiments.api.schema.refuse_unknown_request_fields",
+    ],
     "ENUM_NAME_OVERRIDES": {
         "ExperimentKindEnum": "experiments.models.ExperimentKind",
         "MetricKindEnum": "experiments.models.MetricKind",

@@ -26,7 +26,17 @@ from experiments.api.serializers import (
     RollbackSerializer,
     TransitionSerializer,
 )
+from experiments.errors import InvalidInput
 from experiments.models import ExperimentStatus
+from experiments.strict import EmptyBodySerializer
+
+KEY_IS_IMMUTABLE = {"key": ["The key is immutable: create a new one instead."]}
+
+
+def _refuse_body(request: Request) -> None:
+    """Actions without input refuse any field sent anyway, naming it."""
+    if request.data:
+        EmptyBodySerializer(data=request.data).is_valid(raise_exception=True)
 
 
 def _transition_response(result: services.TransitionResult) -> Response:
@@ -37,8 +47,20 @@ def _transition_response(result: services.TransitionResult) -> Response:
 
 class ExperimentViewSet(viewsets.ViewSet):
     lookup_field = "key"
+    pagination_class = PageNumberPagination
     lookup_value_regex = "[-a-zA-Z0-9_]+"
     serializer_class = ExperimentSerializer
+    # Actions that answer 409 when the experiment's state does not allow them (schema).
+    conflict_actions = (
+        "partial_update",
+        "destroy",
+        "start",
+        "pause",
+        "resume",
+        "advance",
+        "complete",
+        "rollback",
+    )
 
     @extend_schema(
         parameters=[OpenApiParameter("status", enum=ExperimentStatus.values)],
@@ -47,11 +69,10 @@ class ExperimentViewSet(viewsets.ViewSet):
     def list(self, request: Request) -> Response:
         status_filter = request.query_params.get("status")
         if status_filter and status_filter not in ExperimentStatus.values:
-            return Response(
-                {"status": [f"Must be one of {', '.join(ExperimentStatus.values)}."]},
-                status=status.HTTP_400_BAD_REQUEST,
+            raise InvalidInput(
+                {"status": [f"Must be one of {', '.join(ExperimentStatus.values)}."]}
             )
-        paginator = PageNumberPagination()
+        paginator = self.pagination_class()
         page = paginator.paginate_queryset(
             selectors.experiment_list(status=status_filter or None), request, view=self
         )
@@ -62,7 +83,8 @@ class ExperimentViewSet(viewsets.ViewSet):
         serializer = ExperimentWriteSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         kwargs = serializer.service_kwargs()
-        kwargs.pop("weights", None)
+        if "weights" in kwargs:
+            raise InvalidInput({"weights": ["Set each variant's weight in variants on create."]})
         experiment = services.experiment_create(actor=actor_of(request), **kwargs)
         return Response(
             ExperimentSerializer(selectors.experiment_get(key=experiment.key)).data,
@@ -77,7 +99,10 @@ class ExperimentViewSet(viewsets.ViewSet):
     def partial_update(self, request: Request, key: str) -> Response:
         serializer = ExperimentWriteSerializer(data=request.data, partial=True)
         serializer.is_valid(raise_exception=True)
-        services.experiment_update(actor=actor_of(request), key=key, **serializer.service_kwargs())
+        changes = serializer.service_kwargs()
+        if "key" in changes:
+            raise InvalidInput(KEY_IS_IMMUTABLE)
+        services.experiment_update(actor=actor_of(request), key=key, **changes)
         return Response(ExperimentSerializer(selectors.experiment_get(key=key)).data)
 
     @extend_schema(responses={204: None})
@@ -88,6 +113,7 @@ class ExperimentViewSet(viewsets.ViewSet):
     @extend_schema(request=None, responses=TransitionSerializer)
     @action(detail=True, methods=["post"])
     def start(self, request: Request, key: str) -> Response:
+        _refuse_body(request)
         return _transition_response(services.experiment_start(actor=actor_of(request), key=key))
 
     @extend_schema(request=ReasonSerializer, responses=TransitionSerializer)
@@ -104,6 +130,7 @@ class ExperimentViewSet(viewsets.ViewSet):
     @extend_schema(request=None, responses=TransitionSerializer)
     @action(detail=True, methods=["post"])
     def resume(self, request: Request, key: str) -> Response:
+        _refuse_body(request)
         return _transition_response(services.experiment_resume(actor=actor_of(request), key=key))
 
     @extend_schema(request=CompleteSerializer, responses=TransitionSerializer)
@@ -145,7 +172,7 @@ class ExperimentViewSet(viewsets.ViewSet):
     @extend_schema(responses=AuditEntrySerializer(many=True))
     @action(detail=True, methods=["get"])
     def audit(self, request: Request, key: str) -> Response:
-        paginator = PageNumberPagination()
+        paginator = self.pagination_class()
         page = paginator.paginate_queryset(
             selectors.audit_for_experiment(key=key), request, view=self
         )
@@ -154,12 +181,13 @@ class ExperimentViewSet(viewsets.ViewSet):
 
 class MetricViewSet(viewsets.ViewSet):
     lookup_field = "key"
+    pagination_class = PageNumberPagination
     lookup_value_regex = "[-a-zA-Z0-9_]+"
     serializer_class = MetricSerializer
 
     @extend_schema(responses=MetricSerializer(many=True))
     def list(self, request: Request) -> Response:
-        paginator = PageNumberPagination()
+        paginator = self.pagination_class()
         page = paginator.paginate_queryset(selectors.metric_list(), request, view=self)
         return paginator.get_paginated_response(MetricSerializer(page, many=True).data)
 
@@ -179,6 +207,8 @@ class MetricViewSet(viewsets.ViewSet):
     def partial_update(self, request: Request, key: str) -> Response:
         serializer = MetricSerializer(data=request.data, partial=True)
         serializer.is_valid(raise_exception=True)
+        if "key" in serializer.validated_data:
+            raise InvalidInput(KEY_IS_IMMUTABLE)
         metric = services.metric_update(
             actor=actor_of(request), key=key, **serializer.validated_data
         )
@@ -192,6 +222,7 @@ class MetricViewSet(viewsets.ViewSet):
 
 class ApiKeyViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     lookup_field = "prefix"
+    lookup_value_regex = "[a-zA-Z0-9_-]+"
     serializer_class = ApiKeySerializer
 
     def get_queryset(self) -> Any:
@@ -208,5 +239,6 @@ class ApiKeyViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     @extend_schema(request=None, responses=ApiKeySerializer)
     @action(detail=True, methods=["post"])
     def revoke(self, request: Request, prefix: str) -> Response:
+        _refuse_body(request)
         key = services.api_key_revoke(actor=actor_of(request), prefix=prefix)
         return Response(ApiKeySerializer(key).data)
