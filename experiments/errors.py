@@ -39,3 +39,13 @@ class NotEditable(DomainError):
         self.status = status
         self.fields = list(fields)
         super().__init__(f"fields {', '.join(self.fields)} cannot change while {status}")
+
+
+class InUse(DomainError):
+    """An object that cannot be deleted while other objects refer to it."""
+
+    def __init__(self, entity: str, key: object, used_by: str) -> None:
+        self.entity = entity
+        self.key = key
+        self.used_by = used_by
+        super().__init__(f"{entity} {key!r} is used by {used_by}")

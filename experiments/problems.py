@@ -31,6 +31,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "conflict": (409, "Conflict"),
     "invalid_transition": (409, "The lifecycle action is not allowed in this state"),
     "not_editable": (409, "The fields cannot change in this state"),
+    "in_use": (409, "The object is in use"),
     "payload_too_large": (413, "The request body is too large"),
     "unsupported_media_type": (415, "Unsupported media type"),
     "throttled": (429, "Too many requests"),

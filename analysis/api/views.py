@@ -80,7 +80,13 @@ class ResultHistoryView(APIView):
     required_scope = "read"
 
     @extend_schema(
-        parameters=[OpenApiParameter("limit", int, description="newest N (default 500)")],
+        parameters=[
+            OpenApiParameter(
+                "limit",
+                {"type": "integer", "minimum": 1, "maximum": MAX_HISTORY},
+                description="newest N (default 500)",
+            )
+        ],
         responses=ResultHistorySerializer,
     )
     def get(self, request: Request, key: str) -> Response:
@@ -115,7 +121,16 @@ class WebhookListView(APIView):
 class WebhookDetailView(APIView):
     required_scope = "manage"
 
-    @extend_schema(responses={204: None})
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "webhook_id",
+                {"type": "integer", "minimum": 0, "maximum": 10**18 - 1},
+                OpenApiParameter.PATH,
+            )
+        ],
+        responses={204: None},
+    )
     def delete(self, request: Request, webhook_id: int) -> Response:
         services.webhook_delete(actor=_actor(request), webhook_id=webhook_id)
         return Response(status=status.HTTP_204_NO_CONTENT)

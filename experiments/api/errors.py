@@ -16,12 +16,13 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
-from django.views import defaults
+from django.views import csrf, defaults
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions
 from rest_framework.settings import api_settings
 from rest_framework.views import set_rollback
 
-from experiments.errors import InvalidInput, InvalidTransition, NotEditable, NotFound
+from experiments.errors import InUse, InvalidInput, InvalidTransition, NotEditable, NotFound
 from experiments.problems import (
     PROBLEM_CONTENT_TYPE,
     FieldError,
@@ -136,6 +137,11 @@ def _domain_problem(exc: Exception) -> dict[str, Any] | None:
             current=exc.current,
             requested=exc.requested,
         )
+    if isinstance(exc, InUse):
+        return problem_body(
+            code="in_use",
+            detail=f"The {exc.entity} {exc.key!r} is used by {exc.used_by}; it cannot be deleted.",
+        )
     if isinstance(exc, NotEditable):
         message = f"Cannot change while the experiment is {exc.status}."
         return problem_body(
@@ -223,6 +229,16 @@ def server_error(request: HttpRequest) -> HttpResponse:
     return defaults.server_error(request)
 
 
+def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
+    """CSRF_FAILURE_VIEW: a session-authenticated write under /api/ without a valid token."""
+    if _is_api(request):
+        return problem_response(
+            problem_body(code="permission_denied", detail=f"CSRF check failed: {reason}")
+        )
+    return csrf.csrf_failure(request, reason)
+
+
+@csrf_exempt  # a 404 for every method, never a CSRF 403 (nothing is written here)
 def api_not_found(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
     """Every path under /api/ that no route matches, for every method (also in debug mode)."""
     return problem_response(

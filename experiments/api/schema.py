@@ -100,3 +100,39 @@ def refuse_unknown_request_fields(result: dict[str, Any], **kwargs: Any) -> dict
         if name.endswith("Request") and schema.get("type") == "object" and "properties" in schema:
             schema["additionalProperties"] = False
     return result
+
+
+def _path_parameters(path: str) -> list[str]:
+    return sorted(uritemplate.variables(path))
+
+
+def link_created_objects(result: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """POSTPROCESSING hook: OpenAPI links from each create to the operations on what it made.
+
+    `POST /api/v1/experiments/` answers 201 with the experiment; its `key` is the `{key}` of
+    `/api/v1/experiments/{key}/...`. Clients and stateful fuzzers (schemathesis) follow them.
+    A path parameter is filled from the body field of the same name, or `id` for `*_id`.
+    """
+    paths: dict[str, Any] = result.get("paths", {})
+    for collection, operations in paths.items():
+        create = operations.get("post")
+        if create is None or _path_parameters(collection) or "201" not in create["responses"]:
+            continue
+        links: dict[str, Any] = {}
+        for path, targets in paths.items():
+            parameters = _path_parameters(path)
+            if not path.startswith(collection) or len(parameters) != 1:
+                continue
+            (name,) = parameters
+            field = "id" if name.endswith("_id") else name
+            for method, operation in targets.items():
+                if method not in ("get", "post", "put", "patch", "delete"):
+                    continue
+                operation_id = operation["operationId"]
+                links[operation_id] = {
+                    "operationId": operation_id,
+                    "parameters": {name: f"$response.body#/{field}"},
+                }
+        if links:
+            create["responses"]["201"]["links"] = links
+    return result

@@ -22,6 +22,8 @@ from experiments.models import (
 )
 from experiments.strict import (
     INT4_MAX,
+    StrictCharField,
+    StrictFloatField,
     StrictModelSerializer,
     StrictSerializer,
     UnitIdDictField,
@@ -95,7 +97,7 @@ class ExperimentWriteSerializer(StrictSerializer):
     unit_attribute = serializers.CharField(max_length=128, required=False)
     coverage = serializers.FloatField(required=False, min_value=0.0, max_value=1.0)
     namespace = NamespaceSerializer(required=False, allow_null=True)
-    overrides = UnitIdDictField(child=serializers.CharField(max_length=64), required=False)
+    overrides = UnitIdDictField(child=StrictCharField(max_length=64), required=False)
     alpha = serializers.FloatField(required=False, min_value=0.0, max_value=0.5)
     decision_sample_size = serializers.IntegerField(
         required=False, min_value=100, max_value=INT4_MAX
@@ -113,7 +115,7 @@ class ExperimentWriteSerializer(StrictSerializer):
     metrics = MetricUseSerializer(many=True, required=False, max_length=MAX_METRICS)
     ramp_steps = RampStepSerializer(many=True, required=False, max_length=MAX_RAMP_STEPS)
     weights = serializers.DictField(
-        child=serializers.FloatField(min_value=0.0, max_value=1.0), required=False
+        child=StrictFloatField(min_value=0.0, max_value=1.0), required=False
     )
 
     def service_kwargs(self) -> dict[str, Any]:

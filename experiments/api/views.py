@@ -7,7 +7,6 @@ from typing import Any
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.pagination import PageNumberPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -28,7 +27,7 @@ from experiments.api.serializers import (
 )
 from experiments.errors import InvalidInput
 from experiments.models import ExperimentStatus
-from experiments.strict import EmptyBodySerializer
+from experiments.strict import EmptyBodySerializer, StrictPageNumberPagination
 
 KEY_IS_IMMUTABLE = {"key": ["The key is immutable: create a new one instead."]}
 
@@ -47,7 +46,7 @@ def _transition_response(result: services.TransitionResult) -> Response:
 
 class ExperimentViewSet(viewsets.ViewSet):
     lookup_field = "key"
-    pagination_class = PageNumberPagination
+    pagination_class = StrictPageNumberPagination
     lookup_value_regex = "[-a-zA-Z0-9_]+"
     serializer_class = ExperimentSerializer
     # Actions that answer 409 when the experiment's state does not allow them (schema).
@@ -68,13 +67,13 @@ class ExperimentViewSet(viewsets.ViewSet):
     )
     def list(self, request: Request) -> Response:
         status_filter = request.query_params.get("status")
-        if status_filter and status_filter not in ExperimentStatus.values:
+        if status_filter is not None and status_filter not in ExperimentStatus.values:
             raise InvalidInput(
                 {"status": [f"Must be one of {', '.join(ExperimentStatus.values)}."]}
             )
         paginator = self.pagination_class()
         page = paginator.paginate_queryset(
-            selectors.experiment_list(status=status_filter or None), request, view=self
+            selectors.experiment_list(status=status_filter), request, view=self
         )
         return paginator.get_paginated_response(ExperimentSerializer(page, many=True).data)
 
@@ -181,7 +180,8 @@ class ExperimentViewSet(viewsets.ViewSet):
 
 class MetricViewSet(viewsets.ViewSet):
     lookup_field = "key"
-    pagination_class = PageNumberPagination
+    pagination_class = StrictPageNumberPagination
+    conflict_actions = ("destroy",)  # a metric an experiment uses cannot be deleted
     lookup_value_regex = "[-a-zA-Z0-9_]+"
     serializer_class = MetricSerializer
 

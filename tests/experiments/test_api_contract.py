@@ -347,3 +347,53 @@ def test_schema_documents_pagination_errors_strict_bodies_and_bounds(api: APICli
 def test_schema_keeps_the_default_postprocessing_hook(settings: Any) -> None:
     hooks = settings.SPECTACULAR_SETTINGS["POSTPROCESSING_HOOKS"]
     assert hooks[0] == "drf_spectacular.hooks.postprocess_schema_enums"
+
+
+def test_nested_objects_in_a_patch_are_validated_whole(api: APIClient, metrics: Any) -> None:
+    _create(api)
+    url = f"{EXPERIMENTS}/ranker-v2/"
+    steps = api.patch(url, {"ramp_steps": [{"min_duration_s": 5}]}, format="json")
+    assert "ramp_steps[0].canary_share" in messages_by_field(
+        assert_problem(steps, 400, "validation_error")
+    )
+    namespace = api.patch(url, {"namespace": {"id": "ns"}}, format="json")
+    assert {"namespace.start", "namespace.end"} <= set(
+        messages_by_field(assert_problem(namespace, 400, "validation_error"))
+    )
+    uses = api.patch(url, {"metrics": [{"metric": "conversion", "role": "primary"}]}, format="json")
+    assert uses.status_code == 200, uses.content  # the default margin applies
+    assert uses.json()["metrics"] == [{"metric": "conversion", "role": "primary", "margin": 0.0}]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"name": 5}, "name"),
+        ({"fallback_to_control": 0}, "fallback_to_control"),
+        ({"cache_ttl_s": "12"}, "cache_ttl_s"),
+        ({"coverage": True}, "coverage"),
+        ({"weights": {"v1": "0.5", "v2": 0.5}}, "weights.v1"),
+        ({"overrides": {"qa-user": 2}}, "overrides.qa-user"),
+    ],
+)
+def test_values_of_the_wrong_json_type_are_refused(
+    api: APIClient, metrics: Any, change: dict[str, Any], field: str
+) -> None:
+    _create(api)
+    response = api.patch(f"{EXPERIMENTS}/ranker-v2/", change, format="json")
+    body = assert_problem(response, 400, "validation_error")
+    assert body["field"] == field and body["errors"][0]["code"] == "invalid_type", body
+
+
+def test_deleting_a_metric_in_use_is_a_409(api: APIClient, metrics: Any) -> None:
+    _create(api)
+    response = api.delete("/api/v1/metrics/conversion/")
+    assert "in use" in assert_problem(response, 409, "in_use")["title"]
+    assert Metric.objects.filter(key="conversion").exists()
+
+
+@pytest.mark.parametrize("page", ["", "abc", "0", "-1", "²"])
+def test_a_page_that_is_not_a_positive_integer_is_a_400(api: APIClient, page: str) -> None:
+    response = api.get(f"/api/v1/metrics/?page={page}")
+    assert assert_problem(response, 400, "validation_error")["field"] == "page"
+    assert_problem(api.get("/api/v1/metrics/?page=9"), 404, "not_found")
