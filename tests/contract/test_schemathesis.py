@@ -14,6 +14,7 @@ and the tail of the server log.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -29,8 +30,8 @@ from experiments.models import ApiKey
 from tests.factories import create_experiment
 from tests.processes import ROOT, free_port, start_process, stop_process, wait_for_http
 
-SEED = 20261204
-MAX_EXAMPLES = 40
+SEED = int(os.environ.get("RAMPART_FUZZ_SEED", "20261204"))
+MAX_EXAMPLES = int(os.environ.get("RAMPART_FUZZ_EXAMPLES", "40"))
 # Share of generated path parameters replaced by the identifier of a real object.
 KNOWN_ID_PROBABILITY = 0.7
 

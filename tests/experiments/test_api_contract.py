@@ -397,3 +397,18 @@ def test_a_page_that_is_not_a_positive_integer_is_a_400(api: APIClient, page: st
     response = api.get(f"/api/v1/metrics/?page={page}")
     assert assert_problem(response, 400, "validation_error")["field"] == "page"
     assert_problem(api.get("/api/v1/metrics/?page=9"), 404, "not_found")
+
+
+def test_an_unservable_accept_header_is_a_406_problem(api: APIClient) -> None:
+    assert_problem(api.get("/api/v1/metrics/", HTTP_ACCEPT="text/csv"), 406, "not_acceptable")
+
+
+def test_schema_links_each_create_to_the_operations_on_what_it_made(api: APIClient) -> None:
+    paths = _schema(api)["paths"]
+    links = paths["/api/v1/experiments/"]["post"]["responses"]["201"]["links"]
+    start = paths["/api/v1/experiments/{key}/start/"]["post"]["operationId"]
+    assert links[start]["parameters"] == {"key": "$response.body#/key"}
+    webhook_links = paths["/api/v1/webhooks/"]["post"]["responses"]["201"]["links"]
+    assert [link["parameters"] for link in webhook_links.values()] == [
+        {"webhook_id": "$response.body#/id"}
+    ]
