@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
@@ -29,6 +29,25 @@ from experiments.errors import InvalidInput
 from experiments.models import ExperimentStatus
 from experiments.strict import EmptyBodySerializer, StrictPageNumberPagination
 
+CANARY_EXAMPLE = OpenApiExample(
+    "A canary of two model versions",
+    request_only=True,
+    value={
+        "key": "ranker-v2",
+        "name": "Ranker v2 canary",
+        "kind": "canary",
+        "variants": [
+            {
+                "key": "v1",
+                "upstream_url": "http://10.0.0.7:9001",
+                "weight": 0.5,
+                "is_control": True,
+            },
+            {"key": "v2", "upstream_url": "http://10.0.0.7:9002", "weight": 0.5},
+        ],
+        "ramp_steps": [{"canary_share": 0.05, "min_duration_s": 600}, {"canary_share": 1.0}],
+    },
+)
 KEY_IS_IMMUTABLE = {"key": ["The key is immutable: create a new one instead."]}
 
 
@@ -77,7 +96,11 @@ class ExperimentViewSet(viewsets.ViewSet):
         )
         return paginator.get_paginated_response(ExperimentSerializer(page, many=True).data)
 
-    @extend_schema(request=ExperimentWriteSerializer, responses={201: ExperimentSerializer})
+    @extend_schema(
+        request=ExperimentWriteSerializer,
+        responses={201: ExperimentSerializer},
+        examples=[CANARY_EXAMPLE],
+    )
     def create(self, request: Request) -> Response:
         serializer = ExperimentWriteSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)

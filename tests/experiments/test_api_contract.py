@@ -412,3 +412,10 @@ def test_schema_links_each_create_to_the_operations_on_what_it_made(api: APIClie
     assert [link["parameters"] for link in webhook_links.values()] == [
         {"webhook_id": "$response.body#/id"}
     ]
+
+
+def test_the_documented_create_example_is_accepted(api: APIClient) -> None:
+    create = _schema(api)["paths"]["/api/v1/experiments/"]["post"]["requestBody"]
+    (example,) = create["content"]["application/json"]["examples"].values()
+    response = api.post(f"{EXPERIMENTS}/", example["value"], format="json")
+    assert response.status_code == 201, response.content
