@@ -28,10 +28,10 @@ from analysis import services as analysis_services
 from experiments import services
 from experiments.models import ApiKey
 from tests.factories import create_experiment
-from tests.processes import free_port, start_process, stop_process, wait_for_http
+from tests.processes import start_app_server, stop_process, wait_for_http
 
 SEED = int(os.environ.get("RAMPART_FUZZ_SEED", "20261204"))
-MAX_EXAMPLES = int(os.environ.get("RAMPART_FUZZ_EXAMPLES", "40"))
+MAX_EXAMPLES = int(os.environ.get("RAMPART_FUZZ_EXAMPLES", "80"))
 # Share of generated path parameters replaced by the identifier of a real object.
 KNOWN_ID_PROBABILITY = 0.7
 
@@ -112,24 +112,8 @@ def _config(known_ids: dict[str, list[Any]]) -> str:
 
 @pytest.fixture
 def served_app(transactional_db: None, tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    port = free_port()
     log = tmp_path / "server.log"
-    server = start_process(
-        [
-            "-m",
-            "uvicorn",
-            "config.asgi:application",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-            "--http",
-            "routing.server:EdgeHttpProtocol",
-        ],
-        log=log,
-    )
-    url = f"http://127.0.0.1:{port}"
+    server, url = start_app_server(log=log)
     try:
         wait_for_http(f"{url}/healthz")
         yield url, log

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from django.test import RequestFactory
+from rest_framework.exceptions import Throttled
 from rest_framework.test import APIClient
 
 from experiments import selectors
@@ -287,7 +289,7 @@ def test_django_error_handlers_answer_problems_under_api_only() -> None:
         (api_errors.server_error, 500, "server_error"),
     ):
         response = handler(api_request)
-        response.json = lambda response=response: __import__("json").loads(response.content)
+        response.json = lambda response=response: json.loads(response.content)
         assert_problem(response, status, code)
         html = handler(page_request)
         assert html.status_code == status
@@ -419,3 +421,10 @@ def test_the_documented_create_example_is_accepted(api: APIClient) -> None:
     (example,) = create["content"]["application/json"]["examples"].values()
     response = api.post(f"{EXPERIMENTS}/", example["value"], format="json")
     assert response.status_code == 201, response.content
+
+
+def test_throttling_is_a_429_problem_with_retry_after() -> None:
+    response = api_errors.exception_handler(Throttled(wait=3), {})
+    response.json = lambda: json.loads(response.content)  # type: ignore[attr-defined]
+    body = assert_problem(response, 429, "throttled")
+    assert response["Retry-After"] == "3" and body["retry_after_s"] == 3
