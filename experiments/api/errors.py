@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.http import Http404, HttpRequest, HttpResponse
 from django.views import csrf, defaults
 from django.views.decorators.csrf import csrf_exempt
@@ -153,6 +154,19 @@ def _domain_problem(exc: Exception) -> dict[str, Any] | None:
     return None
 
 
+def _django_problem(exc: Exception) -> dict[str, Any] | None:
+    """Django's refusals of a request it cannot safely read (raised while DRF parses it)."""
+    if isinstance(exc, RequestDataTooBig):
+        return problem_body(
+            code="payload_too_large",
+            detail="The request body is larger than the server accepts "
+            "(DATA_UPLOAD_MAX_MEMORY_SIZE).",
+        )
+    if isinstance(exc, SuspiciousOperation):
+        return problem_body(code="bad_request", detail="The request was refused as malformed.")
+    return None
+
+
 def _drf_problem(exc: exceptions.APIException) -> tuple[dict[str, Any], dict[str, str]]:
     headers: dict[str, str] = {}
     auth_header = getattr(exc, "auth_header", None)
@@ -180,7 +194,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> HttpResponse:
     elif isinstance(exc, DjangoPermissionDenied):
         exc = exceptions.PermissionDenied()
     headers: dict[str, str] = {}
-    body = _domain_problem(exc)
+    body = _domain_problem(exc) or _django_problem(exc)
     if body is None and isinstance(exc, exceptions.APIException):
         body, headers = _drf_problem(exc)
     if body is None:

@@ -51,7 +51,8 @@ _ERROR_DESCRIPTIONS = {
     "403": "The key lacks the scope, or the session the permission (permission_denied).",
     "404": "No such object or page (not_found, experiment_not_found).",
     "409": "Not allowed in the experiment's current state (invalid_transition, not_editable).",
-    "415": "The body is not JSON, form data or multipart (unsupported_media_type).",
+    "413": "The body is larger than the server accepts (payload_too_large).",
+    "415": "The body is not JSON (unsupported_media_type).",
 }
 _WRITE_METHODS = ("POST", "PUT", "PATCH")
 
@@ -73,7 +74,7 @@ class ProblemAutoSchema(AutoSchema):
         if getattr(self.view, "action", None) in getattr(self.view, "conflict_actions", ()):
             codes.append("409")
         if self.method in _WRITE_METHODS and self.get_request_serializer() is not None:
-            codes.append("415")
+            codes += ["413", "415"]
         return sorted(codes)
 
     def _get_response_bodies(self, direction: Any = "response") -> dict[str, Any]:

@@ -428,3 +428,15 @@ def test_throttling_is_a_429_problem_with_retry_after() -> None:
     response.json = lambda: json.loads(response.content)  # type: ignore[attr-defined]
     body = assert_problem(response, 429, "throttled")
     assert response["Retry-After"] == "3" and body["retry_after_s"] == 3
+
+
+def test_a_body_over_the_upload_limit_is_a_413_problem(api: APIClient, settings: Any) -> None:
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    response = api.post("/api/v1/metrics/", {"key": "m", "name": "x" * 2000}, format="json")
+    assert_problem(response, 413, "payload_too_large")
+    assert not Metric.objects.filter(key="m").exists()
+
+
+def test_schema_and_docs_answer_without_the_trailing_slash(api: APIClient) -> None:
+    assert api.get("/api/schema").status_code == 200
+    assert api.get("/api/docs").status_code == 200
