@@ -179,6 +179,8 @@ def _drf_problem(exc: exceptions.APIException) -> tuple[dict[str, Any], dict[str
         headers["Retry-After"] = str(int(exc.wait))
         extensions["retry_after_s"] = int(exc.wait)
     code = next((c for cls, c in _DRF_CODES if isinstance(exc, cls)), None)
+    if isinstance(exc, exceptions.ParseError) and isinstance(exc.__context__, UnicodeDecodeError):
+        code = "invalid_encoding"  # the JSON parser met bytes that are not UTF-8
     if code is None:
         codes = exc.get_codes()
         code = codes if isinstance(codes, str) else "bad_request"

@@ -440,3 +440,9 @@ def test_a_body_over_the_upload_limit_is_a_413_problem(api: APIClient, settings:
 def test_schema_and_docs_answer_without_the_trailing_slash(api: APIClient) -> None:
     assert api.get("/api/schema").status_code == 200
     assert api.get("/api/docs").status_code == 200
+
+
+def test_a_body_that_is_not_utf8_is_an_invalid_encoding_problem(api: APIClient) -> None:
+    body = b'{"key": "m\xff", "name": "x"}'
+    response = api.post("/api/v1/metrics/", body, content_type="application/json")
+    assert_problem(response, 400, "invalid_encoding")
