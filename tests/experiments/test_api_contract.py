@@ -446,3 +446,17 @@ def test_a_body_that_is_not_utf8_is_an_invalid_encoding_problem(api: APIClient) 
     body = b'{"key": "m\xff", "name": "x"}'
     response = api.post("/api/v1/metrics/", body, content_type="application/json")
     assert_problem(response, 400, "invalid_encoding")
+
+
+@pytest.mark.parametrize(
+    "url", ["http://[", "http://[::1", "http://x:abc", "http://x:70000", "http://:80"]
+)
+def test_unparseable_upstream_urls_are_a_400(api: APIClient, metrics: Any, url: str) -> None:
+    variants = [
+        {"key": "v1", "upstream_url": url, "weight": 0.5, "is_control": True},
+        {"key": "v2", "upstream_url": "http://127.0.0.1:9002", "weight": 0.5},
+    ]
+    response = _create(api, variants=variants)
+    assert assert_problem(response, 400, "validation_error")["field"] == "variants[0].upstream_url"
+    slack = _create(api, slack_webhook_url=url)
+    assert assert_problem(slack, 400, "validation_error")["field"] == "slack_webhook_url"
