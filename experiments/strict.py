@@ -16,6 +16,13 @@ from rest_framework.exceptions import ErrorDetail, ValidationError
 # with a value PostgreSQL refuses with "integer out of range").
 INT4_MAX = 2**31 - 1
 
+# Exactly the keys that django.utils.text.slugify leaves unchanged (the services' rule):
+# lowercase ASCII letters, digits, "-" and "_", no "--", starting and ending with a letter or
+# digit. Stated as a pattern so that the OpenAPI schema says it (checked against slugify in
+# tests/experiments/test_api_contract.py).
+SLUG_PATTERN = r"^[a-z0-9]+(?:_*(?:-_+)*(?:-_*)?[a-z0-9]+)*$"
+SLUG_MESSAGE = "Use lowercase letters, digits, - and _."
+
 UNKNOWN_FIELD = "unknown_field"
 READ_ONLY_FIELD = "read_only_field"
 
@@ -156,3 +163,10 @@ class StrictPageNumberPagination(pagination.PageNumberPagination):
             if parameter["name"] == self.page_query_param:
                 parameter["schema"]["minimum"] = 1
         return parameters
+
+
+def slug_field(**kwargs: Any) -> serializers.RegexField:
+    """A key of an experiment, variant or metric (at most 64 characters, SLUG_PATTERN)."""
+    return serializers.RegexField(
+        SLUG_PATTERN, max_length=64, error_messages={"invalid": SLUG_MESSAGE}, **kwargs
+    )

@@ -27,6 +27,7 @@ from experiments.strict import (
     StrictModelSerializer,
     StrictSerializer,
     UnitIdDictField,
+    slug_field,
 )
 
 MAX_VARIANTS = 20
@@ -35,7 +36,7 @@ MAX_RAMP_STEPS = 50
 
 
 class VariantSerializer(StrictSerializer):
-    key = serializers.CharField(max_length=64)
+    key = slug_field()
     name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
     upstream_url = serializers.CharField(max_length=500)
     weight = serializers.FloatField(min_value=0.0, max_value=1.0)
@@ -47,7 +48,7 @@ class VariantSerializer(StrictSerializer):
 
 
 class MetricUseSerializer(StrictSerializer):
-    metric = serializers.CharField(max_length=64)
+    metric = slug_field()
     role = serializers.ChoiceField(choices=MetricRole.choices)
     margin = serializers.FloatField(required=False, default=0.0, min_value=0.0)
 
@@ -86,7 +87,7 @@ def _ramp(items: list[dict[str, Any]]) -> list[services.RampStepInput]:
 class ExperimentWriteSerializer(StrictSerializer):
     """Fields a client may send; the rules themselves live in the services."""
 
-    key = serializers.CharField(max_length=64)
+    key = slug_field()
     name = serializers.CharField(max_length=200)
     description = serializers.CharField(required=False, allow_blank=True)
     hypothesis = serializers.CharField(required=False, allow_blank=True)
@@ -228,7 +229,7 @@ class ExperimentSerializer(serializers.ModelSerializer):
 
 
 class CompleteSerializer(StrictSerializer):
-    winner = serializers.CharField(max_length=64)
+    winner = slug_field()
     reason = serializers.CharField(required=False, allow_blank=True, default="")
 
 
@@ -246,6 +247,7 @@ class TransitionSerializer(serializers.Serializer):
 
 
 class MetricSerializer(StrictModelSerializer):
+    key = slug_field()
     kind = serializers.ChoiceField(choices=MetricKind.choices)
     direction = serializers.ChoiceField(choices=MetricDirection.choices)
 
@@ -266,7 +268,6 @@ class MetricSerializer(StrictModelSerializer):
             "updated_at",
         ]
         read_only_fields = ["created_at", "updated_at"]
-        extra_kwargs = {"key": {"validators": []}}
 
 
 class ApiKeySerializer(serializers.ModelSerializer):

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
 from django.test import RequestFactory
+from django.utils.text import slugify
+from hypothesis import given
+from hypothesis import strategies as st
 from rest_framework.exceptions import Throttled
 from rest_framework.test import APIClient
 
 from experiments import selectors
 from experiments.api import errors as api_errors
 from experiments.models import AuditEntry, Experiment, Metric
-from experiments.strict import INT4_MAX
+from experiments.strict import INT4_MAX, SLUG_PATTERN
 from tests.factories import experiment_payload
 from tests.problems import assert_problem, messages_by_field
 
@@ -460,3 +464,19 @@ def test_unparseable_upstream_urls_are_a_400(api: APIClient, metrics: Any, url: 
     assert assert_problem(response, 400, "validation_error")["field"] == "variants[0].upstream_url"
     slack = _create(api, slack_webhook_url=url)
     assert assert_problem(slack, 400, "validation_error")["field"] == "slack_webhook_url"
+
+
+@given(st.text(alphabet="az09-_AZ é.", max_size=12))
+def test_the_schema_key_pattern_is_exactly_the_services_slug_rule(key: str) -> None:
+    assert bool(re.fullmatch(SLUG_PATTERN, key)) == (key != "" and slugify(key) == key)
+
+
+def test_keys_are_documented_with_their_pattern(api: APIClient) -> None:
+    components = _schema(api)["components"]["schemas"]
+    for name, field in (
+        ("ExperimentWriteRequest", "key"),
+        ("VariantRequest", "key"),
+        ("MetricRequest", "key"),
+        ("CompleteRequest", "winner"),
+    ):
+        assert components[name]["properties"][field]["pattern"] == SLUG_PATTERN, name
