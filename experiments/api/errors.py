@@ -30,11 +30,11 @@ from experiments.problems import (
     problem_body,
     validation_detail,
 )
+from experiments.strict import UNKNOWN_FIELD
 
 logger = logging.getLogger(__name__)
 
 API_PREFIX = "/api/"
-UNKNOWN_FIELD = "unknown_field"
 
 # DRF exception class -> problem code; the status comes from the exception itself.
 _DRF_CODES: tuple[tuple[type[exceptions.APIException], str], ...] = (

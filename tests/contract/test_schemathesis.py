@@ -87,7 +87,8 @@ def _seed_objects(metrics: dict[str, Any]) -> dict[str, list[Any]]:
         services.api_key_create(actor="fuzz-setup", name=f"spare-{i}", scopes=["read"])[0]
         for i in range(3)
     ]
-    # Path parameter -> identifiers of real objects (`key` names experiments and metrics).
+    # Parameter -> identifiers of real objects (`key` names experiments and metrics); a bare
+    # name is a path parameter, "query.<name>" a query parameter.
     return {
         "key": [*states, *(m.key for m in metrics.values())],
         "webhook_id": [webhook.pk],
@@ -100,13 +101,14 @@ def _config(known_ids: dict[str, list[Any]]) -> str:
     # Nothing is remembered between runs: each run is the seed's, and writes nothing outside.
     lines = ["[cache]", "enabled = false", "", "[generation]", 'database = "none"', ""]
     lines.append("[parameters]")
-    for parameter in known_ids:
+    for index, parameter in enumerate(known_ids):
+        # A bare name is a path parameter; "query.experiment" or "body.unit" name others.
+        binding = parameter if "." in parameter else f"path.{parameter}"
         lines.append(
-            f'"path.{parameter}" = {{ dictionary = "{parameter}", '
-            f"probability = {KNOWN_ID_PROBABILITY} }}"
+            f'"{binding}" = {{ dictionary = "ids{index}", probability = {KNOWN_ID_PROBABILITY} }}'
         )
-    for parameter, values in known_ids.items():
-        lines += ["", f"[dictionaries.{parameter}]", f"values = {_toml_list(values)}"]
+    for index, values in enumerate(known_ids.values()):
+        lines += ["", f"[dictionaries.ids{index}]", f"values = {_toml_list(values)}"]
     return "\n".join(lines) + "\n" + OPERATION_CONFIG
 
 
