@@ -69,7 +69,8 @@ class ProblemAutoSchema(AutoSchema):
         has_query = any(p.get("in") == "query" for p in self._get_parameters())
         if self.method in _WRITE_METHODS or has_query:
             codes.append("400")
-        if uritemplate.variables(self.path) or self._is_list_view():
+        paginated = self._is_list_view() and self._get_paginator() is not None
+        if uritemplate.variables(self.path) or paginated:  # no such object, or page
             codes.append("404")
         if getattr(self.view, "action", None) in getattr(self.view, "conflict_actions", ()):
             codes.append("409")

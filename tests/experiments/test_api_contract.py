@@ -319,6 +319,7 @@ def test_schema_documents_pagination_errors_strict_bodies_and_bounds(api: APICli
             components[ref.split("/")[-1]]["properties"]
         )
         assert "page" in {p["name"] for p in listing["parameters"]}
+    assert "404" not in paths["/api/v1/webhooks/"]["get"]["responses"]  # not paginated
     audit = paths["/api/v1/experiments/{key}/audit/"]["get"]["responses"]["200"]
     assert audit["content"]["application/json"]["schema"]["$ref"].endswith(
         "PaginatedAuditEntryList"
