@@ -93,15 +93,29 @@ class ProblemAutoSchema(AutoSchema):
 
 
 def refuse_unknown_request_fields(result: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-    """POSTPROCESSING hook: request bodies declare `additionalProperties: false`.
+    """POSTPROCESSING hook: request bodies declare `additionalProperties: false`, and their
+    free-text strings a pattern without NUL.
 
-    Every request serializer refuses unknown fields (experiments.strict), and the schema says
-    so, so generated clients and fuzzers know that an unknown field is an error.
+    Every request serializer refuses unknown fields (experiments.strict) and NUL characters,
+    and the schema says so, so generated clients and fuzzers know that either is an error.
     """
     for name, schema in result.get("components", {}).get("schemas", {}).items():
         if name.endswith("Request") and schema.get("type") == "object" and "properties" in schema:
             schema["additionalProperties"] = False
+            for field in schema["properties"].values():
+                _refuse_nul(field)
+                if isinstance(field.get("additionalProperties"), dict):
+                    _refuse_nul(field["additionalProperties"])  # the values of a map
     return result
+
+
+# DRF's CharField refuses NUL (PostgreSQL cannot store it); the schema says so.
+NO_NUL_PATTERN = r"^[^\x00]*$"
+
+
+def _refuse_nul(field: dict[str, Any]) -> None:
+    if field.get("type") == "string" and not ({"enum", "pattern", "format"} & set(field)):
+        field["pattern"] = NO_NUL_PATTERN
 
 
 def _path_parameters(path: str) -> list[str]:

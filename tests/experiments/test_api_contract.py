@@ -344,6 +344,9 @@ def test_schema_documents_pagination_errors_strict_bodies_and_bounds(api: APICli
     ):
         assert components[name]["additionalProperties"] is False, name
     write = components["ExperimentWriteRequest"]["properties"]
+    no_nul = r"^[^\x00]*$"
+    assert write["name"]["pattern"] == write["overrides"]["additionalProperties"]["pattern"]
+    assert write["name"]["pattern"] == no_nul and re.fullmatch(no_nul, "a\x00b") is None
     assert write["cache_ttl_s"]["maximum"] == INT4_MAX
     assert components["RampStepRequest"]["properties"]["min_duration_s"]["maximum"] == INT4_MAX
     results = paths["/api/v1/experiments/{key}/results/"]["get"]["responses"]["200"]
