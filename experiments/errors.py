@@ -52,3 +52,13 @@ class LockoutRisk(DomainError):
         self.prefix = prefix
         self.warnings = list(warnings)
         super().__init__(" ".join(self.warnings))
+
+
+class InUse(DomainError):
+    """An object that cannot be deleted while other objects refer to it."""
+
+    def __init__(self, entity: str, key: object, used_by: str) -> None:
+        self.entity = entity
+        self.key = key
+        self.used_by = used_by
+        super().__init__(f"{entity} {key!r} is used by {used_by}")

@@ -77,3 +77,28 @@ def wait_for_http(url: str, timeout: float = 20.0) -> None:
             last = exc
             time.sleep(0.05)
     raise TimeoutError(f"{url} did not answer within {timeout}s: {last}")
+
+
+def start_app_server(
+    *, log: Path, env: Mapping[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`uvicorn config.asgi:application` as production runs it (the edge's HTTP protocol, the
+    edge in front of Django) on a free loopback port; returns the process and its base URL."""
+    port = free_port()
+    process = start_process(
+        [
+            "-m",
+            "uvicorn",
+            "config.asgi:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--http",
+            "routing.server:EdgeHttpProtocol",
+        ],
+        env=env,
+        log=log,
+    )
+    return process, f"http://127.0.0.1:{port}"

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from rest_framework import serializers
 
 from analysis.models import ResultSnapshot, WebhookEndpoint
+from experiments.strict import StrictSerializer
+
+RESULTS_READY = "ready"
+RESULTS_PENDING = "pending"
 
 
 class ResultSnapshotSerializer(serializers.Serializer[ResultSnapshot]):
     """One analysis run (the shape `analysis.guardrails` documents and the UI renders)."""
 
     experiment = serializers.SerializerMethodField()
+    status = serializers.SerializerMethodField()
     created_at = serializers.DateTimeField()
     decision = serializers.CharField()
     reason = serializers.CharField()
@@ -25,12 +30,32 @@ class ResultSnapshotSerializer(serializers.Serializer[ResultSnapshot]):
     def get_experiment(self, snapshot: ResultSnapshot) -> str:
         return str(self.context.get("experiment_key", ""))
 
+    def get_status(self, snapshot: ResultSnapshot) -> Literal["ready"]:
+        return "ready"
+
+
+class ResultsPendingSerializer(serializers.Serializer[Any]):
+    """What `.../results` answers (200) before the experiment's first analysis run."""
+
+    experiment = serializers.CharField()
+    status = serializers.ChoiceField(choices=[RESULTS_PENDING])
+    experiment_status = serializers.CharField(help_text="draft, running, paused, ...")
+    detail = serializers.CharField()
+    analysis_interval_s = serializers.FloatField(
+        help_text="Running experiments are analysed this often; results appear after one run."
+    )
+
+
+class ResultHistorySerializer(serializers.Serializer[Any]):
+    experiment = serializers.CharField()
+    results = ResultSnapshotSerializer(many=True)
+
 
 def snapshot_data(snapshot: ResultSnapshot, *, experiment_key: str) -> dict[str, Any]:
     return dict(ResultSnapshotSerializer(snapshot, context={"experiment_key": experiment_key}).data)
 
 
-class WebhookSerializer(serializers.Serializer[WebhookEndpoint]):
+class WebhookSerializer(StrictSerializer):
     """Read: id, name, host, enabled. Write: name, url, secret, enabled."""
 
     id = serializers.IntegerField(read_only=True)

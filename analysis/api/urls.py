@@ -24,6 +24,8 @@ urlpatterns = [
     re_path(r"^webhooks/?$", WebhookListView.as_view(), name="webhook-list"),
     re_path(r"^webhooks/test/?$", TestAlertView.as_view(), name="webhook-test"),
     re_path(
-        r"^webhooks/(?P<webhook_id>[0-9]+)/?$", WebhookDetailView.as_view(), name="webhook-detail"
+        r"^webhooks/(?P<webhook_id>[0-9]{1,18})/?$",
+        WebhookDetailView.as_view(),
+        name="webhook-detail",
     ),
 ]

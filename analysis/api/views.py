@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+import re
+
+from django.conf import settings
+from drf_spectacular.utils import OpenApiParameter, PolymorphicProxySerializer, extend_schema
 from rest_framework import status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -10,15 +13,22 @@ from rest_framework.views import APIView
 
 from analysis import selectors, services
 from analysis.api.serializers import (
+    RESULTS_PENDING,
+    RESULTS_READY,
+    ResultHistorySerializer,
     ResultSnapshotSerializer,
+    ResultsPendingSerializer,
     TestAlertSerializer,
     WebhookSerializer,
     snapshot_data,
 )
 from experiments import selectors as experiment_selectors
-from experiments.errors import InvalidInput, NotFound
+from experiments.errors import InvalidInput
+from experiments.strict import EmptyBodySerializer
 
 MAX_HISTORY = 5000
+# ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
+LIMIT_PATTERN = re.compile(r"[0-9]{1,9}")
 
 
 def _actor(request: Request) -> str:
@@ -29,17 +39,39 @@ def _actor(request: Request) -> str:
 
 
 class ResultView(APIView):
-    """The latest analysis result of an experiment."""
+    """The latest analysis result of an experiment, or `status: pending` before the first run.
+
+    An experiment that exists but has not been analysed yet is not an unknown experiment
+    (404 `experiment_not_found`): it answers 200 with `status` "pending", so a client polls on.
+    """
 
     required_scope = "read"
     permission_model = "analysis.resultsnapshot"
 
-    @extend_schema(responses=ResultSnapshotSerializer)
+    @extend_schema(
+        responses=PolymorphicProxySerializer(
+            component_name="Results",
+            serializers={
+                RESULTS_READY: ResultSnapshotSerializer,
+                RESULTS_PENDING: ResultsPendingSerializer,
+            },
+            resource_type_field_name="status",
+        )
+    )
     def get(self, request: Request, key: str) -> Response:
         view = experiment_selectors.experiment_view_get(key=key)
         snapshot = selectors.latest_result(experiment_id=view.id)
         if snapshot is None:
-            raise NotFound("results", key)
+            interval = float(settings.ANALYSIS_INTERVAL_S)
+            pending = {
+                "experiment": key,
+                "status": RESULTS_PENDING,
+                "experiment_status": view.status,
+                "detail": "No analysis has run yet: running experiments are analysed every "
+                f"{interval:g} s.",
+                "analysis_interval_s": interval,
+            }
+            return Response(pending)
         return Response(snapshot_data(snapshot, experiment_key=key))
 
 
@@ -50,13 +82,19 @@ class ResultHistoryView(APIView):
     permission_model = "analysis.resultsnapshot"
 
     @extend_schema(
-        parameters=[OpenApiParameter("limit", int, description="newest N (default 500)")],
-        responses=ResultSnapshotSerializer(many=True),
+        parameters=[
+            OpenApiParameter(
+                "limit",
+                {"type": "integer", "minimum": 1, "maximum": MAX_HISTORY},
+                description="newest N (default 500)",
+            )
+        ],
+        responses=ResultHistorySerializer,
     )
     def get(self, request: Request, key: str) -> Response:
         view = experiment_selectors.experiment_view_get(key=key)
         raw = request.query_params.get("limit", "500")
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_HISTORY:
+        if not LIMIT_PATTERN.fullmatch(raw) or not 1 <= int(raw) <= MAX_HISTORY:
             raise InvalidInput({"limit": [f"Must be an integer from 1 to {MAX_HISTORY}."]})
         history = selectors.result_history(experiment_id=view.id, limit=int(raw))
         return Response(
@@ -88,7 +126,16 @@ class WebhookDetailView(APIView):
     required_scope = "manage"
     permission_model = "analysis.webhookendpoint"
 
-    @extend_schema(responses={204: None})
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "webhook_id",
+                {"type": "integer", "minimum": 0, "maximum": 10**18 - 1},
+                OpenApiParameter.PATH,
+            )
+        ],
+        responses={204: None},
+    )
     def delete(self, request: Request, webhook_id: int) -> Response:
         services.webhook_delete(actor=_actor(request), webhook_id=webhook_id)
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -100,5 +147,7 @@ class TestAlertView(APIView):
 
     @extend_schema(request=None, responses={202: TestAlertSerializer})
     def post(self, request: Request) -> Response:
+        if request.data:
+            EmptyBodySerializer(data=request.data).is_valid(raise_exception=True)
         queued = services.alert_test(actor=_actor(request))
         return Response({"queued": queued}, status=status.HTTP_202_ACCEPTED)

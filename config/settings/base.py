@@ -113,6 +113,9 @@ STATIC_URL = "/static/"
 STATIC_ROOT = DATA_DIR / "static"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 
+# A failed CSRF check answers problem+json under /api/ (HTML elsewhere, as before).
+CSRF_FAILURE_VIEW = "experiments.api.errors.csrf_failure"
+
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
@@ -123,9 +126,14 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["experiments.api.permissions.RolePermission"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    # The API speaks JSON only: form encodings cannot carry its nested bodies, and a parser
+    # the schema advertises must accept everything the schema allows.
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "TEST_REQUEST_DEFAULT_FORMAT": "json",
+    "DEFAULT_PAGINATION_CLASS": "experiments.strict.StrictPageNumberPagination",
     "PAGE_SIZE": 50,
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # drf-spectacular's AutoSchema plus the problem+json error responses of each operation.
+    "DEFAULT_SCHEMA_CLASS": "experiments.api.schema.ProblemAutoSchema",
     "EXCEPTION_HANDLER": "experiments.api.errors.exception_handler",
     "UNAUTHENTICATED_USER": None,
 }
@@ -141,6 +149,12 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    # Keep drf-spectacular's default hook first; more hooks (e.g. the edge's operations) append.
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "experiments.api.schema.refuse_unknown_request_fields",
+        "experiments.api.schema.link_created_objects",
+    ],
     "ENUM_NAME_OVERRIDES": {
         "ExperimentKindEnum": "experiments.models.ExperimentKind",
         "MetricKindEnum": "experiments.models.MetricKind",

@@ -20,13 +20,26 @@ from experiments.models import (
     MetricRole,
     UnitSource,
 )
+from experiments.strict import (
+    INT4_MAX,
+    StrictCharField,
+    StrictFloatField,
+    StrictModelSerializer,
+    StrictSerializer,
+    UnitIdDictField,
+    slug_field,
+)
+
+MAX_VARIANTS = 20
+MAX_METRICS = 50
+MAX_RAMP_STEPS = 50
 
 
-class VariantSerializer(serializers.Serializer):
-    key = serializers.CharField(max_length=64)
+class VariantSerializer(StrictSerializer):
+    key = slug_field()
     name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
     upstream_url = serializers.CharField(max_length=500)
-    weight = serializers.FloatField()
+    weight = serializers.FloatField(min_value=0.0, max_value=1.0)
     is_control = serializers.BooleanField(required=False, default=False)
     is_shadow = serializers.BooleanField(required=False, default=False)
 
@@ -34,22 +47,26 @@ class VariantSerializer(serializers.Serializer):
         return services.VariantInput(**data)
 
 
-class MetricUseSerializer(serializers.Serializer):
-    metric = serializers.CharField(max_length=64)
+class MetricUseSerializer(StrictSerializer):
+    metric = slug_field()
     role = serializers.ChoiceField(choices=MetricRole.choices)
-    margin = serializers.FloatField(required=False, default=0.0)
+    margin = serializers.FloatField(required=False, default=0.0, min_value=0.0)
 
 
-class RampStepSerializer(serializers.Serializer):
-    canary_share = serializers.FloatField()
-    min_duration_s = serializers.IntegerField(required=False, default=0, min_value=0)
-    min_exposures_per_arm = serializers.IntegerField(required=False, default=0, min_value=0)
+class RampStepSerializer(StrictSerializer):
+    canary_share = serializers.FloatField(min_value=0.0, max_value=1.0)
+    min_duration_s = serializers.IntegerField(
+        required=False, default=0, min_value=0, max_value=INT4_MAX
+    )
+    min_exposures_per_arm = serializers.IntegerField(
+        required=False, default=0, min_value=0, max_value=INT4_MAX
+    )
 
 
-class NamespaceSerializer(serializers.Serializer):
+class NamespaceSerializer(StrictSerializer):
     id = serializers.CharField(max_length=64)
-    start = serializers.FloatField()
-    end = serializers.FloatField()
+    start = serializers.FloatField(min_value=0.0, max_value=1.0)
+    end = serializers.FloatField(min_value=0.0, max_value=1.0)
 
 
 def _variants(items: list[dict[str, Any]]) -> list[services.VariantInput]:
@@ -67,35 +84,40 @@ def _ramp(items: list[dict[str, Any]]) -> list[services.RampStepInput]:
     return [services.RampStepInput(**item) for item in items]
 
 
-class ExperimentWriteSerializer(serializers.Serializer):
+class ExperimentWriteSerializer(StrictSerializer):
     """Fields a client may send; the rules themselves live in the services."""
 
-    key = serializers.CharField(max_length=64)
+    key = slug_field()
     name = serializers.CharField(max_length=200)
     description = serializers.CharField(required=False, allow_blank=True)
     hypothesis = serializers.CharField(required=False, allow_blank=True)
     kind = serializers.ChoiceField(choices=ExperimentKind.choices)
     seed = serializers.CharField(max_length=128, required=False, allow_blank=True)
-    hash_version = serializers.IntegerField(required=False)
+    hash_version = serializers.IntegerField(required=False, min_value=1, max_value=2)
     unit_source = serializers.ChoiceField(choices=UnitSource.choices, required=False)
     unit_attribute = serializers.CharField(max_length=128, required=False)
-    coverage = serializers.FloatField(required=False)
+    coverage = serializers.FloatField(required=False, min_value=0.0, max_value=1.0)
     namespace = NamespaceSerializer(required=False, allow_null=True)
-    overrides = serializers.DictField(child=serializers.CharField(), required=False)
-    alpha = serializers.FloatField(required=False)
-    decision_sample_size = serializers.IntegerField(required=False)
+    overrides = UnitIdDictField(child=StrictCharField(max_length=64), required=False)
+    alpha = serializers.FloatField(required=False, min_value=0.0, max_value=0.5)
+    decision_sample_size = serializers.IntegerField(
+        required=False, min_value=100, max_value=INT4_MAX
+    )
     on_health_failure = serializers.ChoiceField(choices=HealthResponse.choices, required=False)
     fallback_to_control = serializers.BooleanField(required=False)
     shadow_compare_field = serializers.CharField(max_length=128, required=False, allow_blank=True)
-    cache_ttl_s = serializers.IntegerField(required=False, min_value=0)
-    cache_max_entries = serializers.IntegerField(required=False, min_value=1)
+    cache_ttl_s = serializers.IntegerField(required=False, min_value=0, max_value=INT4_MAX)
+    cache_max_entries = serializers.IntegerField(required=False, min_value=1, max_value=INT4_MAX)
     slack_webhook_url = serializers.CharField(
         max_length=500, required=False, allow_blank=True, write_only=True
     )
-    variants = VariantSerializer(many=True)
-    metrics = MetricUseSerializer(many=True, required=False)
-    ramp_steps = RampStepSerializer(many=True, required=False)
-    weights = serializers.DictField(child=serializers.FloatField(), required=False)
+    # Positions are smallint columns; these limits are far below them and above any real use.
+    variants = VariantSerializer(many=True, max_length=MAX_VARIANTS)
+    metrics = MetricUseSerializer(many=True, required=False, max_length=MAX_METRICS)
+    ramp_steps = RampStepSerializer(many=True, required=False, max_length=MAX_RAMP_STEPS)
+    weights = serializers.DictField(
+        child=StrictFloatField(min_value=0.0, max_value=1.0), required=False
+    )
 
     def service_kwargs(self) -> dict[str, Any]:
         data = dict(self.validated_data)
@@ -206,16 +228,16 @@ class ExperimentSerializer(serializers.ModelSerializer):
         return bool(obj.slack_webhook_url)
 
 
-class CompleteSerializer(serializers.Serializer):
-    winner = serializers.CharField(max_length=64)
+class CompleteSerializer(StrictSerializer):
+    winner = slug_field()
     reason = serializers.CharField(required=False, allow_blank=True, default="")
 
 
-class RollbackSerializer(serializers.Serializer):
+class RollbackSerializer(StrictSerializer):
     reason = serializers.CharField()
 
 
-class ReasonSerializer(serializers.Serializer):
+class ReasonSerializer(StrictSerializer):
     reason = serializers.CharField(required=False, allow_blank=True, default="")
 
 
@@ -224,7 +246,8 @@ class TransitionSerializer(serializers.Serializer):
     experiment = ExperimentSerializer()
 
 
-class MetricSerializer(serializers.ModelSerializer):
+class MetricSerializer(StrictModelSerializer):
+    key = slug_field()
     kind = serializers.ChoiceField(choices=MetricKind.choices)
     direction = serializers.ChoiceField(choices=MetricDirection.choices)
 
@@ -245,7 +268,6 @@ class MetricSerializer(serializers.ModelSerializer):
             "updated_at",
         ]
         read_only_fields = ["created_at", "updated_at"]
-        extra_kwargs = {"key": {"validators": []}}
 
 
 class ApiKeySerializer(serializers.ModelSerializer):
@@ -259,7 +281,7 @@ class ApiKeySerializer(serializers.ModelSerializer):
         return obj.revoked_at is not None
 
 
-class ApiKeyCreateSerializer(serializers.Serializer):
+class ApiKeyCreateSerializer(StrictSerializer):
     name = serializers.CharField(max_length=200)
     scopes = serializers.ListField(child=serializers.ChoiceField(choices=ApiScope.choices))
 
@@ -277,7 +299,7 @@ class AuditEntrySerializer(serializers.ModelSerializer):
         fields = ["id", "actor", "actor_role", "action", "before", "after", "reason", "created_at"]
 
 
-class ApiKeyRevokeSerializer(serializers.Serializer):
+class ApiKeyRevokeSerializer(StrictSerializer):
     confirm = serializers.BooleanField(
         default=False,
         help_text="Revoke even the key making the request or the last active manage key.",

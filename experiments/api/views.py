@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema
 from rest_framework import exceptions, mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.pagination import PageNumberPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -27,10 +26,37 @@ from experiments.api.serializers import (
     RollbackSerializer,
     TransitionSerializer,
 )
-from experiments.errors import LockoutRisk
+from experiments.errors import InvalidInput, LockoutRisk
 from experiments.models import ApiScope, ExperimentStatus
+from experiments.strict import EmptyBodySerializer, StrictPageNumberPagination
 
+CANARY_EXAMPLE = OpenApiExample(
+    "A canary of two model versions",
+    request_only=True,
+    value={
+        "key": "ranker-v2",
+        "name": "Ranker v2 canary",
+        "kind": "canary",
+        "variants": [
+            {
+                "key": "v1",
+                "upstream_url": "http://10.0.0.7:9001",
+                "weight": 0.5,
+                "is_control": True,
+            },
+            {"key": "v2", "upstream_url": "http://10.0.0.7:9002", "weight": 0.5},
+        ],
+        "ramp_steps": [{"canary_share": 0.05, "min_duration_s": 600}, {"canary_share": 1.0}],
+    },
+)
 LIFECYCLE_ACTIONS = ("start", "pause", "resume", "advance", "complete", "rollback")
+KEY_IS_IMMUTABLE = {"key": ["The key is immutable: create a new one instead."]}
+
+
+def _refuse_body(request: Request) -> None:
+    """Actions without input refuse any field sent anyway, naming it."""
+    if request.data:
+        EmptyBodySerializer(data=request.data).is_valid(raise_exception=True)
 
 
 def _transition_response(result: services.TransitionResult) -> Response:
@@ -41,6 +67,7 @@ def _transition_response(result: services.TransitionResult) -> Response:
 
 class ExperimentViewSet(viewsets.ViewSet):
     lookup_field = "key"
+    pagination_class = StrictPageNumberPagination
     lookup_value_regex = "[-a-zA-Z0-9_]+"
     serializer_class = ExperimentSerializer
     permission_model = "experiments.experiment"
@@ -48,6 +75,17 @@ class ExperimentViewSet(viewsets.ViewSet):
         **dict.fromkeys(LIFECYCLE_ACTIONS, roles.RUN_EXPERIMENTS),
         "audit": roles.READ,
     }
+    # Actions that answer 409 when the experiment's state does not allow them (schema).
+    conflict_actions = (
+        "partial_update",
+        "destroy",
+        "start",
+        "pause",
+        "resume",
+        "advance",
+        "complete",
+        "rollback",
+    )
 
     @extend_schema(
         parameters=[OpenApiParameter("status", enum=ExperimentStatus.values)],
@@ -55,23 +93,27 @@ class ExperimentViewSet(viewsets.ViewSet):
     )
     def list(self, request: Request) -> Response:
         status_filter = request.query_params.get("status")
-        if status_filter and status_filter not in ExperimentStatus.values:
-            return Response(
-                {"status": [f"Must be one of {', '.join(ExperimentStatus.values)}."]},
-                status=status.HTTP_400_BAD_REQUEST,
+        if status_filter is not None and status_filter not in ExperimentStatus.values:
+            raise InvalidInput(
+                {"status": [f"Must be one of {', '.join(ExperimentStatus.values)}."]}
             )
-        paginator = PageNumberPagination()
+        paginator = self.pagination_class()
         page = paginator.paginate_queryset(
-            selectors.experiment_list(status=status_filter or None), request, view=self
+            selectors.experiment_list(status=status_filter), request, view=self
         )
         return paginator.get_paginated_response(ExperimentSerializer(page, many=True).data)
 
-    @extend_schema(request=ExperimentWriteSerializer, responses={201: ExperimentSerializer})
+    @extend_schema(
+        request=ExperimentWriteSerializer,
+        responses={201: ExperimentSerializer},
+        examples=[CANARY_EXAMPLE],
+    )
     def create(self, request: Request) -> Response:
         serializer = ExperimentWriteSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         kwargs = serializer.service_kwargs()
-        kwargs.pop("weights", None)
+        if "weights" in kwargs:
+            raise InvalidInput({"weights": ["Set each variant's weight in variants on create."]})
         experiment = services.experiment_create(actor=actor_of(request), **kwargs)
         return Response(
             ExperimentSerializer(selectors.experiment_get(key=experiment.key)).data,
@@ -86,7 +128,10 @@ class ExperimentViewSet(viewsets.ViewSet):
     def partial_update(self, request: Request, key: str) -> Response:
         serializer = ExperimentWriteSerializer(data=request.data, partial=True)
         serializer.is_valid(raise_exception=True)
-        services.experiment_update(actor=actor_of(request), key=key, **serializer.service_kwargs())
+        changes = serializer.service_kwargs()
+        if "key" in changes:
+            raise InvalidInput(KEY_IS_IMMUTABLE)
+        services.experiment_update(actor=actor_of(request), key=key, **changes)
         return Response(ExperimentSerializer(selectors.experiment_get(key=key)).data)
 
     @extend_schema(responses={204: None})
@@ -97,6 +142,7 @@ class ExperimentViewSet(viewsets.ViewSet):
     @extend_schema(request=None, responses=TransitionSerializer)
     @action(detail=True, methods=["post"])
     def start(self, request: Request, key: str) -> Response:
+        _refuse_body(request)
         return _transition_response(services.experiment_start(actor=actor_of(request), key=key))
 
     @extend_schema(request=ReasonSerializer, responses=TransitionSerializer)
@@ -113,6 +159,7 @@ class ExperimentViewSet(viewsets.ViewSet):
     @extend_schema(request=None, responses=TransitionSerializer)
     @action(detail=True, methods=["post"])
     def resume(self, request: Request, key: str) -> Response:
+        _refuse_body(request)
         return _transition_response(services.experiment_resume(actor=actor_of(request), key=key))
 
     @extend_schema(request=CompleteSerializer, responses=TransitionSerializer)
@@ -154,7 +201,7 @@ class ExperimentViewSet(viewsets.ViewSet):
     @extend_schema(responses=AuditEntrySerializer(many=True))
     @action(detail=True, methods=["get"])
     def audit(self, request: Request, key: str) -> Response:
-        paginator = PageNumberPagination()
+        paginator = self.pagination_class()
         page = paginator.paginate_queryset(
             selectors.audit_for_experiment(key=key), request, view=self
         )
@@ -163,13 +210,15 @@ class ExperimentViewSet(viewsets.ViewSet):
 
 class MetricViewSet(viewsets.ViewSet):
     lookup_field = "key"
+    pagination_class = StrictPageNumberPagination
+    conflict_actions = ("destroy",)  # a metric an experiment uses cannot be deleted
     lookup_value_regex = "[-a-zA-Z0-9_]+"
     serializer_class = MetricSerializer
     permission_model = "experiments.metric"
 
     @extend_schema(responses=MetricSerializer(many=True))
     def list(self, request: Request) -> Response:
-        paginator = PageNumberPagination()
+        paginator = self.pagination_class()
         page = paginator.paginate_queryset(selectors.metric_list(), request, view=self)
         return paginator.get_paginated_response(MetricSerializer(page, many=True).data)
 
@@ -189,6 +238,8 @@ class MetricViewSet(viewsets.ViewSet):
     def partial_update(self, request: Request, key: str) -> Response:
         serializer = MetricSerializer(data=request.data, partial=True)
         serializer.is_valid(raise_exception=True)
+        if "key" in serializer.validated_data:
+            raise InvalidInput(KEY_IS_IMMUTABLE)
         metric = services.metric_update(
             actor=actor_of(request), key=key, **serializer.validated_data
         )
@@ -209,6 +260,7 @@ class KeyRevocationNeedsConfirmation(exceptions.APIException):
 
 class ApiKeyViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     lookup_field = "prefix"
+    lookup_value_regex = "[a-zA-Z0-9_-]+"
     serializer_class = ApiKeySerializer
     permission_model = "experiments.apikey"
     action_permissions = {"revoke": roles.REVOKE_KEYS}

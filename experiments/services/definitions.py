@@ -85,8 +85,12 @@ class RampStepInput:
 
 
 def _valid_url(url: str) -> bool:
-    parts = urlsplit(url)
-    return parts.scheme in ("http", "https") and bool(parts.netloc) and not parts.fragment
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not 0-65535
+    except ValueError:  # e.g. "http://[" (an unclosed IPv6 literal)
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.fragment
 
 
 def validate_variants(variants: Sequence[VariantInput], errors: Errors) -> None:

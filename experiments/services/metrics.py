@@ -8,7 +8,7 @@ from typing import Any
 from django.db import transaction
 from django.utils.text import slugify
 
-from experiments.errors import InvalidInput, NotFound
+from experiments.errors import InUse, NotFound
 from experiments.models import (
     BUILTIN_ERROR,
     BUILTIN_LATENCY,
@@ -127,6 +127,6 @@ def metric_delete(*, actor: str, key: str) -> None:
         deleted, _ = Metric.objects.filter(key=key, uses__isnull=True).delete()
         if not deleted:
             if Metric.objects.filter(key=key).exists():
-                raise InvalidInput({"key": ["The metric is used by an experiment."]})
+                raise InUse("metric", key, "an experiment")
             raise NotFound("metric", key)
         audit(experiment=None, actor=actor, action="metric.delete", before={"key": key})

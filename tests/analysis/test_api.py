@@ -15,6 +15,7 @@ from rest_framework.test import APIClient
 from analysis import services, tasks
 from analysis.models import AlertOutbox, WebhookEndpoint
 from tests.analysis.conftest import later, start_experiment, traffic
+from tests.problems import assert_problem, messages_by_field
 
 pytestmark = pytest.mark.django_db
 
@@ -44,8 +45,10 @@ def test_results_and_history_need_the_read_scope(
     body = response.json()
     assert body["experiment"] == "api-exp"
     assert body["decision"] == "continue"
+    assert body["status"] == "ready"
     assert set(body) == {
         "experiment",
+        "status",
         "created_at",
         "decision",
         "reason",
@@ -60,15 +63,29 @@ def test_results_and_history_need_the_read_scope(
         r["created_at"] for r in history["results"]
     )
     assert len(history["results"]) == 2
-    assert reader.get("/api/v1/experiments/api-exp/results/history?limit=0").status_code == 400
-    assert _client(make_key("decide")).get("/api/v1/experiments/api-exp/results").status_code == 403
-    assert APIClient().get("/api/v1/experiments/api-exp/results").status_code in (401, 403)
-    assert reader.get("/api/v1/experiments/nope/results").status_code == 404
+    for limit in ("0", "5001", "²", "-1", "1.5"):
+        bad = reader.get(f"/api/v1/experiments/api-exp/results/history?limit={limit}")
+        assert assert_problem(bad, 400, "validation_error")["field"] == "limit"
+    denied = _client(make_key("decide")).get("/api/v1/experiments/api-exp/results")
+    assert_problem(denied, 403, "permission_denied")
+    assert_problem(APIClient().get("/api/v1/experiments/api-exp/results"), 401, "not_authenticated")
+    assert_problem(reader.get("/api/v1/experiments/nope/results"), 404, "experiment_not_found")
 
 
-def test_results_before_the_first_analysis_are_404(metrics: Any, api: APIClient) -> None:
+def test_results_before_the_first_analysis_are_pending_not_missing(
+    metrics: Any, api: APIClient, settings: Any
+) -> None:
+    settings.ANALYSIS_INTERVAL_S = 7.0
     start_experiment("fresh")
-    assert api.get("/api/v1/experiments/fresh/results").status_code == 404
+    response = api.get("/api/v1/experiments/fresh/results")
+    assert response.status_code == 200
+    assert response.json() == {
+        "experiment": "fresh",
+        "status": "pending",
+        "experiment_status": "running",
+        "detail": "No analysis has run yet: running experiments are analysed every 7 s.",
+        "analysis_interval_s": 7.0,
+    }
     assert api.get("/api/v1/experiments/fresh/results/history").json()["results"] == []
 
 
@@ -95,7 +112,7 @@ def test_webhooks_hide_urls_and_secrets(
     assert listed.json()[0]["host"] == "hooks.example.com"
     assert _client(make_key("read")).get("/api/v1/webhooks").status_code == 403
     bad = api.post("/api/v1/webhooks", {"name": "x", "url": "ftp://a", "secret": "short"})
-    assert bad.status_code == 400 and {"url", "secret"} <= set(bad.json())
+    assert {"url", "secret"} <= set(messages_by_field(assert_problem(bad, 400, "validation_error")))
 
     settings.SLACK_WEBHOOK_URL = "https://hooks.slack.com/services/T/B/token-abc"
     queued = api.post("/api/v1/webhooks/test")
@@ -108,7 +125,7 @@ def test_webhooks_hide_urls_and_secrets(
 
     endpoint_id = created.json()["id"]
     assert api.delete(f"/api/v1/webhooks/{endpoint_id}").status_code == 204
-    assert api.delete(f"/api/v1/webhooks/{endpoint_id}").status_code == 404
+    assert_problem(api.delete(f"/api/v1/webhooks/{endpoint_id}"), 404, "not_found")
 
 
 def test_analyze_command_prints_the_snapshot_as_json(metrics: Any) -> None:

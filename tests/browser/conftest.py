@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from django.db import connections
 
-from tests.processes import ROOT, free_port, start_process, stop_process, wait_for_http
+from tests.processes import ROOT, start_app_server, stop_process, wait_for_http
 
 SCREENSHOTS = ROOT / "var" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
@@ -30,25 +30,7 @@ def app_url(transactional_db: None, tmp_path: Path) -> Iterator[str]:
     The same ASGI app production runs: the edge in front, Django behind it, static files
     served by the edge, so the browser gets the vendored htmx and Chart.js from the app.
     """
-    port = free_port()
-    log = tmp_path / "uvicorn.log"
-    server = start_process(
-        [
-            "-m",
-            "uvicorn",
-            "config.asgi:application",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-            "--http",
-            "routing.server:EdgeHttpProtocol",
-        ],
-        env={"ANALYSIS_INTERVAL_S": "5"},
-        log=log,
-    )
-    url = f"http://127.0.0.1:{port}"
+    server, url = start_app_server(log=tmp_path / "uvicorn.log", env={"ANALYSIS_INTERVAL_S": "5"})
     try:
         wait_for_http(f"{url}/accounts/login/")
         yield url

@@ -9,6 +9,7 @@ from rest_framework.test import APIClient
 
 from experiments.models import AuditEntry, Experiment
 from tests.factories import experiment_payload
+from tests.problems import assert_problem, messages_by_field
 
 pytestmark = pytest.mark.django_db
 
@@ -94,7 +95,7 @@ def test_create_returns_the_experiment_without_secrets(api: APIClient, metrics: 
             "Duplicate",
         ),
         ({"key": "Not A Slug"}, "key", "lowercase"),
-        ({"coverage": 1.5}, "coverage", "between 0 and 1"),
+        ({"coverage": 1.5}, "coverage", "less than or equal to 1"),
         (
             {"ramp_steps": [{"canary_share": 0.5}, {"canary_share": 0.2}]},
             "ramp_steps[1].canary_share",
@@ -115,18 +116,17 @@ def test_validation_errors_name_the_field(
     api: APIClient, metrics: Any, change: dict[str, Any], field: str, fragment: str
 ) -> None:
     response = _create(api, **change)
-    assert response.status_code == 400
-    body = response.json()
-    assert field in body, body
-    assert fragment.lower() in " ".join(body[field]).lower()
+    errors = messages_by_field(assert_problem(response, 400, "validation_error"))
+    assert field in errors, errors
+    assert fragment.lower() in " ".join(errors[field]).lower()
     assert not Experiment.objects.exists()  # nothing half-written
 
 
 def test_duplicate_key_is_refused(api: APIClient, metrics: Any) -> None:
     assert _create(api).status_code == 201
     response = _create(api)
-    assert response.status_code == 400
-    assert "already exists" in response.json()["key"][0]
+    errors = messages_by_field(assert_problem(response, 400, "validation_error"))
+    assert "already exists" in errors["key"][0]
     assert Experiment.objects.count() == 1
 
 
@@ -134,8 +134,9 @@ def test_missing_field_is_named(api: APIClient, metrics: Any) -> None:
     payload = experiment_payload()
     del payload["variants"]
     response = api.post("/api/v1/experiments/", payload, format="json")
-    assert response.status_code == 400
-    assert "variants" in response.json()
+    body = assert_problem(response, 400, "validation_error")
+    assert body["field"] == "variants"
+    assert body["errors"][0]["code"] == "required"
 
 
 def test_list_filters_by_status_and_paginates(api: APIClient, metrics: Any) -> None:
@@ -146,7 +147,8 @@ def test_list_filters_by_status_and_paginates(api: APIClient, metrics: Any) -> N
     assert everything["count"] == 3
     running = api.get("/api/v1/experiments/?status=running").json()
     assert [e["key"] for e in running["results"]] == ["exp-1"]
-    assert api.get("/api/v1/experiments/?status=bogus").status_code == 400
+    bogus = assert_problem(api.get("/api/v1/experiments/?status=bogus"), 400, "validation_error")
+    assert bogus["field"] == "status"
 
 
 def test_lifecycle_actions_and_409_on_illegal_transition(api: APIClient, metrics: Any) -> None:
@@ -161,14 +163,12 @@ def test_lifecycle_actions_and_409_on_illegal_transition(api: APIClient, metrics
     assert api.post(f"{base}/resume/").json()["experiment"]["status"] == "running"
     assert api.post(f"{base}/advance/").json()["experiment"]["ramp_position"] == 1
     no_reason = api.post(f"{base}/rollback/", {}, format="json")
-    assert no_reason.status_code == 400
-    assert "reason" in no_reason.json()
+    assert assert_problem(no_reason, 400, "validation_error")["field"] == "reason"
     rolled = api.post(f"{base}/rollback/", {"reason": "p95 regression"}, format="json")
     assert rolled.json()["experiment"]["status"] == "rolled_back"
-    conflict = api.post(f"{base}/pause/")
-    assert conflict.status_code == 409
-    assert conflict.json()["current"] == "rolled_back"
-    assert conflict.json()["requested"] == "paused"
+    conflict = assert_problem(api.post(f"{base}/pause/"), 409, "invalid_transition")
+    assert conflict["current"] == "rolled_back"
+    assert conflict["requested"] == "paused"
     audit = api.get(f"{base}/audit/").json()
     assert [a["action"] for a in audit["results"]][:2] == ["rollback", "advance"]
     assert audit["results"][0]["reason"] == "p95 regression"
@@ -178,8 +178,7 @@ def test_complete_needs_a_known_winner(api: APIClient, metrics: Any) -> None:
     _create(api)
     api.post("/api/v1/experiments/ranker-v2/start/")
     bad = api.post("/api/v1/experiments/ranker-v2/complete/", {"winner": "v9"}, format="json")
-    assert bad.status_code == 400
-    assert "winner" in bad.json()
+    assert "winner" in messages_by_field(assert_problem(bad, 400, "validation_error"))
     assert Experiment.objects.get().status == "running"
     good = api.post("/api/v1/experiments/ranker-v2/complete/", {"winner": "v2"}, format="json")
     assert good.json()["experiment"]["winner"] == "v2"
@@ -190,15 +189,13 @@ def test_structural_edits_only_in_draft(api: APIClient, metrics: Any) -> None:
     url = "/api/v1/experiments/ranker-v2/"
     assert api.patch(url, {"seed": "other"}, format="json").status_code == 200
     api.post(f"{url}start/")
-    frozen = api.patch(url, {"seed": "again"}, format="json")
-    assert frozen.status_code == 409
-    assert frozen.json()["fields"] == ["seed"]
+    frozen = assert_problem(api.patch(url, {"seed": "again"}, format="json"), 409, "not_editable")
+    assert frozen["field"] == "seed" and frozen["experiment_status"] == "running"
     weights = api.patch(url, {"weights": {"v1": 0.7, "v2": 0.3}}, format="json")
     assert weights.status_code == 200
     assert [v["weight"] for v in weights.json()["variants"]] == [0.7, 0.3]
     bad_weights = api.patch(url, {"weights": {"v1": 0.7, "v2": 0.7}}, format="json")
-    assert bad_weights.status_code == 400
-    assert "variants" in bad_weights.json()
+    assert "variants" in messages_by_field(assert_problem(bad_weights, 400, "validation_error"))
     ramp = api.patch(
         url, {"ramp_steps": [{"canary_share": 0.1}, {"canary_share": 1.0}]}, format="json"
     )
@@ -210,8 +207,8 @@ def test_delete_only_in_draft(api: APIClient, metrics: Any) -> None:
     _create(api, key="other")
     api.post("/api/v1/experiments/other/start/")
     assert api.delete("/api/v1/experiments/ranker-v2/").status_code == 204
-    assert api.delete("/api/v1/experiments/other/").status_code == 409
-    assert api.get("/api/v1/experiments/ranker-v2/").status_code == 404
+    assert_problem(api.delete("/api/v1/experiments/other/"), 409, "invalid_transition")
+    assert_problem(api.get("/api/v1/experiments/ranker-v2/"), 404, "experiment_not_found")
 
 
 def test_metrics_crud_and_rules(api: APIClient) -> None:
@@ -233,15 +230,14 @@ def test_metrics_crud_and_rules(api: APIClient) -> None:
         {"key": "p", "name": "p", "kind": "quantile", "source": "latency_ms", "direction": "lower"},
         format="json",
     )
-    assert no_level.status_code == 400
-    assert "quantile" in no_level.json()
+    assert "quantile" in messages_by_field(assert_problem(no_level, 400, "validation_error"))
     ratio = api.post(
         "/api/v1/metrics/",
         {"key": "ctr", "name": "CTR", "kind": "ratio", "direction": "higher"},
         format="json",
     )
-    assert ratio.status_code == 400
-    assert {"numerator_event", "denominator_event"} <= set(ratio.json())
+    ratio_errors = messages_by_field(assert_problem(ratio, 400, "validation_error"))
+    assert {"numerator_event", "denominator_event"} <= set(ratio_errors)
     renamed = api.patch("/api/v1/metrics/p99/", {"name": "Tail latency"}, format="json")
     assert renamed.json()["name"] == "Tail latency"
     assert api.get("/api/v1/metrics/").json()["count"] == 1
@@ -257,8 +253,9 @@ def test_api_keys_show_the_secret_once(api: APIClient) -> None:
     assert secret not in listing
     assert created.json()["prefix"] in listing
     bad = api.post("/api/v1/api-keys/", {"name": "x", "scopes": ["root"]}, format="json")
-    assert bad.status_code == 400
-    assert "scopes" in bad.json()
+    assert messages_by_field(assert_problem(bad, 400, "validation_error")) == {
+        "scopes[0]": ['"root" is not a valid choice.']
+    }
 
 
 def test_schema_describes_every_endpoint(api: APIClient) -> None:

@@ -12,6 +12,7 @@ from rest_framework.test import APIClient
 from experiments import services
 from experiments.models import ApiKey
 from tests.factories import experiment_payload
+from tests.problems import assert_problem
 
 pytestmark = pytest.mark.django_db
 
@@ -25,20 +26,20 @@ def _client(key: str | None) -> APIClient:
 
 def test_no_key_is_401_with_bearer_challenge() -> None:
     response = _client(None).get("/api/v1/experiments/")
-    assert response.status_code == 401
+    assert_problem(response, 401, "not_authenticated")
     assert response["WWW-Authenticate"] == "Bearer"
 
 
 @pytest.mark.parametrize("raw", ["rk_nope_nope", "garbage", "rk__x"])
 def test_unknown_or_malformed_key_is_401(raw: str) -> None:
-    assert _client(raw).get("/api/v1/experiments/").status_code == 401
+    assert_problem(_client(raw).get("/api/v1/experiments/"), 401, "not_authenticated")
 
 
 def test_read_scope_can_read_but_not_write(make_key: Callable[..., str], metrics: Any) -> None:
     client = _client(make_key("read"))
     assert client.get("/api/v1/experiments/").status_code == 200
     response = client.post("/api/v1/experiments/", experiment_payload(), format="json")
-    assert response.status_code == 403
+    assert_problem(response, 403, "permission_denied")
 
 
 @pytest.mark.parametrize("scope", ["decide", "ingest"])
@@ -59,8 +60,7 @@ def test_revoked_key_is_refused(make_key: Callable[..., str]) -> None:
     prefix = services.split_api_key(raw)[0]  # type: ignore[index]
     services.api_key_revoke(actor="test", prefix=prefix, confirmed=True)
     response = client.get("/api/v1/experiments/")
-    assert response.status_code == 401
-    assert "revoked" in response.json()["detail"]
+    assert "revoked" in assert_problem(response, 401, "not_authenticated")["detail"]
 
 
 def test_wrong_secret_with_a_real_prefix_is_refused(make_key: Callable[..., str]) -> None:
@@ -86,4 +86,4 @@ def test_logged_in_people_use_the_api_with_session_and_csrf() -> None:
     assert client.get("/api/v1/experiments/").status_code == 200
     # Session-authenticated writes without a CSRF token are refused.
     response = client.post("/api/v1/metrics/", {"key": "m"}, format="json")
-    assert response.status_code == 403
+    assert "CSRF" in assert_problem(response, 403, "permission_denied")["detail"]
