@@ -33,10 +33,16 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "not_editable": (409, "The fields cannot change in this state"),
     "in_use": (409, "The object is in use"),
     "confirmation_required": (409, "The action needs an explicit confirmation"),
+    "assignment_conflict": (409, "The exposure disagrees with the edge's assignment"),
     "payload_too_large": (413, "The request body is too large"),
     "unsupported_media_type": (415, "Unsupported media type"),
     "throttled": (429, "Too many requests"),
     "server_error": (500, "Internal server error"),
+    "upstream_unavailable": (502, "The model version is unavailable"),
+    "not_ready": (503, "The edge is not ready"),
+    "experiment_not_on_edge": (503, "The experiment is not on this edge yet"),
+    "store_unavailable": (503, "The event store is unavailable"),
+    "upstream_timeout": (504, "The model version did not answer in time"),
 }
 
 

@@ -5,17 +5,22 @@ lifespan (starts the snapshot holder, the exposure recorder, then each mounted p
 them in reverse), answers ``/v1/decide``, ``/v1/decide/batch`` and ``/v1/config`` itself,
 passes paths under a mount prefix (``/proxy/``, ``/v1/events``...) to that part with the
 scope unchanged, answers other ``/v1/`` paths with a JSON 404, and passes everything else
-to ``fallback`` (Django). A request touches no database and no Django machinery: it reads
-``context.snapshots.current`` and appends to ``context.exposures``.
+to ``fallback`` (Django). A request for an experiment the snapshot holds touches no
+database and no Django machinery: it reads ``context.snapshots.current`` and appends to
+``context.exposures`` (an unknown key costs at most a shared version check, see
+``resolve_route``).
 
 Authentication: ``Authorization: Bearer rk_...`` or ``X-Rampart-Key: rk_...``, checked
 against the snapshot's key hashes (scope ``decide``) unless ``EDGE_REQUIRE_KEY`` is false.
 A key created or revoked through the API takes effect within one snapshot refresh.
 
-Errors are JSON, ``{"error": {"code": ..., "message": ..., "field": ...}}`` (``field`` is
-null unless one input field is at fault): 400 ``invalid`` (missing or bad field, bad
-JSON), 401 ``unauthorized``, 403 ``forbidden``, 404 ``not_found`` (unknown experiment or
-path), 405 ``method_not_allowed``, 413 ``too_large``, 503 ``not_ready`` (no snapshot yet).
+Errors are RFC 9457 problem details (``application/problem+json``, ``routing.problems``;
+docs/errors.md lists every code): 400 ``validation_error`` (missing or bad field),
+``unknown_field``, ``malformed_json``, ``invalid_encoding`` (an id that is not UTF-8), 401
+``not_authenticated``, 403 ``permission_denied``, 404 ``experiment_not_found`` or
+``not_found`` (path), 405 ``method_not_allowed`` (with ``Allow``), 413
+``payload_too_large``, 500 ``server_error``, 503 ``not_ready`` (no snapshot yet) and 503
+``experiment_not_on_edge`` (with ``Retry-After``; see ``resolve_route``).
 
 Endpoints
 ---------
@@ -92,19 +97,46 @@ weights cannot express, so evaluate from ``ranges``. To reproduce the edge's dec
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, Protocol
-from urllib.parse import unquote_plus
 
 import orjson
 from django.conf import settings
 
+from routing.edge_input import (
+    MAX_UNIT_LENGTH,
+    batch_units,
+    decide_query,
+    experiment_key,
+    parse_json_object,
+    refuse_unknown_fields,
+    unit_id,
+)
+from routing.edge_io import (
+    ASGIApp,
+    Receive,
+    Scope,
+    Send,
+    api_key_from_headers,
+    auth_error,
+    header_value,
+    method_not_allowed,
+    not_ready_error,
+    read_body,
+    send_error,
+    send_json,
+    send_problem,
+)
 from routing.logcontext import set_route
 from routing.metrics import count_decision
+from routing.problems import EdgeError
 from routing.recorder import ExposureRecorder
 from routing.snapshot import (
     Decision,
@@ -116,18 +148,11 @@ from routing.snapshot import (
 
 logger = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
 SCOPE_DECIDE: Final = "decide"
-MAX_BODY_BYTES: Final = 1024 * 1024
-MAX_BATCH_UNITS: Final = 1000
-MAX_UNIT_LENGTH: Final = 200
-
-_JSON_HEADERS: Final = [(b"content-type", b"application/json")]
+# How long a request for an unknown experiment waits for the config version check.
+CONFIRM_TIMEOUT_S: Final = 1.0
+DECIDE_FIELDS: Final = frozenset({"experiment", "unit"})
+BATCH_FIELDS: Final = frozenset({"experiment", "units", "unit", "experiments"})
 
 
 class SubApp(Protocol):
@@ -160,140 +185,57 @@ class EdgeContext:
         return None if check.ok else check
 
 
-class EdgeError(Exception):
-    """A request the edge refuses; rendered as the JSON error body."""
+async def confirm_snapshot(holder: SnapshotHolder, since: float) -> bool:
+    """True once the holder's snapshot is confirmed current as of ``since`` (monotonic).
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
-
-
-def api_key_from_headers(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    """The raw key from ``X-Rampart-Key`` or ``Authorization: Bearer``, else None.
-
-    ``X-Rampart-Key`` wins so that the proxy can pass the caller's own Authorization
-    header through to the model.
+    False when the config version could not be read within ``CONFIRM_TIMEOUT_S`` (database
+    unreachable). See ``SnapshotHolder.confirm_current``.
     """
-    bearer = None
-    for name, value in headers:
-        if name == b"x-rampart-key":
-            return value.decode("latin-1").strip()
-        if name == b"authorization" and value[:7].lower() == b"bearer ":
-            bearer = value[7:].decode("latin-1").strip()
-    return bearer
-
-
-def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    """The first value of header ``name`` (lower case), else None."""
-    for key, value in headers:
-        if key == name:
-            return value
-    return None
-
-
-async def send_json(
-    send: Send,
-    status: int,
-    body: bytes,
-    headers: Iterable[tuple[bytes, bytes]] = (),
-) -> None:
-    """Send a complete JSON response whose body is already serialised."""
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                *_JSON_HEADERS,
-                (b"content-length", str(len(body)).encode()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-async def send_error(
-    send: Send, status: int, code: str, message: str, field: str | None = None
-) -> None:
-    """Send ``{"error": {"code", "message", "field"}}`` with ``status``."""
-    body = orjson.dumps({"error": {"code": code, "message": message, "field": field}})
-    await send_json(send, status, body)
-
-
-async def read_body(receive: Receive, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The whole request body; EdgeError 413 past ``limit`` bytes."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise EdgeError(413, "too_large", f"the request body exceeds {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
-
-
-def _decide_query(query_string: bytes) -> tuple[str | None, str | None]:
-    """``experiment`` and ``unit`` from a query string (the first of each wins).
-
-    Equivalent to ``urllib.parse.parse_qsl`` for these two names at a quarter of its cost,
-    which matters at ~15 µs of work per decision: parameters without an escape are not
-    unquoted at all.
-    """
-    experiment = unit = None
-    for part in query_string.decode("utf-8", "replace").split("&"):
-        name, _, value = part.partition("=")
-        if name == "experiment" and experiment is None:
-            experiment = _unquote(value)
-        elif name == "unit" and unit is None:
-            unit = _unquote(value)
-    return experiment, unit
-
-
-def _unquote(value: str) -> str:
-    if "%" in value or "+" in value:
-        return unquote_plus(value)
-    return value
-
-
-def _parse_json_object(body: bytes) -> dict[str, Any]:
     try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise EdgeError(400, "invalid", f"the body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise EdgeError(400, "invalid", "the body must be a JSON object")
-    return data
+        return await asyncio.wait_for(
+            holder.confirm_current(since=since), timeout=CONFIRM_TIMEOUT_S
+        )
+    except TimeoutError:
+        return False
 
 
-def _experiment_key(value: Any, name: str = "experiment") -> str:
-    if value is None or value == "":
-        raise EdgeError(400, "invalid", f"{name} is required", name)
-    if not isinstance(value, str):
-        raise EdgeError(400, "invalid", f"{name} must be a string", name)
-    return value
+def not_on_edge_error(holder: SnapshotHolder, what: str) -> EdgeError:
+    """503 ``experiment_not_on_edge``, with ``Retry-After`` one snapshot refresh away."""
+    retry_after = max(1, math.ceil(holder.refresh_s))
+    return EdgeError(
+        503,
+        "experiment_not_on_edge",
+        f"{what} is not on this edge: its routing snapshot (version {holder.current.version}) "
+        f"does not hold it and the config version could not be confirmed; retry after "
+        f"{retry_after} s",
+        "experiment",
+        headers=((b"retry-after", str(retry_after).encode()),),
+        extra={"retry_after_s": retry_after},
+    )
 
 
-def _unit_id(value: Any, name: str = "unit") -> str:
-    if value is None or value == "":
-        raise EdgeError(400, "invalid", f"{name} is required", name)
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise EdgeError(400, "invalid", f"{name} must be a string", name)
-    unit = value if isinstance(value, str) else str(value)
-    if len(unit) > MAX_UNIT_LENGTH:
-        raise EdgeError(400, "invalid", f"{name} is longer than {MAX_UNIT_LENGTH} characters", name)
-    if "\x00" in unit:
-        # PostgreSQL text cannot hold NUL: the exposure could not be recorded.
-        raise EdgeError(400, "invalid", f"{name} must not contain NUL characters", name)
-    return unit
+async def resolve_route(
+    context: EdgeContext, key: str, *, since: float | None = None
+) -> ExperimentRoute:
+    """The route of a key the current snapshot may not know yet (the slow path of a miss).
+
+    The snapshot lags the database by up to ``SNAPSHOT_REFRESH_S``; an experiment created a
+    moment ago is missing from it. So a miss first has the holder confirm the config version
+    (one shared, rate-limited query, ``confirm_snapshot``): a new version is loaded and the
+    key served from it; an unchanged one proves the key unknown, 404
+    ``experiment_not_found``. When the version cannot be confirmed within
+    ``CONFIRM_TIMEOUT_S`` (database unreachable), the experiment may exist but is not on this
+    edge: 503 ``experiment_not_on_edge`` with ``Retry-After``. ``since`` (monotonic; default
+    now) lets the keys of one request share one check.
+    """
+    holder = context.snapshots
+    confirmed = await confirm_snapshot(holder, time.monotonic() if since is None else since)
+    route = holder.current.route(key)
+    if route is not None:
+        return route
+    if confirmed:
+        raise EdgeError(404, "experiment_not_found", f"unknown experiment {key!r}", "experiment")
+    raise not_on_edge_error(holder, f"experiment {key!r}")
 
 
 class Edge:
@@ -339,7 +281,11 @@ class Edge:
                 try:
                     await handler(scope, receive, send)
                 except EdgeError as error:
-                    await send_error(send, error.status, error.code, error.message, error.field)
+                    await send_problem(send, error)
+                except Exception:
+                    # These handlers send their answer last, so nothing has been sent yet.
+                    logger.exception("edge request %s failed", path)
+                    await send_error(send, 500, "server_error", "the edge failed to answer")
                 return
             end = path.find("/", 1)  # _first_segment(path), inlined on the hot path
             candidates = self._mounts_by_segment.get(
@@ -424,22 +370,12 @@ class Edge:
         context = self.context
         snapshot = context.snapshots.current
         if not snapshot.loaded:
-            raise EdgeError(503, "not_ready", "the routing snapshot is not loaded yet")
+            raise not_ready_error()
         if context.require_key:
             check = snapshot.check_key(api_key_from_headers(scope["headers"]), SCOPE_DECIDE)
             if not check.ok:
-                code = "unauthorized" if check.status == 401 else "forbidden"
-                raise EdgeError(check.status, code, check.error)
+                raise auth_error(check)
         return snapshot
-
-    @staticmethod
-    def _route(snapshot: RoutingSnapshot, experiment_key: str) -> ExperimentRoute:
-        route = snapshot.route(experiment_key)
-        if route is None:
-            raise EdgeError(
-                404, "not_found", f"unknown experiment {experiment_key!r}", "experiment"
-            )
-        return route
 
     def _serve(self, route: ExperimentRoute, unit: str) -> Decision:
         decision = route.decide(unit)
@@ -455,14 +391,15 @@ class Edge:
         method = scope["method"]
         if method == "GET":
             snapshot = self._guard(scope)
-            experiment, unit = _decide_query(scope["query_string"])
+            experiment, unit = decide_query(scope["query_string"])
         elif method == "POST":
             snapshot = self._guard(scope)
-            data = _parse_json_object(await read_body(receive))
+            data = parse_json_object(await read_body(receive))
+            refuse_unknown_fields(data, DECIDE_FIELDS)
             experiment = data.get("experiment")
             unit = data.get("unit")
         else:
-            raise EdgeError(405, "method_not_allowed", "use GET or POST")
+            raise method_not_allowed("GET", "POST")
         # The common case (a known experiment, a short string unit) skips the validators,
         # which only exist to name what is wrong.
         route = snapshot.route(experiment) if type(experiment) is str else None
@@ -472,56 +409,100 @@ class Edge:
             or not 0 < len(unit) <= MAX_UNIT_LENGTH
             or "\x00" in unit
         ):
-            route = self._route(snapshot, _experiment_key(experiment))
-            unit = _unit_id(unit)
+            key = experiment_key(experiment)
+            unit = unit_id(unit)
+            route = route or await resolve_route(self.context, key)
         decision = self._serve(route, unit)
         # orjson serialises the slotted dataclass natively, in field order.
         await send_json(send, 200, orjson.dumps(decision))
 
     async def _decide_batch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Every unit and key is checked before the first decision is served (and recorded)."""
         if scope["method"] != "POST":
-            raise EdgeError(405, "method_not_allowed", "use POST")
+            raise method_not_allowed("POST")
         snapshot = self._guard(scope)
-        data = _parse_json_object(await read_body(receive))
-        decisions: list[Decision]
+        data = parse_json_object(await read_body(receive))
+        refuse_unknown_fields(data, BATCH_FIELDS)
+        routes: list[ExperimentRoute]
         if "units" in data:
-            route = self._route(snapshot, _experiment_key(data.get("experiment")))
-            units = data["units"]
-            if not isinstance(units, list) or not units:
-                raise EdgeError(400, "invalid", "units must be a non-empty list", "units")
-            if len(units) > MAX_BATCH_UNITS:
+            if "unit" in data or "experiments" in data:
                 raise EdgeError(
-                    400, "invalid", f"at most {MAX_BATCH_UNITS} units per request", "units"
+                    400,
+                    "validation_error",
+                    "give units with experiment, or unit (with experiments), not both",
+                    "units",
                 )
-            decisions = [
-                self._serve(route, _unit_id(unit, f"units[{index}]"))
-                for index, unit in enumerate(units)
-            ]
+            units = batch_units(data["units"])
+            key = experiment_key(data.get("experiment"))
+            route = snapshot.route(key) or await resolve_route(self.context, key)
+            decisions = [self._serve(route, unit) for unit in units]
         elif "unit" in data:
-            unit = _unit_id(data["unit"])
-            keys = data.get("experiments")
-            if keys is None:
+            if "experiment" in data:
+                raise EdgeError(
+                    400,
+                    "validation_error",
+                    "experiment goes with units; with unit, list experiments",
+                    "experiment",
+                )
+            unit = unit_id(data["unit"])
+            if "experiments" not in data:
                 routes = sorted(
                     (r for r in snapshot.routes() if r.is_running),
                     key=lambda r: r.key,
                 )
             else:
-                if not isinstance(keys, list):
-                    raise EdgeError(
-                        400, "invalid", "experiments must be a list of keys", "experiments"
-                    )
-                routes = [
-                    self._route(snapshot, _experiment_key(key, f"experiments[{index}]"))
-                    for index, key in enumerate(keys)
-                ]
+                routes = await self._batch_routes(snapshot, data["experiments"])
             decisions = [self._serve(route, unit) for route in routes]
         else:
-            raise EdgeError(400, "invalid", "give units (with experiment) or unit", "units")
+            raise EdgeError(
+                400, "validation_error", "give units (with experiment) or unit", "units"
+            )
         await send_json(send, 200, orjson.dumps({"decisions": decisions}))
+
+    async def _batch_routes(self, snapshot: RoutingSnapshot, keys: Any) -> list[ExperimentRoute]:
+        if not isinstance(keys, list):
+            raise EdgeError(
+                400, "validation_error", "experiments must be a list of keys", "experiments"
+            )
+        errors: list[dict[str, Any]] = []
+        for index, key in enumerate(keys):
+            name = f"experiments[{index}]"
+            if not isinstance(key, str) or not key:
+                errors.append(
+                    {
+                        "field": name,
+                        "code": "validation_error",
+                        "message": f"{name} must be a non-empty string",
+                        "index": index,
+                    }
+                )
+        if errors:
+            first = errors[0]
+            raise EdgeError(
+                400,
+                "validation_error",
+                first["message"],
+                first["field"],
+                errors=errors,
+                index=first["index"],
+            )
+        routes = []
+        since = time.monotonic()  # one version check serves every unknown key of the request
+        for index, key in enumerate(keys):
+            route = snapshot.route(key)
+            if route is None:
+                try:
+                    route = await resolve_route(self.context, key, since=since)
+                except EdgeError as error:
+                    error.field = f"experiments[{index}]"
+                    error.index = index
+                    raise
+            routes.append(route)
+        return routes
 
     async def _config(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] != "GET":
-            raise EdgeError(405, "method_not_allowed", "use GET")
+            raise method_not_allowed("GET")
         body, etag = self._guard(scope).config_document()
         etag_bytes = etag.encode()
         headers = [(b"etag", etag_bytes), (b"cache-control", b"no-cache")]

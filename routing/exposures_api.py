@@ -30,27 +30,37 @@ Answer
 recorder (the same buffered ``ExposureRecorder`` that ``/v1/decide`` writes through: first
 exposure per (experiment, unit, variant) wins, written within ``RECORDER_FLUSH_S``); m named
 overridden units. Sending a batch again is harmless: the unique (experiment, unit, variant)
-row is written once. A timestamp later than the time of receipt is taken as the time of
-receipt (an exposure cannot be seen before it happened).
+row is written once. A timestamp later than the time of receipt, by at most
+``EDGE_MAX_CLOCK_SKEW_S`` (default 300 s, a client clock running ahead), is taken as the
+time of receipt (an exposure cannot be seen before it happened); a later one is refused.
 
-Errors: the batch is validated whole against one snapshot before anything is recorded;
-any invalid exposure refuses the whole batch::
+Errors are problem details (``application/problem+json``; codes in docs/errors.md). The
+batch is validated whole against one snapshot before anything is recorded; any invalid
+exposure refuses the whole batch::
 
-    400 {"error": {"code": "invalid_exposure", "index": 3, "field": "variant",
-                   "message": "unit 'u-7' gets variant 'v1' of experiment 'ranker-v2', not 'v2'",
-                   "errors": [{"index": 3, "field": "variant", "message": "..."}, ...]}}
+    400 {"type": "urn:rampart:problem:validation_error", "title": "Invalid input",
+         "status": 400, "code": "validation_error", "index": 3, "field": "variant",
+         "detail": "exposure 3: unit 'u-7' gets variant 'v1' of experiment 'ranker-v2', not 'v2'",
+         "errors": [{"index": 3, "field": "variant", "code": "validation_error",
+                     "message": "..."}, ...],
+         "batch_size": 120}
 
-``index`` and ``field`` name the first invalid exposure; ``errors`` lists every one (each
-with the same three keys), so a client can drop them all and send the rest in one more
-request. Fields: ``experiment`` (missing, unknown, not running), ``unit_id`` (missing, bad,
-not in the experiment: outside its coverage or namespace), ``variant`` (missing, not a
-variant of the experiment, not the unit's), ``timestamp``, or an unknown field's name;
-``field`` is null when the exposure is not an object. Refusals of a correct SDK happen
-only around a config change, while its config or the edge's snapshot lags the other (a
-canary step moves units between arms). Other errors use the edge's ``{"error": {"code",
-"message", "field"}}``: 400 ``invalid`` (bad JSON or shape), 401/403 (key), 404, 405 (not
-POST), 413 ``too_large`` (more than ``MAX_EXPOSURES_PER_BATCH`` exposures or
-``MAX_EXPOSURES_BODY_BYTES`` bytes), 503 ``not_ready`` (no routing snapshot yet).
+``index`` and ``field`` name the first invalid exposure; ``errors`` lists every one, so a
+client can drop them all and send the rest in one more request. Fields: ``experiment``
+(missing, unknown, not running), ``unit_id`` (missing, bad, not in the experiment: outside
+its coverage or namespace), ``variant`` (missing, not a variant of the experiment, not the
+unit's), ``timestamp`` (bad, or beyond the clock skew), or an unknown field's name (code
+``unknown_field``); ``field`` is null when the exposure is not an object. Refusals of a
+correct SDK happen only around a config change, while its config or the edge's snapshot
+lags the other (a canary step moves units between arms). So a batch refused only for such
+conflicts has the edge confirm its config version first (``routing.edge.confirm_snapshot``):
+if a newer snapshot comes in, the batch is checked once more against it; if the version
+cannot be confirmed (database unreachable), the answer is 503 ``experiment_not_on_edge`` with
+``Retry-After`` rather than a refusal the SDK would drop. Other errors: 400
+``malformed_json``, ``invalid_encoding``, ``unknown_field`` or ``validation_error`` (the
+body's shape, or more than ``MAX_EXPOSURES_PER_BATCH`` exposures), 401/403 (key), 404, 405
+(not POST), 413 ``payload_too_large`` (a body over ``MAX_EXPOSURES_BODY_BYTES``), 503
+``not_ready`` (no routing snapshot yet).
 
 Validation runs in a worker thread, so a batch of 10,000 (about 60 ms of Python: the edge
 recomputes each decision) does not hold up the decisions the event loop is answering.
@@ -60,6 +70,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -72,23 +83,30 @@ from prometheus_client import Counter
 from routing.edge import (
     SCOPE_DECIDE,
     EdgeContext,
-    EdgeError,
     Receive,
     Scope,
     Send,
+    confirm_snapshot,
+    method_not_allowed,
+    not_on_edge_error,
+    not_ready_error,
     send_error,
     send_json,
+    send_problem,
 )
 from routing.edge_http import (
-    FieldError,
-    InvalidItem,
+    ASSIGNMENT_CONFLICT,
     TimestampParser,
+    batch_refusal,
     check_scope,
+    latest_timestamp,
     parse_batch,
     read_limited_body,
     text_field,
     unit_id_field,
+    unknown_fields,
 )
+from routing.problems import EdgeError, FieldError
 from routing.snapshot import ExperimentRoute, RoutingSnapshot
 
 logger = logging.getLogger(__name__)
@@ -121,29 +139,6 @@ REQUESTS_REJECTED = Counter(
 )
 
 
-class InvalidExposure(InvalidItem):
-    """One exposure of a batch breaks a rule."""
-
-    code = "invalid_exposure"
-
-
-class InvalidExposures(Exception):
-    """The invalid exposures of a refused batch, in batch order (at least one)."""
-
-    def __init__(self, errors: list[InvalidExposure], size: int) -> None:
-        super().__init__(errors[0].message)
-        self.errors = errors
-        self.size = size
-
-    def as_body(self) -> bytes:
-        error = self.errors[0].as_json()
-        error["errors"] = [
-            {"index": item.index, "field": item.field, "message": item.message}
-            for item in self.errors
-        ]
-        return orjson.dumps({"error": error})
-
-
 class AcceptedExposure(NamedTuple):
     """An exposure to record (a named tuple: 10,000 of them are built per batch)."""
 
@@ -170,27 +165,30 @@ def validate_exposures(
 ) -> ValidatedExposures:
     """Parse and check a request body against ``snapshot``; records nothing.
 
-    Raises EdgeError (bad JSON or shape) or InvalidExposures (every invalid exposure).
-    ``now`` (aware, UTC) is the timestamp of exposures that carry none, and the latest one
-    an exposure may carry.
+    Raises EdgeError: bad JSON or shape, or a 400 listing every invalid exposure by
+    ``index`` (``batch_refusal``; ``extra["batch_size"]`` holds the batch's size). ``now``
+    (aware, UTC) is the timestamp of exposures that carry none, and the latest one an
+    exposure is recorded with; one more than ``EDGE_MAX_CLOCK_SKEW_S`` later is refused.
     """
     items = parse_batch(body, name="exposures", max_items=max_exposures, allow_list=False)
     check = _ExposureCheck(snapshot, now)
     accepted: list[AcceptedExposure] = []
-    errors: list[InvalidExposure] = []
+    errors: list[dict[str, Any]] = []
     ignored = 0
     for index, item in enumerate(items):
         try:
             exposure = check(item)
         except FieldError as error:
-            errors.append(InvalidExposure(index, error.field, error.message))
+            errors.append(error.entry(index))
             continue
         if exposure is None:
             ignored += 1
         else:
             accepted.append(exposure)
     if errors:
-        raise InvalidExposures(errors, len(items))
+        refusal = batch_refusal(errors, "exposure")
+        refusal.extra = {"batch_size": len(items)}
+        raise refusal
     return ValidatedExposures(accepted=accepted, ignored=ignored)
 
 
@@ -200,14 +198,13 @@ class _ExposureCheck:
     def __init__(self, snapshot: RoutingSnapshot, now: datetime) -> None:
         self.snapshot = snapshot
         self.now = now
-        self.parse_time = TimestampParser()
+        self.parse_time = TimestampParser(latest=latest_timestamp(now))
 
     def __call__(self, item: Any) -> AcceptedExposure | None:
         if type(item) is not dict:
             raise FieldError(None, "each exposure must be a JSON object")
         if not EXPOSURE_FIELDS.issuperset(item):
-            field = sorted(set(item) - EXPOSURE_FIELDS)[0]
-            raise FieldError(field, f"unknown field {field!r}")
+            raise unknown_fields(item, EXPOSURE_FIELDS)
         route = self._route(item.get("experiment"))
         unit = unit_id_field(item.get("unit_id"))
         variant = text_field("variant", item.get("variant"), MAX_KEY_LENGTH)
@@ -215,7 +212,9 @@ class _ExposureCheck:
             route.variant(variant)
         except KeyError:
             raise FieldError(
-                "variant", f"experiment {route.key!r} has no variant {variant!r}"
+                "variant",
+                f"experiment {route.key!r} has no variant {variant!r}",
+                ASSIGNMENT_CONFLICT,
             ) from None
         raw_time = item.get("timestamp")
         at = self.now if raw_time is None else min(self.parse_time(raw_time), self.now)
@@ -227,12 +226,14 @@ class _ExposureCheck:
                 "unit_id",
                 f"unit {unit!r} is not in experiment {route.key!r} ({decision.reason}); "
                 "the edge records no exposure for it",
+                ASSIGNMENT_CONFLICT,
             )
         if decision.variant != variant:
             raise FieldError(
                 "variant",
                 f"unit {unit!r} gets variant {decision.variant!r} of experiment "
                 f"{route.key!r}, not {variant!r}",
+                ASSIGNMENT_CONFLICT,
             )
         return AcceptedExposure(route.experiment_id, unit, variant, at)
 
@@ -240,12 +241,13 @@ class _ExposureCheck:
         key = text_field("experiment", value, MAX_KEY_LENGTH)
         route = self.snapshot.route(key)
         if route is None:
-            raise FieldError("experiment", f"unknown experiment {key!r}")
+            raise FieldError("experiment", f"unknown experiment {key!r}", ASSIGNMENT_CONFLICT)
         if not route.is_running:
             raise FieldError(
                 "experiment",
                 f"experiment {key!r} is not running ({route.fixed_reason}); "
                 "the edge records no exposure for it",
+                ASSIGNMENT_CONFLICT,
             )
         return route
 
@@ -295,14 +297,16 @@ class ExposuresApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             validated = await self._handle(scope, receive)
-        except InvalidExposures as refused:
-            REQUESTS_REJECTED.labels(InvalidExposure.code).inc()
-            EXPOSURES_REJECTED.inc(refused.size)
-            await send_json(send, 400, refused.as_body())
-            return
         except EdgeError as error:
             REQUESTS_REJECTED.labels(error.code).inc()
-            await send_error(send, error.status, error.code, error.message, error.field)
+            if error.extra and "batch_size" in error.extra:
+                EXPOSURES_REJECTED.inc(error.extra["batch_size"])
+            await send_problem(send, error)
+            return
+        except Exception:
+            logger.exception("an exposure batch failed")
+            REQUESTS_REJECTED.labels("server_error").inc()
+            await send_error(send, 500, "server_error", "the exposures API failed; retry")
             return
         await send_json(
             send,
@@ -314,16 +318,32 @@ class ExposuresApp:
         if scope["path"].rstrip("/") != MOUNT_PATH:
             raise EdgeError(404, "not_found", f"no such endpoint: {scope['path']}")
         if scope["method"] != "POST":
-            raise EdgeError(405, "method_not_allowed", "use POST")
+            raise method_not_allowed("POST")
         context = self.context
         check_scope(context, scope, SCOPE_DECIDE)
         if not context.snapshots.current.loaded:
-            raise EdgeError(503, "not_ready", "the routing snapshot is not loaded yet")
+            raise not_ready_error()
         body = await read_limited_body(scope, receive, self.max_body_bytes)
         executor = self._executor
         if executor is None:
-            raise EdgeError(503, "not_ready", "the exposures API has not started")
-        return await asyncio.get_running_loop().run_in_executor(executor, self._accept, body)
+            raise not_ready_error("the exposures API has not started")
+        arrived = time.monotonic()
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(executor, self._accept, body)
+        except EdgeError as refusal:
+            if refusal.status != 409:
+                raise
+            # Only conflicts with this edge's snapshot, which may lag the SDK's config (an
+            # experiment started, a ramp step taken): confirm the config version, and check
+            # the batch once more if a newer snapshot came in.
+            holder = context.snapshots
+            checked = holder.current.version
+            if not await confirm_snapshot(holder, arrived):
+                raise not_on_edge_error(holder, "an experiment of these exposures") from None
+            if holder.current.version == checked:
+                raise
+        return await loop.run_in_executor(executor, self._accept, body)
 
     def _accept(self, body: bytes) -> ValidatedExposures:
         # One snapshot for the whole batch: a refresh meanwhile cannot split its verdicts.

@@ -27,18 +27,26 @@ Answer
 wins). Sending a batch again is therefore safe: the retry answers with every event counted
 as a duplicate. The answer comes after the batch's transaction has committed.
 
-Errors (JSON, as everywhere on the edge): a batch is validated whole before anything is
-written, and one bad event refuses the whole batch::
+Errors are problem details (``application/problem+json``, as everywhere on the edge; codes
+in docs/errors.md). A batch is validated whole before anything is written, and any bad
+event refuses the whole batch, listing every bad event by position::
 
-    400 {"error": {"code": "invalid_event", "index": 3, "field": "value",
-                   "message": "value must be a finite number"}}
+    400 {"type": "urn:rampart:problem:validation_error", "title": "Invalid input",
+         "status": 400, "code": "validation_error", "index": 3, "field": "value",
+         "detail": "event 3: value must be a finite number",
+         "errors": [{"index": 3, "field": "value", "code": "validation_error",
+                     "message": "value must be a finite number"}, ...]}
 
-``index`` is the event's position in the batch; ``field`` is null when the event itself is
-not an object. Other errors use the edge's ``{"error": {"code", "message", "field"}}``:
-400 ``invalid`` (bad JSON or shape), 401/403 (key), 404 (other paths), 405 (not POST), 413
-``too_large`` (more than ``MAX_EVENTS_PER_BATCH`` events, or a body over
-``MAX_EVENTS_BODY_BYTES``), 503 ``not_ready`` (no routing snapshot to check keys against
-yet) and 503 ``unavailable`` (the database failed; nothing was written, retry the batch).
+``index`` and ``field`` name the first bad event (``field`` is null when the event itself
+is not an object); the top-level ``code`` is the first error's: ``validation_error``,
+``unknown_field`` or ``invalid_encoding`` (a string that is not UTF-8). A ``timestamp``
+more than ``EDGE_MAX_CLOCK_SKEW_S`` (default 300 s) after the time of receipt is refused:
+``9999-12-31T23:59:59Z`` is a bug, not a clock. Other errors: 400 ``malformed_json``,
+``unknown_field`` or ``validation_error`` (the body's shape, or more than
+``MAX_EVENTS_PER_BATCH`` events), 401/403 (key), 404 (other paths), 405 (not POST), 413
+``payload_too_large`` (a body over ``MAX_EVENTS_BODY_BYTES``), 503 ``not_ready`` (no
+routing snapshot to check keys against yet) and 503 ``store_unavailable`` (the database
+failed; nothing was written, retry the batch; ``Retry-After: 1``).
 
 Storage
 -------
@@ -67,18 +75,30 @@ import orjson
 from django.db import DatabaseError, OperationalError, connection, transaction
 
 from routing import ingest_metrics
-from routing.edge import EdgeContext, EdgeError, Receive, Scope, Send, send_error, send_json
+from routing.edge import (
+    EdgeContext,
+    Receive,
+    Scope,
+    Send,
+    method_not_allowed,
+    not_ready_error,
+    send_error,
+    send_json,
+    send_problem,
+)
 from routing.edge_http import (
-    FieldError,
-    InvalidItem,
     TimestampParser,
+    batch_refusal,
     check_scope,
+    latest_timestamp,
     parse_batch,
     read_limited_body,
     text_field,
     unit_id_field,
+    unknown_fields,
 )
 from routing.models import Event
+from routing.problems import EdgeError, FieldError
 from routing.snapshot import close_thread_connections, run_with_db
 
 logger = logging.getLogger(__name__)
@@ -102,12 +122,6 @@ _RETRYABLE_SQLSTATES: Final = frozenset({"40P01", "40001"})  # deadlock, seriali
 
 # (event_id, unit_id, name, value, timestamp)
 EventRow = tuple[str, str, str, float, datetime]
-
-
-class InvalidEvent(InvalidItem):
-    """One event of a batch breaks a rule; the whole batch is refused."""
-
-    code = "invalid_event"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,21 +149,24 @@ class IngestResult:
 def parse_events(
     body: bytes, *, now: datetime, max_events: int = MAX_EVENTS_PER_BATCH
 ) -> ParsedBatch:
-    """Parse and validate a request body; raises EdgeError (shape) or InvalidEvent (an event).
+    """Parse and validate a request body; nothing is written.
 
-    ``now`` (aware, UTC) is the timestamp of events that carry none.
+    Raises EdgeError: the shape's errors (``parse_batch``), or a 400 that lists every
+    invalid event by ``index`` and field (``batch_refusal``). ``now`` (aware, UTC) is the
+    timestamp of events that carry none; timestamps more than ``EDGE_MAX_CLOCK_SKEW_S``
+    after it are refused.
     """
     events = parse_batch(body, name="events", max_items=max_events, allow_list=True)
     rows: list[EventRow] = []
     seen: set[str] = set()
-    parse_time = TimestampParser()
+    errors: list[dict[str, Any]] = []
+    parse_time = TimestampParser(latest=latest_timestamp(now))
     for index, item in enumerate(events):
-        if type(item) is not dict:
-            raise InvalidEvent(index, None, "each event must be a JSON object")
-        if len(item) > 3 and not EVENT_FIELDS.issuperset(item):
-            field = sorted(set(item) - EVENT_FIELDS)[0]
-            raise InvalidEvent(index, field, f"unknown field {field!r}")
         try:
+            if type(item) is not dict:
+                raise FieldError(None, "each event must be a JSON object")
+            if len(item) > 3 and not EVENT_FIELDS.issuperset(item):
+                raise unknown_fields(item, EVENT_FIELDS)
             event_id = text_field("event_id", item.get("event_id"), MAX_EVENT_ID_LENGTH)
             unit_id = unit_id_field(item.get("unit_id"))
             name = text_field("name", item.get("name"), MAX_NAME_LENGTH)
@@ -157,11 +174,14 @@ def parse_events(
             raw_time = item.get("timestamp")
             timestamp = now if raw_time is None else parse_time(raw_time)
         except FieldError as error:
-            raise InvalidEvent(index, error.field, error.message) from None
+            errors.append(error.entry(index))
+            continue
         if event_id in seen:
             continue
         seen.add(event_id)
         rows.append((event_id, unit_id, name, value, timestamp))
+    if errors:
+        raise batch_refusal(errors, "event")
     return ParsedBatch(rows=rows, size=len(events))
 
 
@@ -326,13 +346,14 @@ class EventsApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             result = await self._handle(scope, receive)
-        except InvalidEvent as error:
-            ingest_metrics.REQUESTS_REJECTED.labels("invalid_event").inc()
-            await send_json(send, 400, error.as_body())
-            return
         except EdgeError as error:
             ingest_metrics.REQUESTS_REJECTED.labels(error.code).inc()
-            await send_error(send, error.status, error.code, error.message, error.field)
+            await send_problem(send, error)
+            return
+        except Exception:
+            logger.exception("an event batch failed")
+            ingest_metrics.REQUESTS_REJECTED.labels("server_error").inc()
+            await send_error(send, 500, "server_error", "the events API failed; retry the batch")
             return
         await send_json(
             send,
@@ -344,12 +365,12 @@ class EventsApp:
         if scope["path"].rstrip("/") != MOUNT_PATH:
             raise EdgeError(404, "not_found", f"no such endpoint: {scope['path']}")
         if scope["method"] != "POST":
-            raise EdgeError(405, "method_not_allowed", "use POST")
+            raise method_not_allowed("POST")
         check_scope(self.context, scope, SCOPE_INGEST)
         body = await read_limited_body(scope, receive, self.max_body_bytes)
         idle = self._idle
         if idle is None:
-            raise EdgeError(503, "not_ready", "the events API has not started")
+            raise not_ready_error("the events API has not started")
         started = time.perf_counter()
         executor = await idle.get()
         try:
@@ -359,7 +380,10 @@ class EventsApp:
             ingest_metrics.WRITE_ERRORS.inc()
             logger.exception("writing an event batch failed")
             raise EdgeError(
-                503, "unavailable", "the event store is unavailable; nothing was written, retry"
+                503,
+                "store_unavailable",
+                "the event store is unavailable; nothing was written, retry the batch",
+                headers=((b"retry-after", b"1"),),
             ) from None
         finally:
             idle.put_nowait(executor)
@@ -369,9 +393,10 @@ class EventsApp:
     def _ingest(self, body: bytes) -> IngestResult:
         try:
             result = ingest_batch(body, max_events=self.max_events)
-        except InvalidEvent:
-            # Count the events of the refused batch; a second parse only on this path.
-            ingest_metrics.EVENTS_REJECTED.inc(_count_events(body))
+        except EdgeError as error:
+            if error.index is not None:
+                # Count the events of the refused batch; a second parse only on this path.
+                ingest_metrics.EVENTS_REJECTED.inc(_count_events(body))
             raise
         ingest_metrics.EVENTS_ACCEPTED.inc(result.accepted)
         ingest_metrics.EVENTS_DUPLICATE.inc(result.duplicates)
@@ -380,6 +405,9 @@ class EventsApp:
 
 
 def _count_events(body: bytes) -> int:
-    data = orjson.loads(body)
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return 0  # refused for its encoding: the events cannot be counted cheaply
     events = data.get("events") if isinstance(data, dict) else data
     return len(events) if isinstance(events, list) else 0

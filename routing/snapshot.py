@@ -76,6 +76,8 @@ REASON_INVALID_CONFIG: Final = "invalid_config"
 CONFIG_FORMAT_VERSION: Final = 1
 # Distinct raw keys whose successful check a snapshot remembers (see check_key).
 _MAX_VERIFIED_KEYS: Final = 1024
+# Shortest time between two version checks made for unknown experiment keys (per process).
+CONFIRM_MIN_INTERVAL_S: Final = 0.05
 
 _T = TypeVar("_T")
 
@@ -447,23 +449,77 @@ class SnapshotHolder:
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
+        # Monotonic time at which the last successful version check began: the snapshot
+        # holds every change committed before then (see confirm_current).
+        self.confirmed_from = -math.inf
+        self._confirming: asyncio.Future[None] | None = None
+        self._last_confirm_started = -math.inf
 
     def refresh_now(self) -> RoutingSnapshot:
         """Rebuild the snapshot now in the calling thread (start-up and tests)."""
         with self._lock:
+            started = time.monotonic()
             snapshot = self._loader()
             self._install(snapshot)
+            self.confirmed_from = max(self.confirmed_from, started)
             return snapshot
 
     def check_now(self) -> bool:
         """Rebuild if the config version changed; True if a new snapshot was installed."""
         with self._lock:
+            started = time.monotonic()
             version = self._version_reader()
             if version == self.current.version:
                 self._mark_checked()
+                changed = False
+            else:
+                self._install(self._loader())
+                changed = True
+            self.confirmed_from = max(self.confirmed_from, started)
+            return changed
+
+    async def confirm_current(self, *, since: float) -> bool:
+        """Wait until a version check begun at or after ``since`` (monotonic) has succeeded.
+
+        For a key the snapshot does not know: once this returns True, the snapshot holds
+        every change committed before ``since``, so a key still missing does not exist;
+        False when the check failed (the database is unreachable) and nothing can be said.
+        Checks are shared: at most one runs at a time, begun at least
+        ``CONFIRM_MIN_INTERVAL_S`` after the previous one, so a flood of unknown keys costs
+        the database at most one tiny query per interval per process. A version that moved
+        installs the new snapshot, as the background refresh would have a moment later.
+        """
+        while self.confirmed_from < since:
+            pending = self._confirming
+            if pending is None:
+                pending = self._confirming = asyncio.ensure_future(self._confirm())
+            try:
+                await asyncio.shield(pending)
+            except Exception:
                 return False
-            self._install(self._loader())
-            return True
+        return True
+
+    async def _confirm(self) -> None:
+        try:
+            wait = self._last_confirm_started + CONFIRM_MIN_INTERVAL_S - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._last_confirm_started = time.monotonic()
+            executor = self._executor
+            if executor is None:
+                # Not started: only tests that call the app in their own thread, with their
+                # own connection (and DJANGO_ALLOW_ASYNC_UNSAFE, as the database is then
+                # read from the event loop's thread).
+                self.check_now()
+            else:
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(executor, run_with_db, self.check_now)
+        except Exception:
+            metrics.SNAPSHOT_ERRORS.inc()
+            logger.warning("routing snapshot: confirming the config version failed", exc_info=True)
+            raise
+        finally:
+            self._confirming = None
 
     def _install(self, snapshot: RoutingSnapshot) -> None:
         previous = self.current

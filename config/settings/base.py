@@ -154,6 +154,9 @@ SPECTACULAR_SETTINGS = {
         "drf_spectacular.hooks.postprocess_schema_enums",
         "experiments.api.schema.refuse_unknown_request_fields",
         "experiments.api.schema.link_created_objects",
+        # The edge's operations, described as data (plain ASGI, so drf-spectacular cannot
+        # see them).
+        "routing.openapi.add_edge_operations",
     ],
     "ENUM_NAME_OVERRIDES": {
         "ExperimentKindEnum": "experiments.models.ExperimentKind",
@@ -209,6 +212,9 @@ PROXY_BREAKER_COOLDOWN_S = env.float("PROXY_BREAKER_COOLDOWN_S", default=10.0)
 PROXY_SHADOW_CONCURRENCY = env.int("PROXY_SHADOW_CONCURRENCY", default=64)
 # Require an API key with the `decide` scope on /v1/decide and /proxy/ (`ingest` on events).
 EDGE_REQUIRE_KEY = env.bool("EDGE_REQUIRE_KEY", default=True)
+# How far into the future an event's or exposure's timestamp may lie (client clock skew);
+# later ones are refused with 400 naming the field and the item.
+EDGE_MAX_CLOCK_SKEW_S = env.float("EDGE_MAX_CLOCK_SKEW_S", default=300.0)
 
 # --- analysis and alerts ------------------------------------------------------------------
 ANALYSIS_INTERVAL_S = env.float("ANALYSIS_INTERVAL_S", default=10.0)

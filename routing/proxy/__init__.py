@@ -10,11 +10,19 @@ exposures are exact and latency is measured the same way for every arm.
 Request handling, in order
     1. API key (``X-Rampart-Key: rk_...``, or ``Authorization: Bearer rk_...``, which is then
        not forwarded) with the ``decide`` scope, unless EDGE_REQUIRE_KEY is false: 401/403.
-    2. Unknown experiment: 404. Body over PROXY_MAX_BODY_BYTES: 413.
+    2. An experiment the snapshot lacks: the config version is confirmed
+       (``routing.edge.resolve_route``) and an experiment created meanwhile is served; else
+       404 ``experiment_not_found``, or 503 ``experiment_not_on_edge`` with ``Retry-After``
+       while the version cannot be confirmed. Body over PROXY_MAX_BODY_BYTES: 413.
     3. Unit id from the experiment's ``unit_source``/``unit_attribute``: a header (default
        ``X-Rampart-Unit``), a cookie, a top-level field of a JSON body, or a query parameter.
        A request without one is served control (reason ``no_unit``) and counted for control;
-       it is not an error.
+       it is not an error. A unit id that is not UTF-8 is: 400 ``invalid_encoding`` from the
+       proxy itself, nothing forwarded (the unit cannot be determined, and replacing the bytes
+       would merge distinct ids).
+
+    The proxy's own errors are problem+json (``routing.problems``, docs/errors.md); the
+    model's answers pass through unchanged.
     4. Prediction cache (experiments with ``cache_ttl_s`` > 0): a hit is answered at once with
        ``X-Rampart-Cache: hit``, counted in ``cache_hits`` and kept out of latency statistics.
     5. Shadow variants get a mirrored copy in the background (see below).
@@ -40,9 +48,9 @@ Failures and fallback
     deliberate: the arm is unhealthy, and counting those requests as errors is what lets the
     guardrail see it and roll the canary back, where skipping them would hide the outage from
     the analysis. Without ``fallback_to_control`` a failed arm's answer is passed on: its own
-    5xx, or a JSON 502 (connection failure, open breaker) or 504 (timeout).
+    5xx, or a problem+json 502 (connection failure, open breaker) or 504 (timeout).
 
-    When control itself cannot answer, the client gets a clean JSON error: 502
+    When control itself cannot answer, the client gets a problem+json error: 502
     ``upstream_unavailable`` (connection failure or open breaker) or 504 ``upstream_timeout``.
     A 5xx from control is the model's own answer and is passed through unchanged.
 

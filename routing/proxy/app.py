@@ -21,10 +21,15 @@ from routing.edge import (
     Receive,
     Scope,
     Send,
+    auth_error,
+    not_ready_error,
+    resolve_route,
     send_error,
+    send_problem,
 )
 from routing.logcontext import set_route
 from routing.observations import ObservationAggregator
+from routing.problems import EdgeError
 from routing.proxy.attempt import (
     CONNECT,
     STATUS_5XX,
@@ -46,6 +51,7 @@ from routing.proxy.headers import (
     content_encoding,
     header_text,
     passed_on,
+    unit_encoding_error,
     unit_from_request,
 )
 from routing.proxy.plan import Arm, Plan, PlanBook
@@ -158,6 +164,7 @@ class ProxyApp:
         header_key: str | None = None
         bearer_key: str | None = None
         unit: str | None = None
+        unit_error: EdgeError | None = None
         cookie: bytes | None = None
         content_length = -1
         forwarded_for = ""
@@ -168,7 +175,10 @@ class ProxyApp:
                 # Forwarded byte for byte: the server's parser has already refused CR and LF.
                 forwarded.append(b"%s: %s\r\n" % (name, value))
             elif action == ACTION_UNIT:
-                unit = value.decode("utf-8", "replace")
+                try:
+                    unit = value.decode()
+                except UnicodeDecodeError:
+                    unit_error = unit_encoding_error("header", name.decode("latin-1"))
                 forwarded.append(b"%s: %s\r\n" % (name, value))
             elif action == ACTION_KEY:
                 header_key = value.decode("latin-1").strip()
@@ -189,7 +199,10 @@ class ProxyApp:
                 forwarded.append(b"%s: %s\r\n" % (name, value))
         if plan is not None and plan.unit_source == "header" and actions is REQUEST_HEADER_ACTIONS:
             # The unit header is one the proxy also reads for itself (say, Cookie).
-            unit = header_text(headers, plan.unit_header)
+            try:
+                unit = header_text(headers, plan.unit_header)
+            except EdgeError as error:
+                unit_error = error
         if connection_tokens:
             forwarded = [
                 line for line in forwarded if line.partition(b":")[0] not in connection_tokens
@@ -201,23 +214,23 @@ class ProxyApp:
             forwarded.append(b"X-Forwarded-For: %s\r\n" % forwarded_for.encode("utf-8", "replace"))
 
         if not snapshot.loaded:
-            await send_error(send, 503, "not_ready", "the routing snapshot is not loaded yet")
+            await send_problem(send, not_ready_error())
             return
         if self.context.require_key:
             check = snapshot.check_key(header_key or bearer_key, SCOPE_DECIDE)
             if not check.ok:
                 proxy_metrics.REJECTED.labels("auth").inc()
-                code = "unauthorized" if check.status == 401 else "forbidden"
-                await send_error(send, check.status, code, check.error)
+                await send_problem(send, auth_error(check))
                 return
         if plan is None:
-            proxy_metrics.REJECTED.labels("unknown_experiment").inc()
-            await send_error(
-                send, 404, "not_found", f"unknown experiment {experiment_key!r}", "experiment"
-            )
+            await self._unknown_experiment(scope, receive, send, experiment_key)
             return
         if content_length > self.max_body_bytes:
             await self._too_large(send)
+            return
+        if unit_error is not None:
+            proxy_metrics.REJECTED.labels("invalid_unit").inc()
+            await send_problem(send, unit_error)
             return
 
         # The request body, whole: it may be sent twice (fallback, shadow) and may hold the unit.
@@ -247,7 +260,12 @@ class ProxyApp:
             body = b"".join(chunks)
 
         if plan.unit_source != "header":
-            unit = unit_from_request(plan.unit_source, plan.unit_attribute, scope, body, cookie)
+            try:
+                unit = unit_from_request(plan.unit_source, plan.unit_attribute, scope, body, cookie)
+            except EdgeError as error:
+                proxy_metrics.REJECTED.labels("invalid_unit").inc()
+                await send_problem(send, error)
+                return
         if unit is not None and (not unit or len(unit) > MAX_UNIT_LENGTH or "\x00" in unit):
             # What /v1/decide refuses (a NUL cannot be stored) counts as no unit: control.
             unit = None
@@ -336,10 +354,38 @@ class ProxyApp:
             if control_answer is not None and not control_answer.done():
                 control_answer.set_result(None)
 
+    async def _unknown_experiment(
+        self, scope: Scope, receive: Receive, send: Send, experiment_key: str
+    ) -> None:
+        """A key the snapshot lacks: served once the version check finds it, else refused.
+
+        ``routing.edge.resolve_route`` says when: 404 ``experiment_not_found``, or 503
+        ``experiment_not_on_edge`` with ``Retry-After`` while the config version cannot be
+        confirmed. Nothing is forwarded in either case.
+        """
+        try:
+            if not experiment_key:
+                raise EdgeError(
+                    404,
+                    "experiment_not_found",
+                    "the path names no experiment: use /proxy/{experiment}/{path}",
+                    "experiment",
+                )
+            await resolve_route(self.context, experiment_key)
+        except EdgeError as error:
+            proxy_metrics.REJECTED.labels("unknown_experiment").inc()
+            await send_problem(send, error)
+            return
+        # The version check installed a snapshot that holds the experiment: serve it.
+        await self(scope, receive, send)
+
     async def _too_large(self, send: Send) -> None:
         proxy_metrics.REJECTED.labels("body_too_large").inc()
         await send_error(
-            send, 413, "too_large", f"the request body exceeds {self.max_body_bytes} bytes"
+            send,
+            413,
+            "payload_too_large",
+            f"the request body exceeds {self.max_body_bytes} bytes",
         )
 
     # ----------------------------------------------------------------- forwarding

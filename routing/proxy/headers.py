@@ -7,13 +7,16 @@ one dict lookup (``REQUEST_HEADER_ACTIONS``), as this runs for every header of e
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_plus
 
 import orjson
 
 from routing.edge import Scope
+from routing.edge_input import encoding_error
+from routing.problems import EdgeError
 
 # RFC 9110 section 7.6.1: connection-specific fields a proxy must not forward.
 HOP_BY_HOP: Final = frozenset(
@@ -73,12 +76,30 @@ def passed_on(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes
 
 
 def header_text(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
-    """The last value of a (lower-case) header as text, or None."""
+    """The last value of a (lower-case) header as UTF-8 text, or None.
+
+    EdgeError 400 ``invalid_encoding`` when it is not UTF-8 (see ``unit_encoding_error``).
+    """
     found = None
     for header, value in headers:
         if header == name:
             found = value
-    return None if found is None else found.decode("utf-8", "replace")
+    if found is None:
+        return None
+    try:
+        return found.decode()
+    except UnicodeDecodeError:
+        raise unit_encoding_error("header", name.decode("latin-1")) from None
+
+
+def unit_encoding_error(source: str, name: str) -> EdgeError:
+    """The proxy's 400 for a unit id that is not UTF-8.
+
+    Such a unit cannot be determined: replacing the bytes would merge distinct raw ids into
+    one unit, and serving control silently would hide a client bug that sends every one of
+    its users to control. So the proxy answers itself, and nothing reaches the model.
+    """
+    return encoding_error(name, f"the unit id in {source}")
 
 
 def content_encoding(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
@@ -91,22 +112,36 @@ def content_encoding(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
 def unit_from_request(
     source: str, name: str, scope: Scope, body: bytes, cookie: bytes | None
 ) -> str | None:
-    """The unit id from a cookie, a JSON body field or a query parameter (header: inline)."""
+    """The unit id from a cookie, a JSON body field or a query parameter (header: inline).
+
+    EdgeError 400 ``invalid_encoding`` when the unit id is not UTF-8 (``unit_encoding_error``);
+    invalid bytes elsewhere in the request are the model's business.
+    """
     if source == "query":
         query: bytes = scope["query_string"]
         if not query:
             return None
-        for key, value in parse_qsl(query.decode("utf-8", "replace"), keep_blank_values=False):
-            if key == name:
-                return value
+        for part in query.split(b"&"):
+            key, _, value = part.partition(b"=")
+            if unquote_plus(key.decode("latin-1")) != name:
+                continue
+            try:
+                decoded = unquote_plus(value.decode(), errors="strict")
+            except UnicodeDecodeError:
+                raise unit_encoding_error("query parameter", name) from None
+            if decoded:  # a blank value is skipped, as parse_qsl does
+                return decoded
         return None
     if source == "cookie":
         if cookie is None:
             return None
-        for pair in cookie.decode("utf-8", "replace").split(";"):
-            key, _, value = pair.strip().partition("=")
-            if key == name:
-                return value.strip().strip('"') or None
+        for pair in cookie.split(b";"):
+            key, _, value = pair.strip().partition(b"=")
+            if key.decode("latin-1") == name:
+                try:
+                    return value.strip().strip(b'"').decode() or None
+                except UnicodeDecodeError:
+                    raise unit_encoding_error("cookie", name) from None
         return None
     if source == "json_field":
         if not body:
@@ -114,13 +149,29 @@ def unit_from_request(
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
-            return None
+            data = _lenient_json(body)
         if not isinstance(data, dict):
             return None
         field_value: Any = data.get(name)
         if isinstance(field_value, str):
+            try:
+                field_value.encode()
+            except UnicodeEncodeError:
+                raise unit_encoding_error("body field", name) from None
             return field_value
         if isinstance(field_value, int) and not isinstance(field_value, bool):
             return str(field_value)
         return None
     return None
+
+
+def _lenient_json(body: bytes) -> Any:
+    """A JSON body orjson refused for its encoding, decoded with the invalid bytes kept.
+
+    Invalid UTF-8 elsewhere in the body does not hide a valid unit field; an invalid one is
+    then found and refused. None when the body is not JSON at all.
+    """
+    try:
+        return json.loads(body.decode("utf-8", "surrogateescape"))
+    except ValueError:
+        return None

@@ -44,6 +44,20 @@ class RetryPolicy:
         delay: float = min(self.backoff_cap_s, self.backoff_base_s * 2.0**retry)
         return delay * random.uniform(0.5, 1.0)
 
+    def delay_after(self, retry: int, error: RampartError) -> float | None:
+        """Seconds to wait before retry ``retry`` after ``error``; None: do not retry.
+
+        A server's ``Retry-After`` is honoured (an edge that lacks an experiment asks for
+        one snapshot refresh) unless it is longer than ``backoff_cap_s``: the error is then
+        raised at once, carrying ``retry_after_s``, for the caller to decide.
+        """
+        if retry >= self.max_retries:
+            return None
+        asked = error.retry_after_s if isinstance(error, ApiError) else None
+        if asked is None:
+            return self.delay_s(retry)
+        return asked if asked <= self.backoff_cap_s else None
+
 
 def auth_headers(api_key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}", "User-Agent": USER_AGENT}
@@ -54,7 +68,23 @@ def error_for(response: httpx.Response) -> ApiError:
         payload = response.json()
     except ValueError:
         payload = None
-    return api_error(response.status_code, payload, response.text)
+    return api_error(
+        response.status_code,
+        payload,
+        response.text,
+        retry_after_s=retry_after(response.headers.get("retry-after")),
+    )
+
+
+def retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` header in seconds (delay-seconds form; an HTTP date is ignored)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
 
 
 def connection_error(exc: httpx.TransportError) -> RampartConnectionError:

@@ -1,7 +1,14 @@
 """Exceptions of the Rampart SDK: one class per kind of failure, carrying the server's error.
 
-The edge answers errors as ``{"error": {"code", "message", "field"}}`` (the events API adds
-``index``, the position of the bad event in its batch). ``ApiError`` keeps every part of it.
+The edge answers errors as RFC 9457 problem details (``application/problem+json``)::
+
+    {"type": "urn:rampart:problem:<code>", "title": ..., "status": 400, "detail": ...,
+     "code": "<code>", "field": "<first offending field or null>", "errors": [...]}
+
+with ``index`` added by batch endpoints (the position of the bad item). ``ApiError`` keeps
+every part of it: ``code``, ``message`` (the detail), ``field``, ``index``, ``errors`` and
+the whole document in ``payload``. The older ``{"error": {"code", "message", "field"}}``
+body of edges before the problem format is read as well.
 """
 
 from __future__ import annotations
@@ -42,9 +49,11 @@ class ApiError(RampartError):
         field: str | None = None,
         index: int | None = None,
         payload: Mapping[str, Any] | None = None,
+        errors: Sequence[Mapping[str, Any]] = (),
+        retry_after_s: float | None = None,
     ) -> None:
         detail = "" if field is None else f" [field {field!r}]"
-        detail += "" if index is None else f" [event {index}]"
+        detail += "" if index is None else f" [item {index}]"
         super().__init__(f"{status} {code}: {message}{detail}")
         self.status = status
         self.code = code
@@ -52,6 +61,10 @@ class ApiError(RampartError):
         self.field = field
         self.index = index
         self.payload: Mapping[str, Any] = payload or {}
+        # Every offending field (``field``, ``code``, ``message``, ``index`` in batches).
+        self.errors: Sequence[Mapping[str, Any]] = errors
+        # Seconds the server asked the client to wait (``Retry-After``), when it said.
+        self.retry_after_s = retry_after_s
         # Set by track/flush when the error made the client drop a batch of events.
         self.events: Sequence[Event] = ()
 
@@ -72,12 +85,25 @@ class NotFoundError(ApiError):
     """404: unknown experiment (``field`` is ``experiment``) or endpoint."""
 
 
+class ExperimentNotFoundError(NotFoundError):
+    """404 ``experiment_not_found``: no experiment has this key (the edge checked)."""
+
+
 class PayloadTooLargeError(ApiError):
     """413: too many events in one batch, or too large a body."""
 
 
 class ServerError(ApiError):
     """5xx: the server failed or is not ready; the SDK retried before raising this."""
+
+
+class ExperimentNotOnEdgeError(ServerError):
+    """503 ``experiment_not_on_edge``: the experiment may exist but this edge cannot serve it.
+
+    Its routing snapshot lacks the key and it could not confirm the config version (its
+    database is unreachable). ``retry_after_s`` says when to ask again; unlike
+    ``ExperimentNotFoundError``, this is not the caller's mistake.
+    """
 
 
 _BY_STATUS: dict[int, type[ApiError]] = {
@@ -89,22 +115,49 @@ _BY_STATUS: dict[int, type[ApiError]] = {
 }
 
 
-def api_error(status: int, payload: Any, text: str = "") -> ApiError:
-    """The exception for an error answer; ``payload`` is the decoded body (None if not JSON)."""
-    error = payload.get("error") if isinstance(payload, dict) else None
-    if isinstance(error, dict):
-        code = str(error.get("code") or "error")
-        message = str(error.get("message") or "")
-        field = error.get("field")
-        index = error.get("index")
+_BY_CODE: dict[str, type[ApiError]] = {
+    "experiment_not_found": ExperimentNotFoundError,
+    "experiment_not_on_edge": ExperimentNotOnEdgeError,
+}
+
+
+def api_error(
+    status: int, payload: Any, text: str = "", *, retry_after_s: float | None = None
+) -> ApiError:
+    """The exception for an error answer; ``payload`` is the decoded body (None if not JSON).
+
+    ``retry_after_s`` is the answer's ``Retry-After`` header in seconds, if any.
+    """
+    document = payload if isinstance(payload, dict) else {}
+    legacy = document.get("error")
+    errors: Sequence[Mapping[str, Any]] = ()
+    if isinstance(document.get("code"), str) and "status" in document:
+        code = str(document["code"])
+        message = str(document.get("detail") or document.get("title") or "")
+        field = document.get("field")
+        index = document.get("index")
+        listed = document.get("errors")
+        if isinstance(listed, list):
+            errors = [entry for entry in listed if isinstance(entry, dict)]
+        if retry_after_s is None and isinstance(document.get("retry_after_s"), int | float):
+            retry_after_s = float(document["retry_after_s"])
+    elif isinstance(legacy, dict):
+        code = str(legacy.get("code") or "error")
+        message = str(legacy.get("message") or "")
+        field = legacy.get("field")
+        index = legacy.get("index")
     else:
         code, message, field, index = "http_error", text[:200] or f"HTTP {status}", None, None
-    kind = ServerError if status >= 500 else _BY_STATUS.get(status, ApiError)
+    kind = _BY_CODE.get(code) or (
+        ServerError if status >= 500 else _BY_STATUS.get(status, ApiError)
+    )
     return kind(
         status,
         code,
         message,
         field=field if isinstance(field, str) else None,
         index=index if isinstance(index, int) else None,
-        payload=payload if isinstance(payload, dict) else None,
+        payload=document or None,
+        errors=errors,
+        retry_after_s=retry_after_s,
     )

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from routing.sdk._transport import json_body
-from routing.sdk.errors import BadRequestError, NotFoundError, RampartError
+from routing.sdk.errors import BadRequestError, ExperimentNotFoundError, RampartError
 from routing.sdk.exposures import ExposureQueue, ExposureStats
 from routing.sdk.local_config import LocalConfig
 from routing.sdk.records import MAX_UNIT_LENGTH, Decision
@@ -21,14 +21,14 @@ logger = logging.getLogger("routing.sdk")
 def _unit_id(unit: Any) -> str:
     """The unit id as the edge accepts it (same rules, same errors)."""
     if unit is None or unit == "":
-        raise BadRequestError(400, "invalid", "unit is required", field="unit")
+        raise BadRequestError(400, "validation_error", "unit is required", field="unit")
     if isinstance(unit, bool) or not isinstance(unit, str | int):
-        raise BadRequestError(400, "invalid", "unit must be a string", field="unit")
+        raise BadRequestError(400, "validation_error", "unit must be a string", field="unit")
     text = unit if isinstance(unit, str) else str(unit)
     if len(text) > MAX_UNIT_LENGTH:
         raise BadRequestError(
             400,
-            "invalid",
+            "validation_error",
             f"unit is longer than {MAX_UNIT_LENGTH} characters",
             field="unit",
         )
@@ -88,7 +88,8 @@ class Evaluator:
     def decide(self, experiment: str, unit: str | int) -> Decision:
         """The variant ``unit`` gets in ``experiment``, decided in-process.
 
-        Raises NotFoundError for an unknown experiment and BadRequestError for a missing,
+        Raises ExperimentNotFoundError (a NotFoundError) for an experiment not in the config
+        last polled and BadRequestError for a missing,
         non-string or too long unit id, as the edge answers them.
         """
         try:
@@ -113,8 +114,12 @@ class Evaluator:
     def _unknown(self, experiment: str) -> RampartError:
         if self._config is None:
             return RampartError("the local evaluator has no config yet: start it first")
-        return NotFoundError(
-            404, "not_found", f"unknown experiment {experiment!r}", field="experiment"
+        return ExperimentNotFoundError(
+            404,
+            "experiment_not_found",
+            f"unknown experiment {experiment!r} in config version {self._config.version} "
+            f"(polled every {self.refresh_s:g} s: an experiment created since is not known yet)",
+            field="experiment",
         )
 
     def _loaded(self) -> LocalConfig:

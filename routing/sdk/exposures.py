@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from routing.sdk._transport import is_retryable, json_request_body
-from routing.sdk.errors import ApiError, BadRequestError, NotFoundError, RampartError
+from routing.sdk.errors import ApiError, NotFoundError, RampartError
 
 logger = logging.getLogger("routing.sdk")
 
@@ -222,11 +222,14 @@ class ExposureQueue:
 
     def without_refused(self, batch: list[Exposure], error: RampartError) -> list[Exposure] | None:
         """``batch`` minus the exposures ``error`` refuses by position, or None if the error
-        is not such a refusal (400 ``invalid_exposure``)."""
-        if not isinstance(error, BadRequestError) or error.code != "invalid_exposure":
+        is not such a refusal (a 400 or 409 problem whose errors name exposures by ``index``;
+        or the older 400 ``invalid_exposure``)."""
+        if not isinstance(error, ApiError) or error.status not in (400, 409):
             return None
-        listed = error.payload.get("error", {}).get("errors")
-        if isinstance(listed, list):
+        listed: Any = error.errors
+        if not listed and error.code == "invalid_exposure":
+            listed = error.payload.get("error", {}).get("errors")
+        if isinstance(listed, list) and listed:
             positions = {item.get("index") for item in listed if isinstance(item, dict)}
         else:
             positions = {error.index}

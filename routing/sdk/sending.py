@@ -43,9 +43,10 @@ def call_with_retries(
             if response.status_code < 500:
                 return json_body(response)
             error = error_for(response)
-        if retries >= retry.max_retries:
+        delay = retry.delay_after(retries, error)
+        if delay is None:
             raise error
-        time.sleep(retry.delay_s(retries))
+        time.sleep(delay)
         retries += 1
 
 
@@ -64,9 +65,10 @@ async def acall_with_retries(
             if response.status_code < 500:
                 return json_body(response)
             error = error_for(response)
-        if retries >= retry.max_retries:
+        delay = retry.delay_after(retries, error)
+        if delay is None:
             raise error
-        await asyncio.sleep(retry.delay_s(retries))
+        await asyncio.sleep(delay)
         retries += 1
 
 

@@ -311,6 +311,6 @@ def test_the_composed_app_sends_every_edge_prefix_to_the_edge(
     ]
     for method, path in edge_paths:
         response = httpx.request(method, f"{base}{path}", json={})
-        # Without a key the edge answers with its JSON 401, not Django's HTML 404.
+        # Without a key the edge answers with its problem+json 401, not Django's HTML 404.
         assert response.status_code == 401, (path, response.status_code, response.text)
-        assert "error" in response.json(), path
+        assert response.json()["code"] == "not_authenticated", path

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import orjson
 import pytest
+from django.db import OperationalError, connections
 
 from experiments import services
 from routing.edge import Edge, EdgeContext, Receive, Scope, Send, build_edge, send_json
 from routing.models import Exposure
 from routing.recorder import ExposureRecorder
-from routing.snapshot import SnapshotHolder
+from routing.snapshot import SnapshotHolder, load_snapshot, read_config_version
 from tests.factories import create_experiment
+from tests.routing.problems import assert_problem
+
+_T = TypeVar("_T")
 
 
 class Client:
@@ -56,13 +60,45 @@ async def django_stand_in(scope: Scope, receive: Receive, send: Send) -> None:
     await send_json(send, 200, orjson.dumps({"fallback": scope["path"]}))
 
 
+def _closing_in_loop(read: Callable[[], _T]) -> Callable[[], _T]:
+    """``read``, closing the connection it opened when called from the event loop.
+
+    That connection belongs to the loop task's context (asgiref's Local), which no one
+    would close otherwise.
+    """
+
+    def wrapped() -> _T:
+        try:
+            return read()
+        finally:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                pass
+            else:
+                for opened in connections.all(initialized_only=True):
+                    opened.close()
+
+    return wrapped
+
+
 @pytest.fixture
-def edge(metrics: Any, make_key: Callable[..., str]) -> Iterator[tuple[Edge, Client, str]]:
+def edge(
+    metrics: Any, make_key: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Edge, Client, str]]:
+    # The holder is not started: a miss confirms the config version in the event loop's
+    # thread (SnapshotHolder._confirm), on a connection of its own, which sees what the
+    # test committed (hence transactional tests).
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     create_experiment("ranker-v2", "ab")
     services.experiment_start(actor="test", key="ranker-v2")
     key = make_key("decide")
     context = EdgeContext(
-        snapshots=SnapshotHolder(refresh_s=60),
+        snapshots=SnapshotHolder(
+            refresh_s=60,
+            loader=_closing_in_loop(load_snapshot),
+            version_reader=_closing_in_loop(read_config_version),
+        ),
         exposures=ExposureRecorder(flush_s=60),
         require_key=True,
     )
@@ -75,7 +111,7 @@ def _auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_decide_get_and_post_agree_and_record_one_exposure(edge: tuple[Edge, Client, str]) -> None:
     app, client, key = edge
     got = client.request(
@@ -100,7 +136,7 @@ def test_decide_get_and_post_agree_and_record_one_exposure(edge: tuple[Edge, Cli
     ]
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_query_values_are_percent_decoded(edge: tuple[Edge, Client, str]) -> None:
     _, client, key = edge
     unit = "anna+b é/1&x=2"
@@ -115,7 +151,7 @@ def test_query_values_are_percent_decoded(edge: tuple[Edge, Client, str]) -> Non
     assert first["unit"] == "a"
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_not_running_experiments_record_nothing(edge: tuple[Edge, Client, str]) -> None:
     app, client, key = edge
     services.experiment_pause(actor="test", key="ranker-v2")
@@ -128,56 +164,102 @@ def test_not_running_experiments_record_nothing(edge: tuple[Edge, Client, str]) 
     assert not Exposure.objects.exists()
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize(
     ("url", "status", "code", "field"),
     [
-        ("/v1/decide?unit=u", 400, "invalid", "experiment"),
-        ("/v1/decide?experiment=ranker-v2", 400, "invalid", "unit"),
-        ("/v1/decide?experiment=nope&unit=u", 404, "not_found", "experiment"),
+        ("/v1/decide?unit=u", 400, "validation_error", "experiment"),
+        ("/v1/decide?experiment=ranker-v2", 400, "validation_error", "unit"),
+        ("/v1/decide?experiment=nope&unit=u", 404, "experiment_not_found", "experiment"),
         ("/v1/nothing-here", 404, "not_found", None),
+        # Invalid UTF-8 after percent-decoding: refused, never replaced by U+FFFD.
+        ("/v1/decide?experiment=ranker-v2&unit=bad%FF", 400, "invalid_encoding", "unit"),
+        ("/v1/decide?experiment=ranker-v2&unit=bad%C3", 400, "invalid_encoding", "unit"),
+        ("/v1/decide?experiment=r%FFnker&unit=u", 400, "invalid_encoding", "experiment"),
     ],
 )
 def test_errors_name_the_field(
     edge: tuple[Edge, Client, str], url: str, status: int, code: str, field: str | None
 ) -> None:
     _, client, key = edge
-    response = client.request("GET", url, headers=_auth(key))
-    assert response.status_code == status
-    assert response.json()["error"]["code"] == code
-    assert response.json()["error"]["field"] == field
-    assert response.json()["error"]["message"]
+    assert_problem(client.request("GET", url, headers=_auth(key)), status, code, field)
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
+def test_raw_query_bytes_that_are_not_utf8_are_refused(edge: tuple[Edge, Client, str]) -> None:
+    app, _, key = edge
+    for query, status in [
+        (b"experiment=ranker-v2&unit=bad\xff", 400),
+        (b"experiment=ranker-v2&unit=u-1&other=\xff", 200),  # a parameter the edge ignores
+    ]:
+        response = asyncio.run(_call(app, "GET", "/v1/decide", query, key))
+        assert response[0] == status, response
+        if status == 400:
+            body = orjson.loads(response[2])
+            assert (body["code"], body["field"]) == ("invalid_encoding", "unit")
+            assert response[1][b"content-type"] == b"application/problem+json"
+    app.context.exposures.flush_now()
+    assert list(Exposure.objects.values_list("unit_id", flat=True)) == ["u-1"]
+
+
+async def _call(
+    app: Edge, method: str, path: str, query: bytes, key: str, body: bytes = b""
+) -> tuple[int, dict[bytes, bytes], bytes]:
+    """One request straight through the ASGI interface (raw bytes a client library refuses)."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "query_string": query,
+        "headers": [(b"authorization", f"Bearer {key}".encode())],
+    }
+    await app(scope, receive, send)
+    return sent[0]["status"], dict(sent[0]["headers"]), sent[1]["body"]
+
+
+@pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize(
-    ("body", "field"),
+    ("body", "code", "field"),
     [
-        (b"{not json", None),
-        (b"[1, 2]", None),
-        (b'{"experiment": "ranker-v2", "unit": ["a"]}', "unit"),
-        (b'{"experiment": "ranker-v2", "unit": "' + b"x" * 201 + b'"}', "unit"),
+        (b"{not json", "malformed_json", None),
+        (b"[1, 2]", "validation_error", None),
+        (b'{"experiment": "ranker-v2", "unit": ["a"]}', "validation_error", "unit"),
+        (b'{"experiment": "ranker-v2", "unit": "' + b"x" * 201 + b'"}', "validation_error", "unit"),
         # A NUL could not be stored with the exposure (PostgreSQL text).
-        (b'{"experiment": "ranker-v2", "unit": "a\\u0000b"}', "unit"),
-        (b'{"experiment": 3, "unit": "a"}', "experiment"),
+        (b'{"experiment": "ranker-v2", "unit": "a\\u0000b"}', "validation_error", "unit"),
+        (b'{"experiment": 3, "unit": "a"}', "validation_error", "experiment"),
+        (b'{"experiment": "ranker-v2", "unit": "a", "units": 1}', "unknown_field", "units"),
+        (b'{"experiment": "ranker-v2", "unit": "bad\xff"}', "invalid_encoding", "unit"),
+        (b'{"experiment": "ranker-v2", "unit": "bad\\udcff"}', "invalid_encoding", "unit"),
     ],
 )
 def test_bad_post_bodies_are_400(
-    edge: tuple[Edge, Client, str], body: bytes, field: str | None
+    edge: tuple[Edge, Client, str], body: bytes, code: str, field: str | None
 ) -> None:
-    _, client, key = edge
+    app, client, key = edge
     response = client.request("POST", "/v1/decide", content=body, headers=_auth(key))
-    assert response.status_code == 400
-    assert response.json()["error"]["field"] == field
+    assert_problem(response, 400, code, field)
+    app.context.exposures.flush_now()
+    assert not Exposure.objects.exists()
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_keys_are_checked_against_the_snapshot(
     edge: tuple[Edge, Client, str], make_key: Callable[..., str]
 ) -> None:
     app, client, key = edge
     url = "/v1/decide?experiment=ranker-v2&unit=u"
-    assert client.request("GET", url).status_code == 401
+    anonymous = client.request("GET", url)
+    assert_problem(anonymous, 401, "not_authenticated")
+    assert anonymous.headers["www-authenticate"].startswith("Bearer")
     assert client.request("GET", url, headers=_auth("rk_bad_key")).status_code == 401
     assert client.request("GET", url, headers={"X-Rampart-Key": key}).status_code == 200
     ingest_only = make_key("ingest")
@@ -185,8 +267,7 @@ def test_keys_are_checked_against_the_snapshot(
     assert client.request("GET", url, headers=_auth(ingest_only)).status_code == 401
     app.context.snapshots.check_now()
     forbidden = client.request("GET", url, headers=_auth(ingest_only))
-    assert forbidden.status_code == 403
-    assert forbidden.json()["error"]["code"] == "forbidden"
+    assert_problem(forbidden, 403, "permission_denied")
     services.api_key_revoke(actor="test", prefix=key.split("_")[1])
     app.context.snapshots.check_now()
     assert client.request("GET", url, headers=_auth(key)).status_code == 401
@@ -194,7 +275,7 @@ def test_keys_are_checked_against_the_snapshot(
     assert client.request("GET", url).status_code == 200
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_batch_for_many_units_and_for_every_running_experiment(
     edge: tuple[Edge, Client, str],
 ) -> None:
@@ -232,12 +313,168 @@ def test_batch_for_many_units_and_for_every_running_experiment(
         json={"experiment": "ranker-v2", "units": ["u"] * 1001},
         headers=_auth(key),
     )
-    assert too_many.status_code == 400 and too_many.json()["error"]["field"] == "units"
+    assert_problem(too_many, 400, "validation_error", "units")
     app.context.exposures.flush_now()
     assert Exposure.objects.filter(unit_id="u-7").count() == 2
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("body", "code", "field", "index"),
+    [
+        (
+            {"experiment": "ranker-v2", "units": ["u-1", "u-2", None, "u-4"]},
+            "validation_error",
+            "units[2]",
+            2,
+        ),
+        (
+            {"experiment": "ranker-v2", "units": ["u-1", "u-2", "x" * 201]},
+            "validation_error",
+            "units[2]",
+            2,
+        ),
+        (
+            {"experiment": "ranker-v2", "units": ["u-1", "u-2", "a\x00b"]},
+            "validation_error",
+            "units[2]",
+            2,
+        ),
+        ({"unit": "u-1", "experiments": ["ranker-v2", 7]}, "validation_error", "experiments[1]", 1),
+        ({"unit": "u-1", "experiments": None}, "validation_error", "experiments", None),
+        (
+            {"unit": "u-1", "experiments": ["ranker-v2", "nope"]},
+            "experiment_not_found",
+            "experiments[1]",
+            1,
+        ),
+        ({"experiment": "nope", "units": ["u-1"]}, "experiment_not_found", "experiment", None),
+        (
+            {"experiment": "ranker-v2", "units": ["u-1"], "unit": "u"},
+            "validation_error",
+            "units",
+            None,
+        ),
+        ({"experiment": "ranker-v2", "units": ["u-1"], "extra": 1}, "unknown_field", "extra", None),
+    ],
+)
+def test_a_bad_batch_is_refused_whole_and_records_nothing(
+    edge: tuple[Edge, Client, str], body: dict[str, Any], code: str, field: str, index: int | None
+) -> None:
+    app, client, key = edge
+    response = client.request("POST", "/v1/decide/batch", json=body, headers=_auth(key))
+    assert_problem(
+        response, 400 if code != "experiment_not_found" else 404, code, field, index=index
+    )
+    app.context.exposures.flush_now()
+    assert not Exposure.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_lists_every_bad_unit(edge: tuple[Edge, Client, str]) -> None:
+    _, client, key = edge
+    units = ["u-0", "", "u-2", ["x"], "bad\udcff"]
+    body = orjson.dumps({"experiment": "ranker-v2", "units": units[:4]})[:-2] + b',"bad\\udcff"]}'
+    response = client.request("POST", "/v1/decide/batch", content=body, headers=_auth(key))
+    problem = assert_problem(response, 400, "invalid_encoding", "units[4]")
+    body = orjson.dumps({"experiment": "ranker-v2", "units": units[:4]})
+    response = client.request("POST", "/v1/decide/batch", content=body, headers=_auth(key))
+    problem = assert_problem(response, 400, "validation_error", "units[1]", index=1)
+    assert [(e["index"], e["field"]) for e in problem["errors"]] == [
+        (1, "units[1]"),
+        (3, "units[3]"),
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_experiment_created_after_the_snapshot_is_served_not_refused(
+    edge: tuple[Edge, Client, str],
+) -> None:
+    app, client, key = edge
+    version = app.context.snapshots.current.version
+    create_experiment("fresh", "ab")
+    services.experiment_start(actor="test", key="fresh")
+    # The snapshot lags (no refresh ran): the miss confirms the version and loads the new one.
+    fresh = client.request("GET", "/v1/decide?experiment=fresh&unit=u-1", headers=_auth(key))
+    assert fresh.status_code == 200, fresh.text
+    assert fresh.json()["reason"] == "assigned"
+    assert app.context.snapshots.current.version > version
+    # A key the confirmed snapshot still lacks does not exist.
+    missing = client.request("GET", "/v1/decide?experiment=nope&unit=u-1", headers=_auth(key))
+    assert_problem(missing, 404, "experiment_not_found", "experiment")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_version_check_serves_every_new_key_of_a_batch(edge: tuple[Edge, Client, str]) -> None:
+    app, client, key = edge
+    holder = app.context.snapshots
+    reads: list[int] = []
+    read_version = holder._version_reader
+
+    def counted() -> int:
+        reads.append(1)
+        return read_version()
+
+    holder._version_reader = counted
+    fresh = [f"fresh-{number}" for number in range(3)]
+    for name in fresh:
+        create_experiment(name, "ab")
+    response = client.request(
+        "POST", "/v1/decide/batch", json={"unit": "u-1", "experiments": fresh}, headers=_auth(key)
+    )
+    assert response.status_code == 200, response.text
+    assert [d["experiment"] for d in response.json()["decisions"]] == fresh
+    assert len(reads) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_unknown_experiment_is_not_on_edge_while_the_version_cannot_be_confirmed(
+    edge: tuple[Edge, Client, str],
+) -> None:
+    app, client, key = edge
+    holder = app.context.snapshots
+
+    def database_down() -> int:
+        raise OperationalError("connection refused")
+
+    holder._version_reader = database_down
+    response = client.request("GET", "/v1/decide?experiment=fresh&unit=u-1", headers=_auth(key))
+    problem = assert_problem(response, 503, "experiment_not_on_edge", "experiment")
+    assert response.headers["retry-after"] == "60" and problem["retry_after_s"] == 60
+    # Known experiments are still served from the snapshot meanwhile.
+    known = client.request("GET", "/v1/decide?experiment=ranker-v2&unit=u-1", headers=_auth(key))
+    assert known.status_code == 200
+
+
+@pytest.mark.django_db(transaction=True)
+def test_unexpected_failures_are_a_problem_500(
+    edge: tuple[Edge, Client, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, client, key = edge
+
+    def broken(**_: Any) -> bool:
+        raise RuntimeError("recorder broke")
+
+    monkeypatch.setattr(app.context.exposures, "record", broken)
+    response = client.request("GET", "/v1/decide?experiment=ranker-v2&unit=u-1", headers=_auth(key))
+    assert_problem(response, 500, "server_error")
+    assert "recorder broke" not in response.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_wrong_methods_name_the_allowed_ones(edge: tuple[Edge, Client, str]) -> None:
+    _, client, key = edge
+    for path, allowed in [
+        ("/v1/decide", "GET, POST"),
+        ("/v1/decide/batch", "POST"),
+        ("/v1/config", "GET"),
+    ]:
+        response = client.request("DELETE", path, headers=_auth(key))
+        assert_problem(response, 405, "method_not_allowed")
+        assert response.headers["allow"] == allowed
+
+
+@pytest.mark.django_db(transaction=True)
 def test_config_has_an_etag_and_answers_304(edge: tuple[Edge, Client, str]) -> None:
     app, client, key = edge
     first = client.request("GET", "/v1/config", headers=_auth(key))
@@ -262,7 +499,7 @@ def test_config_has_an_etag_and_answers_304(edge: tuple[Edge, Client, str]) -> N
     assert client.request("GET", "/v1/config").status_code == 401
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_mounts_and_fallback_get_their_paths(edge: tuple[Edge, Client, str]) -> None:
     app, client, _ = edge
     assert client.request("GET", "/proxy/ranker-v2/predict").json() == {"mounted": True}
@@ -283,8 +520,8 @@ def test_not_ready_before_the_first_snapshot() -> None:
     )
     client = Client(build_edge(context=context))
     response = client.request("GET", "/v1/decide?experiment=a&unit=b")
-    assert response.status_code == 503
-    assert response.json()["error"]["code"] == "not_ready"
+    assert_problem(response, 503, "not_ready")
+    assert response.headers["retry-after"] == "1"
 
 
 @pytest.mark.django_db(transaction=True)

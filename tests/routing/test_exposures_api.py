@@ -18,12 +18,13 @@ import orjson
 import pytest
 
 from experiments import services
-from routing.edge import EdgeError
-from routing.exposures_api import InvalidExposures, validate_exposures
+from routing.exposures_api import validate_exposures
 from routing.models import Exposure
+from routing.problems import TITLES, EdgeError
 from routing.snapshot import RoutingSnapshot, load_snapshot
 from tests.factories import create_experiment
 from tests.routing.edge_factories import ServedEdge, serve_edge
+from tests.routing.problems import assert_problem
 from tests.routing.sdk.conftest import EdgeServer
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
@@ -72,50 +73,59 @@ def _exposure(snapshot: RoutingSnapshot, arm: str = "v1", number: int = 0) -> di
     return {"experiment": "ranker", "unit_id": unit, "variant": arm}
 
 
-def _bad_exposures(snapshot: RoutingSnapshot) -> list[tuple[Any, str | None]]:
+def _bad_exposures(snapshot: RoutingSnapshot) -> list[tuple[Any, str | None, str]]:
     units = _units(snapshot, "ranker")
     good = _exposure(snapshot)
     return [
-        ("not an object", None),
-        ({"unit_id": units["v1"][0], "variant": "v1"}, "experiment"),
-        ({**good, "experiment": 42}, "experiment"),
-        ({**good, "experiment": "nope"}, "experiment"),
-        ({**good, "experiment": "paused"}, "experiment"),
-        ({**good, "experiment": "draft"}, "experiment"),
-        ({"experiment": "ranker", "variant": "v1"}, "unit_id"),
-        ({**good, "unit_id": True}, "unit_id"),
-        ({**good, "unit_id": "u" * 201}, "unit_id"),
-        ({**good, "unit_id": "a\x00b"}, "unit_id"),
+        ("not an object", None, "validation_error"),
+        ({"unit_id": units["v1"][0], "variant": "v1"}, "experiment", "validation_error"),
+        ({**good, "experiment": 42}, "experiment", "validation_error"),
+        ({**good, "experiment": "nope"}, "experiment", "assignment_conflict"),
+        ({**good, "experiment": "paused"}, "experiment", "assignment_conflict"),
+        ({**good, "experiment": "draft"}, "experiment", "assignment_conflict"),
+        ({"experiment": "ranker", "variant": "v1"}, "unit_id", "validation_error"),
+        ({**good, "unit_id": True}, "unit_id", "validation_error"),
+        ({**good, "unit_id": "u" * 201}, "unit_id", "validation_error"),
+        ({**good, "unit_id": "a\x00b"}, "unit_id", "validation_error"),
         # Outside the half coverage: the edge serves control and records nothing.
-        ({**good, "unit_id": units["out"][0]}, "unit_id"),
-        ({"experiment": "ranker", "unit_id": units["v1"][0]}, "variant"),
-        ({**good, "variant": "v9"}, "variant"),
+        ({**good, "unit_id": units["out"][0]}, "unit_id", "assignment_conflict"),
+        ({"experiment": "ranker", "unit_id": units["v1"][0]}, "variant", "validation_error"),
+        ({**good, "variant": "v9"}, "variant", "assignment_conflict"),
         # The unit is in the experiment, but in the other arm.
-        ({**good, "variant": "v2"}, "variant"),
-        ({**good, "timestamp": "yesterday"}, "timestamp"),
-        ({**good, "timestamp": "2026-05-01T12:00:00"}, "timestamp"),
-        ({**good, "timestamp": 1_777_636_800_000}, "timestamp"),
-        ({**good, "varient": "v1"}, "varient"),
+        ({**good, "variant": "v2"}, "variant", "assignment_conflict"),
+        ({**good, "timestamp": "yesterday"}, "timestamp", "validation_error"),
+        ({**good, "timestamp": "2026-05-01T12:00:00"}, "timestamp", "validation_error"),
+        ({**good, "timestamp": 1_777_636_800_000}, "timestamp", "validation_error"),
+        ({**good, "varient": "v1"}, "varient", "unknown_field"),
+        # Beyond the clock skew a client may have (EDGE_MAX_CLOCK_SKEW_S, 300 s by default).
+        (
+            {**good, "timestamp": (NOW + timedelta(seconds=301)).isoformat()},
+            "timestamp",
+            "validation_error",
+        ),
+        ({**good, "timestamp": "9999-12-31T23:59:59Z"}, "timestamp", "validation_error"),
     ]
 
 
 @pytest.mark.django_db
 def test_each_rule_names_the_index_and_the_field(snapshot: RoutingSnapshot) -> None:
     valid = [_exposure(snapshot, "v1", 1), _exposure(snapshot, "v2", 0)]
-    for bad, field in _bad_exposures(snapshot):
-        with pytest.raises(InvalidExposures) as caught:
+    for bad, field, code in _bad_exposures(snapshot):
+        with pytest.raises(EdgeError) as caught:
             validate_exposures(_body([*valid, bad, valid[0]]), snapshot=snapshot, now=NOW)
-        [error] = caught.value.errors
-        assert (error.index, error.field) == (2, field), bad
-        body = orjson.loads(caught.value.as_body())
+        [error] = caught.value.errors or []
+        assert (error["index"], error["field"]) == (2, field), bad
+        body = orjson.loads(caught.value.body())
         assert body == {
-            "error": {
-                "code": "invalid_exposure",
-                "index": 2,
-                "field": field,
-                "message": error.message,
-                "errors": [{"index": 2, "field": field, "message": error.message}],
-            }
+            "type": f"urn:rampart:problem:{code}",
+            "title": TITLES[code],
+            "status": 409 if code == "assignment_conflict" else 400,
+            "detail": f"exposure 2: {error['message']}",
+            "code": code,
+            "field": field,
+            "index": 2,
+            "errors": [{"index": 2, "field": field, "code": code, "message": error["message"]}],
+            "batch_size": 4,
         }
 
 
@@ -124,14 +134,21 @@ def test_every_invalid_exposure_is_listed(snapshot: RoutingSnapshot) -> None:
     good = _exposure(snapshot, "v1")
     wrong_arm = {**good, "variant": "v2"}
     batch = [good, wrong_arm, good, {**good, "experiment": "paused"}, wrong_arm]
-    with pytest.raises(InvalidExposures) as caught:
+    with pytest.raises(EdgeError) as caught:
         validate_exposures(_body(batch), snapshot=snapshot, now=NOW)
-    assert [(e.index, e.field) for e in caught.value.errors] == [
+    errors = caught.value.errors or []
+    assert [(e["index"], e["field"]) for e in errors] == [
         (1, "variant"),
         (3, "experiment"),
         (4, "variant"),
     ]
-    assert "gets variant 'v1'" in caught.value.errors[0].message
+    assert "gets variant 'v1'" in errors[0]["message"]
+    # Only conflicts with the edge's assignments: 409. One malformed exposure makes it a 400.
+    assert (caught.value.status, caught.value.code) == (409, "assignment_conflict")
+    with pytest.raises(EdgeError) as mixed:
+        validate_exposures(_body([*batch, {**good, "unit_id": ""}]), snapshot=snapshot, now=NOW)
+    assert (mixed.value.status, mixed.value.code, mixed.value.index) == (400, "validation_error", 1)
+    assert [e["code"] for e in mixed.value.errors or []][-1] == "validation_error"
 
 
 @pytest.mark.django_db
@@ -143,8 +160,9 @@ def test_valid_exposures_are_accepted_and_overrides_ignored(snapshot: RoutingSna
         _exposure(snapshot, "v1"),
         {**_exposure(snapshot, "v2"), "timestamp": "2026-05-01T13:55:00+02:00"},
         {**_exposure(snapshot, "v2", 1), "timestamp": later.timestamp()},
-        # In the future: the edge cannot receive an exposure before it happened.
-        {**_exposure(snapshot, "v1", 1), "timestamp": (NOW + timedelta(hours=1)).isoformat()},
+        # Ahead, within the clock skew: the edge cannot receive an exposure before it
+        # happened, so it is taken as received now.
+        {**_exposure(snapshot, "v1", 1), "timestamp": (NOW + timedelta(minutes=4)).isoformat()},
         # Overridden units are QA traffic: never refused, never counted (like the edge).
         {"experiment": "ranker", "unit_id": "qa-anna", "variant": "v1"},
         {"experiment": "ranker", "unit_id": "qa-anna", "variant": "v2"},
@@ -177,7 +195,7 @@ def test_valid_exposures_are_accepted_and_overrides_ignored(snapshot: RoutingSna
         (b'{"exposures": {}}', 400, "exposures"),
         (b'{"exposures": [], "extra": 1}', 400, "extra"),
         (b"{}", 400, "exposures"),
-        (orjson.dumps({"exposures": [{}] * 3}), 413, "exposures"),
+        (orjson.dumps({"exposures": [{}] * 3}), 400, "exposures"),
     ],
 )
 def test_batch_shape(body: bytes, status: int, field: str | None) -> None:
@@ -273,10 +291,9 @@ def test_a_mismatched_variant_refuses_the_batch(edge: tuple[ServedEdge, EdgeServ
     valid = {"experiment": "ranker", "unit_id": units["v1"][0], "variant": "v1"}
     wrong = {"experiment": "ranker", "unit_id": units["v2"][0], "variant": "v1"}
     response = _post(server, {"exposures": [valid, wrong]})
-    assert response.status_code == 400
-    error = response.json()["error"]
-    assert (error["code"], error["index"], error["field"]) == ("invalid_exposure", 1, "variant")
-    assert error["errors"] == [{"index": 1, "field": "variant", "message": error["message"]}]
+    error = assert_problem(response, 409, "assignment_conflict", "variant", index=1)
+    [entry] = error["errors"]
+    assert (entry["index"], entry["field"], entry["code"]) == (1, "variant", "assignment_conflict")
     # A later valid batch is written; the refused batch's valid exposure never is.
     marker = {"experiment": "ranker", "unit_id": units["v2"][1], "variant": "v2"}
     assert _post(server, {"exposures": [marker]}).status_code == 202
@@ -295,10 +312,11 @@ def test_keys_methods_and_paths(
     ingest_only = make_key("ingest")
     server.sync()
     forbidden = _post(server, body, key=ingest_only)
-    assert forbidden.status_code == 403
-    assert forbidden.json()["error"]["code"] == "forbidden"
+    assert_problem(forbidden, 403, "permission_denied")
     headers = {"Authorization": f"Bearer {server.key}"}
-    assert httpx.get(f"{server.url}/v1/exposures", headers=headers).status_code == 405
-    assert httpx.post(f"{server.url}/v1/exposures/x", headers=headers).status_code == 404
+    not_allowed = httpx.get(f"{server.url}/v1/exposures", headers=headers)
+    assert_problem(not_allowed, 405, "method_not_allowed")
+    assert not_allowed.headers["allow"] == "POST"
+    assert_problem(httpx.post(f"{server.url}/v1/exposures/x", headers=headers), 404, "not_found")
     too_many = _post(server, {"exposures": [{}] * 10_001})
-    assert (too_many.status_code, too_many.json()["error"]["code"]) == (413, "too_large")
+    assert_problem(too_many, 400, "validation_error", "exposures")

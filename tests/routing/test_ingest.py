@@ -14,12 +14,14 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
-from routing.edge import Edge, EdgeContext, EdgeError, build_edge
-from routing.ingest import EventsApp, InvalidEvent, events_insert, parse_events
+from routing.edge import Edge, EdgeContext, build_edge
+from routing.ingest import EventsApp, events_insert, parse_events
 from routing.models import Event
+from routing.problems import EdgeError
 from routing.recorder import ExposureRecorder
 from routing.snapshot import SnapshotHolder
 from tests.processes import free_port, start_process, stop_process, wait_for_http
+from tests.routing.problems import assert_problem
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -62,19 +64,74 @@ def _body(events: list[Any]) -> bytes:
     ],
 )
 def test_each_rule_names_the_index_and_the_field(bad: Any, field: str | None) -> None:
-    with pytest.raises(InvalidEvent) as caught:
+    with pytest.raises(EdgeError) as caught:
         parse_events(_body([_event(0), _event(1), bad, _event(3)]), now=NOW)
-    assert (caught.value.index, caught.value.field) == (2, field)
-    assert caught.value.message
-    body = orjson.loads(caught.value.as_body())
-    assert body == {
-        "error": {
-            "code": "invalid_event",
-            "index": 2,
-            "field": field,
-            "message": caught.value.message,
-        }
-    }
+    assert (caught.value.status, caught.value.index, caught.value.field) == (400, 2, field)
+    body = orjson.loads(caught.value.body())
+    code = "unknown_field" if field == "vaule" else "validation_error"
+    assert body["code"] == code and body["type"] == f"urn:rampart:problem:{code}"
+    assert (body["index"], body["field"]) == (2, field)
+    [entry] = body["errors"]
+    assert (entry["index"], entry["field"], entry["code"]) == (2, field, code)
+    assert entry["message"] and body["detail"] == f"event 2: {entry['message']}"
+
+
+def test_every_bad_event_of_a_batch_is_listed() -> None:
+    body = _body([_event(0), _event(1, value="x"), _event(2), _event(3, unit_id=None)])
+    with pytest.raises(EdgeError) as caught:
+        parse_events(body, now=NOW)
+    errors = caught.value.errors or []
+    assert [(e["index"], e["field"]) for e in errors] == [(1, "value"), (3, "unit_id")]
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "accepted"),
+    [
+        ("9999-12-31T23:59:59Z", False),
+        (NOW + timedelta(seconds=301), False),
+        (NOW + timedelta(seconds=299), True),
+        (NOW - timedelta(days=400), True),
+    ],
+)
+def test_timestamps_beyond_the_clock_skew_are_refused(
+    timestamp: Any, accepted: bool, settings: Any
+) -> None:
+    settings.EDGE_MAX_CLOCK_SKEW_S = 300
+    raw = timestamp if isinstance(timestamp, str) else timestamp.isoformat()
+    body = _body([_event(0), _event(1, timestamp=raw)])
+    if accepted:
+        assert parse_events(body, now=NOW).rows[1][4] == datetime.fromisoformat(raw)
+        return
+    with pytest.raises(EdgeError) as caught:
+        parse_events(body, now=NOW)
+    assert (caught.value.status, caught.value.index, caught.value.field) == (400, 1, "timestamp")
+    assert "EDGE_MAX_CLOCK_SKEW_S" in caught.value.message
+    # Epoch seconds get the same limit.
+    epoch = _body([_event(0, timestamp=datetime.fromisoformat(raw).timestamp())])
+    with pytest.raises(EdgeError):
+        parse_events(epoch, now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (b'"unit_id": "u-\xff"', "unit_id"),  # invalid UTF-8 bytes
+        (b'"unit_id": "u-\\udcff"', "unit_id"),  # a lone surrogate escape
+        (b'"event_id": "e-\xc3"', "event_id"),  # a truncated sequence
+    ],
+)
+def test_ids_that_are_not_utf8_are_refused_never_replaced(raw: bytes, field: str) -> None:
+    body = b'{"events": [{"event_id": "a", "unit_id": "u", "name": "n"}, {"name": "n", '
+    body += (b'"event_id": "b", ' if field == "unit_id" else b'"unit_id": "u", ') + raw + b"}]}"
+    with pytest.raises(EdgeError) as caught:
+        parse_events(body, now=NOW)
+    error = caught.value
+    assert (error.status, error.code, error.index, error.field) == (
+        400,
+        "invalid_encoding",
+        1,
+        field,
+    )
 
 
 def test_valid_events_are_normalised() -> None:
@@ -124,7 +181,7 @@ def test_a_repeated_event_id_in_one_batch_keeps_the_first() -> None:
         (b'{"events": {"a": 1}}', 400, "events"),
         (b'{"items": []}', 400, "items"),
         (b"{}", 400, "events"),
-        (orjson.dumps([_event(n) for n in range(11)]), 413, "events"),
+        (orjson.dumps([_event(n) for n in range(11)]), 400, "events"),
     ],
 )
 def test_bad_shapes_are_refused(body: bytes, status: int, field: str | None) -> None:
@@ -226,12 +283,15 @@ def test_batches_are_idempotent_and_counted(make_key: Callable[..., str]) -> Non
     assert [r.status_code for r in responses] == [200, 200, 400, 200]
     assert responses[0].json() == {"accepted": 2, "duplicates": 1}
     assert responses[1].json() == {"accepted": 1, "duplicates": 1}
-    assert responses[2].json()["error"] == {
-        "code": "invalid_event",
-        "index": 1,
-        "field": "value",
-        "message": "value must be a number",
-    }
+    problem = assert_problem(responses[2], 400, "validation_error", "value", index=1)
+    assert problem["errors"] == [
+        {
+            "index": 1,
+            "field": "value",
+            "code": "validation_error",
+            "message": "value must be a number",
+        }
+    ]
     assert responses[3].json() == {"accepted": 0, "duplicates": 3}
     rows = {e.event_id: (e.unit_id, e.name, e.value) for e in Event.objects.all()}
     assert rows == {
@@ -261,15 +321,20 @@ def test_keys_scopes_methods_paths_and_limits(make_key: Callable[..., str]) -> N
             (b"{not json", _auth(ingest)),
         ]
     )
-    refused = [(a.status_code, a.json()["error"]["code"]) for a in answers if a.status_code != 200]
+    refused = [(a.status_code, a.json()["code"]) for a in answers if a.status_code != 200]
     assert refused == [
-        (401, "unauthorized"),
-        (401, "unauthorized"),
-        (403, "forbidden"),
-        (413, "too_large"),
-        (413, "too_large"),
-        (400, "invalid"),
+        (401, "not_authenticated"),
+        (401, "not_authenticated"),
+        (403, "permission_denied"),
+        (400, "validation_error"),  # more events than a batch may hold
+        (413, "payload_too_large"),  # more bytes than a body may hold
+        (400, "malformed_json"),
     ]
+    assert all(
+        a.headers["content-type"] == "application/problem+json"
+        for a in answers
+        if a.status_code != 200
+    )
     assert answers[3].json() == {"accepted": 1, "duplicates": 0}
     assert edge.request("GET", "/v1/events", headers=_auth(ingest)).status_code == 405
     assert edge.request("POST", "/v1/events/other", headers=_auth(ingest)).status_code == 404

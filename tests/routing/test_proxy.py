@@ -20,6 +20,7 @@ from routing.histogram import LogHistogram
 from routing.models import Exposure, ObservationBucket
 from routing.proxy import ProxyApp
 from tests.model_server import ModelServer, closed_url
+from tests.routing.problems import assert_problem
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -365,11 +366,11 @@ def test_auth_unknown_experiment_and_body_limit(
     assert responses["no_key"].status_code == 401
     assert responses["wrong_scope"].status_code == 403
     assert responses["bearer"].status_code == 200
-    assert responses["unknown"].status_code == 404
-    assert responses["unknown"].json()["error"]["code"] == "not_found"
+    assert_problem(responses["no_key"], 401, "not_authenticated")
+    assert_problem(responses["wrong_scope"], 403, "permission_denied")
+    assert_problem(responses["unknown"], 404, "experiment_not_found", "experiment")
     for name in ("sized", "chunked"):
-        assert responses[name].status_code == 413
-        assert responses[name].json()["error"]["code"] == "too_large"
+        assert_problem(responses[name], 413, "payload_too_large")
     assert responses["fits"].status_code == 200
     # Only the two accepted requests reached the model, and the Rampart key in the
     # Authorization header was not passed on.
@@ -447,10 +448,8 @@ def test_without_fallback_the_failure_reaches_the_client(
     responses = run(scenario)
     assert responses["5xx"].status_code == 503
     assert responses["5xx"].headers["x-model"] == "canary"
-    assert responses["down"].status_code == 502
-    assert responses["down"].json()["error"]["code"] == "upstream_unavailable"
-    assert responses["slow"].status_code == 504
-    assert responses["slow"].json()["error"]["code"] == "upstream_timeout"
+    assert_problem(responses["down"], 502, "upstream_unavailable")
+    assert_problem(responses["slow"], 504, "upstream_timeout")
     assert servers["control"].count == 1
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import time
@@ -23,6 +24,8 @@ from routing.sdk import (
     Client,
     Decision,
     Event,
+    ExperimentNotFoundError,
+    ExperimentNotOnEdgeError,
     InvalidEventError,
     NotFoundError,
     PermissionDeniedError,
@@ -72,29 +75,38 @@ def test_decisions_from_the_edge_and_typed_errors(
         assert client.decide_all("u-1") == {"ranker-v2": decision}
         assert client.decide_all("u-1", ["ranker-v2"]) == {"ranker-v2": decision}
 
-        with pytest.raises(NotFoundError) as missing:
+        with pytest.raises(ExperimentNotFoundError) as missing:
             client.decide("no-such-experiment", "u-1")
         assert (missing.value.status, missing.value.code, missing.value.field) == (
             404,
-            "not_found",
+            "experiment_not_found",
             "experiment",
         )
+        assert isinstance(missing.value, NotFoundError)
         with pytest.raises(BadRequestError) as bad_unit:
             client.decide("ranker-v2", "x" * 201)
-        assert bad_unit.value.field == "unit" and bad_unit.value.payload["error"]["message"]
+        assert bad_unit.value.field == "unit" and bad_unit.value.payload["detail"]
+        assert bad_unit.value.code == "validation_error"
+        assert bad_unit.value.errors[0]["field"] == "unit"
+        with pytest.raises(BadRequestError) as bad_batch:
+            client.decide_many("ranker-v2", ["u-1", "", "u-3"])
+        assert (bad_batch.value.index, bad_batch.value.field) == (1, "units[1]")
+        # Created after the edge's last snapshot refresh: served, not "not found".
+        _start_ab("fresh")
+        assert client.decide("fresh", "u-1").experiment == "fresh"
     with Client(edge.url, "rk_unknown_secret") as stranger, pytest.raises(AuthenticationError):
         stranger.decide("ranker-v2", "u-1")
     with Client(edge.url, make_key("ingest")) as ingest_only:
         edge.sync()
         with pytest.raises(PermissionDeniedError) as denied:
             ingest_only.decide("ranker-v2", "u-1")
-        assert denied.value.code == "forbidden"
+        assert denied.value.code == "permission_denied"
 
     async def run_async() -> None:
         async with AsyncClient(edge.url, edge.key) as client:
             assert await client.decide("ranker-v2", "u-1") == decision
             assert await client.decide_many("ranker-v2", units) == many
-            assert await client.decide_all("u-1") == {"ranker-v2": decision}
+            assert (await client.decide_all("u-1"))["ranker-v2"] == decision
             with pytest.raises(NotFoundError):
                 await client.decide("no-such-experiment", "u-1")
 
@@ -167,9 +179,26 @@ class Script:
         if outcome == 200:
             return httpx.Response(200, json={"accepted": len(events), "duplicates": 0})
         if outcome == 400:
-            error = {"code": "invalid_event", "index": 1, "field": "value", "message": "bad"}
-            return httpx.Response(400, json={"error": error})
-        return httpx.Response(outcome, json={"error": {"code": "unavailable", "message": "x"}})
+            error = {"code": "validation_error", "index": 1, "field": "value", "message": "bad"}
+            return httpx.Response(400, json=_problem(400, "validation_error", errors=[error]))
+        return httpx.Response(outcome, json=_problem(outcome, "store_unavailable"))
+
+
+def _problem(status: int, code: str, **members: Any) -> dict[str, Any]:
+    """A problem document as the edge writes it (routing.problems)."""
+    errors = members.pop("errors", [{"field": None, "code": code, "message": "x"}])
+    first = errors[0]
+    return {
+        "type": f"urn:rampart:problem:{code}",
+        "title": code,
+        "status": status,
+        "detail": f"detail of {code}",
+        "code": code,
+        "field": first["field"],
+        "errors": errors,
+        **({"index": first["index"]} if "index" in first else {}),
+        **members,
+    }
 
 
 def _client(script: Script, **options: Any) -> Client:
@@ -225,10 +254,11 @@ def test_a_refused_batch_is_not_retried_and_is_handed_back() -> None:
     with pytest.raises(BadRequestError) as refused:
         client.flush()
     assert (refused.value.code, refused.value.index, refused.value.field) == (
-        "invalid_event",
+        "validation_error",
         1,
         "value",
     )
+    assert refused.value.message == "detail of validation_error"
     assert [event.event_id for event in refused.value.events] == ids
     assert len(script.calls) == 1 and client.buffered == 0
     client.close()
@@ -298,7 +328,12 @@ def test_decision_errors_map_to_typed_exceptions_and_5xx_is_retried() -> None:
         httpx.Response(502, text="<html>bad gateway</html>"),
         httpx.Response(
             404,
-            json={"error": {"code": "not_found", "message": "unknown", "field": "experiment"}},
+            json=_problem(
+                404,
+                "experiment_not_found",
+                errors=[{"field": "experiment", "code": "experiment_not_found", "message": "x"}],
+            ),
+            headers={"content-type": "application/problem+json"},
         ),
     ]
     seen: list[str] = []
@@ -310,9 +345,10 @@ def test_decision_errors_map_to_typed_exceptions_and_5xx_is_retried() -> None:
     client = Client(
         "http://edge/", "rk_a_b", retry=FAST_RETRY, transport=httpx.MockTransport(handler)
     )
-    with pytest.raises(NotFoundError) as missing:
+    with pytest.raises(ExperimentNotFoundError) as missing:
         client.decide("x", "u")
     assert missing.value.field == "experiment" and seen == ["/v1/decide", "/v1/decide"]
+    assert missing.value.message == "detail of experiment_not_found"
     down = Client(
         "http://edge",
         "rk_a_b",
@@ -324,6 +360,88 @@ def test_decision_errors_map_to_typed_exceptions_and_5xx_is_retried() -> None:
     assert (failed.value.status, failed.value.code) == (503, "http_error")
     client.close()
     down.close()
+
+
+def test_the_older_error_body_is_still_read() -> None:
+    legacy = {"error": {"code": "not_found", "message": "unknown", "field": "experiment"}}
+    client = Client(
+        "http://edge",
+        "rk_a_b",
+        retry=FAST_RETRY,
+        transport=httpx.MockTransport(lambda request: httpx.Response(404, json=legacy)),
+    )
+    with pytest.raises(NotFoundError) as missing:
+        client.decide("x", "u")
+    assert (missing.value.code, missing.value.message, missing.value.field) == (
+        "not_found",
+        "unknown",
+        "experiment",
+    )
+    client.close()
+
+
+def _not_on_edge(retry_after: str) -> httpx.Response:
+    entry = {"field": "experiment", "code": "experiment_not_on_edge", "message": "x"}
+    document = _problem(
+        503, "experiment_not_on_edge", errors=[entry], retry_after_s=float(retry_after)
+    )
+    return httpx.Response(503, json=document, headers={"retry-after": retry_after})
+
+
+def test_not_on_edge_is_retried_after_the_delay_the_edge_asks_for() -> None:
+    answers = [_not_on_edge("0.05"), _not_on_edge("0.05")]
+    sent: list[float] = []
+    decision = {
+        "experiment": "x",
+        "unit": "u",
+        "variant": "v1",
+        "in_experiment": True,
+        "reason": "assigned",
+        "upstream": "http://m",
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(time.monotonic())
+        return answers.pop(0) if answers else httpx.Response(200, json=decision)
+
+    policy = RetryPolicy(max_retries=3, backoff_base_s=0.001, backoff_cap_s=1.0)
+    transport = httpx.MockTransport(handler)
+    with Client("http://edge", "rk_a_b", retry=policy, transport=transport) as client:
+        assert client.decide("x", "u").variant == "v1"
+    assert len(sent) == 3
+    assert all(later - earlier >= 0.05 for earlier, later in itertools.pairwise(sent))
+
+
+def test_not_on_edge_longer_than_the_backoff_cap_is_raised_at_once_with_retry_after() -> None:
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        return _not_on_edge("60")
+
+    transport = httpx.MockTransport(handler)
+    with (
+        Client("http://edge", "rk_a_b", retry=FAST_RETRY, transport=transport) as client,
+        pytest.raises(ExperimentNotOnEdgeError) as lagging,
+    ):
+        client.decide("x", "u")
+    assert (lagging.value.status, lagging.value.code, lagging.value.retry_after_s) == (
+        503,
+        "experiment_not_on_edge",
+        60.0,
+    )
+    assert isinstance(lagging.value, ServerError) and len(calls) == 1
+
+    async def run_async() -> ExperimentNotOnEdgeError:
+        async with AsyncClient(
+            "http://edge", "rk_a_b", retry=FAST_RETRY, transport=httpx.MockTransport(handler)
+        ) as client:
+            with pytest.raises(ExperimentNotOnEdgeError) as caught:
+                await client.decide("x", "u")
+            return caught.value
+
+    assert asyncio.run(run_async()).retry_after_s == 60.0
+    assert len(calls) == 2
 
 
 def test_async_client_retries_and_puts_failed_batches_back() -> None:

@@ -19,6 +19,7 @@ from routing.sdk import (
     BadRequestError,
     Client,
     Decision,
+    ExperimentNotFoundError,
     LocalEvaluator,
     NotFoundError,
     RampartError,
@@ -138,13 +139,15 @@ def _evaluator(document: dict[str, Any]) -> LocalEvaluator:
 def test_unit_and_experiment_errors_are_the_edges() -> None:
     evaluator = _evaluator(_document())
     try:
-        with pytest.raises(NotFoundError) as missing:
+        with pytest.raises(ExperimentNotFoundError) as missing:
             evaluator.decide("nope", "u")
         assert (missing.value.status, missing.value.field) == (404, "experiment")
+        assert missing.value.code == "experiment_not_found"
+        assert isinstance(missing.value, NotFoundError)
         for unit in ("", None, True, 1.5, "x" * 201):
             with pytest.raises(BadRequestError) as bad:
                 evaluator.decide("exp", unit)  # type: ignore[arg-type]
-            assert bad.value.field == "unit"
+            assert (bad.value.field, bad.value.code) == ("unit", "validation_error")
         assert evaluator.decide("exp", 42) == evaluator.decide("exp", "42")
         override = evaluator.decide("exp", "qa")
         assert (override.variant, override.reason, override.in_experiment) == (

@@ -118,9 +118,21 @@ def _accept(exposures: list[dict[str, Any]]) -> httpx.Response:
 
 def _refuse(*indexes: int) -> Callable[[list[dict[str, Any]]], httpx.Response]:
     def answer(exposures: list[dict[str, Any]]) -> httpx.Response:
-        errors = [{"index": i, "field": "variant", "message": "not its variant"} for i in indexes]
-        error = {"code": "invalid_exposure", **errors[0], "errors": errors}
-        return httpx.Response(400, json={"error": error})
+        errors = [
+            {"index": i, "field": "variant", "code": "assignment_conflict", "message": "not its"}
+            for i in indexes
+        ]
+        problem = {
+            "type": "urn:rampart:problem:assignment_conflict",
+            "title": "Assignment conflict",
+            "status": 409,
+            "detail": "exposure: not its variant",
+            "code": "assignment_conflict",
+            "field": "variant",
+            "index": indexes[0],
+            "errors": errors,
+        }
+        return httpx.Response(409, json=problem)
 
     return answer
 
