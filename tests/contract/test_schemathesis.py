@@ -28,6 +28,7 @@ from analysis import services as analysis_services
 from experiments import services
 from experiments.models import ApiKey
 from tests.factories import create_experiment
+from tests.model_server import ModelServer
 from tests.processes import start_app_server, stop_process, wait_for_http
 
 SEED = int(os.environ.get("RAMPART_FUZZ_SEED", "20261204"))
@@ -45,6 +46,25 @@ include-method-regex = "^(POST|PATCH)$"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409"]
 """
 
+# The proxy passes its model's answers through unchanged, whatever their status or type. An
+# experiment the fuzzer created itself points at whatever upstream URL it drew, so what came
+# back through it would be that URL's answer, not Rampart's. The proxy is therefore fuzzed
+# through the seeded experiments, whose variants are live model servers, and through a name
+# that exists nowhere (Rampart's own 404 problem).
+PROXIED_EXPERIMENTS = [
+    "fuzz-draft",
+    "fuzz-running",
+    "fuzz-paused",
+    "fuzz-completed",
+    "fuzz-rolled-back",
+    "no-such-experiment",
+]
+PROXY_CONFIG = """
+[[operations]]
+include-path-regex = "^/proxy/"
+parameters = { "path.experiment" = { dictionary = "proxied", probability = 1.0 } }
+"""
+
 pytestmark = pytest.mark.timeout(900)
 
 
@@ -52,8 +72,17 @@ def _toml_list(values: list[Any]) -> str:
     return "[" + ", ".join(json.dumps(v) for v in values) + "]"
 
 
-def _seed_objects(metrics: dict[str, Any]) -> dict[str, list[Any]]:
-    """Experiments in every state, a webhook and spare keys, named for the fuzzer to find."""
+def _seed_objects(metrics: dict[str, Any], model_urls: list[str]) -> dict[str, list[Any]]:
+    """Experiments in every state, a webhook and spare keys, named for the fuzzer to find.
+
+    The variants point at live model servers, so the proxy's operations answer as they do in
+    production; a 502 from an address where nothing listens would be a true server error.
+    """
+    control_url, canary_url = model_urls
+    variants = [
+        {"key": "v1", "upstream_url": control_url, "weight": 0.5, "is_control": True},
+        {"key": "v2", "upstream_url": canary_url, "weight": 0.5},
+    ]
     states: dict[str, list[str]] = {
         "fuzz-draft": [],
         "fuzz-running": ["start"],
@@ -62,7 +91,7 @@ def _seed_objects(metrics: dict[str, Any]) -> dict[str, list[Any]]:
         "fuzz-rolled-back": ["start", "rollback"],
     }
     for key, steps in states.items():
-        create_experiment(key)
+        create_experiment(key, variants=variants)
         for step in steps:
             if step == "start":
                 services.experiment_start(actor="fuzz-setup", key=key)
@@ -109,7 +138,18 @@ def _config(known_ids: dict[str, list[Any]]) -> str:
         )
     for index, values in enumerate(known_ids.values()):
         lines += ["", f"[dictionaries.ids{index}]", f"values = {_toml_list(values)}"]
-    return "\n".join(lines) + "\n" + OPERATION_CONFIG
+    lines += ["", "[dictionaries.proxied]", f"values = {_toml_list(PROXIED_EXPERIMENTS)}"]
+    return "\n".join(lines) + "\n" + OPERATION_CONFIG + PROXY_CONFIG
+
+
+@pytest.fixture
+def model_urls() -> Iterator[list[str]]:
+    servers = [ModelServer(name=name, keep_requests=False).start() for name in ("v1", "v2")]
+    try:
+        yield [server.url for server in servers]
+    finally:
+        for server in servers:
+            server.stop()
 
 
 @pytest.fixture
@@ -129,11 +169,12 @@ def served_app(transactional_db: None, tmp_path: Path) -> Iterator[tuple[str, Pa
 def test_schemathesis_finds_no_failures_on_any_operation(
     served_app: tuple[str, Path],
     metrics: dict[str, Any],
+    model_urls: list[str],
     make_key: Callable[..., str],
     tmp_path: Path,
 ) -> None:
     url, server_log = served_app
-    known_ids = _seed_objects(metrics)
+    known_ids = _seed_objects(metrics, model_urls)
     own_key = make_key("manage", "read", "decide", "ingest", name="schemathesis")
     own_prefix = services.split_api_key(own_key)[0]  # type: ignore[index]
     assert own_prefix not in known_ids["prefix"]
