@@ -73,6 +73,13 @@ RECORDER_SKIPPED = Counter(
 RECORDER_FLUSH_ERRORS = Counter(
     "rampart_exposure_flush_errors", "Bulk inserts of exposures that failed and were retried."
 )
+FLUSH_BACKOFF = Gauge(
+    "rampart_flush_backoff_seconds",
+    "Seconds a buffered writer (exposures, observations) waits before its next flush after"
+    " failed ones; 0 while flushes succeed (the longest over live workers).",
+    ["writer"],
+    multiprocess_mode="livemax",
+)
 
 _children: dict[tuple[str, str, str], MetricWrapperBase] = {}
 # A route has a handful of (variant, reason) pairs, so the cache stays small; the bound only

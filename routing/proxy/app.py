@@ -79,6 +79,9 @@ class ProxyApp:
             flush_interval_s=float(settings.RECORDER_FLUSH_S),
             max_cells=int(settings.RECORDER_MAX_BUFFER),
             batch_rows=int(settings.RECORDER_BATCH_ROWS),
+            backoff_base_s=float(settings.RECORDER_BACKOFF_BASE_S),
+            backoff_max_s=float(settings.RECORDER_BACKOFF_MAX_S),
+            failure_log_s=float(settings.RECORDER_FAILURE_LOG_S),
         )
         self.session: aiohttp.ClientSession | None = None
         self.connector: aiohttp.TCPConnector | None = None
