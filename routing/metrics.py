@@ -81,6 +81,21 @@ FLUSH_BACKOFF = Gauge(
     multiprocess_mode="livemax",
 )
 
+EDGE_CONNECTIONS = Gauge(
+    "rampart_edge_connections",
+    "Client connections the edge holds (all live workers; updated by the slow-client sweep).",
+    multiprocess_mode="livesum",
+)
+EDGE_SLOW_CLIENTS = Counter(
+    "rampart_edge_slow_clients",
+    "Connections closed because a request's headers or body did not arrive in time, by phase.",
+    ["phase"],
+)
+EDGE_CONNECTIONS_REFUSED = Counter(
+    "rampart_edge_connections_refused",
+    "Connections answered 503 and closed at once because the process held EDGE_MAX_CONNECTIONS.",
+)
+
 _children: dict[tuple[str, str, str], MetricWrapperBase] = {}
 # A route has a handful of (variant, reason) pairs, so the cache stays small; the bound only
 # guards against an unbounded set of experiment keys in a long-lived process.
