@@ -27,7 +27,12 @@ below the session (``BaseConnector.connect()``, ``Connection``, the protocol's
 in pyproject.toml and exercised by tests/routing/test_upstream.py against real servers.
 
 A connection goes back to the pool only after its answer was read to the end; on any error or
-cancellation it is closed, so a half-read connection is never reused.
+cancellation it is closed, so a half-read connection is never reused. Its pool slot is freed
+only once its socket is closed (``_discard``): aiohttp's ``Connection.close()`` frees the slot
+and wakes a request waiting for one at once, but the transport closes the socket a loop pass
+later, after the woken request has already connected; so each cancelled request let the
+process hold, for one pass, a socket more than PROXY_POOL_LIMIT_PER_HOST, and a loaded
+process that handled many cancellations in one pass held many more.
 """
 
 from __future__ import annotations
@@ -117,7 +122,7 @@ class UpstreamAnswer:
         """Drop the connection (it is not reused): for answers abandoned before their end."""
         connection, self._connection = self._connection, None
         if connection is not None:
-            connection.close()
+            _discard(connection)
 
     def _release(self) -> None:
         connection, self._connection = self._connection, None
@@ -238,9 +243,24 @@ class UpstreamClient:
         except BaseException:
             if timer is not None and timer.handle is not None:
                 timer.handle.cancel()
-            connection.close()
+            _discard(connection)
             raise
         return UpstreamAnswer(message.code, message.raw_headers, None, connection, payload)
+
+
+def _discard(connection: aiohttp.connector.Connection) -> None:
+    """Close a connection that will not be reused; its pool slot is freed after its socket.
+
+    ``abort()`` queues the transport's ``connection_lost`` (which closes the socket) on the
+    loop; the slot's release is queued behind it, so the request it wakes connects only
+    once the socket is gone.
+    """
+    transport = connection.transport
+    if transport is None or transport.is_closing():
+        connection.close()
+        return
+    transport.abort()
+    asyncio.get_running_loop().call_soon(connection.close)
 
 
 class _Deadline:
