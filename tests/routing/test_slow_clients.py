@@ -25,8 +25,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 HEADER_TIMEOUT_S = 0.6
 BODY_TIMEOUT_S = 0.8
 MAX_CONNECTIONS = 6
-# The sweep runs every tenth of the shorter timeout; the rest is a loaded machine's slack.
-SLACK_S = 0.5
+# The sweep runs every tenth of the shorter timeout; the rest is a loaded machine's slack
+# (before the guard these connections stayed open for good, so any bound tells).
+SLACK_S = 1.5
 
 
 @pytest.fixture
