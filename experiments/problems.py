@@ -34,6 +34,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "in_use": (409, "The object is in use"),
     "confirmation_required": (409, "The action needs an explicit confirmation"),
     "assignment_conflict": (409, "The exposure disagrees with the edge's assignment"),
+    "request_timeout": (408, "The request did not arrive in time"),
     "payload_too_large": (413, "The request body is too large"),
     "unsupported_media_type": (415, "Unsupported media type"),
     "throttled": (429, "Too many requests"),
@@ -42,6 +43,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "not_ready": (503, "The edge is not ready"),
     "experiment_not_on_edge": (503, "The experiment is not on this edge yet"),
     "store_unavailable": (503, "The event store is unavailable"),
+    "too_many_connections": (503, "The edge holds too many connections"),
     "upstream_timeout": (504, "The model version did not answer in time"),
 }
 

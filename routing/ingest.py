@@ -72,9 +72,11 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
+from django.conf import settings
 from django.db import DatabaseError, OperationalError, connection, transaction
 
 from routing import ingest_metrics
+from routing.backoff import FailureLog
 from routing.edge import (
     EdgeContext,
     Receive,
@@ -308,8 +310,18 @@ class EventsApp:
         max_events: int = MAX_EVENTS_PER_BATCH,
         max_body_bytes: int = MAX_EVENTS_BODY_BYTES,
         writers: int | None = None,
+        failure_log_s: float | None = None,
     ) -> None:
         self.context = context
+        # While the database is down every batch fails: one log line per interval, not a
+        # traceback per batch.
+        self._failures = FailureLog(
+            logger,
+            "writing event batches",
+            interval_s=float(
+                settings.RECORDER_FAILURE_LOG_S if failure_log_s is None else failure_log_s
+            ),
+        )
         self.max_events = max_events
         self.max_body_bytes = max_body_bytes
         self.writers = writers
@@ -376,9 +388,9 @@ class EventsApp:
         try:
             loop = asyncio.get_running_loop()
             result = await loop.run_in_executor(executor, self._ingest, body)
-        except DatabaseError:
+        except DatabaseError as error:
             ingest_metrics.WRITE_ERRORS.inc()
-            logger.exception("writing an event batch failed")
+            self._failures.failed(error, "batches are answered 503 store_unavailable")
             raise EdgeError(
                 503,
                 "store_unavailable",
@@ -387,6 +399,8 @@ class EventsApp:
             ) from None
         finally:
             idle.put_nowait(executor)
+        if self._failures.failing:
+            self._failures.succeeded()
         ingest_metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         return result
 

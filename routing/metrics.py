@@ -73,6 +73,28 @@ RECORDER_SKIPPED = Counter(
 RECORDER_FLUSH_ERRORS = Counter(
     "rampart_exposure_flush_errors", "Bulk inserts of exposures that failed and were retried."
 )
+FLUSH_BACKOFF = Gauge(
+    "rampart_flush_backoff_seconds",
+    "Seconds a buffered writer (exposures, observations) waits before its next flush after"
+    " failed ones; 0 while flushes succeed (the longest over live workers).",
+    ["writer"],
+    multiprocess_mode="livemax",
+)
+
+EDGE_CONNECTIONS = Gauge(
+    "rampart_edge_connections",
+    "Client connections the edge holds (all live workers; updated by the slow-client sweep).",
+    multiprocess_mode="livesum",
+)
+EDGE_SLOW_CLIENTS = Counter(
+    "rampart_edge_slow_clients",
+    "Connections closed because a request's headers or body did not arrive in time, by phase.",
+    ["phase"],
+)
+EDGE_CONNECTIONS_REFUSED = Counter(
+    "rampart_edge_connections_refused",
+    "Connections answered 503 and closed at once because the process held EDGE_MAX_CONNECTIONS.",
+)
 
 _children: dict[tuple[str, str, str], MetricWrapperBase] = {}
 # A route has a handful of (variant, reason) pairs, so the cache stays small; the bound only

@@ -34,7 +34,9 @@ What a cell's fields mean (the contract analysis reads):
 
 A flush that fails keeps its cells: they are merged back into the buffer (the statistics are
 sums, so merging is exact) and written by the next flush. The buffer is capped at
-RECORDER_MAX_BUFFER cells; past it the oldest cells are dropped and counted.
+RECORDER_MAX_BUFFER cells; past it the oldest cells are dropped and counted. While flushes
+fail, the next waits a capped exponential backoff with jitter instead of the flush interval,
+and the failures are logged once per interval with counts (``routing.backoff``).
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from routing import proxy_metrics
+from routing import metrics, proxy_metrics
+from routing.backoff import Backoff, FailureLog
 from routing.histogram import LogHistogram
 
 logger = logging.getLogger(__name__)
@@ -125,6 +128,9 @@ class ObservationAggregator:
         flush_interval_s: float,
         max_cells: int,
         batch_rows: int = 5000,
+        backoff_base_s: float = 1.0,
+        backoff_max_s: float = 10.0,
+        failure_log_s: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if bucket_s < 1:
@@ -141,6 +147,9 @@ class ObservationAggregator:
         self._flushes = 0
         self._failed_flushes = 0
         self._dropped_cells = 0
+        self._backoff = Backoff(base_s=backoff_base_s, max_s=backoff_max_s)
+        self._failure_log = FailureLog(logger, "writing observations", interval_s=failure_log_s)
+        self._backoff_gauge = metrics.FLUSH_BACKOFF.labels("observations")
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         # One writer thread: flushes never overlap, and its database connection is reused
@@ -300,12 +309,21 @@ class ObservationAggregator:
             written = await loop.run_in_executor(
                 self._executor, functools.partial(_write_rows, rows, batch_rows=self._batch_rows)
             )
-        except Exception:
-            logger.exception("observation flush failed; %d cells kept for the next one", len(cells))
+        except Exception as error:
             self.restore(cells)
             self._failed_flushes += 1
             proxy_metrics.OBSERVATION_FLUSHES.labels("failed").inc()
+            proxy_metrics.OBSERVATION_BUFFERED_CELLS.set(len(self._cells))
+            delay = self._backoff.failed()
+            self._backoff_gauge.set(delay)
+            self._failure_log.failed(
+                error, f"{len(self._cells)} cell(s) kept for the next attempt, in {delay:.1f} s"
+            )
             return 0
+        if self._backoff.failures:
+            self._backoff.succeeded()
+            self._backoff_gauge.set(0.0)
+            self._failure_log.succeeded()
         self._flushes += 1
         self._rows_written += written
         proxy_metrics.OBSERVATION_FLUSHES.labels("ok").inc()
@@ -337,7 +355,7 @@ class ObservationAggregator:
 
     async def _run(self) -> None:
         while not self._stopping:
-            await asyncio.sleep(self._flush_interval_s)
+            await asyncio.sleep(self._backoff.current_s or self._flush_interval_s)
             await self.flush()
 
 

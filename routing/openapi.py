@@ -321,11 +321,15 @@ _MEANINGS: Final = {
     404: "experiment_not_found (or not_found for a path)",
     409: "assignment_conflict: the batch is well formed but does not match this edge's "
     "assignments (an unknown or stopped experiment, a unit outside it or in another arm)",
+    408: "request_timeout: the body did not arrive within EDGE_BODY_TIMEOUT_S after the "
+    "headers (the connection is then closed)",
     413: "payload_too_large",
     502: "upstream_unavailable: control could not be reached (or its breaker is open)",
     503: "not_ready (no routing snapshot yet), experiment_not_on_edge (the key is not in this "
-    "edge's snapshot and the config version cannot be confirmed), or store_unavailable",
-    504: "upstream_timeout: control did not answer within the deadline",
+    "edge's snapshot and the config version cannot be confirmed), store_unavailable, or "
+    "too_many_connections (EDGE_MAX_CONNECTIONS reached)",
+    504: "upstream_timeout: no answer within PROXY_READ_TIMEOUT_S, or the whole request "
+    "(the retry on control included) not within PROXY_DEADLINE_S",
 }
 
 
@@ -365,7 +369,7 @@ def _proxy_operation(method: str) -> dict[str, Any]:
             "fallback to control, X-Rampart-Cache on a cache hit).",
             "content": {"*/*": {"schema": {}}},
         },
-        **_problems(400, 401, 403, 404, 413, 502, 503, 504),
+        **_problems(400, 401, 403, 404, 408, 413, 502, 503, 504),
     }
     answers["400"]["description"] = (
         "invalid_encoding: the unit id (from the experiment's header, cookie, query parameter "
@@ -416,7 +420,7 @@ def edge_paths() -> dict[str, Any]:
                 "edge_decide_post",
                 "Decide one unit's variant (JSON body)",
                 requestBody=_body("EdgeDecideRequest"),
-                responses={"200": decided, **_problems(400, 401, 403, 404, 413, 503)},
+                responses={"200": decided, **_problems(400, 401, 403, 404, 408, 413, 503)},
             ),
         },
         "/v1/decide/batch": {
@@ -426,7 +430,7 @@ def edge_paths() -> dict[str, Any]:
                 requestBody=_body("EdgeDecideBatchRequest"),
                 responses={
                     "200": _json("EdgeDecisions", "The decisions, in request order."),
-                    **_problems(400, 401, 403, 404, 413, 503),
+                    **_problems(400, 401, 403, 404, 408, 413, 503),
                 },
             )
         },
@@ -459,7 +463,7 @@ def edge_paths() -> dict[str, Any]:
                 requestBody=_body("EdgeEventsRequest"),
                 responses={
                     "200": _json("EdgeEventsAccepted", "Stored (the batch committed)."),
-                    **_problems(400, 401, 403, 413, 503),
+                    **_problems(400, 401, 403, 408, 413, 503),
                 },
             )
         },
@@ -470,7 +474,7 @@ def edge_paths() -> dict[str, Any]:
                 requestBody=_body("EdgeExposuresRequest"),
                 responses={
                     "202": _json("EdgeExposuresAccepted", "Handed to the exposure recorder."),
-                    **_problems(400, 401, 403, 409, 413, 503),
+                    **_problems(400, 401, 403, 408, 409, 413, 503),
                 },
             )
         },

@@ -38,11 +38,13 @@ EDGE_CODES: Final = (
     "experiment_not_found",
     "method_not_allowed",
     "assignment_conflict",
+    "request_timeout",
     "payload_too_large",
     "server_error",
     "not_ready",
     "experiment_not_on_edge",
     "store_unavailable",
+    "too_many_connections",
     "upstream_unavailable",
     "upstream_timeout",
 )

@@ -12,6 +12,11 @@ Bounded memory, nothing dropped silently:
     repeat requests; an evicted unit is written again and ignored by the unique constraint;
   * when the database is unreachable, rows stay buffered and the flush is retried; past
     ``RECORDER_MAX_BUFFER`` rows, new rows are dropped, counted and logged;
+  * while flushes fail, the next one waits a capped exponential backoff with jitter
+    (``RECORDER_BACKOFF_BASE_S`` to ``RECORDER_BACKOFF_MAX_S``, ``routing.backoff``) and
+    full buffers do not wake it early; the failures are logged once per
+    ``RECORDER_FAILURE_LOG_S`` with counts, and ``/metrics`` shows the rows waiting, the
+    failed flushes and the current backoff;
   * rows of an experiment deleted meanwhile are dropped, counted and logged.
 """
 
@@ -31,6 +36,7 @@ from django.conf import settings
 from django.db import DatabaseError, DataError, IntegrityError
 
 from routing import metrics
+from routing.backoff import Backoff, FailureLog
 from routing.services import (
     EXPOSURE_INSERT_BATCH,
     ExposureRow,
@@ -58,6 +64,7 @@ class RecorderStats:
     written: int
     dropped: int
     skipped_cached: int
+    failed_flushes: int = 0
 
 
 class ExposureRecorder:
@@ -71,12 +78,32 @@ class ExposureRecorder:
         max_buffer: int | None = None,
         cache_size: int | None = None,
         insert: Callable[[Sequence[ExposureRow]], int] | None = None,
+        backoff_base_s: float | None = None,
+        backoff_max_s: float | None = None,
+        failure_log_s: float | None = None,
     ) -> None:
         self.flush_s = float(settings.RECORDER_FLUSH_S if flush_s is None else flush_s)
         self.batch_rows = int(settings.RECORDER_BATCH_ROWS if batch_rows is None else batch_rows)
         self.max_buffer = int(settings.RECORDER_MAX_BUFFER if max_buffer is None else max_buffer)
         self.cache_size = int(settings.EXPOSURE_CACHE_SIZE if cache_size is None else cache_size)
         self._insert = insert or _insert_rows
+        self._backoff = Backoff(
+            base_s=float(
+                settings.RECORDER_BACKOFF_BASE_S if backoff_base_s is None else backoff_base_s
+            ),
+            max_s=float(
+                settings.RECORDER_BACKOFF_MAX_S if backoff_max_s is None else backoff_max_s
+            ),
+        )
+        self._failure_log = FailureLog(
+            logger,
+            "writing exposures",
+            interval_s=float(
+                settings.RECORDER_FAILURE_LOG_S if failure_log_s is None else failure_log_s
+            ),
+        )
+        self._backoff_gauge = metrics.FLUSH_BACKOFF.labels("exposures")
+        self._failed_flushes = 0
         self._lock = threading.Lock()
         # One flush at a time: the periodic one, a size-triggered one and flush_now() from
         # another thread must not write the same rows twice or reorder retries.
@@ -111,6 +138,7 @@ class ExposureRecorder:
                 written=self._written,
                 dropped=self._dropped,
                 skipped_cached=self._skipped,
+                failed_flushes=self._failed_flushes,
             )
 
     def record(
@@ -154,24 +182,30 @@ class ExposureRecorder:
 
         On a database error the rows go back to the front of the buffer for the next flush.
         """
+        return self._flush()[0]
+
+    def _flush(self) -> tuple[int, DatabaseError | None]:
+        """Write everything buffered: rows inserted, and the database error that stopped it."""
         with self._flush_lock:
             with self._lock:
                 rows, self._buffer = self._buffer, []
             written = 0
+            error = None
             # One statement per chunk: the flush thread shares the GIL with the request
             # loop, and the database call between chunks releases it, so no request waits
             # behind more than one chunk's worth of Python work.
             for start in range(0, len(rows), EXPOSURE_INSERT_BATCH):
                 inserted = self._write(rows[start : start + EXPOSURE_INSERT_BATCH])
-                if inserted is None:
+                if isinstance(inserted, DatabaseError):
+                    error = inserted
                     self._requeue(rows[start:])
                     break
                 written += inserted
             self._publish_metrics()
-            return written
+            return written, error
 
-    def _write(self, rows: list[ExposureRow]) -> int | None:
-        """Insert one chunk; the rows inserted, or None if the database failed."""
+    def _write(self, rows: list[ExposureRow]) -> int | DatabaseError:
+        """Insert one chunk; the rows inserted, or the error if the database failed."""
         dropped = refused = 0
         try:
             try:
@@ -180,10 +214,12 @@ class ExposureRecorder:
                 written, dropped = exposures_insert_by_experiment(rows=rows)
             except DataError:
                 written, refused = exposures_insert_one_by_one(rows=rows)
-        except DatabaseError:
+        except DatabaseError as error:
+            # Logged by the caller of _flush, at most once per RECORDER_FAILURE_LOG_S.
             metrics.RECORDER_FLUSH_ERRORS.inc()
-            logger.exception("writing exposures failed; keeping them for the next flush")
-            return None
+            with self._lock:
+                self._failed_flushes += 1
+            return error
         with self._lock:
             self._written += written
             if dropped:
@@ -262,7 +298,8 @@ class ExposureRecorder:
             return
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(executor, run_with_db, self.flush_now)
+            _, error = await loop.run_in_executor(executor, run_with_db, self._flush)
+            self._after_flush(error)
         finally:
             await loop.run_in_executor(executor, close_thread_connections)
             executor.shutdown(wait=True)
@@ -273,17 +310,48 @@ class ExposureRecorder:
             logger.error("stopped with %d exposure row(s) unwritten", left)
 
     async def _run(self) -> None:
-        assert self._wakeup is not None
+        wakeup = self._wakeup
+        assert wakeup is not None
         loop = asyncio.get_running_loop()
+        backoff = self._backoff
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=self.flush_s)
-            self._wakeup.clear()
+            if backoff.current_s:
+                # Backing off: rows keep arriving, but a full buffer does not wake a flush
+                # (that made hundreds of failed flushes a second); the gauges still move.
+                await self._sleep_publishing(backoff.current_s)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wakeup.wait(), timeout=self.flush_s)
+            wakeup.clear()
+            error: Exception | None
             try:
-                await loop.run_in_executor(self._executor, run_with_db, self.flush_now)
-            except Exception:
+                _, error = await loop.run_in_executor(self._executor, run_with_db, self._flush)
+            except Exception as exc:  # e.g. closing a broken connection
                 metrics.RECORDER_FLUSH_ERRORS.inc()
-                logger.exception("exposure flush failed")
+                error = exc
+            self._after_flush(error)
+
+    def _after_flush(self, error: Exception | None) -> None:
+        """Back off and report after a failed flush; reset after a good one."""
+        waiting = self.stats.buffered
+        if error is None:
+            if self._backoff.failures:
+                self._backoff.succeeded()
+                self._backoff_gauge.set(0.0)
+                self._failure_log.succeeded(f"{waiting} row(s) still waiting")
+            return
+        delay = self._backoff.failed()
+        self._backoff_gauge.set(delay)
+        self._failure_log.failed(
+            error, f"{waiting} row(s) kept for the next attempt, in {delay:.1f} s"
+        )
+
+    async def _sleep_publishing(self, seconds: float) -> None:
+        """Sleep, refreshing the buffered-rows gauge at least every ``flush_s``."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, self.flush_s))
+            self._publish_metrics()
 
 
 def _insert_rows(rows: Sequence[ExposureRow]) -> int:

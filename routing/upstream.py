@@ -15,7 +15,10 @@ and written with the body in one ``transport.write()``; the answer comes back th
 connection's own protocol: ``set_response_params()`` installs a fresh parser and ``read()``
 yields the parsed status line and headers with a payload stream. The read timeout
 (PROXY_READ_TIMEOUT_S) bounds the wait from the request's last byte to the answer's last byte
-for answers read whole, and the wait between two chunks for streamed ones. This is the same
+for answers read whole, and the wait between two chunks for streamed ones. A request may also
+carry a deadline (the proxy's PROXY_DEADLINE_S, shared by an attempt and its retry): the
+connect and the wait for the answer (the whole answer when read whole, its head when streamed)
+end by then at the latest. This is the same
 sequence ``ClientRequest.send()`` and ``ClientResponse.start()`` follow, so connection reuse,
 ``Connection: close`` and 1xx interim answers behave as they do in aiohttp. The pieces used
 below the session (``BaseConnector.connect()``, ``Connection``, the protocol's
@@ -24,7 +27,12 @@ below the session (``BaseConnector.connect()``, ``Connection``, the protocol's
 in pyproject.toml and exercised by tests/routing/test_upstream.py against real servers.
 
 A connection goes back to the pool only after its answer was read to the end; on any error or
-cancellation it is closed, so a half-read connection is never reused.
+cancellation it is closed, so a half-read connection is never reused. Its pool slot is freed
+only once its socket is closed (``_discard``): aiohttp's ``Connection.close()`` frees the slot
+and wakes a request waiting for one at once, but the transport closes the socket a loop pass
+later, after the woken request has already connected; so each cancelled request let the
+process hold, for one pass, a socket more than PROXY_POOL_LIMIT_PER_HOST, and a loaded
+process that handled many cancellations in one pass held many more.
 """
 
 from __future__ import annotations
@@ -114,7 +122,7 @@ class UpstreamAnswer:
         """Drop the connection (it is not reused): for answers abandoned before their end."""
         connection, self._connection = self._connection, None
         if connection is not None:
-            connection.close()
+            _discard(connection)
 
     def _release(self) -> None:
         connection, self._connection = self._connection, None
@@ -140,6 +148,7 @@ class UpstreamClient:
             raise ValueError("the session has no connector")
         self.connector: aiohttp.BaseConnector = connector
         self.read_timeout_s = read_timeout_s
+        self.connect_timeout_s = connect_timeout_s
         self._loop = asyncio.get_running_loop()
         self._connect_timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s
@@ -154,6 +163,7 @@ class UpstreamClient:
         body: bytes,
         *,
         buffer_limit: int,
+        deadline: float | None = None,
     ) -> UpstreamAnswer:
         """Send one request; reads the answer whole when it has no body, has already arrived
         in full, or has a Content-Length up to ``buffer_limit``; else leaves it to stream with
@@ -161,8 +171,9 @@ class UpstreamClient:
 
         ``target`` is the path (percent-encoded, as received) and query after the upstream's
         own path; ``header_lines`` are ``b"Name: value\\r\\n"`` lines to send as they are.
-        Raises TimeoutError on a connect or read timeout, and aiohttp.ClientError or OSError
-        when the connection fails.
+        ``deadline`` (the event loop's clock) cuts the connect and read timeouts short.
+        Raises TimeoutError on a connect or read timeout or at the deadline, and
+        aiohttp.ClientError or OSError when the connection fails.
         """
         head = [
             f"{method} {upstream.path_prefix}{target or '/'} HTTP/1.1\r\n".encode("latin-1"),
@@ -173,10 +184,17 @@ class UpstreamClient:
             head.append(b"Content-Length: %d\r\n" % len(body))
         head.append(b"\r\n")
         head.append(body)
-        connection = await self.connector.connect(
-            upstream.pool_request(self._loop), [], self._connect_timeout
-        )
-        deadline = None
+        loop = self._loop
+        connect_timeout = self._connect_timeout
+        if deadline is not None:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError("the request's deadline has passed")
+            if left < self.connect_timeout_s:
+                # Only a retry late in the request's time gets here: a timeout of its own.
+                connect_timeout = aiohttp.ClientTimeout(total=None, connect=left, sock_connect=left)
+        connection = await self.connector.connect(upstream.pool_request(loop), [], connect_timeout)
+        timer = None
         try:
             protocol = connection.protocol
             transport = connection.transport
@@ -191,8 +209,11 @@ class UpstreamClient:
                 auto_decompress=False,
             )
             transport.write(b"".join(head))
-            deadline = _Deadline(protocol)
-            deadline.handle = self._loop.call_later(self.read_timeout_s, deadline.expire)
+            expire_at = loop.time() + self.read_timeout_s
+            if deadline is not None and deadline < expire_at:
+                expire_at = deadline
+            timer = _Deadline(protocol)
+            timer.handle = loop.call_at(expire_at, timer.expire)
             while True:
                 message, payload = await protocol.read()
                 # Interim (1xx) answers are skipped, as ClientResponse.start() does.
@@ -209,22 +230,37 @@ class UpstreamClient:
                     # answer): take it without read()'s coroutine and buffer loop.
                     data = payload.read_nowait()
                 else:
-                    deadline.payload = payload
+                    timer.payload = payload
                     data = await payload.read()
-                deadline.handle.cancel()
+                timer.handle.cancel()
                 connection.release()
                 return UpstreamAnswer(message.code, message.raw_headers, data, None, None)
             # A streamed answer may take as long as it needs, with at most the read timeout
             # between two chunks: aiohttp's protocol restarts that timer on every read.
-            deadline.handle.cancel()
+            timer.handle.cancel()
             protocol.read_timeout = self.read_timeout_s
             protocol.start_timeout()
         except BaseException:
-            if deadline is not None and deadline.handle is not None:
-                deadline.handle.cancel()
-            connection.close()
+            if timer is not None and timer.handle is not None:
+                timer.handle.cancel()
+            _discard(connection)
             raise
         return UpstreamAnswer(message.code, message.raw_headers, None, connection, payload)
+
+
+def _discard(connection: aiohttp.connector.Connection) -> None:
+    """Close a connection that will not be reused; its pool slot is freed after its socket.
+
+    ``abort()`` queues the transport's ``connection_lost`` (which closes the socket) on the
+    loop; the slot's release is queued behind it, so the request it wakes connects only
+    once the socket is gone.
+    """
+    transport = connection.transport
+    if transport is None or transport.is_closing():
+        connection.close()
+        return
+    transport.abort()
+    asyncio.get_running_loop().call_soon(connection.close)
 
 
 class _Deadline:

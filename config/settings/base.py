@@ -198,12 +198,20 @@ RECORDER_BATCH_ROWS = env.int("RECORDER_BATCH_ROWS", default=5000)
 # Rows held in memory at most while the database is unreachable; past it rows are dropped
 # and counted.
 RECORDER_MAX_BUFFER = env.int("RECORDER_MAX_BUFFER", default=200_000)
+# While flushes fail (the database is down), the next attempt waits a capped exponential
+# backoff with jitter, from about RECORDER_BACKOFF_BASE_S up to RECORDER_BACKOFF_MAX_S; the
+# failures are logged once per RECORDER_FAILURE_LOG_S with counts.
+RECORDER_BACKOFF_BASE_S = env.float("RECORDER_BACKOFF_BASE_S", default=1.0)
+RECORDER_BACKOFF_MAX_S = env.float("RECORDER_BACKOFF_MAX_S", default=10.0)
+RECORDER_FAILURE_LOG_S = env.float("RECORDER_FAILURE_LOG_S", default=30.0)
 # Units remembered per process as already exposed, so repeat requests write nothing.
 EXPOSURE_CACHE_SIZE = env.int("EXPOSURE_CACHE_SIZE", default=1_000_000)
 # Width of the proxy's pre-aggregation buckets (seconds).
 OBSERVATION_BUCKET_S = env.int("OBSERVATION_BUCKET_S", default=10)
 PROXY_CONNECT_TIMEOUT_S = env.float("PROXY_CONNECT_TIMEOUT_S", default=2.0)
 PROXY_READ_TIMEOUT_S = env.float("PROXY_READ_TIMEOUT_S", default=10.0)
+# The whole proxied request, retry on control included, answers within this many seconds.
+PROXY_DEADLINE_S = env.float("PROXY_DEADLINE_S", default=15.0)
 PROXY_POOL_LIMIT = env.int("PROXY_POOL_LIMIT", default=1000)
 PROXY_POOL_LIMIT_PER_HOST = env.int("PROXY_POOL_LIMIT_PER_HOST", default=200)
 PROXY_MAX_BODY_BYTES = env.int("PROXY_MAX_BODY_BYTES", default=10 * 1024 * 1024)
@@ -215,6 +223,11 @@ EDGE_REQUIRE_KEY = env.bool("EDGE_REQUIRE_KEY", default=True)
 # How far into the future an event's or exposure's timestamp may lie (client clock skew);
 # later ones are refused with 400 naming the field and the item.
 EDGE_MAX_CLOCK_SKEW_S = env.float("EDGE_MAX_CLOCK_SKEW_S", default=300.0)
+# Slow clients (routing.server): a request's headers must arrive within EDGE_HEADER_TIMEOUT_S
+# and its body within EDGE_BODY_TIMEOUT_S; one process holds at most EDGE_MAX_CONNECTIONS.
+EDGE_HEADER_TIMEOUT_S = env.float("EDGE_HEADER_TIMEOUT_S", default=10.0)
+EDGE_BODY_TIMEOUT_S = env.float("EDGE_BODY_TIMEOUT_S", default=10.0)
+EDGE_MAX_CONNECTIONS = env.int("EDGE_MAX_CONNECTIONS", default=4096)
 
 # --- analysis and alerts ------------------------------------------------------------------
 ANALYSIS_INTERVAL_S = env.float("ANALYSIS_INTERVAL_S", default=10.0)

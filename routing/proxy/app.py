@@ -72,6 +72,7 @@ class ProxyApp:
         self.max_body_bytes = int(settings.PROXY_MAX_BODY_BYTES)
         self.connect_timeout_s = float(settings.PROXY_CONNECT_TIMEOUT_S)
         self.read_timeout_s = float(settings.PROXY_READ_TIMEOUT_S)
+        self.deadline_s = float(settings.PROXY_DEADLINE_S)
         self.pool_limit = int(settings.PROXY_POOL_LIMIT)
         self.pool_limit_per_host = int(settings.PROXY_POOL_LIMIT_PER_HOST)
         self.observations = ObservationAggregator(
@@ -79,6 +80,9 @@ class ProxyApp:
             flush_interval_s=float(settings.RECORDER_FLUSH_S),
             max_cells=int(settings.RECORDER_MAX_BUFFER),
             batch_rows=int(settings.RECORDER_BATCH_ROWS),
+            backoff_base_s=float(settings.RECORDER_BACKOFF_BASE_S),
+            backoff_max_s=float(settings.RECORDER_BACKOFF_MAX_S),
+            failure_log_s=float(settings.RECORDER_FAILURE_LOG_S),
         )
         self.session: aiohttp.ClientSession | None = None
         self.connector: aiohttp.TCPConnector | None = None
@@ -403,14 +407,23 @@ class ProxyApp:
         cache_key: tuple[str, str, str, bytes] | None,
         control_answer: asyncio.Future[tuple[bytes, bytes] | None] | None,
     ) -> None:
-        """Call the arm (and control on failure) and send the answer to the client."""
+        """Call the arm (and control on failure) and send the answer to the client.
+
+        Both calls share one deadline, PROXY_DEADLINE_S from now: the retry on control gets
+        what the arm left, so the client has its answer (or 504) by then.
+        """
         observations = self.observations
         experiment_id = plan.experiment_id
+        loop = self._loop
+        assert loop is not None
+        deadline = loop.time() + self.deadline_s
         fallback = False
         if not arm.is_control:
             if arm.breaker.allow():
                 watch.begin(arm.key)
-                attempt = await call_upstream(self.client, arm, method, target, headers, body)
+                attempt = await call_upstream(
+                    self.client, arm, method, target, headers, body, deadline
+                )
                 if attempt.failure is None:
                     await self._respond(plan, arm, arm, attempt, send, watch, cache_key, None)
                     return
@@ -436,6 +449,17 @@ class ProxyApp:
             fallback = True
 
         control = plan.control
+        if fallback and loop.time() >= deadline:
+            # The arm used up the request's time: control is not tried, nor blamed.
+            watch.stop()
+            arm.metrics.count_response(504)
+            await send_error(
+                send,
+                504,
+                "upstream_timeout",
+                f"variant {arm.key!r} failed and no time was left to ask control",
+            )
+            return
         if not control.breaker.allow():
             control.metrics.errors_breaker_open.inc()
             if not fallback:
@@ -444,7 +468,7 @@ class ProxyApp:
             return
         if not fallback:
             watch.begin(control.key)
-        attempt = await call_upstream(self.client, control, method, target, headers, body)
+        attempt = await call_upstream(self.client, control, method, target, headers, body, deadline)
         if attempt.failure is not None:
             count_failure(control, attempt.failure)
             watch.arm_key = None

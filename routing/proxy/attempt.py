@@ -48,14 +48,24 @@ async def call_upstream(
     target: str,
     headers: list[bytes],
     body: bytes,
+    deadline: float | None = None,
 ) -> Attempt:
-    """One call to an upstream; reads the answer whole unless it is large or unsized."""
+    """One call to an upstream; reads the answer whole unless it is large or unsized.
+
+    ``deadline`` (event loop time) ends the call with a ``TIMEOUT`` at the latest then.
+    """
     if client is None:
         raise RuntimeError("ProxyApp.startup() has not run")
     started = time.perf_counter()
     try:
         answer = await client.request(
-            arm.upstream, method, target, headers, body, buffer_limit=BUFFER_LIMIT_BYTES
+            arm.upstream,
+            method,
+            target,
+            headers,
+            body,
+            buffer_limit=BUFFER_LIMIT_BYTES,
+            deadline=deadline,
         )
     except TimeoutError:
         return failed(TIMEOUT, started)

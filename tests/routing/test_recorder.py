@@ -160,7 +160,7 @@ def test_failed_write_keeps_rows_for_the_next_flush() -> None:
     assert recorder.flush_now() == 2
     assert attempts == [1, 2]
     assert recorder.stats == type(recorder.stats)(
-        buffered=0, written=2, dropped=0, skipped_cached=0
+        buffered=0, written=2, dropped=0, skipped_cached=0, failed_flushes=1
     )
 
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import pytest
@@ -252,6 +253,8 @@ def test_read_timeouts_close_the_connection() -> None:
                 with pytest.raises(TimeoutError):
                     await send(c, server.url(), path)
                 assert 0.25 <= loop.time() - started < 1.5, path
+                # The slot is freed once the socket is closed, a loop pass later.
+                await asyncio.sleep(0)
                 assert pool_state(c) == (0, 0), path
             streamed = await send(c, server.url(), "/slow-stream")
             assert await streamed.read() == b"zzz"
@@ -289,3 +292,52 @@ def test_connection_failures_and_cancellation() -> None:
 def test_only_http_urls_are_upstreams() -> None:
     with pytest.raises(ValueError, match="not an http"):
         Upstream("ftp://127.0.0.1/model")
+
+
+def test_a_cancelled_request_frees_its_pool_slot_only_after_closing_its_socket() -> None:
+    """The pool's bound holds for sockets, not only for aiohttp's bookkeeping.
+
+    With one connection per host, a request waits for the slot of one that is cancelled.
+    Each time the client opens a socket, the sockets it still holds to the upstream are
+    counted: the cancelled one must be gone by then (aiohttp freed the slot a loop pass
+    before it closed the socket, so the waiting request connected while it was open)."""
+
+    async def never(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)
+
+    async def scenario() -> list[int]:
+        loop = asyncio.get_running_loop()
+        async with serving({"/slow": never, "/fast": answer_with(ok())}) as server:
+            held_at_connect: list[int] = []
+            sock_connect = loop.sock_connect
+
+            async def counting_connect(sock: Any, address: Any) -> None:
+                held_at_connect.append(established_to(server.port))
+                await sock_connect(sock, address)
+
+            loop.sock_connect = counting_connect  # type: ignore[method-assign]
+            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit_per_host=1))
+            try:
+                upstream_client = UpstreamClient(session, connect_timeout_s=1.0, read_timeout_s=5.0)
+                slow = asyncio.create_task(send(upstream_client, server.url(), "/slow"))
+                while not server.received:
+                    await asyncio.sleep(0.01)
+                fast = asyncio.create_task(send(upstream_client, server.url(), "/fast"))
+                await asyncio.sleep(0.05)  # waiting for the only slot
+                slow.cancel()
+                answer = await fast
+                assert answer.status == 200
+                with pytest.raises(asyncio.CancelledError):
+                    await slow
+            finally:
+                await session.close()
+            return held_at_connect
+
+    assert asyncio.run(scenario()) == [0, 0]
+
+
+def established_to(port: int) -> int:
+    """ESTABLISHED IPv4 sockets of this machine whose remote end is ``port``."""
+    with open("/proc/net/tcp") as listing:
+        rows = [line.split() for line in listing.readlines()[1:]]
+    return sum(1 for row in rows if int(row[2].split(":")[1], 16) == port and row[3] == "01")
