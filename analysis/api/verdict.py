@@ -102,6 +102,28 @@ class FlaggerPayloadSerializer(serializers.Serializer[Any]):
     metadata = serializers.DictField(child=serializers.CharField(allow_blank=True), required=False)
 
 
+_TEXT: Final = {"type": "string", "pattern": r"^[^\x00]*$"}
+FLAGGER_PAYLOAD_SCHEMA: Final = {
+    "type": "object",
+    "description": "Flagger's webhook payload (docs.flagger.app/usage/webhooks).",
+    "properties": {
+        "name": _TEXT,
+        "namespace": _TEXT,
+        "phase": _TEXT,
+        "checksum": _TEXT,
+        "metadata": {
+            "type": "object",
+            "properties": {
+                "key": {**_TEXT, "description": "API key with the read scope"},
+                "hook": {"enum": sorted(HOOK_PASSES), "description": "Flagger hook type"},
+            },
+            "additionalProperties": _TEXT,
+        },
+    },
+    "additionalProperties": True,
+}
+
+
 def _metadata_key(request: Request) -> str | None:
     """The API key in a Flagger payload's ``metadata.key``, if any."""
     data = request.data
@@ -154,7 +176,9 @@ class VerdictView(APIView):
         description="200 when the verdict lets the hook named by `metadata.hook` proceed "
         "(rollout/pre-rollout/confirm-rollout: not fail; confirm-promotion/"
         "confirm-traffic-increase: pass; rollback: fail), else 409, both with the verdict.",
-        request=FlaggerPayloadSerializer,
+        # Inline, not a component: Flagger owns this payload, and the body stays open to
+        # fields a later Flagger adds (refusing one would halt every rollout).
+        request={"application/json": FLAGGER_PAYLOAD_SCHEMA},
         responses={
             200: VerdictSerializer,
             409: OpenApiResponse(VerdictSerializer, description="the hook must not proceed"),
