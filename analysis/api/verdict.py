@@ -46,6 +46,7 @@ from analysis import selectors
 from analysis.verdict import FAIL, PASS, LatestResult, verdict_document
 from experiments import selectors as experiment_selectors
 from experiments.roles import READ
+from experiments.strict import StrictCharField
 
 HOOK_DEFAULT: Final = "rollout"
 # Flagger hook type -> the verdicts that answer 200.
@@ -95,11 +96,12 @@ class FlaggerPayloadSerializer(serializers.Serializer[Any]):
     """Flagger's webhook payload. Not strict: Flagger owns it, and fields it adds must not
     break rollouts; the fields Rampart reads are validated."""
 
-    name = serializers.CharField(required=False, allow_blank=True)
-    namespace = serializers.CharField(required=False, allow_blank=True)
-    phase = serializers.CharField(required=False, allow_blank=True)
-    checksum = serializers.CharField(required=False, allow_blank=True)
-    metadata = serializers.DictField(child=serializers.CharField(allow_blank=True), required=False)
+    # Strings only, as the schema says (DRF's CharField would take 7 as "7").
+    name = StrictCharField(required=False, allow_blank=True)
+    namespace = StrictCharField(required=False, allow_blank=True)
+    phase = StrictCharField(required=False, allow_blank=True)
+    checksum = StrictCharField(required=False, allow_blank=True)
+    metadata = serializers.DictField(child=StrictCharField(allow_blank=True), required=False)
 
 
 _TEXT: Final = {"type": "string", "pattern": r"^[^\x00]*$"}

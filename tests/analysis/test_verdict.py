@@ -288,3 +288,17 @@ def test_the_kubernetes_examples_parse_and_point_at_the_verdict_endpoint() -> No
     canary = _documents("flagger-canary.yaml")[0]
     hooks = {w["type"]: w["metadata"]["hook"] for w in canary["spec"]["analysis"]["webhooks"]}
     assert hooks == {hook: hook for hook in FLAGGER_HOOKS}
+
+
+def test_flagger_payload_values_must_be_strings(
+    server: str, metrics: Any, make_key: Callable[..., str]
+) -> None:
+    create_experiment("ranker-v2", "canary")
+    url = f"{server}/api/v1/experiments/ranker-v2/verdict"
+    headers = {"Authorization": f"Bearer {make_key('read')}"}
+    for body in ({"metadata": {"key": 7}}, {"phase": 3}, {"metadata": {"hook": None}}):
+        answer = httpx.post(url, json=body, headers=headers)
+        assert answer.status_code == 400, body
+    # Fields Flagger may add later are accepted: refusing them would halt every rollout.
+    accepted = httpx.post(url, json={"phase": "Progressing", "future": [1]}, headers=headers)
+    assert accepted.status_code == 200
