@@ -43,7 +43,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from analysis import selectors
-from analysis.verdict import FAIL, PASS, LatestResult, verdict_document
+from analysis.verdict import FAIL, PASS, RUNNING, LatestResult, verdict_document
 from experiments import selectors as experiment_selectors
 from experiments.roles import READ
 from experiments.strict import StrictCharField
@@ -51,9 +51,9 @@ from experiments.strict import StrictCharField
 HOOK_DEFAULT: Final = "rollout"
 # Flagger hook type -> the verdicts that answer 200.
 HOOK_PASSES: Final[dict[str, frozenset[str]]] = {
-    "rollout": frozenset({PASS, "running"}),
-    "pre-rollout": frozenset({PASS, "running"}),
-    "confirm-rollout": frozenset({PASS, "running"}),
+    "rollout": frozenset({PASS, RUNNING}),
+    "pre-rollout": frozenset({PASS, RUNNING}),
+    "confirm-rollout": frozenset({PASS, RUNNING}),
     "confirm-traffic-increase": frozenset({PASS}),
     "confirm-promotion": frozenset({PASS}),
     "rollback": frozenset({FAIL}),
