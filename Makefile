@@ -33,7 +33,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy analysis/stats routing/hashing.py routing/assignment.py routing/histogram.py \
-		routing/split.py routing/breaker.py routing/upstream.py routing/sdk experiments/contracts.py
+		routing/split.py routing/breaker.py routing/upstream.py routing/sdk experiments/contracts.py \
+		analysis/verdict.py
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

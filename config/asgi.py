@@ -9,6 +9,7 @@ id (``routing.logcontext``; an incoming ``X-Request-ID`` is kept and echoed).
     /proxy/                       routing.proxy.ProxyApp (inference, per-unit variant)
     /v1/events                    routing.ingest.EventsApp (business events, in batches)
     /v1/exposures                 routing.exposures_api.ExposuresApp (SDK-local decisions)
+    /api/features/                routing.features_api.FeaturesApp (GrowthBook SDK payload)
     /healthz, /readyz, /metrics   routing.health (liveness, readiness, Prometheus)
     /static/                      routing.health.StaticFilesApp (no Django per file)
 """
@@ -32,6 +33,7 @@ get_resolver().url_patterns  # noqa: B018
 import analysis.metrics  # noqa: E402, F401
 from routing.edge import build_edge  # noqa: E402
 from routing.exposures_api import ExposuresApp  # noqa: E402
+from routing.features_api import FeaturesApp  # noqa: E402
 from routing.health import HealthApp, MetricsApp, ReadyApp, StaticFilesApp  # noqa: E402
 from routing.ingest import EventsApp  # noqa: E402
 from routing.logcontext import RequestIdMiddleware  # noqa: E402
@@ -42,6 +44,7 @@ edge = build_edge(
         "/proxy/": ProxyApp,
         "/v1/events": EventsApp,
         "/v1/exposures": ExposuresApp,
+        "/api/features": FeaturesApp,
         "/healthz": HealthApp,
         "/readyz": ReadyApp,
         "/metrics": MetricsApp,

@@ -231,6 +231,7 @@ class ApiScope(models.TextChoices):
     INGEST = "ingest", "Ingest (events)"
     READ = "read", "Read the management API"
     MANAGE = "manage", "Manage experiments, metrics and keys"
+    SDK = "sdk", "SDK client key (GrowthBook feature payload, exposures; safe in front ends)"
 
 
 class ApiKey(models.Model):

@@ -126,6 +126,7 @@ from routing.edge_io import (
     Send,
     api_key_from_headers,
     auth_error,
+    etag_matches,
     header_value,
     method_not_allowed,
     not_ready_error,
@@ -149,6 +150,8 @@ from routing.snapshot import (
 logger = logging.getLogger(__name__)
 
 SCOPE_DECIDE: Final = "decide"
+# GrowthBook client keys (routing.features_api): the payload and exposures, nothing else.
+SCOPE_SDK: Final = "sdk"
 # How long a request for an unknown experiment waits for the config version check.
 CONFIRM_TIMEOUT_S: Final = 1.0
 DECIDE_FIELDS: Final = frozenset({"experiment", "unit"})
@@ -507,7 +510,7 @@ class Edge:
         etag_bytes = etag.encode()
         headers = [(b"etag", etag_bytes), (b"cache-control", b"no-cache")]
         wanted = header_value(scope["headers"], b"if-none-match")
-        if wanted is not None and _etag_matches(wanted, etag_bytes):
+        if wanted is not None and etag_matches(wanted, etag_bytes):
             await send({"type": "http.response.start", "status": 304, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
             return
@@ -518,14 +521,6 @@ def _first_segment(path: str) -> str:
     """``"/v1"`` for ``"/v1/events"``; the whole path when it has one segment."""
     end = path.find("/", 1)
     return path if end < 0 else path[:end]
-
-
-def _etag_matches(if_none_match: bytes, etag: bytes) -> bool:
-    # RFC 9110, section 13.1.2: "*" or a list of entity tags, compared weakly.
-    if if_none_match.strip() == b"*":
-        return True
-    tags = (tag.strip() for tag in if_none_match.split(b","))
-    return any(tag.removeprefix(b"W/") == etag for tag in tags)
 
 
 def build_edge(

@@ -57,18 +57,24 @@ def batch_refusal(errors: list[dict[str, Any]], what: str) -> EdgeError:
 # --- request ------------------------------------------------------------------------------
 
 
-def check_scope(context: EdgeContext, scope: Scope, required: str) -> None:
+def check_scope(context: EdgeContext, scope: Scope, required: str, *alternatives: str) -> None:
     """Raise the edge's 401/403 (or 503 before the first snapshot) unless the key may call.
 
-    Does nothing when ``EDGE_REQUIRE_KEY`` is false.
+    The key needs ``required`` or one of ``alternatives``; the 403 names ``required``. Does
+    nothing when ``EDGE_REQUIRE_KEY`` is false.
     """
     if not context.require_key:
         return
     if not context.snapshots.current.loaded:
         raise not_ready_error()
     failed = context.check_key(scope["headers"], required)
-    if failed is not None:
-        raise auth_error(failed)
+    if failed is None:
+        return
+    if failed.status == 403:
+        for alternative in alternatives:
+            if context.check_key(scope["headers"], alternative) is None:
+                return
+    raise auth_error(failed)
 
 
 async def read_limited_body(scope: Scope, receive: Receive, limit: int) -> bytes:

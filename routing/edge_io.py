@@ -20,6 +20,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 MAX_BODY_BYTES: Final = 1024 * 1024
+# CORS for the endpoints a browser SDK calls (the GrowthBook payload, exposures): their
+# credential is a header or the URL, never a cookie, so any origin may call them.
+CORS_HEADERS: Final = ((b"access-control-allow-origin", b"*"),)
 _JSON_HEADERS: Final = [(b"content-type", b"application/json")]
 
 
@@ -44,6 +47,17 @@ def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes |
         if key == name:
             return value
     return None
+
+
+def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
+    """True when an ``If-None-Match`` value names ``etag``.
+
+    RFC 9110, section 13.1.2: ``*`` or a list of entity tags, compared weakly.
+    """
+    if if_none_match.strip() == b"*":
+        return True
+    tags = (tag.strip() for tag in if_none_match.split(b","))
+    return any(tag.removeprefix(b"W/") == etag for tag in tags)
 
 
 async def send_json(
@@ -113,6 +127,21 @@ def method_not_allowed(*allowed: str) -> EdgeError:
         f"use {' or '.join(allowed)}",
         headers=((b"allow", listed.encode()),),
     )
+
+
+async def send_preflight(scope: Scope, send: Send, methods: bytes) -> None:
+    """Answer a CORS preflight (``OPTIONS``): 204, any origin, the requested headers."""
+    requested = header_value(scope["headers"], b"access-control-request-headers")
+    headers = [
+        *CORS_HEADERS,
+        (b"access-control-allow-methods", methods),
+        (b"access-control-max-age", b"86400"),
+        (b"content-length", b"0"),
+    ]
+    if requested:
+        headers.append((b"access-control-allow-headers", requested))
+    await send({"type": "http.response.start", "status": 204, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def read_body(receive: Receive, limit: int = MAX_BODY_BYTES) -> bytes:

@@ -7,8 +7,10 @@ analysis counts locally decided units like any other.
 
 Request
 -------
-``POST /v1/exposures`` with an API key holding the ``decide`` scope (``Authorization:
-Bearer rk_...`` or ``X-Rampart-Key``; not checked when ``EDGE_REQUIRE_KEY`` is false) and
+``POST /v1/exposures`` with an API key holding the ``decide`` or the ``sdk`` scope
+(``Authorization: Bearer rk_...`` or ``X-Rampart-Key``; not checked when
+``EDGE_REQUIRE_KEY`` is false; ``sdk`` keys are GrowthBook client keys, whose tracking
+callbacks post here, see ``routing.features_api``) and
 the body ``{"exposures": [exposure, ...]}``, at most ``MAX_EXPOSURES_PER_BATCH`` of them::
 
     {"experiment": "ranker-v2",         # key of a running experiment
@@ -23,6 +25,9 @@ recorded it: the unit is in the experiment (``in_experiment``) and gets that var
 client cannot put units into an arm, or into the analysis, that the assignment did not put
 there. Units in the experiment's ``overrides`` are allowlisted QA traffic, which the edge
 never counts: they are not refused whatever variant is named, and not recorded.
+
+Browsers may call it from any origin (``Access-Control-Allow-Origin: *``, and ``OPTIONS``
+answers the CORS preflight): the key travels in a header, never in a cookie.
 
 Answer
 ------
@@ -82,6 +87,7 @@ from prometheus_client import Counter
 
 from routing.edge import (
     SCOPE_DECIDE,
+    SCOPE_SDK,
     EdgeContext,
     Receive,
     Scope,
@@ -106,6 +112,7 @@ from routing.edge_http import (
     unit_id_field,
     unknown_fields,
 )
+from routing.edge_io import CORS_HEADERS, send_preflight
 from routing.problems import EdgeError, FieldError
 from routing.snapshot import ExperimentRoute, RoutingSnapshot
 
@@ -295,23 +302,35 @@ class ExposuresApp:
             await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] == "OPTIONS" and scope["path"].rstrip("/") == MOUNT_PATH:
+            # A browser's tracking callback (a GrowthBook SDK with an sdk key) preflights.
+            await send_preflight(scope, send, b"POST, OPTIONS")
+            return
         try:
             validated = await self._handle(scope, receive)
         except EdgeError as error:
             REQUESTS_REJECTED.labels(error.code).inc()
             if error.extra and "batch_size" in error.extra:
                 EXPOSURES_REJECTED.inc(error.extra["batch_size"])
+            error.headers = (*error.headers, *CORS_HEADERS)
             await send_problem(send, error)
             return
         except Exception:
             logger.exception("an exposure batch failed")
             REQUESTS_REJECTED.labels("server_error").inc()
-            await send_error(send, 500, "server_error", "the exposures API failed; retry")
+            await send_error(
+                send,
+                500,
+                "server_error",
+                "the exposures API failed; retry",
+                headers=CORS_HEADERS,
+            )
             return
         await send_json(
             send,
             202,
             orjson.dumps({"accepted": len(validated.accepted), "ignored": validated.ignored}),
+            CORS_HEADERS,
         )
 
     async def _handle(self, scope: Scope, receive: Receive) -> ValidatedExposures:
@@ -320,7 +339,7 @@ class ExposuresApp:
         if scope["method"] != "POST":
             raise method_not_allowed("POST")
         context = self.context
-        check_scope(context, scope, SCOPE_DECIDE)
+        check_scope(context, scope, SCOPE_DECIDE, SCOPE_SDK)
         if not context.snapshots.current.loaded:
             raise not_ready_error()
         body = await read_limited_body(scope, receive, self.max_body_bytes)

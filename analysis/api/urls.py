@@ -2,6 +2,7 @@
 
 from django.urls import re_path
 
+from analysis.api.verdict import VerdictView
 from analysis.api.views import (
     ResultHistoryView,
     ResultView,
@@ -19,6 +20,7 @@ urlpatterns = [
         ResultHistoryView.as_view(),
         name="experiment-results-history",
     ),
+    re_path(rf"^experiments/{KEY}/verdict/?$", VerdictView.as_view(), name="experiment-verdict"),
     # One pattern per route with an optional trailing slash, like the experiments router,
     # so the OpenAPI schema lists each endpoint once.
     re_path(r"^webhooks/?$", WebhookListView.as_view(), name="webhook-list"),

@@ -100,6 +100,25 @@ class Evaluator:
             return decide(unit)
         return decide(_unit_id(unit))
 
+    def decide_untracked(self, experiment: str, unit: str | int) -> Decision:
+        """``decide`` without queuing the exposure: for callers that record it themselves,
+        once the decision is used (``record_exposure``; the OpenFeature provider's hook)."""
+        route = self._loaded().routes.get(experiment)
+        if route is None:
+            raise self._unknown(experiment)
+        if type(unit) is str and 0 < len(unit) <= MAX_UNIT_LENGTH:
+            return route.decide(unit)
+        return route.decide(_unit_id(unit))
+
+    def record_exposure(self, decision: Decision) -> bool:
+        """Queue the exposure of a ``decide_untracked`` decision for sending, as ``decide``
+        would have; True when queued. Nothing for a unit not in the experiment, a unit
+        already sent with this variant, or an evaluator without ``track_exposures``."""
+        exposures = self._exposures
+        if exposures is None or not exposures.sending or not decision.in_experiment:
+            return False
+        return exposures.offer(decision.experiment, decision.unit, decision.variant)
+
     def decide_all(
         self, unit: str | int, experiments: Iterable[str] | None = None
     ) -> dict[str, Decision]:

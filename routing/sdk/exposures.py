@@ -145,6 +145,21 @@ class ExposureQueue:
             seen = self._by_experiment.setdefault(experiment, SeenUnits())
         return seen
 
+    def offer(self, experiment: str, unit: str, variant: str) -> bool:
+        """Queue one exposure outside ``decide`` (``Evaluator.record_exposure``), with the
+        rules the deciders apply inline: a unit already sent with this variant is skipped,
+        a full queue drops it, the batch size wakes the flusher. True when queued."""
+        if self.seen_units(experiment).recent.get(unit) == variant:
+            return False
+        size = len(self.pending)
+        if size >= self.max_buffered * FIELDS:
+            self.drop(1, "the exposure queue is full")
+            return False
+        self.pending.extend((experiment, unit, variant, time.time()))
+        if size == (self.batch_size - 1) * FIELDS:
+            self.wake()
+        return True
+
     def take(self, count: int) -> list[Exposure]:
         """Remove up to ``count`` exposures to send, oldest first, skipping repeats."""
         batch = self._retry[:count]

@@ -14,7 +14,7 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--name", required=True)
         parser.add_argument(
-            "--scopes", required=True, help="Comma-separated: manage,decide,ingest,read"
+            "--scopes", required=True, help="Comma-separated: manage,decide,ingest,read,sdk"
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
