@@ -28,6 +28,8 @@ class MetricView:
     denominator_event: str
     direction: str
     winsorize_cap: float | None
+    # Exposure window of a per-unit metric in seconds (experiments.models.DEFAULT_WINDOW_S).
+    window_s: int = 600
 
     @property
     def lower_is_better(self) -> bool:
