@@ -35,6 +35,7 @@ from typing import Any
 from analysis.aggregation import BUILTIN_ERROR, BUILTIN_LATENCY, Aggregates
 from analysis.evidence import GUARDRAIL, ArmState, finite, guardrail_row, latency, metric_row
 from analysis.health import Health, HealthSettings, arms, check_health
+from analysis.reporting import withhold_small_samples
 from analysis.stats.guardrails import (
     ExperimentSnapshot,
     GuardrailDecision,
@@ -225,6 +226,7 @@ def analyse(
                 n_star=n_star,
             )
             rows.append(row)
+    withhold_small_samples(rows)
     ready, ramp_note = ramp_ready(experiment, aggregates, now=now)
     if breach is not None:
         verdict, reason = "rollback", breach.summary

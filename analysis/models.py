@@ -158,8 +158,10 @@ class ResultSnapshot(models.Model):
         "direction", "arm", "control_arm", "n_control", "n_treatment", "control_estimate",
         "treatment_estimate", "abs_effect", "rel_effect", "ci_fixed" and "ci_always_valid"
         ([lo, hi] on the relative effect), "p_value", "p_always_valid", "harm_bound",
-        "margin", "status" (breach | ok | insufficient | win | loss | inconclusive) and
-        "summary" (a plain-words sentence). Unknown or unbounded numbers are null.
+        "margin", "status" (breach | ok | insufficient | win | loss | inconclusive),
+        "summary" (a plain-words sentence) and "not_enough_data" (null, or why the row's
+        numbers are withheld: fewer than 100 units in an arm, `analysis.reporting`).
+        Unknown or unbounded numbers are null.
       * latency: {variant_key: {"n", "mean", "p50", "p95", "p99", "error_rate"}}
     """
 

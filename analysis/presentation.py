@@ -134,6 +134,8 @@ class MetricLine:
     status: Tone
     summary: str
     margin_text: str
+    # Why the row shows no numbers (analysis.reporting), or "".
+    not_enough_data: str = ""
 
 
 def metric_lines(rows: Sequence[Mapping[str, Any]], view: ExperimentView) -> list[MetricLine]:
@@ -179,6 +181,7 @@ def metric_lines(rows: Sequence[Mapping[str, Any]], view: ExperimentView) -> lis
                 status=tone_for(METRIC_STATUSES, str(row.get("status", ""))),
                 summary=str(row.get("summary", "")),
                 margin_text=margin_text,
+                not_enough_data=str(row.get("not_enough_data") or ""),
             )
         )
     return lines

@@ -36,6 +36,7 @@ SNAPSHOT_METRIC_FIELDS = {
     "margin",
     "status",
     "summary",
+    "not_enough_data",
 }
 
 
