@@ -52,9 +52,12 @@ from typing import Any
 
 from django.db import connection
 from django.db.models import Max, Sum
+from django.utils import timezone
 
+from analysis.cohorts import unit_metric_aggregates
 from analysis.models import AnalysisState, ObservationRollup
 from analysis.stats.moments import MeanStats, MetricStats, ProportionStats
+from analysis.stats.strata import Standardized
 from analysis.unit_metrics import (
     BUILTIN_ERROR,
     BUILTIN_LATENCY,
@@ -135,9 +138,14 @@ class ExposureCounts:
 
 @dataclass(frozen=True)
 class Aggregates:
+    """What one look reads. `business[metric][arm]` is the statistic each arm is compared on
+    (cohorts by ramp step combined, `analysis.cohorts`); `business_construction[metric]` says
+    how it was built."""
+
     exposures: ExposureCounts
     observations: Mapping[str, ObservationTotals]
     business: Mapping[str, Mapping[str, MetricStats]]
+    business_construction: Mapping[str, Standardized] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -334,9 +342,13 @@ def aggregate(
     caller's choice (`fold_unit_events`). `now` (default: the current time) decides whose
     exposure windows have closed.
     """
-    metrics = [use.metric for use in experiment.metrics]
     canary = experiment.kind == "canary"
     since = experiment.step_started_at if canary else None
+    business, constructions = unit_metric_aggregates(
+        experiment=experiment,
+        tail_after=state.event_cursor,
+        now=now if now is not None else timezone.now(),
+    )
     return Aggregates(
         exposures=exposure_counts(
             experiment_id=experiment.id,
@@ -345,7 +357,6 @@ def aggregate(
             since=since,
         ),
         observations=refresh_observations(state=state),
-        business=business_stats(
-            experiment_id=experiment.id, metrics=metrics, tail_after=state.event_cursor, now=now
-        ),
+        business=business,
+        business_construction=constructions,
     )
