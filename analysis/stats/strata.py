@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+from numpy.typing import NDArray
 
 from analysis.stats.moments import MeanStats, MetricStats, ProportionStats, RatioStats
 
@@ -67,7 +68,10 @@ class Standardized:
     standardized: bool = False
 
 
-def _moments(stats: MetricStats) -> tuple[np.ndarray, np.ndarray]:
+FloatArray = NDArray[np.float64]
+
+
+def _moments(stats: MetricStats) -> tuple[FloatArray, FloatArray]:
     """Per-unit mean vector and covariance matrix (one entry for rates and means, two for
     ratios: numerator and denominator), with the variance conventions of `moments`."""
     n = stats.n
@@ -87,7 +91,7 @@ def _moments(stats: MetricStats) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _equivalent(
-    mean: np.ndarray, covariance_of_mean: np.ndarray, n: int, ratio: bool
+    mean: FloatArray, covariance_of_mean: FloatArray, n: int, ratio: bool
 ) -> MetricStats:
     """Sums of n units whose mean is `mean` and whose sample covariance / n is the given one."""
     covariance = covariance_of_mean * n
@@ -130,20 +134,22 @@ def standardize(
     raw = {s: 1.0 / math.fsum(1.0 / strata[arm][s].n for arm in arms) for s in used}
     total = math.fsum(raw.values())
     weights = {s: (raw.get(s, 0.0) / total if total > 0 else 0.0) for s in cohorts}
-    common = {
-        "construction": construction,
-        "weights": weights,
-        "cohorts_used": len(used),
-        "cohorts_seen": len(cohorts),
-        "left_out": left_out,
-    }
-    if not used:
-        return Standardized(stats={}, **common)  # type: ignore[arg-type]
-    if len(used) == 1:
+
+    def result(stats: Mapping[str, MetricStats], standardized: bool = False) -> Standardized:
         return Standardized(
-            stats={arm: strata[arm][used[0]] for arm in arms},
-            **common,  # type: ignore[arg-type]
+            construction=construction,
+            stats=stats,
+            weights=weights,
+            cohorts_used=len(used),
+            cohorts_seen=len(cohorts),
+            left_out=left_out,
+            standardized=standardized,
         )
+
+    if not used:
+        return result({})
+    if len(used) == 1:
+        return result({arm: strata[arm][used[0]] for arm in arms})
     combined: dict[str, MetricStats] = {}
     for arm in arms:
         parts = [strata[arm][s] for s in used]
@@ -159,4 +165,4 @@ def standardize(
             mean += weights[s] * m
             covariance += weights[s] ** 2 * c / part.n
         combined[arm] = _equivalent(mean, covariance, sum(p.n for p in parts), ratio)
-    return Standardized(stats=combined, standardized=True, **common)  # type: ignore[arg-type]
+    return result(combined, standardized=True)
