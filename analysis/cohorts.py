@@ -16,7 +16,7 @@ from typing import Any
 
 from analysis.stats.moments import MetricStats
 from analysis.stats.strata import POOLED, STRATIFIED, Standardized, standardize
-from analysis.unit_metrics import cohort_stats, is_unit_metric
+from analysis.unit_metrics import cohort_stats, is_unit_metric, pool_cohorts
 from experiments.contracts import ExperimentView, StepPeriod
 from experiments.periods import step_periods
 
@@ -48,11 +48,18 @@ def unit_metric_aggregates(
         now=now,
         cohort_starts=starts,
     )
-    arms = [variant.key for variant in experiment.routed_variants]
+    routed = [variant.key for variant in experiment.routed_variants]
     business: dict[str, dict[str, MetricStats]] = {}
     constructions: dict[str, Standardized] = {}
     for metric in metrics:
-        combined = standardize(by_cohort.get(metric.key, {}), arms=arms, construction=construction)
+        strata = by_cohort.get(metric.key, {})
+        # Arms with no user yet (a canary before its first one, a weight of 0) wait; with
+        # fewer than two arms there is nothing to compare, and each arm shows its own data.
+        arms = [arm for arm in routed if strata.get(arm)]
+        if len(arms) < 2:
+            business[metric.key] = pool_cohorts(strata)
+            continue
+        combined = standardize(strata, arms=arms, construction=construction)
         business[metric.key] = dict(combined.stats)
         constructions[metric.key] = combined
     return business, constructions

@@ -332,10 +332,11 @@ def business_stats(
         tail_until=tail_until,
         now=now,
     )
-    return {key: _pooled(per_variant) for key, per_variant in cohorts.items()}
+    return {key: pool_cohorts(per_variant) for key, per_variant in cohorts.items()}
 
 
-def _pooled(per_variant: Mapping[str, Mapping[int, MetricStats]]) -> dict[str, MetricStats]:
+def pool_cohorts(per_variant: Mapping[str, Mapping[int, MetricStats]]) -> dict[str, MetricStats]:
+    """Each variant's statistic over all its cohorts (exact sums)."""
     pooled: dict[str, MetricStats] = {}
     for variant, by_cohort in per_variant.items():
         parts = list(by_cohort.values())

@@ -63,6 +63,8 @@ def test_the_metric_form_edits_the_window(db: None) -> None:
     form["window_s"] = "900"
     assert web.post(reverse("experiments:metric-create"), form).status_code == 302
     assert Metric.objects.get(key="cv").window_s == 900
+    listing = web.get(reverse("experiments:metric-list")).content.decode()
+    assert "within 900 s of first exposure" in listing
     form["window_s"] = "1200"
     edited = web.post(reverse("experiments:metric-edit", args=["cv"]), form)
     assert edited.status_code == 302
