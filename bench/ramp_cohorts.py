@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,8 +139,8 @@ def one_run(world: World, rng: np.random.Generator, settings: GuardrailSettings)
     return fired
 
 
-def _merge(parts: Sequence[ProportionStats] | object) -> ProportionStats:
-    items = list(parts)  # type: ignore[call-overload]
+def _merge(parts: Iterable[MetricStats]) -> ProportionStats:
+    items = [p for p in parts if isinstance(p, ProportionStats)]
     return ProportionStats(n=sum(p.n for p in items), sum=sum(p.sum for p in items))
 
 
