@@ -10,11 +10,12 @@ one period of constant split, and standardises every arm to the same cohort weig
     (2) mu_a = sum_s w_s mean_{a,s} / sum_s w_s
     (3) Var(mu_a) = sum_s w_s^2 var_{a,s} / n_{a,s} / (sum_s w_s)^2
 
-(1) are the Mantel-Haenszel weights of a difference (Cochran 1954, "Some methods for
-strengthening the common chi-square tests", Biometrics 10, section 10; for the risk
-difference Greenland & Robins 1985, "Estimation of a common effect parameter from sparse
-follow-up data", Biometrics 41, the weights n_1 n_0 / N of their estimator RD_MH). Because
-both arms use the same weights, mu_B - r mu_A = sum_s w_s (mean_{B,s} - r mean_{A,s}) / sum w:
+(1) are the Mantel-Haenszel weights of a risk difference (Mantel & Haenszel 1959; Greenland &
+Robins 1985, Biometrics 41:55-68; Greenland & Rothman, "Introduction to stratified analysis",
+Modern Epidemiology, 3rd ed. 2008, ch. 15, eqs. 15-18 and 15-19), and (2) is the direct
+standardisation that yields the Mantel-Haenszel difference from standardised arms (as in SAS
+PROC STDRATE's "Mantel-Haenszel effect estimation"). Because both arms use the same weights,
+mu_B - r mu_A = sum_s w_s (mean_{B,s} - r mean_{A,s}) / sum w:
 a weighted sum of within-cohort contrasts, so time cannot leak into the comparison. The
 weights depend only on the cohort sizes, never on outcomes, and are zero for a cohort in
 which an arm has fewer than `min_per_arm` units: a cohort with a single arm (a pause, the
@@ -27,8 +28,11 @@ experiment that never ramped is analysed exactly as before ("pooled"). Otherwise
 an equivalent statistic: a `MeanStats` (for rate and mean metrics) or a `RatioStats` over its
 N contributing units whose mean is (2) and whose variance of the mean is (3), so every test
 downstream (guardrail harm tests, confidence sequences, reports) runs unchanged on the
-standardised arms, with N units per arm for its sample-size terms. The A/A ramp simulation in
-`bench/ramp_cohorts.py` (and its CI version) checks the false-rollback rate.
+standardised arms, with N units per arm for its sample-size terms. The weights move between
+looks while cohorts fill up (a closed step's cohort stops growing once its users' windows
+have closed), so the anytime guarantee stays asymptotic, as it is for every mean and rate
+guardrail; the A/A ramp simulation in `bench/ramp_cohorts.py` (1,000 runs per world, and its
+CI version) checks the false-rollback rate against alpha.
 """
 
 from __future__ import annotations

@@ -61,8 +61,8 @@ def test_standardised_means_match_the_mantel_haenszel_formulas() -> None:
         for arm, parts in values.items()
     }
     result = standardize(strata, arms=["a", "b"], construction=STRATIFIED)
-    # Independent recomputation: w_s = n_a n_b / (n_a + n_b) (Cochran 1954; Greenland & Robins
-    # 1985), normalised; mean and variance of the standardised mean of each arm.
+    # Independent recomputation: w_s = n_a n_b / (n_a + n_b) (Mantel & Haenszel 1959; Greenland
+    # & Robins 1985), normalised; mean and variance of the standardised mean of each arm.
     w = np.array([na * nb / (na + nb) for na, nb in zip(sizes["a"], sizes["b"], strict=True)])
     w = w / w.sum()
     for arm, parts in values.items():
