@@ -15,9 +15,10 @@ Incremental aggregation and its correctness conditions
       lag, a row is lost only if its insert transaction stays open for a whole analysis
       interval (the recorder's flushes are single short INSERTs). SQLite has one writer at a
       time, so there the condition always holds. Every row is read at most twice.
-    * Business events (`routing.models.Event`) are summed per (experiment, unit, event name)
-      in `UnitEventRollup`: the sum and count of the unit's events at or after its first
-      exposure. A read is one GROUP BY over the rollup UNION ALL the raw events past the
+    * Business events (`routing.models.Event`) are summed per (experiment, unit, event name,
+      exposure window) in `UnitEventRollup`: the sum and count of the unit's events within
+      the window after its first exposure (the SQL lives in `analysis.unit_metrics`). A read
+      is one GROUP BY over the rollup UNION ALL the raw events past the
       cursor (the "tail"), so results are always current, however far the fold lags. The
       fold is INSERT ... SELECT ... GROUP BY ... ON CONFLICT DO UPDATE (SQLite >= 3.24 and
       PostgreSQL both have it) over a bounded id range, in the same transaction as the
@@ -51,18 +52,40 @@ from typing import Any
 
 from django.db import connection
 from django.db.models import Max, Sum
+from django.utils import timezone
 
-from analysis.models import AnalysisState, ObservationRollup, UnitEventRollup
-from analysis.stats.moments import MeanStats, MetricStats, ProportionStats, RatioStats
-from experiments.contracts import ExperimentView, MetricView
+from analysis.cohorts import unit_metric_aggregates
+from analysis.models import AnalysisState, ObservationRollup
+from analysis.stats.moments import MeanStats, MetricStats, ProportionStats
+from analysis.stats.strata import Standardized
+from analysis.unit_metrics import (
+    BUILTIN_ERROR,
+    BUILTIN_LATENCY,
+    business_stats,
+    events_to_fold,
+    fold_unit_events,
+    metric_event_windows,
+)
+from experiments.contracts import ExperimentView
 from routing.histogram import LogHistogram
 from routing.models import Event, Exposure, ObservationBucket
 
-BUILTIN_LATENCY = "latency_ms"
-BUILTIN_ERROR = "error"
+__all__ = [
+    "BUILTIN_ERROR",
+    "BUILTIN_LATENCY",
+    "Aggregates",
+    "ExposureCounts",
+    "ObservationTotals",
+    "aggregate",
+    "business_stats",
+    "events_to_fold",
+    "exposure_counts",
+    "fold_unit_events",
+    "metric_event_windows",
+    "note_event_horizon",
+    "refresh_observations",
+]
 _HISTOGRAM_CHUNK = 2000
-# Larger than any id: the open end of the raw tail.
-_MAX_ID = 2**62
 
 
 @dataclass
@@ -115,9 +138,14 @@ class ExposureCounts:
 
 @dataclass(frozen=True)
 class Aggregates:
+    """What one look reads. `business[metric][arm]` is the statistic each arm is compared on
+    (cohorts by ramp step combined, `analysis.cohorts`); `business_construction[metric]` says
+    how it was built."""
+
     exposures: ExposureCounts
     observations: Mapping[str, ObservationTotals]
     business: Mapping[str, Mapping[str, MetricStats]]
+    business_construction: Mapping[str, Standardized] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -234,74 +262,11 @@ def refresh_observations(*, state: AnalysisState) -> dict[str, ObservationTotals
 # --------------------------------------------------------------------------- events
 
 
-def metric_event_names(metrics: Sequence[MetricView]) -> list[str]:
-    """The event names the experiment's unit-level metrics read (built-ins excluded)."""
-    names: set[str] = set()
-    for metric in metrics:
-        if metric.kind == "ratio":
-            names.update({metric.numerator_event, metric.denominator_event})
-        elif metric.source not in (BUILTIN_LATENCY, BUILTIN_ERROR):
-            names.add(metric.source)
-    names.discard("")
-    return sorted(names)
-
-
 def note_event_horizon(*, state: AnalysisState) -> None:
     """Once per run: what the previous run saw is settled; remember what is visible now."""
     state.event_settled = max(state.event_settled, state.event_horizon, state.event_cursor)
     newest = Event.objects.aggregate(top=Max("id"))["top"]
     state.event_horizon = max(int(newest or 0), state.event_cursor)
-
-
-def events_to_fold(state: AnalysisState) -> int:
-    """How many event ids are settled but not yet folded into the rollup."""
-    return max(state.event_settled - state.event_cursor, 0)
-
-
-def _tail_events_sql(placeholders: str) -> str:
-    """Events past the cursor, of the given names, at or after their unit's first exposure.
-
-    EXISTS counts each event once whatever the number of exposure rows of its unit.
-    """
-    return f"""
-        FROM {_table(Event)} ev
-        WHERE ev.id > %s AND ev.id <= %s AND ev.name IN ({placeholders})
-          AND EXISTS (
-            SELECT 1 FROM {_table(Exposure)} ex
-            WHERE ex.experiment_id = %s AND ex.unit_id = ev.unit_id
-              AND ex.first_seen_at <= ev.timestamp
-          )
-    """
-
-
-def fold_unit_events(*, state: AnalysisState, event_names: Sequence[str], limit: int) -> int:
-    """Upsert settled events (at most `limit` ids past the cursor) into the per-unit rollup.
-
-    Returns how many settled event ids remain to fold. Call inside the transaction that holds
-    `state` FOR UPDATE, and save `state` in it: the rollup and the cursor move together.
-    """
-    low = state.event_cursor
-    high = min(state.event_settled, low + max(limit, 0))
-    if high <= low:
-        return events_to_fold(state)
-    if event_names:
-        placeholders = ", ".join(["%s"] * len(event_names))
-        rollup = _table(UnitEventRollup)
-        # SQLite's grammar needs the WHERE clause that _tail_events_sql has before ON CONFLICT.
-        sql = f"""
-            INSERT INTO {rollup} (experiment_id, unit_id, event_name, value_sum, event_count)
-            SELECT %s, ev.unit_id, ev.name, SUM(ev.value), COUNT(*)
-            {_tail_events_sql(placeholders)}
-            GROUP BY ev.unit_id, ev.name
-            ON CONFLICT (experiment_id, unit_id, event_name) DO UPDATE SET
-              value_sum = {rollup}.value_sum + excluded.value_sum,
-              event_count = {rollup}.event_count + excluded.event_count
-        """
-        params = [state.experiment_id, low, high, *event_names, state.experiment_id]
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-    state.event_cursor = high
-    return events_to_fold(state)
 
 
 # --------------------------------------------------------------------------- exposures
@@ -364,134 +329,26 @@ def exposure_counts(
     )
 
 
-# --------------------------------------------------------------------------- business metrics
-
-
-def _capped(expression: str, cap: float | None) -> str:
-    """Winsorise a per-unit value at `cap` (a float from the database, inlined as a literal)."""
-    if cap is None:
-        return expression
-    literal = repr(float(cap))
-    return f"(CASE WHEN {expression} > {literal} THEN {literal} ELSE {expression} END)"
-
-
-def business_stats(
-    *,
-    experiment_id: int,
-    metrics: Sequence[MetricView],
-    tail_after: int,
-    tail_until: int | None = None,
-) -> dict[str, dict[str, MetricStats]]:
-    """Per metric and variant, the unit-level sufficient statistics in one GROUP BY query.
-
-    Reads the per-unit rollup plus the raw events with tail_after < id (<= tail_until) that
-    are not folded yet (`tail_after` is the fold cursor: a smaller value double counts), so
-    the result is current whatever the fold's progress. Only units exposed to exactly one
-    variant count; a unit with no events counts as 0 (binomial 0, mean 0, ratio 0/0).
-    Built-in latency/error metrics are not handled here.
-    """
-    unit_metrics = [
-        m
-        for m in metrics
-        if m.kind in ("binomial", "mean", "ratio")
-        and (m.kind == "ratio" or m.source not in (BUILTIN_LATENCY, BUILTIN_ERROR))
-    ]
-    if not unit_metrics:
-        return {}
-    names = metric_event_names(unit_metrics)
-    columns: list[str] = []
-    inner_params: list[Any] = []
-    alias = {}
-    for index, name in enumerate(names):
-        alias[name] = index
-        columns.append(
-            f"SUM(CASE WHEN event_name = %s THEN value_sum ELSE 0 END) AS v{index}, "
-            f"SUM(CASE WHEN event_name = %s THEN event_count ELSE 0 END) AS c{index}"
-        )
-        inner_params.extend([name, name])
-    outer: list[str] = []
-    for metric in unit_metrics:
-        if metric.kind == "binomial":
-            hit = f"CASE WHEN COALESCE(r.c{alias[metric.source]}, 0) > 0 THEN 1 ELSE 0 END"
-            outer.append(f"SUM({hit})")
-        elif metric.kind == "mean":
-            value = _capped(f"COALESCE(r.v{alias[metric.source]}, 0)", metric.winsorize_cap)
-            outer.append(f"SUM({value}), SUM({value} * {value})")
-        else:
-            m = f"COALESCE(r.v{alias[metric.numerator_event]}, 0)"
-            d = f"COALESCE(r.v{alias[metric.denominator_event]}, 0)"
-            outer.append(f"SUM({m}), SUM({m} * {m}), SUM({d}), SUM({d} * {d}), SUM({m} * {d})")
-    units_sql, units_params = _units_subquery("", canary=False)
-    placeholders = ", ".join(["%s"] * len(names))
-    until = tail_until if tail_until is not None else _MAX_ID
-    sql = f"""
-        SELECT u.variant, COUNT(*), {", ".join(outer)}
-        FROM ({units_sql}) u
-        LEFT JOIN (
-            SELECT unit_id, {", ".join(columns)}
-            FROM (
-                SELECT unit_id, event_name, value_sum, event_count
-                FROM {_table(UnitEventRollup)}
-                WHERE experiment_id = %s
-                UNION ALL
-                SELECT ev.unit_id, ev.name, ev.value, 1
-                {_tail_events_sql(placeholders)}
-            ) parts
-            GROUP BY unit_id
-        ) r ON r.unit_id = u.unit_id
-        WHERE u.variant <> ''
-        GROUP BY u.variant
-    """
-    params = [
-        *units_params,
-        experiment_id,
-        *inner_params,
-        experiment_id,
-        tail_after,
-        until,
-        *names,
-        experiment_id,
-    ]
-    result: dict[str, dict[str, MetricStats]] = {m.key: {} for m in unit_metrics}
-    for row in _fetch(sql, params):
-        variant, n = row[0], int(row[1])
-        values = [float(v or 0.0) for v in row[2:]]
-        position = 0
-        for metric in unit_metrics:
-            stats: MetricStats
-            if metric.kind == "binomial":
-                stats = ProportionStats(n=n, sum=values[position])
-                position += 1
-            elif metric.kind == "mean":
-                stats = MeanStats(n=n, sum=values[position], sum_squares=values[position + 1])
-                position += 2
-            else:
-                stats = RatioStats(
-                    n=n,
-                    numerator_sum=values[position],
-                    numerator_sum_squares=values[position + 1],
-                    denominator_sum=values[position + 2],
-                    denominator_sum_squares=values[position + 3],
-                    cross_sum=values[position + 4],
-                )
-                position += 5
-            result[metric.key][variant] = stats
-    return result
-
-
 # --------------------------------------------------------------------------- entry point
 
 
-def aggregate(*, experiment: ExperimentView, state: AnalysisState) -> Aggregates:
+def aggregate(
+    *, experiment: ExperimentView, state: AnalysisState, now: datetime | None = None
+) -> Aggregates:
     """Bring the observation rollup up to date and read every statistic the analysis needs.
 
     Runs inside the caller's transaction, which holds `state` FOR UPDATE; the caller saves
     `state` (its cursors moved). Events are read as rollup plus tail; folding them is the
-    caller's choice (`fold_unit_events`).
+    caller's choice (`fold_unit_events`). `now` (default: the current time) decides whose
+    exposure windows have closed.
     """
-    metrics = [use.metric for use in experiment.metrics]
     canary = experiment.kind == "canary"
     since = experiment.step_started_at if canary else None
+    business, constructions = unit_metric_aggregates(
+        experiment=experiment,
+        tail_after=state.event_cursor,
+        now=now if now is not None else timezone.now(),
+    )
     return Aggregates(
         exposures=exposure_counts(
             experiment_id=experiment.id,
@@ -500,7 +357,6 @@ def aggregate(*, experiment: ExperimentView, state: AnalysisState) -> Aggregates
             since=since,
         ),
         observations=refresh_observations(state=state),
-        business=business_stats(
-            experiment_id=experiment.id, metrics=metrics, tail_after=state.event_cursor
-        ),
+        business=business,
+        business_construction=constructions,
     )

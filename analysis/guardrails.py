@@ -33,8 +33,10 @@ from datetime import datetime
 from typing import Any
 
 from analysis.aggregation import BUILTIN_ERROR, BUILTIN_LATENCY, Aggregates
+from analysis.cohorts import annotate_rows
 from analysis.evidence import GUARDRAIL, ArmState, finite, guardrail_row, latency, metric_row
 from analysis.health import Health, HealthSettings, arms, check_health
+from analysis.reporting import withhold_small_samples
 from analysis.stats.guardrails import (
     ExperimentSnapshot,
     GuardrailDecision,
@@ -111,11 +113,14 @@ def metric_stats(metric: MetricView, aggregates: Aggregates, arm: str) -> object
     return aggregates.business.get(metric.key, {}).get(arm)
 
 
-def _spec(use: ExperimentMetricView) -> GuardrailSpec:
+def _spec(use: ExperimentMetricView, aggregates: Aggregates) -> GuardrailSpec:
     metric = use.metric
     kind = {"binomial": "proportion", "mean": "mean", "ratio": "ratio", "quantile": "quantile"}[
         metric.kind
     ]
+    construction = aggregates.business_construction.get(metric.key)
+    if kind == "proportion" and construction is not None and construction.standardized:
+        kind = "mean"  # cohorts combined: a standardised rate is a mean (analysis.stats.strata)
     return GuardrailSpec(
         metric_key=metric.key,
         kind=kind,  # type: ignore[arg-type]
@@ -188,7 +193,7 @@ def analyse(
         )
         settings = GuardrailSettings(alpha=alpha, n_star=n_star)
         decision = evaluate_guardrails(
-            [_spec(use) for use in guardrail_uses], snapshot, settings=settings
+            [_spec(use, aggregates) for use in guardrail_uses], snapshot, settings=settings
         )
         uses = {use.metric.key: use for use in guardrail_uses}
         for evidence in decision.evaluations:
@@ -225,6 +230,8 @@ def analyse(
                 n_star=n_star,
             )
             rows.append(row)
+    withhold_small_samples(rows)
+    annotate_rows(rows, aggregates.business_construction)
     ready, ramp_note = ramp_ready(experiment, aggregates, now=now)
     if breach is not None:
         verdict, reason = "rollback", breach.summary

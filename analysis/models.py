@@ -65,7 +65,11 @@ class ObservationRollup(models.Model):
 
 
 class UnitEventRollup(models.Model):
-    """Per (experiment, unit, event name): sum and count of the unit's post-exposure events.
+    """Per (experiment, unit, event name, window): sum and count of the unit's windowed events.
+
+    `window_s` is a metric's exposure window (STATS.md 12.3): only events in
+    [first exposure, first exposure + window_s) are summed, once per distinct window the
+    experiment's metrics use for that event (`analysis.unit_metrics`).
 
     Updated with INSERT ... ON CONFLICT DO UPDATE from the events with ids past the cursor;
     the metrics are a GROUP BY over this table joined to the units' exposures. The foreign
@@ -83,13 +87,15 @@ class UnitEventRollup(models.Model):
     )
     unit_id = models.CharField(max_length=200)
     event_name = models.CharField(max_length=128)
+    window_s = models.PositiveIntegerField(default=0)
     value_sum = models.FloatField(default=0.0)
     event_count = models.BigIntegerField(default=0)
 
     class Meta:
         constraints = [
             models.UniqueConstraint(
-                fields=["experiment", "unit_id", "event_name"], name="unit_event_rollup_once"
+                fields=["experiment", "unit_id", "event_name", "window_s"],
+                name="unit_event_rollup_window_once",
             )
         ]
 
@@ -152,8 +158,10 @@ class ResultSnapshot(models.Model):
         "direction", "arm", "control_arm", "n_control", "n_treatment", "control_estimate",
         "treatment_estimate", "abs_effect", "rel_effect", "ci_fixed" and "ci_always_valid"
         ([lo, hi] on the relative effect), "p_value", "p_always_valid", "harm_bound",
-        "margin", "status" (breach | ok | insufficient | win | loss | inconclusive) and
-        "summary" (a plain-words sentence). Unknown or unbounded numbers are null.
+        "margin", "status" (breach | ok | insufficient | win | loss | inconclusive),
+        "summary" (a plain-words sentence) and "not_enough_data" (null, or why the row's
+        numbers are withheld: fewer than 100 units in an arm, `analysis.reporting`).
+        Unknown or unbounded numbers are null.
       * latency: {variant_key: {"n", "mean", "p50", "p95", "p99", "error_rate"}}
     """
 

@@ -134,6 +134,10 @@ class MetricLine:
     status: Tone
     summary: str
     margin_text: str
+    # Why the row shows no numbers (analysis.reporting), or "".
+    not_enough_data: str = ""
+    # How per-unit metrics were compared (analysis.cohorts), or "" for proxy metrics.
+    construction: str = ""
 
 
 def metric_lines(rows: Sequence[Mapping[str, Any]], view: ExperimentView) -> list[MetricLine]:
@@ -179,9 +183,21 @@ def metric_lines(rows: Sequence[Mapping[str, Any]], view: ExperimentView) -> lis
                 status=tone_for(METRIC_STATUSES, str(row.get("status", ""))),
                 summary=str(row.get("summary", "")),
                 margin_text=margin_text,
+                not_enough_data=str(row.get("not_enough_data") or ""),
+                construction=_construction_text(row.get("construction")),
             )
         )
     return lines
+
+
+def _construction_text(construction: Any) -> str:
+    """“stratified by ramp step, 3 cohorts” or “pooled”, from a row's `construction`."""
+    if not isinstance(construction, Mapping):
+        return ""
+    if construction.get("method") == "stratified_by_ramp_step":
+        used = construction.get("cohorts_used") or 0
+        return f"stratified by ramp step, {used} cohort{'s' if used != 1 else ''} compared"
+    return "pooled (never ramped)"
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from analysis.aggregation import (
     aggregate,
     events_to_fold,
     fold_unit_events,
-    metric_event_names,
+    metric_event_windows,
     note_event_horizon,
 )
 from analysis.evidence import ArmState
@@ -256,8 +256,8 @@ def _analysis_run_logged(
     return result
 
 
-def _event_names(view: ExperimentView) -> list[str]:
-    return metric_event_names([use.metric for use in view.metrics])
+def _event_windows(view: ExperimentView) -> list[tuple[str, int]]:
+    return metric_event_windows([use.metric for use in view.metrics])
 
 
 def schedule_fold(experiment_id: int) -> None:
@@ -282,7 +282,7 @@ def events_fold(*, experiment_id: int, limit: int = FOLD_CHUNK) -> int:
         )
         if state is None:
             return 0
-        remaining = fold_unit_events(state=state, event_names=_event_names(view), limit=limit)
+        remaining = fold_unit_events(state=state, event_windows=_event_windows(view), limit=limit)
         state.save(update_fields=["event_cursor"])
     return remaining
 
@@ -290,11 +290,11 @@ def events_fold(*, experiment_id: int, limit: int = FOLD_CHUNK) -> int:
 def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> RunResult:
     note_event_horizon(state=state)
     if 0 < events_to_fold(state) <= INLINE_FOLD:
-        fold_unit_events(state=state, event_names=_event_names(view), limit=INLINE_FOLD)
+        fold_unit_events(state=state, event_windows=_event_windows(view), limit=INLINE_FOLD)
     if events_to_fold(state) > 0:
         experiment_id = view.id
         transaction.on_commit(lambda: schedule_fold(experiment_id))
-    aggregates = aggregate(experiment=_step_view(view), state=state)
+    aggregates = aggregate(experiment=_step_view(view), state=state, now=now)
     if view.kind == "canary" and state.srm_ramp_position != view.ramp_position:
         state.srm_max_log_e_value = 0.0
         state.srm_ramp_position = view.ramp_position

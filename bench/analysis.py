@@ -111,8 +111,17 @@ def load(events: int, *, seed: int = 7) -> tuple[int, datetime]:
         ("revenue", "mean", "purchase", {}),
         ("ctr", "ratio", "", {"numerator_event": "click", "denominator_event": "view"}),
     ):
+        # Events come up to a day after exposure: a one-day window counts them all, as the
+        # bare query does.
         services.metric_create(
-            actor="bench", key=key, name=key, kind=kind, source=source, direction="higher", **extra
+            actor="bench",
+            key=key,
+            name=key,
+            kind=kind,
+            source=source,
+            direction="higher",
+            window_s=86_400,
+            **extra,
         )
     services.experiment_create(
         actor="bench",

@@ -28,6 +28,8 @@ class MetricView:
     denominator_event: str
     direction: str
     winsorize_cap: float | None
+    # Exposure window of a per-unit metric in seconds (experiments.models.DEFAULT_WINDOW_S).
+    window_s: int = 600
 
     @property
     def lower_is_better(self) -> bool:
@@ -107,3 +109,27 @@ class ApiKeyView:
     prefix: str
     key_hash: str
     scopes: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True, slots=True)
+class StepPeriod:
+    """A stretch of time with one traffic split: a ramp step, a pause, or the time after the end.
+
+    Periods tile time from the start: `[start, end)`, `end` None for the one in force.
+    `state` is running, paused (everyone gets control) or ended (after a rollback or
+    completion). `step_position` is the canary's ramp position (None for A/B tests and after
+    the end); `shares` is the planned share of each routed variant in the period. A unit
+    belongs to the period of its first exposure (`experiments.periods.step_periods`).
+    """
+
+    index: int
+    start: datetime
+    end: datetime | None
+    state: str
+    step_position: int | None
+    shares: Mapping[str, float]
+
+    @property
+    def compares_arms(self) -> bool:
+        """Whether more than one variant gets traffic (else its units contribute nothing)."""
+        return sum(1 for share in self.shares.values() if share > 0) > 1

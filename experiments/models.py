@@ -134,6 +134,11 @@ class MetricDirection(models.TextChoices):
 BUILTIN_LATENCY = "latency_ms"
 BUILTIN_ERROR = "error"
 BUILTIN_SOURCES = (BUILTIN_LATENCY, BUILTIN_ERROR)
+# Exposure window of per-unit metrics (STATS.md 12.3): a unit's events count only within
+# [first exposure, first exposure + window_s), and the unit waits until its window closes.
+# 10 minutes fits a canary whose steps last about 10 minutes.
+DEFAULT_WINDOW_S = 600
+MAX_WINDOW_S = 30 * 24 * 3600
 
 
 class Metric(models.Model):
@@ -147,11 +152,18 @@ class Metric(models.Model):
     denominator_event = models.CharField(max_length=128, blank=True, default="")
     direction = models.CharField(max_length=8, choices=MetricDirection.choices)
     winsorize_cap = models.FloatField(null=True, blank=True)
+    window_s = models.PositiveIntegerField(default=DEFAULT_WINDOW_S)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["key"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(window_s__gte=1) & Q(window_s__lte=MAX_WINDOW_S),
+                name="metric_window_range",
+            )
+        ]
 
     def __str__(self) -> str:
         return self.key

@@ -80,6 +80,7 @@ def metric_view(metric: Metric) -> MetricView:
         denominator_event=metric.denominator_event,
         direction=metric.direction,
         winsorize_cap=metric.winsorize_cap,
+        window_s=metric.window_s,
     )
 
 

@@ -7,6 +7,13 @@ estimates, absolute and relative effects, each with the fixed-horizon Welch CI a
 the running-intersection always-valid interval and the always-valid p-value from the running
 maximum e-value, plus a `Verdict` ready to be put into plain words. The caller persists
 `analysis.state` (a few numbers, see `SequentialState.to_dict`) and passes it back next time.
+
+Below `MIN_REPORT_UNITS_PER_ARM` units in an arm (100 by default, `min_units_per_arm`) there is
+no estimate, effect or interval at all: the verdict is NOT_ENOUGH_DATA with the reason, and
+the look does not count. With 3 units per arm the relative interval would span thousands of
+percent (the delta method and the confidence sequences are asymptotic), which reads like a
+result and is not one. The same minimum is the burn-in of the guardrails
+(`GuardrailSettings.min_units_per_arm`).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from analysis.stats.sequential import (
 )
 
 MetricDirection = Literal["higher_is_better", "lower_is_better"]
+# The fewest units per arm a report shows an estimate for (see the module docstring).
+MIN_REPORT_UNITS_PER_ARM = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +90,15 @@ class SequentialState:
 
 @dataclass(frozen=True, slots=True)
 class ArmEstimate:
-    """One arm's n and mean (CUPED-adjusted when CUPED applies; `unadjusted_mean` is raw)."""
+    """One arm's n and mean (CUPED-adjusted when CUPED applies; `unadjusted_mean` is raw).
+
+    The means are None when the report has not enough data to show them.
+    """
 
     arm: str
     n: int
-    mean: float
-    unadjusted_mean: float
+    mean: float | None
+    unadjusted_mean: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +127,7 @@ class Verdict(StrEnum):
     LOWER = "lower"
     INCONCLUSIVE = "inconclusive"
     NO_RESULT = "no_result"
+    NOT_ENOUGH_DATA = "not_enough_data"
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +146,11 @@ class PlainSummary:
     interval_high: float
     confidence_level: float
     always_valid_p: float
+    reason: str = ""
 
     def sentence(self) -> str:
+        if self.verdict is Verdict.NOT_ENOUGH_DATA:
+            return f"Not enough data: {self.reason}."
         if self.verdict is Verdict.NO_RESULT:
             return "Not enough data to compare the arms yet."
         word = "higher" if self.relative_change >= 0 else "lower"
@@ -152,16 +168,21 @@ class PlainSummary:
 
 @dataclass(frozen=True, slots=True)
 class MetricAnalysis:
-    """The frozen per-metric result for reports; persist `state` for the next look."""
+    """The frozen per-metric result for reports; persist `state` for the next look.
+
+    `absolute` and `relative` are None, and `not_enough_data` says why, when an arm has fewer
+    units than the report's minimum.
+    """
 
     metric_key: str
     control: ArmEstimate
     treatment: ArmEstimate
-    absolute: EffectReport
-    relative: EffectReport
+    absolute: EffectReport | None
+    relative: EffectReport | None
     summary: PlainSummary
     state: SequentialState
     cuped_theta: float | None
+    not_enough_data: str | None = None
 
 
 def _effect_report(
@@ -218,18 +239,52 @@ def analyze_metric(
     direction: MetricDirection | None = None,
     control_arm: str = "control",
     treatment_arm: str = "treatment",
+    min_units_per_arm: int = MIN_REPORT_UNITS_PER_ARM,
 ) -> MetricAnalysis:
     """Analyse one metric for one treatment arm against control at this look.
 
     Two-sided throughout (GrowthBook's sequential CS, STATS.md 2.1, relative lift by delta
     method, CUPED when the statistics carry a pre-period). Looks must come in order of
-    non-decreasing sample size; a look with fewer units than the last is refused.
+    non-decreasing sample size; a look with fewer units than the last is refused. With fewer
+    than `min_units_per_arm` units in an arm the result is NOT_ENOUGH_DATA (no estimate).
     """
     state = previous if previous is not None else SequentialState(n_star=n_star, alpha=alpha)
     if state.n_star != n_star or state.alpha != alpha:
         raise ValueError(
             "n_star and alpha must stay fixed for the life of an experiment: the state was made "
             f"with n_star={state.n_star}, alpha={state.alpha}"
+        )
+    if min_units_per_arm < 2:
+        raise ValueError(f"min_units_per_arm must be >= 2, got {min_units_per_arm}")
+    arms_n = ((control_arm, control.n), (treatment_arm, treatment.n))
+    short = [(arm, n) for arm, n in arms_n if n < min_units_per_arm]
+    if short:
+        if control.n + treatment.n < state.last_total_n:
+            raise ValueError(
+                f"this look has {control.n + treatment.n} units but the previous one had "
+                f"{state.last_total_n}: cumulative statistics never shrink"
+            )
+        reason = " and ".join(f"{arm} has {n:,}" for arm, n in short) + (
+            f" of the {min_units_per_arm:,} units per arm a report needs"
+        )
+        return MetricAnalysis(
+            metric_key=metric_key,
+            control=ArmEstimate(control_arm, control.n, None, None),
+            treatment=ArmEstimate(treatment_arm, treatment.n, None, None),
+            absolute=None,
+            relative=None,
+            summary=PlainSummary(
+                verdict=Verdict.NOT_ENOUGH_DATA,
+                relative_change=math.nan,
+                interval_low=-math.inf,
+                interval_high=math.inf,
+                confidence_level=1 - alpha,
+                always_valid_p=1.0,
+                reason=reason,
+            ),
+            state=state,
+            cuped_theta=None,
+            not_enough_data=reason,
         )
     absolute_effect = estimate_effect(control, treatment, relative=False)
     relative_effect = estimate_effect(control, treatment, relative=True)

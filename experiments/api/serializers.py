@@ -8,6 +8,8 @@ from rest_framework import serializers
 
 from experiments import services
 from experiments.models import (
+    DEFAULT_WINDOW_S,
+    MAX_WINDOW_S,
     ApiKey,
     ApiScope,
     AuditEntry,
@@ -250,6 +252,13 @@ class MetricSerializer(StrictModelSerializer):
     key = slug_field()
     kind = serializers.ChoiceField(choices=MetricKind.choices)
     direction = serializers.ChoiceField(choices=MetricDirection.choices)
+    window_s = serializers.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=MAX_WINDOW_S,
+        help_text="Exposure window in seconds: a unit's events count only this long after its "
+        f"first exposure, and the unit waits until the window closes (default {DEFAULT_WINDOW_S}).",
+    )
 
     class Meta:
         model = Metric
@@ -264,6 +273,7 @@ class MetricSerializer(StrictModelSerializer):
             "denominator_event",
             "direction",
             "winsorize_cap",
+            "window_s",
             "created_at",
             "updated_at",
         ]

@@ -30,7 +30,13 @@ from experiments.forms.experiment import (
     VariantForm,
     VariantFormSet,
 )
-from experiments.models import ApiScope, MetricDirection, MetricKind
+from experiments.models import (
+    DEFAULT_WINDOW_S,
+    MAX_WINDOW_S,
+    ApiScope,
+    MetricDirection,
+    MetricKind,
+)
 
 __all__ = [
     "EDITABLE_WHEN_ENDED",
@@ -77,6 +83,15 @@ class MetricForm(forms.Form):
         widget=forms.NumberInput(attrs={"step": "any"}),
         help_text="Optional: cap each user's value here to tame outliers.",
     )
+    window_s = forms.IntegerField(
+        label="Exposure window (seconds)",
+        required=False,
+        min_value=1,
+        max_value=MAX_WINDOW_S,
+        initial=DEFAULT_WINDOW_S,
+        help_text="Per-user metrics count a user's events only this long after their first "
+        "exposure; users whose window is still open wait. 600 s fits 10-minute ramp steps.",
+    )
 
     def __init__(self, *args: Any, editing: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -86,6 +101,8 @@ class MetricForm(forms.Form):
 
     def service_values(self) -> dict[str, Any]:
         values = {name: value for name, value in self.cleaned_data.items() if name != "key"}
+        if values.get("window_s") is None:
+            values.pop("window_s", None)  # left empty: the catalogue's default applies
         return values
 
     def show_errors(self, errors: Mapping[str, Sequence[str]]) -> None:

@@ -12,6 +12,7 @@ from experiments.errors import InUse, NotFound
 from experiments.models import (
     BUILTIN_ERROR,
     BUILTIN_LATENCY,
+    MAX_WINDOW_S,
     ExperimentStatus,
     Metric,
     MetricDirection,
@@ -51,6 +52,12 @@ def validate_metric(values: Mapping[str, Any], errors: Errors) -> None:
     cap = values.get("winsorize_cap")
     if cap is not None and not float(cap) > 0:
         errors.add("winsorize_cap", "Must be positive.")
+    if "window_s" in values:
+        window = values["window_s"]
+        if isinstance(window, bool) or not isinstance(window, int):
+            errors.add("window_s", "Must be a whole number of seconds.")
+        elif not 1 <= window <= MAX_WINDOW_S:
+            errors.add("window_s", f"Must be from 1 to {MAX_WINDOW_S} seconds (30 days).")
 
 
 METRIC_FIELDS = (
@@ -63,6 +70,7 @@ METRIC_FIELDS = (
     "denominator_event",
     "direction",
     "winsorize_cap",
+    "window_s",
 )
 
 
@@ -104,6 +112,8 @@ def metric_update(*, actor: str, key: str, **values: Any) -> Metric:
             "numerator_event",
             "denominator_event",
             "direction",
+            # A new window changes which events count: the evidence so far would not match.
+            "window_s",
         }
         live = metric.uses.exclude(experiment__status=S.DRAFT).exists()
         if semantic and live:

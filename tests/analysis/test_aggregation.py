@@ -20,6 +20,7 @@ from analysis.models import AnalysisState
 from analysis.stats.moments import MeanStats, ProportionStats, RatioStats
 from experiments import selectors as experiment_selectors
 from experiments import services as experiment_services
+from experiments.models import DEFAULT_WINDOW_S
 from routing.histogram import LogHistogram
 from routing.models import Event, ObservationBucket
 from tests.analysis.conftest import add_bucket, add_events, add_exposures, start_experiment
@@ -56,7 +57,8 @@ def _settle(state: AnalysisState, names: list[str]) -> None:
     """Two looks: the first sees the events, the second may fold them (one-run lag)."""
     note_event_horizon(state=state)
     note_event_horizon(state=state)
-    assert fold_unit_events(state=state, event_names=names, limit=10**9) == 0
+    windows = [(name, DEFAULT_WINDOW_S) for name in names]
+    assert fold_unit_events(state=state, event_windows=windows, limit=10**9) == 0
 
 
 def test_unit_metrics_match_a_python_recomputation(business: dict[str, Any]) -> None:
@@ -104,6 +106,7 @@ def test_unit_metrics_match_a_python_recomputation(business: dict[str, Any]) -> 
         experiment_id=experiment.pk,
         metrics=[u.metric for u in view.metrics],
         tail_after=state.event_cursor,
+        now=t0 + timedelta(days=1),  # every window has closed
     )
     for variant, values in expected.items():
         assert stats["conversion"][variant] == ProportionStats.from_values(values["buy"])
@@ -157,10 +160,13 @@ def test_folded_rollup_plus_tail_equals_the_raw_events(business: dict[str, Any])
         add_events(rows, prefix=f"batch{batch}")
         note_event_horizon(state=state)
         # Fold in small uneven chunks, so part of the events is always still in the tail.
-        fold_unit_events(state=state, event_names=["purchase"], limit=17)
+        fold_unit_events(state=state, event_windows=[("purchase", DEFAULT_WINDOW_S)], limit=17)
         assert state.event_cursor <= state.event_settled <= state.event_horizon
         stats = business_stats(
-            experiment_id=experiment.pk, metrics=metric, tail_after=state.event_cursor
+            experiment_id=experiment.pk,
+            metrics=metric,
+            tail_after=state.event_cursor,
+            now=t0 + timedelta(days=1),
         )
         for variant, reference in _revenue_reference().items():
             assert stats["revenue"][variant].n == reference.n == 40

@@ -9,7 +9,7 @@ import pytest
 
 from analysis import selectors, services
 from analysis.models import AlertOutbox, AnalysisState, ResultSnapshot, SequentialState
-from experiments.models import AuditEntry, Experiment
+from experiments.models import DEFAULT_WINDOW_S, AuditEntry, Experiment
 from tests.analysis.conftest import later, start_experiment, traffic
 
 pytestmark = pytest.mark.django_db
@@ -36,6 +36,7 @@ SNAPSHOT_METRIC_FIELDS = {
     "margin",
     "status",
     "summary",
+    "not_enough_data",
 }
 
 
@@ -254,16 +255,17 @@ def test_a_large_event_backlog_is_folded_by_the_task_in_chunks(
     add_events(
         (f"{arm}{i}", "purchase", 1.0, later(at, 1)) for arm in "ab" for i in range(0, 150, 3)
     )
+    closed = DEFAULT_WINDOW_S  # look once every unit's exposure window has closed
     with django_capture_on_commit_callbacks(execute=True):
-        first = services.analysis_run(experiment_id=experiment.pk, now=later(at, 2))
-        second = services.analysis_run(experiment_id=experiment.pk, now=later(at, 3))
+        first = services.analysis_run(experiment_id=experiment.pk, now=later(at, closed + 2))
+        second = services.analysis_run(experiment_id=experiment.pk, now=later(at, closed + 3))
     assert first is not None and second is not None
     assert scheduled == [experiment.pk]  # only the second look has a settled backlog
     while services.events_fold(experiment_id=experiment.pk, limit=7) > 0:
         pass
     state = AnalysisState.objects.get(experiment=experiment)
     assert state.event_cursor == Event.objects.order_by("-id").values_list("id", flat=True)[0]
-    third = services.analysis_run(experiment_id=experiment.pk, now=later(at, 4))
+    third = services.analysis_run(experiment_id=experiment.pk, now=later(at, closed + 4))
     assert third is not None
     for look in (first, second, third):
         row = next(m for m in look.snapshot.metrics if m["metric"] == "conversion")

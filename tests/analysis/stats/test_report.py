@@ -112,3 +112,27 @@ def test_mean_sample_size_matches_statsmodels() -> None:
     )
     total = fixed_horizon_total_n_mean(120, 40, relative_change=0.05, treatment_share=0.1)
     assert total == pytest.approx(n_control * (1 + 0.1 / 0.9), rel=1e-4)
+
+
+def test_three_units_per_arm_is_not_enough_data_not_a_huge_interval() -> None:
+    # Three units per arm used to print a relative interval of about +-4,500%.
+    a, b = MeanStats.from_values([1.0, 0.0, 2.0]), MeanStats.from_values([5.0, 0.0, 0.0])
+    analysis = analyze_metric("revenue", a, b, control_arm="v1", treatment_arm="v2")
+    assert analysis.summary.verdict is Verdict.NOT_ENOUGH_DATA
+    assert analysis.relative is None and analysis.absolute is None
+    assert analysis.control.mean is None and analysis.treatment.n == 3
+    assert (
+        analysis.not_enough_data == "v1 has 3 and v2 has 3 of the 100 units per arm a report needs"
+    )
+    assert analysis.summary.sentence() == f"Not enough data: {analysis.not_enough_data}."
+    assert "%" not in analysis.summary.sentence()
+    # The look does not count, and the next look with enough data is a first look.
+    assert analysis.state == SequentialState(n_star=5000.0, alpha=0.05)
+    rng = np.random.default_rng(4)
+    big_a = MeanStats.from_values(rng.normal(10, 2, 150))
+    big_b = MeanStats.from_values(rng.normal(10, 2, 99))
+    one_short = analyze_metric("revenue", big_a, big_b, previous=analysis.state)
+    assert one_short.not_enough_data == "treatment has 99 of the 100 units per arm a report needs"
+    enough = analyze_metric("revenue", big_a, big_a, min_units_per_arm=150)
+    assert enough.relative is not None and enough.not_enough_data is None
+    assert enough.state.relative.looks == 1
