@@ -52,6 +52,7 @@ from datetime import UTC, datetime
 
 from routing import proxy_metrics
 from routing.histogram import LogHistogram
+from routing.unit_outcomes import UnitOutcomeBook, UnitRow, UnitTally, write_unit_rows
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ class ObservationAggregator:
         max_cells: int,
         batch_rows: int = 5000,
         clock: Callable[[], float] = time.time,
+        units: UnitOutcomeBook | None = None,
     ) -> None:
         if bucket_s < 1:
             raise ValueError(f"bucket_s must be >= 1, got {bucket_s}")
@@ -134,6 +136,8 @@ class ObservationAggregator:
         self._max_cells = max_cells
         self._batch_rows = batch_rows
         self._clock = clock
+        # Per-user windows for the rate guardrails, flushed with the cells.
+        self.units = units
         self._cells: dict[CellKey, ObservationCell] = {}
         self._observed = 0
         self._cache_hits = 0
@@ -165,10 +169,17 @@ class ObservationAggregator:
         error: bool,
         fallback: bool = False,
         is_shadow: bool = False,
+        unit: UnitTally | None = None,
     ) -> None:
-        """Record one request of an arm; ``latency_ms`` None means no upstream call was made."""
+        """Record one request of an arm; ``latency_ms`` None means no upstream call was made.
+
+        ``unit`` is the user's tally (``routing.unit_outcomes``) when the user is tracked.
+        """
         # _cell inlined: this runs for every proxied request.
-        key = (experiment_id, variant_key, is_shadow, int(self._clock() // self._bucket_s))
+        now = self._clock()
+        if unit is not None:
+            unit.add(now, error, latency_ms)
+        key = (experiment_id, variant_key, is_shadow, int(now // self._bucket_s))
         cell = self._cells.get(key)
         if cell is None:
             cell = self._cells[key] = ObservationCell()
@@ -271,12 +282,15 @@ class ObservationAggregator:
         On failure the cells go back into the buffer and the exception propagates.
         """
         cells = self.drain()
-        if not cells:
+        unit_rows = self.units.drain() if self.units is not None else []
+        if not cells and not unit_rows:
             return 0
         try:
-            written = _write_rows(self.rows(cells), batch_rows=self._batch_rows)
-        except Exception:
+            written = _write_all(self.rows(cells), unit_rows, batch_rows=self._batch_rows)
+        except Exception as exc:
             self.restore(cells)
+            if self.units is not None and isinstance(exc, UnitsUnwritten):
+                self.units.restore(unit_rows)
             self._failed_flushes += 1
             proxy_metrics.OBSERVATION_FLUSHES.labels("failed").inc()
             raise
@@ -290,7 +304,8 @@ class ObservationAggregator:
     async def flush(self) -> int:
         """Write everything buffered from a worker thread; failures are logged and retried."""
         cells = self.drain()
-        if not cells:
+        unit_rows = self.units.drain() if self.units is not None else []
+        if not cells and not unit_rows:
             return 0
         rows = self.rows(cells)
         if self._executor is None:
@@ -298,11 +313,14 @@ class ObservationAggregator:
         loop = asyncio.get_running_loop()
         try:
             written = await loop.run_in_executor(
-                self._executor, functools.partial(_write_rows, rows, batch_rows=self._batch_rows)
+                self._executor,
+                functools.partial(_write_all, rows, unit_rows, batch_rows=self._batch_rows),
             )
-        except Exception:
+        except Exception as exc:
             logger.exception("observation flush failed; %d cells kept for the next one", len(cells))
             self.restore(cells)
+            if self.units is not None and isinstance(exc, UnitsUnwritten):
+                self.units.restore(unit_rows)
             self._failed_flushes += 1
             proxy_metrics.OBSERVATION_FLUSHES.labels("failed").inc()
             return 0
@@ -339,6 +357,30 @@ class ObservationAggregator:
         while not self._stopping:
             await asyncio.sleep(self._flush_interval_s)
             await self.flush()
+
+
+def _write_all(
+    rows: Sequence[dict[str, object]], unit_rows: Sequence[UnitRow], *, batch_rows: int
+) -> int:
+    """Write the users' window counts, then the cells; returns the cell rows written.
+
+    Two transactions (PostgreSQL checks the foreign keys at commit, where each writer's
+    fallback for deleted experiments catches the error): if the users' write fails, nothing
+    was written and `UnitsUnwritten` says so; a failure after it concerns the cells only.
+    """
+    from django.db import close_old_connections
+
+    if unit_rows:
+        close_old_connections()
+        try:
+            write_unit_rows(unit_rows)
+        except Exception as exc:
+            raise UnitsUnwritten from exc
+    return _write_rows(rows, batch_rows=batch_rows)
+
+
+class UnitsUnwritten(Exception):
+    """The users' window counts of a flush were not written (the cells neither)."""
 
 
 def _write_rows(rows: Sequence[dict[str, object]], *, batch_rows: int) -> int:

@@ -202,6 +202,10 @@ RECORDER_MAX_BUFFER = env.int("RECORDER_MAX_BUFFER", default=200_000)
 EXPOSURE_CACHE_SIZE = env.int("EXPOSURE_CACHE_SIZE", default=1_000_000)
 # Width of the proxy's pre-aggregation buckets (seconds).
 OBSERVATION_BUCKET_S = env.int("OBSERVATION_BUCKET_S", default=10)
+# Rate guardrails take the user as the unit: a user's outcome is the share of its requests
+# that failed within these windows after its first request (analysis.rate_guardrails).
+RATE_WINDOW_FAST_S = env.float("RATE_WINDOW_FAST_S", default=3.0)
+RATE_WINDOW_SLOW_S = env.float("RATE_WINDOW_SLOW_S", default=60.0)
 PROXY_CONNECT_TIMEOUT_S = env.float("PROXY_CONNECT_TIMEOUT_S", default=2.0)
 PROXY_READ_TIMEOUT_S = env.float("PROXY_READ_TIMEOUT_S", default=10.0)
 PROXY_POOL_LIMIT = env.int("PROXY_POOL_LIMIT", default=1000)
