@@ -282,7 +282,7 @@ class ObservationAggregator:
         On failure the cells go back into the buffer and the exception propagates.
         """
         cells = self.drain()
-        unit_rows = self.units.drain() if self.units is not None else []
+        unit_rows = self.units.drain(everything=True) if self.units is not None else []
         if not cells and not unit_rows:
             return 0
         try:
@@ -301,10 +301,13 @@ class ObservationAggregator:
         proxy_metrics.OBSERVATION_BUFFERED_CELLS.set(len(self._cells))
         return written
 
-    async def flush(self) -> int:
-        """Write everything buffered from a worker thread; failures are logged and retried."""
+    async def flush(self, *, final: bool = False) -> int:
+        """Write everything buffered from a worker thread; failures are logged and retried.
+
+        Users' counts are written once their window closes, or all of them when ``final``.
+        """
         cells = self.drain()
-        unit_rows = self.units.drain() if self.units is not None else []
+        unit_rows = self.units.drain(everything=final) if self.units is not None else []
         if not cells and not unit_rows:
             return 0
         rows = self.rows(cells)
@@ -347,7 +350,7 @@ class ObservationAggregator:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.flush()
+        await self.flush(final=True)
         executor, self._executor = self._executor, None
         if executor is not None:
             await asyncio.get_running_loop().run_in_executor(executor, _close_connections)

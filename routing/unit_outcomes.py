@@ -10,9 +10,9 @@ within a window after its first request. The proxy counts them here, per edge pr
   ``fast_s`` / ``slow_s`` of ``first_seen`` count in the fast / slow window; later ones are
   not counted. The rule never looks at the outcome.
 * The hot path is one dict lookup per request and a few additions (``UnitTally.add``).
-  Tallies with new counts queue themselves; the observation flusher (``routing.observations``)
-  drains the queue with its own rows and upserts one row per user into
-  ``routing.models.UnitOutcome``, off the event loop.
+  The observation flusher (``routing.observations``) drains the users whose fast or slow
+  window has closed with its own rows and upserts them into ``routing.models.UnitOutcome``
+  off the event loop: two writes per user at most, each within one flush of the window's end.
 * Several processes may serve one user. The upsert keeps the counts of the process with the
   earliest ``first_seen``: a contribution with an earlier start replaces the row's counts,
   one with the same start (the same process, a later flush) adds to them, a later one is
@@ -28,6 +28,7 @@ within a window after its first request. The proxy counts them here, per edge pr
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
 # (experiment id, unit, variant, first_seen, share, control_share, requests_fast,
@@ -36,10 +37,11 @@ UnitRow = tuple[int, str, str, float, float, float, int, int, int, int, float, f
 
 
 class UnitTally:
-    """One user's counts since the last flush, and where its windows start."""
+    """One user's counts not yet written, and where its windows start."""
 
     __slots__ = (
         "control_share",
+        "created",
         "errors_fast",
         "errors_slow",
         "experiment_id",
@@ -48,12 +50,12 @@ class UnitTally:
         "latency_count",
         "latency_sum",
         "latency_sum_sq",
-        "queue",
-        "queued",
         "requests_fast",
         "requests_slow",
+        "retry",
         "share",
         "slow_s",
+        "stage",
         "unit",
         "variant_key",
     )
@@ -68,7 +70,7 @@ class UnitTally:
         *,
         fast_s: float,
         slow_s: float,
-        queue: list[UnitTally],
+        created: float,
     ) -> None:
         self.experiment_id = experiment_id
         self.unit = unit
@@ -77,8 +79,11 @@ class UnitTally:
         self.control_share = control_share
         self.fast_s = fast_s
         self.slow_s = slow_s
-        self.queue = queue
-        self.queued = False
+        self.created = created
+        # 0: waiting for the fast window, 1: for the slow one, 2: done; retry: counts put
+        # back after a failed write, written at the next drain.
+        self.stage = 0
+        self.retry = False
         self.first_seen = -1.0
         self.requests_fast = self.errors_fast = 0
         self.requests_slow = self.errors_slow = 0
@@ -104,12 +109,9 @@ class UnitTally:
             self.requests_fast += 1
             if error:
                 self.errors_fast += 1
-        if not self.queued:
-            self.queued = True
-            self.queue.append(self)
 
     def take(self) -> UnitRow:
-        """This tally's counts since the last flush as a row; the counts start again at 0."""
+        """This tally's counts not yet written, as a row; the counts start again at 0."""
         row = (
             self.experiment_id,
             self.unit,
@@ -129,12 +131,18 @@ class UnitTally:
         self.requests_slow = self.errors_slow = 0
         self.latency_sum = self.latency_sum_sq = 0.0
         self.latency_count = 0
-        self.queued = False
         return row
 
 
 class UnitOutcomeBook:
-    """The tallies of one edge process, by experiment and unit."""
+    """The tallies of one edge process, by experiment and unit.
+
+    A user's counts are written twice at most: once its fast window has closed (everything
+    counted so far) and once its slow window has closed (what came after), so the database
+    sees two upserts per user however many requests it sends. `drain` finds the users due:
+    those waiting for the fast window are scanned (few: the last `fast_s` seconds' new users),
+    those waiting for the slow one sit in a deque ordered by first request.
+    """
 
     def __init__(
         self,
@@ -152,7 +160,9 @@ class UnitOutcomeBook:
         self._clock = clock
         self._tallies: dict[int, dict[str, UnitTally]] = {}
         self._size = 0
-        self._queue: list[UnitTally] = []
+        self._fast: list[UnitTally] = []
+        self._slow: deque[UnitTally] = deque()
+        self._retry: list[UnitTally] = []
         self.untracked = 0
 
     def tally(
@@ -180,17 +190,20 @@ class UnitOutcomeBook:
             shares[""],
             fast_s=self.fast_s,
             slow_s=self.slow_s,
-            queue=self._queue,
+            created=self._clock(),
         )
+        self._fast.append(tally)
         self._size += 1
         return tally
 
     def _evict(self) -> bool:
-        """Drop every tally whose slow window has closed and which has nothing to flush."""
+        """Drop every tally whose slow window has closed and which has nothing to write."""
         closed_before = self._clock() - self.slow_s
         for units in self._tallies.values():
             for unit in [
-                u for u, t in units.items() if not t.queued and 0 <= t.first_seen < closed_before
+                u
+                for u, t in units.items()
+                if t.stage == 2 and not t.retry and t.first_seen < closed_before
             ]:
                 del units[unit]
         self._size = sum(len(units) for units in self._tallies.values())
@@ -200,11 +213,41 @@ class UnitOutcomeBook:
     def size(self) -> int:
         return self._size
 
-    def drain(self) -> list[UnitRow]:
-        """The counts of every user with new requests since the last drain."""
-        queue = self._queue
-        rows = [tally.take() for tally in queue]
-        queue.clear()
+    def drain(self, *, everything: bool = False) -> list[UnitRow]:
+        """The counts of the users whose fast or slow window has closed since the last drain.
+
+        ``everything`` (on shutdown) writes every user's counts so far, windows open or not.
+        """
+        now = self._clock()
+        rows = [tally.take() for tally in self._retry]
+        for tally in self._retry:
+            tally.retry = False
+        self._retry = []
+        waiting: list[UnitTally] = []
+        closed: list[UnitTally] = []
+        for tally in self._fast:
+            first = tally.first_seen
+            if first < 0:
+                # The first request has not completed; forget one that never will.
+                if now - tally.created <= self.slow_s:
+                    waiting.append(tally)
+                else:
+                    tally.stage = 2
+            elif everything or first + self.fast_s < now:
+                rows.append(tally.take())
+                tally.stage = 1
+                closed.append(tally)
+            else:
+                waiting.append(tally)
+        self._fast = waiting
+        closed.sort(key=lambda t: t.first_seen)
+        self._slow.extend(closed)
+        slow = self._slow
+        while slow and (everything or slow[0].first_seen + self.slow_s < now):
+            tally = slow.popleft()
+            tally.stage = 2
+            if tally.requests_slow:
+                rows.append(tally.take())
         return rows
 
     def restore(self, rows: Sequence[UnitRow]) -> None:
@@ -220,9 +263,9 @@ class UnitOutcomeBook:
             tally.latency_sum += row[10]
             tally.latency_sum_sq += row[11]
             tally.latency_count += row[12]
-            if not tally.queued:
-                tally.queued = True
-                self._queue.append(tally)
+            if not tally.retry:
+                tally.retry = True
+                self._retry.append(tally)
 
 
 _COLUMNS = (

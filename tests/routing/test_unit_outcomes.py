@@ -21,27 +21,40 @@ class Clock:
 
 
 def test_requests_count_in_the_windows_after_the_first_one() -> None:
-    book = UnitOutcomeBook(fast_s=3.0, slow_s=60.0)
+    clock = Clock(999.0)
+    book = UnitOutcomeBook(fast_s=3.0, slow_s=60.0, clock=clock)
     tally = book.tally(1, "u1", "v2", SHARES)
     assert tally is not None and book.tally(1, "u1", "v2", SHARES) is tally
     tally.add(1000.0, True, 12.0)
     tally.add(1002.0, False, 8.0)
+    clock.now = 1002.5
+    assert book.drain() == []  # the fast window is still open
     tally.add(1010.0, True, None)  # slow window only
+    clock.now = 1010.0
+    (fast,) = book.drain()  # written once the fast window has closed: everything so far
+    assert fast == (1, "u1", "v2", 1000.0, 0.1, 0.9, 2, 1, 3, 2, 20.0, 208.0, 2)
+    tally.add(1030.0, False, 5.0)
+    clock.now = 1059.0
+    assert book.drain() == []
     tally.add(1061.0, True, 5.0)  # after both windows: not counted
-    (row,) = book.drain()
-    assert row == (1, "u1", "v2", 1000.0, 0.1, 0.9, 2, 1, 3, 2, 20.0, 208.0, 2)
-    assert book.drain() == []  # nothing new since
+    clock.now = 1061.0
+    (slow,) = book.drain()  # and once the slow window has closed: what came after
+    assert slow == (1, "u1", "v2", 1000.0, 0.1, 0.9, 0, 0, 1, 0, 5.0, 25.0, 1)
+    clock.now = 2000.0
+    assert book.drain() == []
 
 
-def test_a_failed_write_puts_the_counts_back() -> None:
-    book = UnitOutcomeBook(fast_s=3.0, slow_s=60.0)
+def test_everything_is_written_on_shutdown_and_a_failed_write_is_retried() -> None:
+    clock = Clock(5.0)
+    book = UnitOutcomeBook(fast_s=3.0, slow_s=60.0, clock=clock)
     tally = book.tally(1, "u1", "v1", SHARES)
     assert tally is not None
     tally.add(5.0, True, 1.0)
-    rows = book.drain()
+    rows = book.drain(everything=True)
+    assert [row[6:10] for row in rows] == [(1, 1, 1, 1)]
     tally.add(6.0, False, 1.0)
     book.restore(rows)
-    (row,) = book.drain()
+    (row,) = book.drain()  # the retry, with the counts added since
     assert row[6:10] == (2, 1, 2, 1)
 
 
@@ -52,10 +65,10 @@ def test_closed_windows_are_evicted_at_the_cap_and_new_users_wait_past_it() -> N
         tally = book.tally(1, unit, "v1", SHARES)
         assert tally is not None
         tally.add(0.0, False, 1.0)
-    book.drain()
     assert book.tally(1, "c", "v1", SHARES) is None  # both windows still open
     assert book.untracked == 1
     clock.now = 11.0
+    assert len(book.drain()) == 2
     assert book.tally(1, "c", "v1", SHARES) is not None
     assert book.size == 1
 
