@@ -14,9 +14,10 @@ The test (STATS.md 12.1, option 2, with the user as the unit)
     load), because the share is known exactly: the bet is contemporaneous by construction.
     The wealth prod_i (1 + lambda_i phi_i) with lambda_i chosen before y_i and the arm are
     seen, and 0 <= lambda_i < rho_A,i / (1 + m), is a nonnegative supermartingale with
-    initial value 1 (Waudby-Smith, Wu, Ramdas, Karampatziakis & Mineiro 2022, "Anytime-valid
-    off-policy inference for contextual bandits", section 3; Waudby-Smith & Ramdas 2024,
-    "Estimating means of bounded random variables by betting", JRSS-B, eq. (10)-(11)). By
+    initial value 1 (the inverse-propensity-weighted betting of Waudby-Smith, Wu, Ramdas,
+    Karampatziakis & Mineiro 2022, "Anytime-valid off-policy inference for contextual
+    bandits"; the capital process of Waudby-Smith & Ramdas 2024, "Estimating means of bounded
+    random variables by betting", JRSS-B; STATS.md 12.1 option 2). By
     Ville's inequality P(sup_n W_n >= 1 / alpha) <= alpha: rolling back at the first look
     with W >= 1 / alpha bounds the false-rollback probability by alpha, at every sample size,
     with no burn-in, no minimum number of events and no variance estimate. One failing user
@@ -26,8 +27,8 @@ The bets
     lambda_i = g rho_A,i / (1 + m) for each g of a fixed grid `GRID` (from 1e-3 to 0.9,
     geometric), so a canary user multiplies wealth g by 1 + g rho_A y / ((1 + m) rho_B) and a
     control user by 1 - g y >= 0.1. The e-value is the equal-weight average over the grid: an
-    average of test supermartingales is one (Waudby-Smith & Ramdas 2024, section 5.4, "mixture
-    over a grid of bets"). Each factor depends only on the user, so the state is one log-wealth
+    average of test supermartingales is one (the "diversified" grid of bets of Waudby-Smith &
+    Ramdas 2024). Each factor depends only on the user, so the state is one log-wealth
     per grid point, folded user by user in the order the users' windows close.
 
     The promotion test (non-inferiority, H0': E[y(B)] >= (1 + m) E[y(A)]) is the mirror bet
