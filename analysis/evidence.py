@@ -185,11 +185,19 @@ def guardrail_row(
             "p_value": finite(fixed_p_value(metric, control_stats, treatment_stats, alpha)),
             "p_always_valid": finite(state.min_p_value) if evaluable else None,
             "harm_bound": finite(evidence.harm_lower_bound) if evaluable else None,
+            "method": evidence.method or guardrail_method(evidence.kind),
             "status": status,
             "summary": summary,
         }
     )
     return row, state
+
+
+def guardrail_method(kind: str) -> str:
+    """The test behind a guardrail whose evidence does not name its own method."""
+    if kind == "quantile":
+        return "quantile confidence sequences (Howard & Ramdas 2022), per request"
+    return "one-sided sequential harm test (GrowthBook eq. 134 boundary), asymptotic"
 
 
 def _fixed_interval(

@@ -15,6 +15,8 @@ Statistics used
       step up) with the step's split, and its running e-value restarts at each step.
     * Guardrails: `analysis.stats.guardrails.evaluate_guardrails` (one-sided sequential harm
       tests with weighted Bonferroni; false-rollback probability <= alpha over all looks).
+      The error rate is tested with the user as the unit by an exact betting e-process
+      (`analysis.stats.rate_guardrail`, fed by `analysis.rate_guardrails`).
       It is not run on data with a sample ratio mismatch.
     * Other metrics: relative lift with GrowthBook's asymptotic confidence sequence
       (Waudby-Smith et al. 2023, eq. (9) and (155)) for the always-valid interval and
@@ -44,6 +46,7 @@ from analysis.stats.guardrails import (
     GuardrailSpec,
     evaluate_guardrails,
 )
+from analysis.stats.rate_guardrail import UserRateBets
 from experiments.contracts import ExperimentMetricView, ExperimentView, MetricView
 
 
@@ -159,8 +162,15 @@ def analyse(
     previous_srm_max_log_e_value: float,
     now: datetime,
     health_settings: HealthSettings | None = None,
+    rate_bets: Mapping[tuple[str, str], UserRateBets] | None = None,
 ) -> ExperimentAnalysis:
-    """Evaluate health, guardrails and metrics of one experiment at one look."""
+    """Evaluate health, guardrails and metrics of one experiment at one look.
+
+    `rate_bets` holds, per (metric key, treatment arm), the users' betting e-processes of the
+    per-request rate guardrails (`analysis.rate_guardrails`); those guardrails are tested on
+    them, with the user as the unit, instead of on the per-request counts.
+    """
+    rate_bets = rate_bets or {}
     health_settings = health_settings or HealthSettings()
     control, treatments = arms(experiment)
     alpha = float(experiment.alpha)
@@ -186,7 +196,8 @@ def analyse(
                 use.metric.key: {
                     arm: stats
                     for arm in (control, *treatments)
-                    if (stats := metric_stats(use.metric, aggregates, arm)) is not None
+                    if (stats := rate_bets.get((use.metric.key, arm)))
+                    or (stats := metric_stats(use.metric, aggregates, arm)) is not None
                 }
                 for use in guardrail_uses
             },

@@ -248,3 +248,33 @@ class AlertOutbox(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} -> {self.destination} ({self.status})"
+
+
+class RateBetState(models.Model):
+    """The betting e-process of one rate guardrail, arm and outcome window (STATS.md 12.1).
+
+    `state` is `analysis.stats.betting.RateBet.as_json()`; `cursor` (epoch seconds) is the
+    first-exposure time up to which users have been bet on: users are folded once, in the
+    order their windows close, and never revisited (see `analysis.rate_guardrails`).
+    `margin` is the margin the bets were placed with.
+    """
+
+    experiment = models.ForeignKey(
+        "experiments.Experiment", on_delete=models.CASCADE, related_name="+", db_index=False
+    )
+    metric_key = models.CharField(max_length=64)
+    arm = models.CharField(max_length=64)
+    window_s = models.FloatField()
+    margin = models.FloatField()
+    cursor = models.FloatField(default=0.0)
+    state = models.JSONField(default=dict)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["experiment", "metric_key", "arm", "window_s"], name="rate_bet_once"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.experiment_id}:{self.metric_key}/{self.arm} ({self.window_s:g} s)"

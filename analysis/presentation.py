@@ -138,6 +138,8 @@ class MetricLine:
     not_enough_data: str = ""
     # How per-unit metrics were compared (analysis.cohorts), or "" for proxy metrics.
     construction: str = ""
+    # The test behind a guardrail ("" for other metrics).
+    method: str = ""
 
 
 def metric_lines(rows: Sequence[Mapping[str, Any]], view: ExperimentView) -> list[MetricLine]:
@@ -185,6 +187,7 @@ def metric_lines(rows: Sequence[Mapping[str, Any]], view: ExperimentView) -> lis
                 margin_text=margin_text,
                 not_enough_data=str(row.get("not_enough_data") or ""),
                 construction=_construction_text(row.get("construction")),
+                method=str(row.get("method") or ""),
             )
         )
     return lines

@@ -34,13 +34,14 @@ from analysis.aggregation import (
 )
 from analysis.evidence import ArmState
 from analysis.guardrails import ExperimentAnalysis, analyse
-from analysis.health import HealthSettings
+from analysis.health import HealthSettings, arms
 from analysis.models import (
     AnalysisState,
     ResultSnapshot,
     SequentialState,
     WebhookEndpoint,
 )
+from analysis.rate_guardrails import rate_bets_update
 from experiments import selectors as experiment_selectors
 from experiments import services as experiment_services
 from experiments.contracts import ExperimentView
@@ -299,6 +300,8 @@ def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> Ru
         state.srm_max_log_e_value = 0.0
         state.srm_ramp_position = view.ramp_position
     old_states = _load_states(view.id)
+    control, treatments = arms(view)
+    rate_bets = rate_bets_update(view, control=control, treatments=treatments, now=now.timestamp())
     result = analyse(
         view,
         aggregates,
@@ -306,6 +309,7 @@ def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> Ru
         previous_srm_max_log_e_value=state.srm_max_log_e_value,
         now=now,
         health_settings=health_settings(),
+        rate_bets=rate_bets,
     )
     _save_states(view.id, old_states, result.states)
     state.srm_max_log_e_value = result.health.srm_max_log_e_value

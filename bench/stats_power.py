@@ -1,14 +1,16 @@
 """Benchmark: traffic the sequential guardrail needs to catch a regression, vs fixed horizon.
 
-Case 1 (rate): the error rate of a 10% canary doubles from 1% to 2% (allocation 90/10). The
-sequential guardrail (`analysis.stats.harm`, the rule `evaluate_guardrails` applies, one
-guardrail with the whole alpha = 0.05, N* from `guardrail_n_star_proportion`) looks after every
-batch of 100 units. Reported: the median, 80th and 90th percentile of the total sample size at
-which it rolls back, next to the two-sided fixed-horizon total at 80% power for the same
-allocation (statsmodels NormalIndPower with `ratio`, and the pooled-variance formula), measured
-in the same run, plus the A/A false-rollback rate with the same settings. Targets: median <= 0.9x
-and 80th percentile <= 1.5x the fixed-horizon size (GrowthBook's default two-sided test: about
-1.03x and 1.7x, STATS.md 10.2).
+Case 1 (rate): the error rate of a 10% canary doubles from 1% to 2% (allocation 90/10), one
+request per user. The shipped error-rate guardrail (`analysis.stats.betting`: the exact betting
+e-process with the user as the unit, one guardrail with the whole alpha = 0.05) looks after
+every batch of 100 users; next to it the previous per-request harm test (`analysis.stats.harm`,
+N* from `guardrail_n_star_proportion`, burn-in of 10 events per arm), which is only asymptotic
+and needs independent requests. Reported: the median, 80th and 90th percentile of the total
+sample size at which each rolls back, next to the two-sided fixed-horizon total at 80% power for
+the same allocation (statsmodels NormalIndPower with `ratio`, and the pooled-variance formula),
+measured in the same run, plus the A/A false-rollback rates. Targets: median <= 0.9x and 80th
+percentile <= 1.5x the fixed-horizon size (GrowthBook's default two-sided test: about 1.03x and
+1.7x, STATS.md 10.2).
 
 Case 2 (p95 latency): the canary's latencies are 20% slower (log-normal), through
 `analysis.stats.quantiles.quantile_guardrail` on `routing.histogram.LogHistogram`s.
@@ -31,6 +33,7 @@ from numpy.typing import NDArray
 from statsmodels.stats.power import NormalIndPower
 from statsmodels.stats.proportion import proportion_effectsize
 
+from analysis.stats.betting import bet_log_factors, log_mean_exp
 from analysis.stats.guardrails import GuardrailSettings
 from analysis.stats.harm import harm_threshold, proportion_harm_z
 from analysis.stats.planning import fixed_horizon_total_n_proportion, guardrail_n_star_proportion
@@ -103,6 +106,39 @@ def rate_guardrail_fired(
     return burned_in & (z > threshold), totals
 
 
+def betting_guardrail_fired(
+    treatment_rate: float, runs: int, looks: int, seed: int
+) -> tuple[Array, Array]:
+    """The shipped guardrail on users with one request each, looking after every batch.
+
+    Users without a failure multiply every bet by 1, so only the failing users are folded.
+    """
+    rng = np.random.default_rng(seed)
+    total = BATCH * looks
+    totals = BATCH * np.arange(1, looks + 1)
+    threshold = math.log(1 / ALPHA)
+    fired = np.zeros((runs, looks), dtype=bool)
+    for run in range(runs):
+        treated = rng.random(total) < TREATMENT_SHARE
+        failed = rng.random(total) < np.where(treated, treatment_rate, BASE_RATE)
+        where = np.nonzero(failed)[0]
+        harm, _ = bet_log_factors(
+            np.ones(where.size),
+            treated[where],
+            np.full(where.size, TREATMENT_SHARE),
+            np.full(where.size, 1 - TREATMENT_SHARE),
+            margin=0.0,
+        )
+        wealth = np.vstack([np.zeros((1, harm.shape[1])), np.cumsum(harm, axis=0)])
+        log_e = np.array([log_mean_exp(row) for row in wealth])
+        crossed = np.nonzero(log_e >= threshold)[0]
+        if crossed.size:
+            # The failure that crossed is user where[k - 1]; the look after it sees it.
+            first_look = int(where[crossed[0] - 1] // BATCH)
+            fired[run, first_look:] = True
+    return fired, totals
+
+
 def quantile_guardrail_fired(
     slowdown: float, runs: int, looks: int, batch: int, t_opt: float, seed: int
 ) -> tuple[Array, Array]:
@@ -150,6 +186,10 @@ def main() -> None:
 
     print("Error rate 1% -> 2%, 10% canary (90/10), alpha 0.05, look every 100 units")
     print(f"  N* = two-sided 80%-power pooled total = {settings.n_star:,.0f}")
+    bet = _timed("betting runs", lambda: betting_guardrail_fired(HARMED_RATE, runs, looks, SEED))
+    bet_aa = _timed(
+        "betting A/A runs", lambda: betting_guardrail_fired(BASE_RATE, aa_runs, looks, SEED + 1)
+    )
     harm = _timed(
         "harm runs", lambda: rate_guardrail_fired(HARMED_RATE, runs, looks, settings, SEED)
     )
@@ -162,21 +202,28 @@ def main() -> None:
     print()
     print(f"{'total units (both arms)':<44}{'median':>10}{'p80':>10}{'p90':>10}")
     print(
-        f"{'sequential guardrail (one-sided harm test)':<44}"
+        f"{'shipped: betting on users (exact)':<44}"
+        f"{bet.median:>10,.0f}{bet.p80:>10,.0f}{bet.p90:>10,.0f}"
+    )
+    print(
+        f"{'previous: per-request harm test (asymptotic)':<44}"
         f"{harm.median:>10,.0f}{harm.p80:>10,.0f}{harm.p90:>10,.0f}"
     )
     print(f"{'fixed horizon, pooled formula (80% power)':<44}{pooled_n:>10,.0f}")
     print(f"{'fixed horizon, statsmodels NormalIndPower':<44}{statsmodels_n:>10,.0f}")
     print()
-    for label, reference in (("pooled formula", pooled_n), ("NormalIndPower", statsmodels_n)):
-        print(
-            f"ratios vs {label}: median {harm.median / reference:.2f}x (target <= 0.90), "
-            f"p80 {harm.p80 / reference:.2f}x (target <= 1.50), p90 {harm.p90 / reference:.2f}x"
-        )
-    print(f"runs never stopped within {looks * BATCH:,} units: {harm.never:.2%}")
+    for name, sizes in (("betting", bet), ("harm test", harm)):
+        for label, reference in (("pooled formula", pooled_n), ("NormalIndPower", statsmodels_n)):
+            print(
+                f"{name} ratios vs {label}: median {sizes.median / reference:.2f}x "
+                f"(target <= 0.90), p80 {sizes.p80 / reference:.2f}x (target <= 1.50), "
+                f"p90 {sizes.p90 / reference:.2f}x"
+            )
+        print(f"{name}: runs never stopped within {looks * BATCH:,} units: {sizes.never:.2%}")
     print(
-        f"A/A false-rollback rate, same settings: {false_rollback:.2%} "
-        f"(alpha {ALPHA:.0%}, Monte-Carlo SE {monte_carlo_se:.2%}, {aa_runs} runs)"
+        f"A/A false-rollback rates: betting {1 - bet_aa.never:.2%}, harm test "
+        f"{false_rollback:.2%} (alpha {ALPHA:.0%}, Monte-Carlo SE {monte_carlo_se:.2%}, "
+        f"{aa_runs} runs)"
     )
 
     print()

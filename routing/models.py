@@ -85,3 +85,40 @@ class Event(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}:{self.unit_id}"
+
+
+class UnitOutcome(models.Model):
+    """One user's requests and failures within fixed windows after its first request.
+
+    Written by the proxy (``routing.unit_outcomes``) so rate guardrails can take the user as
+    the unit (STATS.md 12.1). ``first_seen`` (epoch seconds) is when the edge process that
+    served the user's first request saw it complete; ``share`` and ``control_share`` are the
+    probabilities of the user's arm and of control at that moment (the ramp step then). The
+    counts are the requests (and failed ones) that completed within RATE_WINDOW_FAST_S and
+    RATE_WINDOW_SLOW_S of ``first_seen`` on that process, plus the slow window's latency sums.
+    """
+
+    experiment = models.ForeignKey(
+        "experiments.Experiment", on_delete=models.CASCADE, related_name="+", db_index=False
+    )
+    unit_id = models.CharField(max_length=200)
+    variant_key = models.CharField(max_length=64)
+    first_seen = models.FloatField()
+    share = models.FloatField()
+    control_share = models.FloatField()
+    requests_fast = models.BigIntegerField(default=0)
+    errors_fast = models.BigIntegerField(default=0)
+    requests_slow = models.BigIntegerField(default=0)
+    errors_slow = models.BigIntegerField(default=0)
+    latency_sum = models.FloatField(default=0.0)
+    latency_sum_sq = models.FloatField(default=0.0)
+    latency_count = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["experiment", "unit_id"], name="unit_outcome_once")
+        ]
+        indexes = [models.Index(fields=["experiment", "first_seen"], name="unit_outcome_seen")]
+
+    def __str__(self) -> str:
+        return f"{self.experiment_id}:{self.unit_id}@{self.first_seen:.3f}"

@@ -55,6 +55,7 @@ from datetime import UTC, datetime
 from routing import metrics, proxy_metrics
 from routing.backoff import Backoff, FailureLog
 from routing.histogram import LogHistogram
+from routing.unit_outcomes import UnitOutcomeBook, UnitRow, UnitTally, write_unit_rows
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ class ObservationAggregator:
         backoff_max_s: float = 10.0,
         failure_log_s: float = 30.0,
         clock: Callable[[], float] = time.time,
+        units: UnitOutcomeBook | None = None,
     ) -> None:
         if bucket_s < 1:
             raise ValueError(f"bucket_s must be >= 1, got {bucket_s}")
@@ -140,6 +142,8 @@ class ObservationAggregator:
         self._max_cells = max_cells
         self._batch_rows = batch_rows
         self._clock = clock
+        # Per-user windows for the rate guardrails, flushed with the cells.
+        self.units = units
         self._cells: dict[CellKey, ObservationCell] = {}
         self._observed = 0
         self._cache_hits = 0
@@ -174,10 +178,17 @@ class ObservationAggregator:
         error: bool,
         fallback: bool = False,
         is_shadow: bool = False,
+        unit: UnitTally | None = None,
     ) -> None:
-        """Record one request of an arm; ``latency_ms`` None means no upstream call was made."""
+        """Record one request of an arm; ``latency_ms`` None means no upstream call was made.
+
+        ``unit`` is the user's tally (``routing.unit_outcomes``) when the user is tracked.
+        """
         # _cell inlined: this runs for every proxied request.
-        key = (experiment_id, variant_key, is_shadow, int(self._clock() // self._bucket_s))
+        now = self._clock()
+        if unit is not None:
+            unit.add(now, error, latency_ms)
+        key = (experiment_id, variant_key, is_shadow, int(now // self._bucket_s))
         cell = self._cells.get(key)
         if cell is None:
             cell = self._cells[key] = ObservationCell()
@@ -280,12 +291,15 @@ class ObservationAggregator:
         On failure the cells go back into the buffer and the exception propagates.
         """
         cells = self.drain()
-        if not cells:
+        unit_rows = self.units.drain(everything=True) if self.units is not None else []
+        if not cells and not unit_rows:
             return 0
         try:
-            written = _write_rows(self.rows(cells), batch_rows=self._batch_rows)
-        except Exception:
+            written = _write_all(self.rows(cells), unit_rows, batch_rows=self._batch_rows)
+        except Exception as exc:
             self.restore(cells)
+            if self.units is not None and isinstance(exc, UnitsUnwritten):
+                self.units.restore(unit_rows)
             self._failed_flushes += 1
             proxy_metrics.OBSERVATION_FLUSHES.labels("failed").inc()
             raise
@@ -296,10 +310,14 @@ class ObservationAggregator:
         proxy_metrics.OBSERVATION_BUFFERED_CELLS.set(len(self._cells))
         return written
 
-    async def flush(self) -> int:
-        """Write everything buffered from a worker thread; failures are logged and retried."""
+    async def flush(self, *, final: bool = False) -> int:
+        """Write everything buffered from a worker thread; failures are logged and retried.
+
+        Users' counts are written once their window closes, or all of them when ``final``.
+        """
         cells = self.drain()
-        if not cells:
+        unit_rows = self.units.drain(everything=final) if self.units is not None else []
+        if not cells and not unit_rows:
             return 0
         rows = self.rows(cells)
         if self._executor is None:
@@ -307,10 +325,13 @@ class ObservationAggregator:
         loop = asyncio.get_running_loop()
         try:
             written = await loop.run_in_executor(
-                self._executor, functools.partial(_write_rows, rows, batch_rows=self._batch_rows)
+                self._executor,
+                functools.partial(_write_all, rows, unit_rows, batch_rows=self._batch_rows),
             )
         except Exception as error:
             self.restore(cells)
+            if self.units is not None and isinstance(error, UnitsUnwritten):
+                self.units.restore(unit_rows)
             self._failed_flushes += 1
             proxy_metrics.OBSERVATION_FLUSHES.labels("failed").inc()
             proxy_metrics.OBSERVATION_BUFFERED_CELLS.set(len(self._cells))
@@ -347,7 +368,7 @@ class ObservationAggregator:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.flush()
+        await self.flush(final=True)
         executor, self._executor = self._executor, None
         if executor is not None:
             await asyncio.get_running_loop().run_in_executor(executor, _close_connections)
@@ -357,6 +378,30 @@ class ObservationAggregator:
         while not self._stopping:
             await asyncio.sleep(self._backoff.current_s or self._flush_interval_s)
             await self.flush()
+
+
+def _write_all(
+    rows: Sequence[dict[str, object]], unit_rows: Sequence[UnitRow], *, batch_rows: int
+) -> int:
+    """Write the users' window counts, then the cells; returns the cell rows written.
+
+    Two transactions (PostgreSQL checks the foreign keys at commit, where each writer's
+    fallback for deleted experiments catches the error): if the users' write fails, nothing
+    was written and `UnitsUnwritten` says so; a failure after it concerns the cells only.
+    """
+    from django.db import close_old_connections
+
+    if unit_rows:
+        close_old_connections()
+        try:
+            write_unit_rows(unit_rows)
+        except Exception as exc:
+            raise UnitsUnwritten from exc
+    return _write_rows(rows, batch_rows=batch_rows)
+
+
+class UnitsUnwritten(Exception):
+    """The users' window counts of a flush were not written (the cells neither)."""
 
 
 def _write_rows(rows: Sequence[dict[str, object]], *, batch_rows: int) -> int:

@@ -157,6 +157,8 @@ class GuardrailEvidence:
     threshold: float = math.nan
     p_value: float = 1.0
     note: str = ""
+    # How the pair was tested, in words (shown on the results page and in the API).
+    method: str = ""
 
 
 class GuardrailAction(StrEnum):

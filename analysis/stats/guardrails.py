@@ -15,6 +15,9 @@ False-rollback guarantee
     of looks at any times, is at most alpha_k. By the union bound the probability that the
     experiment is *ever* rolled back while no guardrail is truly violated by more than its
     margin is at most sum_k alpha_k = alpha, under any dependence between metrics and arms.
+    Per-request rate guardrails given as `UserRateBets` (the worker does this for the error
+    rate) use the exact betting e-process of `analysis.stats.rate_guardrail` instead, with
+    the user as the unit and no burn-in.
     The guarantee is asymptotic for mean, rate and ratio guardrails (plug-in variances, CLT),
     hence the burn-in (`GuardrailSettings.min_units_per_arm`, `min_events_per_arm`), and
     requires N* (`n_star`) and the specs to be fixed before the first look. The seeded A/A
@@ -55,6 +58,7 @@ from analysis.stats.health import (
 from analysis.stats.moments import CupedStats, MeanStats, MetricStats, ProportionStats, RatioStats
 from analysis.stats.multiple import bonferroni_alphas
 from analysis.stats.quantiles import LatencyHistogram, quantile_guardrail
+from analysis.stats.rate_guardrail import UserRateBets, rate_evidence
 
 __all__ = [
     "Direction",
@@ -366,7 +370,10 @@ def evaluate_guardrails(
     for (spec, arm), alpha_k in zip(pairs, alphas, strict=True):
         per_arm = snapshot.metrics.get(spec.metric_key, {})
         control, treatment = per_arm.get(snapshot.control), per_arm.get(arm)
-        if control is None or treatment is None:
+        if isinstance(treatment, UserRateBets):
+            # Per-request rates with the user as the unit: exact, no burn-in (STATS.md 12.1).
+            evaluations.append(rate_evidence(spec, arm, treatment, alpha=alpha_k))
+        elif control is None or treatment is None:
             evaluations.append(_burn_in(spec, arm, alpha_k, 0, 0, "no data yet"))
         elif spec.kind == "quantile":
             evaluations.append(

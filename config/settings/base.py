@@ -208,6 +208,10 @@ RECORDER_FAILURE_LOG_S = env.float("RECORDER_FAILURE_LOG_S", default=30.0)
 EXPOSURE_CACHE_SIZE = env.int("EXPOSURE_CACHE_SIZE", default=1_000_000)
 # Width of the proxy's pre-aggregation buckets (seconds).
 OBSERVATION_BUCKET_S = env.int("OBSERVATION_BUCKET_S", default=10)
+# Rate guardrails take the user as the unit: a user's outcome is the share of its requests
+# that failed within these windows after its first request (analysis.rate_guardrails).
+RATE_WINDOW_FAST_S = env.float("RATE_WINDOW_FAST_S", default=3.0)
+RATE_WINDOW_SLOW_S = env.float("RATE_WINDOW_SLOW_S", default=60.0)
 PROXY_CONNECT_TIMEOUT_S = env.float("PROXY_CONNECT_TIMEOUT_S", default=2.0)
 PROXY_READ_TIMEOUT_S = env.float("PROXY_READ_TIMEOUT_S", default=10.0)
 # The whole proxied request, retry on control included, answers within this many seconds.

@@ -57,6 +57,7 @@ from routing.proxy.headers import (
 from routing.proxy.plan import Arm, Plan, PlanBook
 from routing.proxy.shadow import Shadows
 from routing.proxy.watch import DISCONNECT_WATCH_AFTER_S, DisconnectWatch, WatchSweep
+from routing.unit_outcomes import UnitOutcomeBook, UnitTally
 from routing.upstream import UpstreamClient
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,11 @@ class ProxyApp:
         self.deadline_s = float(settings.PROXY_DEADLINE_S)
         self.pool_limit = int(settings.PROXY_POOL_LIMIT)
         self.pool_limit_per_host = int(settings.PROXY_POOL_LIMIT_PER_HOST)
+        # Per-user outcome windows of the rate guardrails, flushed with the observations.
+        self.units = UnitOutcomeBook(
+            fast_s=float(settings.RATE_WINDOW_FAST_S),
+            slow_s=float(settings.RATE_WINDOW_SLOW_S),
+        )
         self.observations = ObservationAggregator(
             bucket_s=int(settings.OBSERVATION_BUCKET_S),
             flush_interval_s=float(settings.RECORDER_FLUSH_S),
@@ -83,6 +89,7 @@ class ProxyApp:
             backoff_base_s=float(settings.RECORDER_BACKOFF_BASE_S),
             backoff_max_s=float(settings.RECORDER_BACKOFF_MAX_S),
             failure_log_s=float(settings.RECORDER_FAILURE_LOG_S),
+            units=self.units,
         )
         self.session: aiohttp.ClientSession | None = None
         self.connector: aiohttp.TCPConnector | None = None
@@ -290,6 +297,9 @@ class ProxyApp:
                 plan.decided.pop(unit, None)
         set_route(plan.route.key, arm.key)
         arm.metrics.count_decision(reason)
+        tally = None
+        if in_experiment and unit is not None and plan.shares is not None:
+            tally = self.units.tally(plan.experiment_id, unit, arm.key, plan.shares)
 
         method: str = scope["method"]
         # The rest of the path after /proxy/{experiment}, still percent-encoded as received.
@@ -331,7 +341,17 @@ class ProxyApp:
         self._watches.add(watch)
         try:
             await self._forward(
-                plan, arm, method, target, forwarded, body, send, watch, cache_key, control_answer
+                plan,
+                arm,
+                method,
+                target,
+                forwarded,
+                body,
+                send,
+                watch,
+                cache_key,
+                control_answer,
+                tally,
             )
         except asyncio.CancelledError:
             if not watch.disconnected:
@@ -351,6 +371,7 @@ class ProxyApp:
                     watch.arm_key,
                     (time.perf_counter() - watch.started) * 1000.0,
                     error=False,
+                    unit=tally,
                 )
         finally:
             if watch.receive is not None:
@@ -406,6 +427,7 @@ class ProxyApp:
         watch: DisconnectWatch,
         cache_key: tuple[str, str, str, bytes] | None,
         control_answer: asyncio.Future[tuple[bytes, bytes] | None] | None,
+        tally: UnitTally | None = None,
     ) -> None:
         """Call the arm (and control on failure) and send the answer to the client.
 
@@ -425,26 +447,37 @@ class ProxyApp:
                     self.client, arm, method, target, headers, body, deadline
                 )
                 if attempt.failure is None:
-                    await self._respond(plan, arm, arm, attempt, send, watch, cache_key, None)
+                    await self._respond(
+                        plan, arm, arm, attempt, send, watch, cache_key, None, tally=tally
+                    )
                     return
                 count_failure(arm, attempt.failure)
                 watch.arm_key = None
                 if not plan.fallback_to_control:
-                    observations.observe(experiment_id, arm.key, attempt.latency_ms, error=True)
+                    observations.observe(
+                        experiment_id, arm.key, attempt.latency_ms, error=True, unit=tally
+                    )
                     await self._answer_failure(plan, arm, arm, attempt, send, watch)
                     return
                 observations.observe(
-                    experiment_id, arm.key, attempt.latency_ms, error=True, fallback=True
+                    experiment_id,
+                    arm.key,
+                    attempt.latency_ms,
+                    error=True,
+                    fallback=True,
+                    unit=tally,
                 )
                 if attempt.answer is not None:
                     attempt.answer.close()
             else:
                 arm.metrics.errors_breaker_open.inc()
                 if not plan.fallback_to_control:
-                    observations.observe(experiment_id, arm.key, None, error=True)
+                    observations.observe(experiment_id, arm.key, None, error=True, unit=tally)
                     await self._circuit_open(arm, arm, send, watch)
                     return
-                observations.observe(experiment_id, arm.key, None, error=True, fallback=True)
+                observations.observe(
+                    experiment_id, arm.key, None, error=True, fallback=True, unit=tally
+                )
             arm.metrics.fallbacks.inc()
             fallback = True
 
@@ -463,7 +496,7 @@ class ProxyApp:
         if not control.breaker.allow():
             control.metrics.errors_breaker_open.inc()
             if not fallback:
-                observations.observe(experiment_id, control.key, None, error=True)
+                observations.observe(experiment_id, control.key, None, error=True, unit=tally)
             await self._circuit_open(arm, control, send, watch)
             return
         if not fallback:
@@ -473,7 +506,9 @@ class ProxyApp:
             count_failure(control, attempt.failure)
             watch.arm_key = None
             if not fallback:
-                observations.observe(experiment_id, control.key, attempt.latency_ms, error=True)
+                observations.observe(
+                    experiment_id, control.key, attempt.latency_ms, error=True, unit=tally
+                )
             await self._answer_failure(plan, arm, control, attempt, send, watch)
             return
         await self._respond(
@@ -486,6 +521,7 @@ class ProxyApp:
             None if fallback else cache_key,
             control_answer,
             fallback=fallback,
+            tally=tally,
         )
 
     async def _respond(
@@ -500,6 +536,7 @@ class ProxyApp:
         control_answer: asyncio.Future[tuple[bytes, bytes] | None] | None,
         *,
         fallback: bool = False,
+        tally: UnitTally | None = None,
     ) -> None:
         """Send a successful (non-5xx) upstream answer to the client and record it."""
         headers = passed_on(attempt.headers)
@@ -525,6 +562,7 @@ class ProxyApp:
                         assigned.key,
                         (time.perf_counter() - attempt.started) * 1000.0,
                         error=True,
+                        unit=tally,
                     )
                 logger.warning(
                     "upstream %s failed mid-answer (%s); aborting the response",
@@ -546,7 +584,9 @@ class ProxyApp:
             answering_metrics = answering.metrics
             answering_metrics.observe_latency(latency_ms / 1000.0)
         if not fallback:
-            self.observations.observe(plan.experiment_id, assigned.key, latency_ms, error=False)
+            self.observations.observe(
+                plan.experiment_id, assigned.key, latency_ms, error=False, unit=tally
+            )
         if body is None:
             return
         if cache_key is not None and plan.cache is not None and 200 <= status < 300:

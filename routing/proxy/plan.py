@@ -63,6 +63,10 @@ class Plan:
     compare_field: str
     cache: PredictionCache | None
     fallback_header: tuple[bytes, bytes]
+    # Assignment probability of each routed variant (control's also under ""), for the rate
+    # guardrails' per-user windows (``routing.unit_outcomes``); None when users cannot be bet
+    # on (no assignment spec, or a step where control or every canary gets nothing).
+    shares: dict[str, float] | None = None
     # Decisions already made for this route, by unit: an index into ``outcomes``. The route
     # is immutable and decide() pure, so a remembered decision is exact; the plan, and with
     # it this memory, is rebuilt with every new snapshot. decide() (hashing the unit) is the
@@ -174,6 +178,16 @@ class PlanBook:
         header_actions = REQUEST_HEADER_ACTIONS
         if view.unit_source == "header" and unit_header not in REQUEST_HEADER_ACTIONS:
             header_actions = {**REQUEST_HEADER_ACTIONS, unit_header: ACTION_UNIT}
+        shares: dict[str, float] | None = None
+        spec = route.spec
+        if spec is not None:
+            total = sum(spec.weights)
+            shares = {
+                key: w / total for key, w in zip(spec.variant_keys, spec.weights, strict=True)
+            }
+            shares[""] = shares.get(route.control.key, 0.0)
+            if not 0 < shares[""] < 1:
+                shares = None
         return Plan(
             route=route,
             experiment_id=view.id,
@@ -189,4 +203,5 @@ class PlanBook:
             compare_field=view.shadow_compare_field,
             cache=cache,
             fallback_header=(b"x-rampart-served-by", control.key.encode()),
+            shares=shares,
         )

@@ -33,6 +33,7 @@ SNAPSHOT_METRIC_FIELDS = {
     "p_value",
     "p_always_valid",
     "harm_bound",
+    "method",
     "margin",
     "status",
     "summary",
