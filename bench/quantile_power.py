@@ -225,7 +225,15 @@ def to_windows(
     np.add.at(treatment, (window[canary], columns[canary]), 1)
     offset = low - _REFERENCE.min_index
     edges = slice(offset, offset + high - low)
-    dense = DenseWindows(control, treatment, _LOWER[edges], _UPPER[edges], _REPRESENTATIVE[edges])
+    dense = DenseWindows(
+        control=control,
+        treatment=treatment,
+        first_index=low,
+        log_ratio=1.0 / _INVERSE_LOG_GAMMA,
+        lower_edges=_LOWER[edges],
+        upper_edges=_UPPER[edges],
+        representatives=_REPRESENTATIVE[edges],
+    )
     return Windows(dense=dense, first_index=low)
 
 

@@ -14,12 +14,13 @@ import pytest
 from scipy import stats
 
 from analysis.stats.quantile_exceedance import (
-    WindowCounts,
+    WindowBets,
     exceedance_test,
     fisher_log_e_values,
+    harm_log_e_path,
     hypergeometric_log_mgf,
 )
-from bench.quantile_power import Ramp, first_crossing, ramp_false_rollbacks
+from bench.quantile_power import Ramp, first_crossing, ramp_false_rollbacks, to_windows
 from routing.histogram import LogHistogram
 
 SEED = 20261204
@@ -62,31 +63,51 @@ def test_log_mgf_matches_scipy_hypergeometric() -> None:
         assert got[i] == pytest.approx(math.log(np.sum(pmf * np.exp(log_psi[i] * support))))
 
 
-def test_window_e_value_is_fishers_likelihood_ratio() -> None:
-    counts = WindowCounts(
-        n_control=np.array([40]),
-        x_control=np.array([3]),
-        n_treatment=np.array([12]),
-        x_treatment=np.array([4]),
+def _bets(n_a: int, n_b: int, top: int, above: int, tie=(1, 0, 0)) -> WindowBets:
+    def one(value: int) -> np.ndarray:
+        return np.array([value], dtype=np.int64)
+
+    total, canary, draws = tie
+    return WindowBets(
+        n_control=one(n_a),
+        n_treatment=one(n_b),
+        top=one(top),
+        above_treatment=one(above),
+        tie_total=one(total),
+        tie_treatment=one(canary),
+        tie_draws=one(draws),
+        threshold=one(0),
     )
-    log_e = fisher_log_e_values(counts, np.array([math.log(2.5)]))
+
+
+def test_window_e_value_is_fishers_likelihood_ratio() -> None:
+    log_e = fisher_log_e_values(_bets(40, 12, 7, 4), np.array([math.log(2.5)]))
     # scipy: Fisher's noncentral hypergeometric pmf at odds 2.5 over the central one.
     ratio = stats.nchypergeom_fisher.pmf(4, 52, 12, 7, 2.5) / stats.hypergeom.pmf(4, 52, 12, 7)
     assert math.exp(log_e[0]) == pytest.approx(ratio, rel=1e-10)
 
 
+def test_ties_are_averaged_over_random_tie_breaking() -> None:
+    # 2 canary requests above the threshold bucket; the bucket holds 6 requests (2 canary), of
+    # which 3 join the top: the e-value is the mean of psi^(2 + Y) / E_1[psi^X] over Y.
+    psi = 3.0
+    log_e = fisher_log_e_values(_bets(30, 10, 8, 2, tie=(6, 2, 3)), np.array([math.log(psi)]))
+    support = np.arange(0, 3)
+    tie_mean = np.sum(stats.hypergeom.pmf(support, 6, 2, 3) * psi**support)
+    whole = np.sum(stats.hypergeom.pmf(np.arange(0, 9), 40, 10, 8) * psi ** np.arange(0, 9))
+    assert math.exp(log_e[0]) == pytest.approx(psi**2 * tie_mean / whole, rel=1e-10)
+
+
 @pytest.mark.parametrize("true_odds", [1.0, 0.7, 0.2])
 def test_window_e_value_has_mean_at_most_one_under_the_null(true_odds: float) -> None:
     n_a, n_b, k = 25, 9, 8
-    support = np.arange(0, k + 1)
-    counts = WindowCounts(
-        n_control=np.full(len(support), n_a),
-        x_control=k - support,
-        n_treatment=np.full(len(support), n_b),
-        x_treatment=support,
+    e_values = np.array(
+        [
+            math.exp(fisher_log_e_values(_bets(n_a, n_b, k, x), np.array([math.log(3.0)]))[0])
+            for x in range(k + 1)
+        ]
     )
-    e_values = np.exp(fisher_log_e_values(counts, np.full(len(support), math.log(3.0))))
-    pmf = stats.nchypergeom_fisher.pmf(support, n_a + n_b, n_b, k, true_odds)
+    pmf = stats.nchypergeom_fisher.pmf(np.arange(k + 1), n_a + n_b, n_b, k, true_odds)
     mean = float(np.sum(pmf * e_values))
     assert mean == pytest.approx(1.0) if true_odds == 1.0 else mean < 1.0
 
@@ -95,28 +116,27 @@ def test_constant_slow_canary_against_variable_control_fires() -> None:
     rng = np.random.default_rng(SEED)
     control = windowed([rng.lognormal(math.log(100), 0.5, 450) for _ in range(6)])
     canary = windowed([np.full(50, 1_000.0) for _ in range(6)])
-    result = exceedance_test(control, canary, p=0.95, margin=0.1)
+    result = exceedance_test(control, canary, p=0.95, alpha=0.01, margin=0.1)
     assert result.fired(0.01)
     assert result.p_value < 1e-6
     assert result.relative_effect > 3.0
-    assert result.windows_bet == 5  # the first window has no earlier control data to set c
+    assert result.windows_bet == 6  # the threshold is label-blind: even the first window bets
 
 
 @pytest.mark.parametrize("margin", [0.0, 0.1])
 def test_constant_equal_latencies_continue(margin: float) -> None:
     control = windowed([np.full(450, 100.0) for _ in range(20)])
     canary = windowed([np.full(50, 100.0) for _ in range(20)])
-    result = exceedance_test(control, canary, p=0.95, margin=margin)
+    result = exceedance_test(control, canary, p=0.95, alpha=0.05, margin=margin)
     assert result.p_value == 1.0
     assert not result.fired(0.05)
-    assert result.exceed_control == result.exceed_treatment == 0
 
 
 def test_canary_faster_by_a_constant_within_margin_is_shown_safe() -> None:
     rng = np.random.default_rng(SEED)
     control = windowed([rng.lognormal(math.log(100), 0.5, 900) for _ in range(20)])
     canary = windowed([rng.lognormal(math.log(90), 0.5, 100) for _ in range(20)])
-    result = exceedance_test(control, canary, p=0.95, margin=0.1)
+    result = exceedance_test(control, canary, p=0.95, alpha=0.05, margin=0.1)
     assert not result.fired(0.05)
     assert result.safe(0.05)
 
@@ -125,9 +145,9 @@ def test_higher_is_better_quantile_detects_a_drop() -> None:
     rng = np.random.default_rng(SEED)
     control = windowed([rng.lognormal(math.log(100), 0.5, 450) for _ in range(30)])
     canary = windowed([rng.lognormal(math.log(70), 0.5, 50) for _ in range(30)])
-    lower = exceedance_test(control, canary, p=0.05, lower_is_better=False)
+    lower = exceedance_test(control, canary, p=0.05, alpha=0.05, lower_is_better=False)
     assert lower.fired(0.05)
-    assert not exceedance_test(control, canary, p=0.95, lower_is_better=True).fired(0.05)
+    assert not exceedance_test(control, canary, p=0.95, alpha=0.05).fired(0.05)
 
 
 def test_p95_regression_is_caught_and_p_value_is_monotone_in_time() -> None:
@@ -135,7 +155,9 @@ def test_p95_regression_is_caught_and_p_value_is_monotone_in_time() -> None:
     control_parts = [rng.lognormal(math.log(100), 0.5, 450) for _ in range(40)]
     canary_parts = [rng.lognormal(math.log(120), 0.5, 50) for _ in range(40)]
     p_values = [
-        exceedance_test(windowed(control_parts[:w]), windowed(canary_parts[:w]), p=0.95).p_value
+        exceedance_test(
+            windowed(control_parts[:w]), windowed(canary_parts[:w]), p=0.95, alpha=0.05
+        ).p_value
         for w in (10, 20, 40)
     ]
     assert p_values == sorted(p_values, reverse=True)
@@ -154,3 +176,33 @@ def test_aa_ramp_with_doubling_latency_keeps_alpha_where_pooling_does_not() -> N
 def test_first_crossing_finds_the_first_window_past_one_over_alpha() -> None:
     assert first_crossing(np.array([0.5, 3.1, 2.0, 4.0]), 0.05) == 1
     assert first_crossing(np.array([0.5, 1.0]), 0.05) is None
+
+
+def test_bounds_cover_a_uniform_slowdown_and_agree_with_the_decision() -> None:
+    rng = np.random.default_rng(SEED + 1)
+    control = windowed([rng.lognormal(math.log(100), 0.5, 900) for _ in range(30)])
+    canary = windowed([rng.lognormal(math.log(130), 0.5, 100) for _ in range(30)])
+    result = exceedance_test(control, canary, p=0.95, alpha=0.025, margin=0.1)
+    assert result.fired(0.025)
+    assert 0.1 <= result.harm_lower_bound < 0.3 < result.harm_upper_bound
+    assert result.relative_effect == pytest.approx(0.3, abs=0.1)
+
+
+@pytest.mark.parametrize(("canary_factor", "margin"), [(1.0, 0.0), (1.08, 0.1)])
+def test_aa_with_heavy_ties_and_small_windows_keeps_alpha(
+    canary_factor: float, margin: float
+) -> None:
+    # Three latency levels only (ties everywhere), 40 requests per window, 10% canary; under
+    # H0 (canary at most 1 + margin times control) the harm e-process rarely reaches 1/alpha.
+    rng = np.random.default_rng(SEED + 2)
+    runs, windows, per_window, fired = 300, 40, 40, 0
+    window = np.repeat(np.arange(windows), per_window)
+    for _ in range(runs):
+        canary = rng.random(windows * per_window) < 0.1
+        values = rng.choice([100.0, 200.0, 300.0], size=windows * per_window, p=[0.7, 0.25, 0.05])
+        values = np.where(canary, values * canary_factor, values)
+        path = harm_log_e_path(
+            to_windows(window, canary, values, windows).dense, p=0.9, margin=margin
+        )
+        fired += first_crossing(path, 0.05) is not None
+    assert fired <= 24  # alpha = 5% of 300 is 15; 24 is beyond 2.4 binomial SDs
