@@ -51,7 +51,9 @@ from typing import Any
 
 from django.db import connection
 from django.db.models import Max, Sum
+from django.utils import timezone
 
+from analysis.latency_windows import latency_windows
 from analysis.models import AnalysisState, ObservationRollup, UnitEventRollup
 from analysis.stats.moments import MeanStats, MetricStats, ProportionStats, RatioStats
 from experiments.contracts import ExperimentView, MetricView
@@ -118,6 +120,9 @@ class Aggregates:
     exposures: ExposureCounts
     observations: Mapping[str, ObservationTotals]
     business: Mapping[str, Mapping[str, MetricStats]]
+    # Closed per-bucket latency histograms per variant, read only for quantile metrics
+    # (analysis.latency_windows).
+    latency_windows: Mapping[str, Mapping[datetime, LogHistogram]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -482,7 +487,9 @@ def business_stats(
 # --------------------------------------------------------------------------- entry point
 
 
-def aggregate(*, experiment: ExperimentView, state: AnalysisState) -> Aggregates:
+def aggregate(
+    *, experiment: ExperimentView, state: AnalysisState, now: datetime | None = None
+) -> Aggregates:
     """Bring the observation rollup up to date and read every statistic the analysis needs.
 
     Runs inside the caller's transaction, which holds `state` FOR UPDATE; the caller saves
@@ -492,6 +499,7 @@ def aggregate(*, experiment: ExperimentView, state: AnalysisState) -> Aggregates
     metrics = [use.metric for use in experiment.metrics]
     canary = experiment.kind == "canary"
     since = experiment.step_started_at if canary else None
+    quantiles = any(m.kind == "quantile" and m.source == BUILTIN_LATENCY for m in metrics)
     return Aggregates(
         exposures=exposure_counts(
             experiment_id=experiment.id,
@@ -503,4 +511,9 @@ def aggregate(*, experiment: ExperimentView, state: AnalysisState) -> Aggregates
         business=business_stats(
             experiment_id=experiment.id, metrics=metrics, tail_after=state.event_cursor
         ),
+        latency_windows=latency_windows(
+            experiment_id=experiment.id, now=now if now is not None else timezone.now()
+        )
+        if quantiles
+        else {},
     )

@@ -185,6 +185,7 @@ def guardrail_row(
             "p_value": finite(fixed_p_value(metric, control_stats, treatment_stats, alpha)),
             "p_always_valid": finite(state.min_p_value) if evaluable else None,
             "harm_bound": finite(evidence.harm_lower_bound) if evaluable else None,
+            "method": evidence.method or None,
             "status": status,
             "summary": summary,
         }

@@ -134,6 +134,8 @@ class MetricLine:
     status: Tone
     summary: str
     margin_text: str
+    # The test behind the p-value when it is not the default (e.g. the quantile e-process).
+    method: str = ""
 
 
 def metric_lines(rows: Sequence[Mapping[str, Any]], view: ExperimentView) -> list[MetricLine]:
@@ -179,6 +181,7 @@ def metric_lines(rows: Sequence[Mapping[str, Any]], view: ExperimentView) -> lis
                 status=tone_for(METRIC_STATUSES, str(row.get("status", ""))),
                 summary=str(row.get("summary", "")),
                 margin_text=margin_text,
+                method=str(row.get("method") or ""),
             )
         )
     return lines

@@ -294,7 +294,7 @@ def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> Ru
     if events_to_fold(state) > 0:
         experiment_id = view.id
         transaction.on_commit(lambda: schedule_fold(experiment_id))
-    aggregates = aggregate(experiment=_step_view(view), state=state)
+    aggregates = aggregate(experiment=_step_view(view), state=state, now=now)
     if view.kind == "canary" and state.srm_ramp_position != view.ramp_position:
         state.srm_max_log_e_value = 0.0
         state.srm_ramp_position = view.ramp_position

@@ -157,6 +157,9 @@ class GuardrailEvidence:
     threshold: float = math.nan
     p_value: float = 1.0
     note: str = ""
+    # The test behind status and p_value when it is not the harm test of
+    # analysis.stats.harm, e.g. the quantile guardrail's exceedance e-process.
+    method: str = ""
 
 
 class GuardrailAction(StrEnum):

@@ -13,7 +13,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from analysis.stats.guardrails import (
+    ExperimentSnapshot,
+    GuardrailAction,
+    GuardrailDecision,
+    GuardrailSpec,
+    GuardrailStatus,
+    evaluate_guardrails,
+)
 from analysis.stats.quantile_exceedance import (
+    METHOD,
     WindowBets,
     exceedance_test,
     fisher_log_e_values,
@@ -206,3 +215,49 @@ def test_aa_with_heavy_ties_and_small_windows_keeps_alpha(
         )
         fired += first_crossing(path, 0.05) is not None
     assert fired <= 24  # alpha = 5% of 300 is 15; 24 is beyond 2.4 binomial SDs
+
+
+def _decide(control: Windowed, canary: Windowed, margin: float) -> GuardrailDecision:
+    spec = GuardrailSpec(
+        metric_key="latency-p95",
+        kind="quantile",
+        direction="lower_is_better",
+        margin=margin,
+        quantile=0.95,
+    )
+    snapshot = ExperimentSnapshot(
+        control="v1", treatments=("v2",), metrics={"latency-p95": {"v1": control, "v2": canary}}
+    )
+    return evaluate_guardrails([spec], snapshot)
+
+
+def test_guardrail_rolls_back_a_constant_slow_canary_with_p_value_and_method() -> None:
+    rng = np.random.default_rng(SEED)
+    control = windowed([rng.lognormal(math.log(100), 0.5, 450) for _ in range(3)])
+    canary = windowed([np.full(50, 1_000.0) for _ in range(3)])
+    decision = _decide(control, canary, margin=0.1)
+    assert decision.action is GuardrailAction.ROLLBACK
+    (evidence,) = decision.evaluations
+    assert evidence.status is GuardrailStatus.HARM
+    assert evidence.p_value < 1e-6 and evidence.method == METHOD
+    assert evidence.harm_lower_bound > 1.0  # at least twice as slow, always-valid
+    assert "always-valid p" in decision.reason and METHOD in decision.reason
+
+
+def test_guardrail_continues_on_constant_equal_latencies_within_margin() -> None:
+    control = windowed([np.full(450, 100.0) for _ in range(10)])
+    canary = windowed([np.full(50, 100.0) for _ in range(10)])
+    decision = _decide(control, canary, margin=0.1)
+    assert decision.action is GuardrailAction.CONTINUE
+    (evidence,) = decision.evaluations
+    assert evidence.status is not GuardrailStatus.HARM and evidence.p_value == 1.0
+
+
+def test_guardrail_waits_for_a_window_with_both_arms() -> None:
+    control = Windowed({0: LogHistogram()})
+    control.add_many([100.0] * 300)
+    canary = Windowed({})
+    canary.add_many([100.0] * 30)
+    decision = _decide(control, canary, margin=0.1)
+    assert decision.action is GuardrailAction.HOLD
+    assert decision.evaluations[0].status is GuardrailStatus.BURN_IN
