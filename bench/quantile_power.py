@@ -36,6 +36,7 @@ Run: .venv/bin/python -m bench.quantile_power [--replications 1000] [--ramp-runs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -400,7 +401,7 @@ def main() -> None:
     )
     methods = [("exceedance e-process", exceedance_stopping_sizes(scenario), scenario.replications)]
     if arguments.cs_replications > 0:
-        cs_scenario = Scenario(**{**scenario.__dict__, "replications": arguments.cs_replications})
+        cs_scenario = dataclasses.replace(scenario, replications=arguments.cs_replications)
         methods.append(
             ("pooled per-arm CS", cs_stopping_sizes(cs_scenario), arguments.cs_replications)
         )
