@@ -66,18 +66,22 @@ def test_constant_equal_latencies_within_margin_continue(metrics: Any) -> None:
     assert row["rel_effect"] == pytest.approx(0.0)
 
 
-def test_drift_shared_by_both_arms_is_not_a_regression(metrics: Any) -> None:
+def _drifting_traffic(experiment: Any, at: datetime) -> None:
     # Latency doubles between two buckets for both versions alike, but most of control's
     # requests come from the fast bucket and most of the canary's from the slow one. Pooled,
     # the canary's p95 looks far worse; compared within buckets, it is the same.
-    experiment = start_experiment("drift", ramp=[(0.5, 3600, 10), (1.0, 0, 0)], metrics=P95_ONLY)
-    at = later(experiment.step_started_at, 30)
     _exposures(experiment, at)
     rng = np.random.default_rng(7)
     for offset, scale, control_n, canary_n in ((0, 1.0, 3000, 300), (10, 2.0, 1000, 3000)):
         for variant, n in (("v1", control_n), ("v2", canary_n)):
             values = (100.0 * scale * np.exp(0.3 * rng.standard_normal(n))).tolist()
             add_bucket(experiment.pk, variant, values, at=later(at, offset))
+
+
+def test_drift_shared_by_both_arms_is_not_a_regression(metrics: Any) -> None:
+    experiment = start_experiment("drift", ramp=[(0.5, 3600, 10), (1.0, 0, 0)], metrics=P95_ONLY)
+    at = later(experiment.step_started_at, 30)
+    _drifting_traffic(experiment, at)
 
     result = services.analysis_run(experiment_id=experiment.pk, now=later(at, 25))
 
@@ -87,3 +91,23 @@ def test_drift_shared_by_both_arms_is_not_a_regression(metrics: Any) -> None:
     assert pooled > 0.2  # what a pooled comparison would report
     assert abs(row["rel_effect"]) < 0.05  # the contemporaneous (standardised) effect
     assert row["status"] == "ok" and row["p_always_valid"] > 0.05
+
+
+def test_p95_metric_row_compares_within_time_windows(metrics: Any) -> None:
+    experiment = start_experiment(
+        "drift-report",
+        ramp=[(0.5, 3600, 10), (1.0, 0, 0)],
+        metrics=[{"metric": "latency-p95", "role": "secondary"}],
+    )
+    at = later(experiment.step_started_at, 30)
+    _drifting_traffic(experiment, at)
+
+    result = services.analysis_run(experiment_id=experiment.pk, now=later(at, 25))
+
+    assert result is not None
+    row = _p95_row(result)
+    assert row["method"] == "exceedance e-process, per time window"
+    assert abs(row["rel_effect"]) < 0.05 and row["status"] == "inconclusive"
+    lower, upper = row["ci_always_valid"]
+    assert lower < 0 < upper and upper < 0.2
+    assert row["p_always_valid"] > 0.05
