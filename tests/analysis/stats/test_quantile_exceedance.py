@@ -6,6 +6,7 @@ false-rollback checks are seeded simulations (the same simulator as bench/quanti
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 
@@ -28,6 +29,7 @@ from analysis.stats.quantile_exceedance import (
     fisher_log_e_values,
     harm_log_e_path,
     hypergeometric_log_mgf,
+    window_bets,
 )
 from bench.quantile_power import Ramp, first_crossing, ramp_false_rollbacks, to_windows
 from routing.histogram import LogHistogram
@@ -261,3 +263,31 @@ def test_guardrail_waits_for_a_window_with_both_arms() -> None:
     decision = _decide(control, canary, margin=0.1)
     assert decision.action is GuardrailAction.HOLD
     assert decision.evaluations[0].status is GuardrailStatus.BURN_IN
+
+
+@pytest.mark.parametrize(("shift", "level"), [(0, 0.75), (0, 0.5), (1, 0.75)])
+def test_window_e_value_averages_to_one_over_all_label_assignments(
+    shift: int, level: float
+) -> None:
+    # Exact check of the whole per-window bet, ties included: under exchangeability every
+    # choice of which 3 of these 8 requests are the canary's is equally likely, so the mean
+    # e-value over all 56 choices is exactly 1 without a margin and at most 1 with one.
+    buckets = np.array([0, 0, 1, 1, 1, 2, 3, 3])
+    rows = []
+    for canary in itertools.combinations(range(len(buckets)), 3):
+        is_canary = np.isin(np.arange(len(buckets)), canary)
+        rows.append(
+            (
+                np.bincount(buckets[~is_canary], minlength=4),
+                np.bincount(buckets[is_canary], minlength=4),
+            )
+        )
+    control = np.array([r[0] for r in rows], dtype=np.int64)
+    treatment = np.array([r[1] for r in rows], dtype=np.int64)
+    bets = window_bets(control, treatment, shift=shift, level=level)
+    e_values = np.exp(fisher_log_e_values(bets, np.full(len(rows), math.log(4.0))))
+    if shift == 0:
+        assert e_values.mean() == pytest.approx(1.0, rel=1e-12)
+        assert e_values.max() > 1.5  # the bet is not trivial
+    else:
+        assert e_values.mean() < 1.0
