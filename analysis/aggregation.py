@@ -51,7 +51,6 @@ from typing import Any
 
 from django.db import connection
 from django.db.models import Max, Sum
-from django.utils import timezone
 
 from analysis.latency_windows import latency_windows
 from analysis.models import AnalysisState, ObservationRollup, UnitEventRollup
@@ -499,7 +498,6 @@ def aggregate(
     metrics = [use.metric for use in experiment.metrics]
     canary = experiment.kind == "canary"
     since = experiment.step_started_at if canary else None
-    quantiles = any(m.kind == "quantile" and m.source == BUILTIN_LATENCY for m in metrics)
     return Aggregates(
         exposures=exposure_counts(
             experiment_id=experiment.id,
@@ -511,9 +509,5 @@ def aggregate(
         business=business_stats(
             experiment_id=experiment.id, metrics=metrics, tail_after=state.event_cursor
         ),
-        latency_windows=latency_windows(
-            experiment_id=experiment.id, now=now if now is not None else timezone.now()
-        )
-        if quantiles
-        else {},
+        latency_windows=latency_windows(experiment=experiment, now=now),
     )

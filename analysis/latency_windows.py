@@ -24,7 +24,9 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.utils import timezone
 
+from experiments.contracts import ExperimentView
 from routing.histogram import LogHistogram
 from routing.models import ObservationBucket
 
@@ -58,12 +60,18 @@ def closed_before(now: datetime) -> datetime:
 
 
 def latency_windows(
-    *, experiment_id: int, now: datetime
+    *, experiment: ExperimentView, now: datetime | None = None
 ) -> dict[str, dict[datetime, LogHistogram]]:
-    """Per variant, the merged histogram of every closed bucket (flushes summed)."""
+    """Per variant, the merged histogram of every closed bucket (flushes summed).
+
+    Empty (and no query) unless the experiment has a quantile metric.
+    """
+    if not any(use.metric.kind == "quantile" for use in experiment.metrics):
+        return {}
+    before = closed_before(now if now is not None else timezone.now())
     rows = (
         ObservationBucket.objects.filter(
-            experiment_id=experiment_id, is_shadow=False, bucket_start__lte=closed_before(now)
+            experiment_id=experiment.id, is_shadow=False, bucket_start__lte=before
         )
         .exclude(latency_histogram="")
         .order_by()
