@@ -55,6 +55,7 @@ from django.db.models import Max, Sum
 from django.utils import timezone
 
 from analysis.cohorts import unit_metric_aggregates
+from analysis.latency_windows import latency_windows
 from analysis.models import AnalysisState, ObservationRollup
 from analysis.stats.moments import MeanStats, MetricStats, ProportionStats
 from analysis.stats.strata import Standardized
@@ -146,6 +147,9 @@ class Aggregates:
     observations: Mapping[str, ObservationTotals]
     business: Mapping[str, Mapping[str, MetricStats]]
     business_construction: Mapping[str, Standardized] = field(default_factory=dict)
+    # Closed per-bucket latency histograms per variant, read only for quantile metrics
+    # (analysis.latency_windows).
+    latency_windows: Mapping[str, Mapping[datetime, LogHistogram]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -359,4 +363,5 @@ def aggregate(
         observations=refresh_observations(state=state),
         business=business,
         business_construction=constructions,
+        latency_windows=latency_windows(experiment=experiment, now=now),
     )

@@ -191,6 +191,9 @@ def slack_message(payload: Mapping[str, Any]) -> dict[str, Any]:
             f"*Effect*\n{_percent(details.get('rel_effect'))} ({label} interval "
             f"{_percent(interval[0])} to {_percent(interval[1])})"
         )
+    if isinstance(details.get("p_value"), int | float):
+        method = f" ({details['method']})" if details.get("method") else ""
+        fields.append(f"*Always-valid p*\n{float(details['p_value']):.2g}{method}")
     if details.get("n"):
         counts = ", ".join(f"{arm}: {n:,}" for arm, n in details["n"].items())
         fields.append(f"*n per arm*\n{counts}")

@@ -13,9 +13,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from analysis.aggregation import Aggregates
+from analysis.latency_windows import WindowedLogHistogram
 from analysis.stats.effects import estimate_effect
 from analysis.stats.fixed import fixed_horizon_test
 from analysis.stats.guardrails import GuardrailEvidence, GuardrailStatus
+from analysis.stats.quantile_exceedance import exceedance_test
 from analysis.stats.quantiles import quantile_guardrail
 from analysis.stats.quantiles_fixed import quantile_difference_ci
 from analysis.stats.sequential import RunningEvidence, asymptotic_confidence_sequence
@@ -276,7 +278,21 @@ def metric_row(
     ):
         return row, state
     higher_is_better = not metric.lower_is_better
-    if isinstance(control_stats, LogHistogram) and isinstance(treatment_stats, LogHistogram):
+    if isinstance(control_stats, WindowedLogHistogram) and isinstance(
+        treatment_stats, WindowedLogHistogram
+    ):
+        # Contemporaneous (per time window, analysis.stats.quantile_exceedance): the slower
+        # and the faster side each at alpha / 2, the p-value of "no difference" by Bonferroni.
+        exceedance = exceedance_test(
+            control_stats, treatment_stats, p=metric.quantile or 0.5, alpha=alpha / 2
+        )
+        state = state.intersect(exceedance.harm_lower_bound, exceedance.harm_upper_bound)
+        state = replace(state, looks=state.looks + 1)
+        rel = finite(exceedance.relative_effect)
+        p_always = min(1.0, 2 * min(exceedance.p_value, exceedance.safe_p_value), state.min_p_value)
+        state = replace(state, min_p_value=p_always)
+        row["method"] = exceedance.method
+    elif isinstance(control_stats, LogHistogram) and isinstance(treatment_stats, LogHistogram):
         quantile = quantile_guardrail(
             control_stats,
             treatment_stats,

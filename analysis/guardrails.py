@@ -38,6 +38,7 @@ from analysis.aggregation import BUILTIN_ERROR, BUILTIN_LATENCY, Aggregates
 from analysis.cohorts import annotate_rows
 from analysis.evidence import GUARDRAIL, ArmState, finite, guardrail_row, latency, metric_row
 from analysis.health import Health, HealthSettings, arms, check_health
+from analysis.latency_windows import WindowedLogHistogram
 from analysis.reporting import withhold_small_samples
 from analysis.stats.guardrails import (
     ExperimentSnapshot,
@@ -66,6 +67,8 @@ class Breach:
     n: Mapping[str, int]
     summary: str
     sticky: bool = False
+    p_value: float | None = None
+    method: str = ""
 
     def evidence(self) -> dict[str, Any]:
         return {
@@ -79,6 +82,8 @@ class Breach:
             "margin": self.margin,
             "n": dict(self.n),
             "summary": self.summary,
+            "p_value": finite(self.p_value),
+            "method": self.method or None,
         }
 
 
@@ -111,7 +116,10 @@ def metric_stats(metric: MetricView, aggregates: Aggregates, arm: str) -> object
         if metric.source == BUILTIN_ERROR:
             return totals.errors
         if metric.kind == "quantile":
-            return totals.histogram if totals.histogram.count else None
+            if not totals.histogram.count:
+                return None
+            windows = aggregates.latency_windows.get(arm, {})
+            return WindowedLogHistogram(totals.histogram, windows)
         return totals.latency if totals.histogram.count else None
     return aggregates.business.get(metric.key, {}).get(arm)
 
@@ -299,6 +307,8 @@ def _breach(
         margin=tripped.margin,
         n={control: tripped.n_control, tripped.arm: tripped.n_treatment},
         summary=row["summary"],
+        p_value=row["p_always_valid"],
+        method=tripped.method,
     )
 
 

@@ -12,8 +12,9 @@ measured in the same run, plus the A/A false-rollback rates. Targets: median <= 
 percentile <= 1.5x the fixed-horizon size (GrowthBook's default two-sided test: about 1.03x and
 1.7x, STATS.md 10.2).
 
-Case 2 (p95 latency): the canary's latencies are 20% slower (log-normal), through
-`analysis.stats.quantiles.quantile_guardrail` on `routing.histogram.LogHistogram`s.
+Case 2 (p95 latency): the canary's latencies are 20% slower (log-normal), through the
+exceedance e-process of `analysis.stats.quantile_exceedance` on per-batch time windows of
+`routing.histogram` buckets (bench/quantile_power.py compares it with fixed horizon).
 
 Run from the repository root: `.venv/bin/python -m bench.stats_power` (a few minutes at most), or
 with `--quick`.
@@ -37,8 +38,8 @@ from analysis.stats.betting import bet_log_factors, log_mean_exp
 from analysis.stats.guardrails import GuardrailSettings
 from analysis.stats.harm import harm_threshold, proportion_harm_z
 from analysis.stats.planning import fixed_horizon_total_n_proportion, guardrail_n_star_proportion
-from analysis.stats.quantiles import quantile_guardrail
-from routing.histogram import LogHistogram
+from analysis.stats.quantile_exceedance import harm_log_e_path
+from bench.quantile_power import first_crossing, to_windows
 
 ALPHA = 0.05
 TREATMENT_SHARE = 0.1
@@ -140,24 +141,24 @@ def betting_guardrail_fired(
 
 
 def quantile_guardrail_fired(
-    slowdown: float, runs: int, looks: int, batch: int, t_opt: float, seed: int
+    slowdown: float, runs: int, looks: int, batch: int, seed: int
 ) -> tuple[Array, Array]:
-    """p95 guardrail (margin 0) on log-normal latencies, looking after every batch."""
+    """p95 guardrail (margin 0) on log-normal latencies, one time window and look per batch.
+
+    The guardrail `evaluate_guardrails` runs on the analysis' windowed histograms: the
+    exceedance e-process of `analysis.stats.quantile_exceedance`.
+    """
     rng = np.random.default_rng(seed)
     fired = np.zeros((runs, looks), dtype=bool)
+    window = np.repeat(np.arange(looks), batch)
     for run in range(runs):
-        control, treatment = LogHistogram(), LogHistogram()
-        for look in range(looks):
-            in_treatment = rng.random(batch) < TREATMENT_SHARE
-            latencies = rng.lognormal(math.log(100), 0.5, batch)
-            control.add_many(latencies[~in_treatment])
-            treatment.add_many(latencies[in_treatment] * slowdown)
-            if min(control.count, treatment.count) < 100:
-                continue
-            result = quantile_guardrail(control, treatment, p=0.95, alpha=ALPHA, t_opt=t_opt)
-            if result.harm_lower_bound > 0:
-                fired[run, look:] = True
-                break
+        in_treatment = rng.random(looks * batch) < TREATMENT_SHARE
+        latencies = rng.lognormal(math.log(100), 0.5, looks * batch)
+        latencies = np.where(in_treatment, latencies * slowdown, latencies)
+        dense = to_windows(window, in_treatment, latencies, looks).dense
+        crossing = first_crossing(harm_log_e_path(dense, p=0.95), ALPHA)
+        if crossing is not None:
+            fired[run, crossing:] = True
     return fired, batch * np.arange(1, looks + 1)
 
 
@@ -228,21 +229,21 @@ def main() -> None:
 
     print()
     print("p95 latency +20% (log-normal, sigma 0.5), 10% canary, margin 0, look every 500 units")
-    quantile_looks, quantile_batch, t_opt = 120, 500, 2000.0
+    quantile_looks, quantile_batch = 120, 500
     slow = _timed(
         "harm runs",
         lambda: quantile_guardrail_fired(
-            1.2, quantile_runs, quantile_looks, quantile_batch, t_opt, SEED + 2
+            1.2, quantile_runs, quantile_looks, quantile_batch, SEED + 2
         ),
     )
     same = _timed(
         "A/A runs",
         lambda: quantile_guardrail_fired(
-            1.0, quantile_runs, quantile_looks, quantile_batch, t_opt, SEED + 3
+            1.0, quantile_runs, quantile_looks, quantile_batch, SEED + 3
         ),
     )
     print(
-        f"  quantile guardrail (t_opt {t_opt:,.0f} per arm): median {slow.median:,.0f}, "
+        f"  quantile guardrail (exceedance e-process): median {slow.median:,.0f}, "
         f"p80 {slow.p80:,.0f}, p90 {slow.p90:,.0f} total units; "
         f"never stopped within {quantile_looks * quantile_batch:,}: {slow.never:.1%}"
     )

@@ -101,7 +101,9 @@ class ExperimentSnapshot:
     """Cumulative statistics of one experiment at one look.
 
     `metrics[metric_key][arm]` holds the arm's statistic of the guardrail's kind
-    (`ProportionStats`, `MeanStats`, `RatioStats`, or a `LogHistogram` for quantiles).
+    (`ProportionStats`, `MeanStats`, `RatioStats`, or a `LogHistogram` for quantiles; one
+    that also has per-time-window parts, `quantile_exceedance.WindowedLatencyHistogram`, gets
+    the contemporaneous exceedance e-process).
     `exposures` and `expected_weights` (per arm) enable the SRM checks; pass back
     `previous_srm_max_log_e_value` from the last decision for the sequential SRM.
     """
@@ -157,7 +159,8 @@ class GuardrailEvidence:
     threshold: float = math.nan
     p_value: float = 1.0
     note: str = ""
-    # How the pair was tested, in words (shown on the results page and in the API).
+    # How the pair was tested, in words (shown on the results page and in the API); ""
+    # means the harm test of analysis.stats.harm.
     method: str = ""
 
 

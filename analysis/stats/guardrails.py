@@ -10,11 +10,14 @@ False-rollback guarantee
     (guardrail, treatment arm) pairs. Pair k gets alpha_k = alpha * w_k / sum(w) (weighted
     Bonferroni, STATS.md 9.2). For each pair the harm test is one-sided and sequential
     (`analysis.stats.harm`: relative margin as a Fieller contrast, GrowthBook's eq. (134)
-    boundary, or the quantile confidence sequences of `analysis.stats.quantiles`), so under its
-    null ("not worse than the margin") the probability that it *ever* fires, over any number
-    of looks at any times, is at most alpha_k. By the union bound the probability that the
-    experiment is *ever* rolled back while no guardrail is truly violated by more than its
-    margin is at most sum_k alpha_k = alpha, under any dependence between metrics and arms.
+    boundary; for quantiles the exceedance e-process of `analysis.stats.quantile_exceedance`,
+    which compares the arms within each time window and is exact with no burn-in, or the
+    per-arm confidence sequences of `analysis.stats.quantiles` for histograms without time
+    windows), so under its null ("not worse than the margin") the probability that it *ever*
+    fires, over any number of looks at any times, is at most alpha_k. By the union bound the
+    probability that the experiment is *ever* rolled back while no guardrail is truly violated
+    by more than its margin is at most sum_k alpha_k = alpha, under any dependence between
+    metrics and arms.
     Per-request rate guardrails given as `UserRateBets` (the worker does this for the error
     rate) use the exact betting e-process of `analysis.stats.rate_guardrail` instead, with
     the user as the unit and no burn-in.
@@ -57,6 +60,7 @@ from analysis.stats.health import (
 )
 from analysis.stats.moments import CupedStats, MeanStats, MetricStats, ProportionStats, RatioStats
 from analysis.stats.multiple import bonferroni_alphas
+from analysis.stats.quantile_exceedance import WindowedLatencyHistogram, exceedance_test
 from analysis.stats.quantiles import LatencyHistogram, quantile_guardrail
 from analysis.stats.rate_guardrail import UserRateBets, rate_evidence
 
@@ -265,6 +269,15 @@ def _quantile_evidence(
                 f"routing.histogram.LogHistogram) for a quantile guardrail, "
                 f"got {type(histogram).__name__}"
             )
+    assert spec.quantile is not None
+    if hasattr(control, "windows") and hasattr(treatment, "windows"):
+        return _exceedance_evidence(
+            spec,
+            arm,
+            cast(WindowedLatencyHistogram, control),
+            cast(WindowedLatencyHistogram, treatment),
+            alpha=alpha,
+        )
     control_histogram = cast(LatencyHistogram, control)
     treatment_histogram = cast(LatencyHistogram, treatment)
     n_a, n_b = int(control_histogram.count), int(treatment_histogram.count)
@@ -277,7 +290,6 @@ def _quantile_evidence(
             n_b,
             f"fewer than {settings.quantile_min_per_arm} observations in an arm",
         )
-    assert spec.quantile is not None
     t_opt = settings.quantile_t_opt if settings.quantile_t_opt is not None else settings.n_star / 2
     result = quantile_guardrail(
         control_histogram,
@@ -304,6 +316,67 @@ def _quantile_evidence(
         harm_lower_bound=lower,
         harm_upper_bound=upper,
         interval=interval,
+    )
+
+
+def _exceedance_evidence(
+    spec: GuardrailSpec,
+    arm: str,
+    control: WindowedLatencyHistogram,
+    treatment: WindowedLatencyHistogram,
+    *,
+    alpha: float,
+) -> GuardrailEvidence:
+    """Contemporaneous quantile guardrail: the exceedance e-process over time windows."""
+    assert spec.quantile is not None
+    result = exceedance_test(
+        control,
+        treatment,
+        p=spec.quantile,
+        alpha=alpha,
+        margin=spec.margin,
+        lower_is_better=spec.lower_is_better,
+    )
+    n_a, n_b = int(control.count), int(treatment.count)
+    if result.windows_bet == 0:
+        note = "no closed time window with requests from both arms yet"
+        return _burn_in(spec, arm, alpha, n_a, n_b, note)
+    if result.fired(alpha):
+        status = GuardrailStatus.HARM
+    elif result.safe(alpha):
+        status = GuardrailStatus.SAFE
+    else:
+        status = GuardrailStatus.INCONCLUSIVE
+    lower, upper = result.harm_lower_bound, result.harm_upper_bound
+    # The decision is the e-process at the margin itself; the bounds come from inverting it
+    # in bucket steps, so they are aligned with it here.
+    if status is GuardrailStatus.HARM:
+        lower = max(lower, spec.margin)
+    elif status is GuardrailStatus.SAFE:
+        upper = min(upper, spec.margin)
+    if spec.lower_is_better:
+        harm, interval = result.relative_effect, (lower, upper)
+    else:
+        harm, interval = -result.relative_effect, (-upper, -lower)
+    return GuardrailEvidence(
+        metric_key=spec.metric_key,
+        arm=arm,
+        kind=spec.kind,
+        direction=spec.direction,
+        status=status,
+        margin=spec.margin,
+        alpha=alpha,
+        n_control=n_a,
+        n_treatment=n_b,
+        relative_effect=result.relative_effect,
+        harm_estimate=harm,
+        harm_lower_bound=lower,
+        harm_upper_bound=upper,
+        interval=interval,
+        statistic=result.max_log_e_value,
+        threshold=math.log(1.0 / alpha),
+        p_value=result.p_value,
+        method=result.method,
     )
 
 
@@ -398,6 +471,8 @@ def evaluate_guardrails(
             f"{worst.margin:.1%} (always-valid lower bound on harm {worst.harm_lower_bound:.2%}, "
             f"alpha {worst.alpha:.4g})"
         )
+        if worst.method:
+            reason = f"{reason[:-1]}, always-valid p {worst.p_value:.2g}, {worst.method})"
     else:
         worst = None
         waiting = [

@@ -46,6 +46,8 @@ def _rollback_payload() -> dict[str, Any]:
             "interval": [0.21, 0.55],
             "interval_level": 0.95,
             "n": {"v1": 5120, "v2": 498},
+            "p_value": 0.00031,
+            "method": "exceedance e-process, per time window",
         },
     )
 
@@ -59,6 +61,7 @@ def test_slack_message_names_everything_a_reader_needs(settings: Any) -> None:
     for expected in ("ranker-v2", "p95 latency", "`v2`", "+38.0%", "+21.0%", "+55.0%"):
         assert expected in text
     assert "5,120" in text and "498" in text
+    assert "Always-valid p" in text and "0.00031 (exceedance e-process, per time window)" in text
     assert "rolled back: all traffic goes to control" in text
     button = message["blocks"][-1]["elements"][0]
     assert button["url"] == "https://rampart.example.com/experiments/ranker-v2/"

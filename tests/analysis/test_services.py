@@ -50,7 +50,14 @@ def test_slow_canary_is_rolled_back_once_with_evidence(metrics: Any, slack_url: 
     at = later(experiment.step_started_at, 30)
     traffic(experiment, control_n=2000, canary_n=2000, canary_slowdown=1.4, at=at)
 
-    result = services.analysis_run(experiment_id=experiment.pk, now=later(at, 5))
+    # The quantile guardrail compares the arms within closed time buckets only: the bucket
+    # at `at` closes after OBSERVATION_BUCKET_S plus two recorder flushes.
+    waiting = services.analysis_run(experiment_id=experiment.pk, now=later(at, 5))
+    assert waiting is not None and not waiting.action_taken
+    row = next(m for m in waiting.snapshot.metrics if m["metric"] == "latency-p95")
+    assert row["status"] == "insufficient" and "no closed time window" in row["summary"]
+
+    result = services.analysis_run(experiment_id=experiment.pk, now=later(at, 15))
 
     assert result is not None and result.action_taken
     assert result.snapshot.decision == "rollback"
@@ -73,6 +80,9 @@ def test_slow_canary_is_rolled_back_once_with_evidence(metrics: Any, slack_url: 
     assert set(row) == SNAPSHOT_METRIC_FIELDS
     assert row["status"] == "breach"
     assert "p95 latency is" in row["summary"] and "higher on v2" in row["summary"]
+    assert row["method"] == "exceedance e-process, per time window"
+    assert row["p_always_valid"] is not None and row["p_always_valid"] < 1e-6
+    assert evidence["p_value"] == row["p_always_valid"] and evidence["method"] == row["method"]
 
     # A second look (a retried or racing task) changes nothing and alerts nobody again.
     assert services.analysis_run(experiment_id=experiment.pk) is None
