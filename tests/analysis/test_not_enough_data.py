@@ -58,7 +58,8 @@ def test_enough_data_is_shown_and_a_breach_always_is(metrics: Any) -> None:
     experiment = start_experiment("enough", ramp=[(0.5, 3600, 10), (1.0, 0, 0)])
     at = experiment.step_started_at + timedelta(seconds=30)
     traffic(experiment, control_n=2000, canary_n=2000, canary_slowdown=1.4, at=at)
-    result = services.analysis_run(experiment_id=experiment.pk, now=at + timedelta(seconds=5))
+    # 15 s later, so the latency buckets the quantile guardrail bets on have closed.
+    result = services.analysis_run(experiment_id=experiment.pk, now=at + timedelta(seconds=15))
     assert result is not None
     p95 = next(m for m in result.snapshot.metrics if m["metric"] == "latency-p95")
     assert p95["not_enough_data"] is None and p95["rel_effect"] is not None
