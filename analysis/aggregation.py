@@ -45,18 +45,18 @@ metrics like the others but is not a health problem, so it is reported separatel
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from django.db import connection
 from django.db.models import Max, Sum
 from django.utils import timezone
 
 from analysis.cohorts import unit_metric_aggregates
 from analysis.latency_windows import latency_windows
 from analysis.models import AnalysisState, ObservationRollup
+from analysis.sql import db_datetime, fetch, table
 from analysis.stats.moments import MeanStats, MetricStats, ProportionStats
 from analysis.stats.strata import Standardized
 from analysis.unit_metrics import (
@@ -153,21 +153,6 @@ class Aggregates:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _table(model: Any) -> str:
-    return connection.ops.quote_name(model._meta.db_table)
-
-
-def _db_datetime(value: datetime) -> Any:
-    """A datetime as the backend stores it (text on SQLite), for raw-SQL comparisons."""
-    return connection.ops.adapt_datetimefield_value(value)
-
-
-def _fetch(sql: str, params: Sequence[Any]) -> Iterator[tuple[Any, ...]]:
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        yield from cursor.fetchall()
 
 
 def _merge_histograms(
@@ -291,7 +276,7 @@ def _units_subquery(control_key: str, canary: bool) -> tuple[str, list[Any]]:
                CASE WHEN COUNT(*) = 1 THEN MIN(variant_key) ELSE '' END AS variant,
                MIN(first_seen_at) AS first_at,
                CASE WHEN COUNT(*) > 1 AND NOT {expected_move} THEN 1 ELSE 0 END AS unexpected
-        FROM {_table(Exposure)}
+        FROM {table(Exposure)}
         WHERE experiment_id = %s
         GROUP BY unit_id
     """
@@ -304,7 +289,7 @@ def exposure_counts(
 ) -> ExposureCounts:
     units_sql, units_params = _units_subquery(control_key, canary)
     new_condition = "u.first_at >= %s" if since is not None else "1 = 1"
-    since_params = [_db_datetime(since)] if since is not None else []
+    since_params = [db_datetime(since)] if since is not None else []
     sql = f"""
         SELECT u.variant, COUNT(*),
                SUM(CASE WHEN {new_condition} THEN 1 ELSE 0 END),
@@ -316,7 +301,7 @@ def exposure_counts(
     per_variant: dict[str, int] = {}
     new_in_step: dict[str, int] = {}
     total = multiple = unexpected = 0
-    for variant, units, new, odd in _fetch(sql, params):
+    for variant, units, new, odd in fetch(sql, params):
         total += int(units)
         if variant:
             per_variant[variant] = int(units)

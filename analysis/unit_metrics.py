@@ -23,7 +23,7 @@ vendor-specific piece is "timestamp + W seconds" (`_within_window`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -31,6 +31,7 @@ from django.db import connection
 from django.utils import timezone
 
 from analysis.models import AnalysisState, UnitEventRollup
+from analysis.sql import db_datetime, fetch, table
 from analysis.stats.moments import MeanStats, MetricStats, ProportionStats, RatioStats
 from experiments.contracts import MetricView
 from routing.models import Event, Exposure
@@ -42,21 +43,6 @@ _MAX_ID = 2**62
 
 # metric key -> variant -> cohort index -> statistic
 CohortStats = dict[str, dict[str, dict[int, MetricStats]]]
-
-
-def _table(model: Any) -> str:
-    return connection.ops.quote_name(model._meta.db_table)
-
-
-def _db_datetime(value: datetime) -> Any:
-    """A datetime as the backend stores it (text on SQLite), for raw-SQL comparisons."""
-    return connection.ops.adapt_datetimefield_value(value)
-
-
-def _fetch(sql: str, params: Sequence[Any]) -> Iterator[tuple[Any, ...]]:
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        yield from cursor.fetchall()
 
 
 def is_unit_metric(metric: MetricView) -> bool:
@@ -111,11 +97,11 @@ def _windowed_events_sql(
     pairs_sql, params = _pairs_sql(pairs)
     window = _within_window("ev.timestamp", "ex.first_seen_at", "w.win")
     sql = f"""
-        FROM {_table(Event)} ev
+        FROM {table(Event)} ev
         JOIN ({pairs_sql}) w ON w.name = ev.name
         WHERE ev.id > %s AND ev.id <= %s
           AND EXISTS (
-            SELECT 1 FROM {_table(Exposure)} ex
+            SELECT 1 FROM {table(Exposure)} ex
             WHERE ex.experiment_id = %s AND ex.unit_id = ev.unit_id
               AND ex.first_seen_at <= ev.timestamp AND {window}
           )
@@ -141,7 +127,7 @@ def fold_unit_events(
     if high <= low:
         return events_to_fold(state)
     if event_windows:
-        rollup = _table(UnitEventRollup)
+        rollup = table(UnitEventRollup)
         source, source_params = _windowed_events_sql(event_windows, state.experiment_id, low, high)
         # SQLite's grammar needs the WHERE clause the source has before ON CONFLICT.
         sql = f"""
@@ -173,7 +159,7 @@ def _cohort_sql(cohort_starts: Sequence[datetime]) -> tuple[str, list[Any]]:
     if not cohort_starts:
         return "0", []
     cases = " ".join(f"WHEN uu.first_at < %s THEN {i}" for i in range(len(cohort_starts)))
-    params = [_db_datetime(start) for start in cohort_starts]
+    params = [db_datetime(start) for start in cohort_starts]
     return f"CASE {cases} ELSE {len(cohort_starts)} END", params
 
 
@@ -215,7 +201,7 @@ def cohort_stats(
     outer_params: list[Any] = []
     for metric in unit_metrics:
         closed = "u.first_at <= %s"
-        cutoff = _db_datetime(now - timedelta(seconds=int(metric.window_s)))
+        cutoff = db_datetime(now - timedelta(seconds=int(metric.window_s)))
 
         def closed_sum(expression: str, closed: str = closed) -> str:
             return f"SUM(CASE WHEN {closed} THEN {expression} ELSE 0 END)"
@@ -255,7 +241,7 @@ def cohort_stats(
                 SELECT unit_id,
                        CASE WHEN COUNT(*) = 1 THEN MIN(variant_key) ELSE '' END AS variant,
                        MIN(first_seen_at) AS first_at
-                FROM {_table(Exposure)}
+                FROM {table(Exposure)}
                 WHERE experiment_id = %s
                 GROUP BY unit_id
             ) uu
@@ -264,7 +250,7 @@ def cohort_stats(
             SELECT unit_id, {", ".join(columns)}
             FROM (
                 SELECT unit_id, event_name, window_s, value_sum, event_count
-                FROM {_table(UnitEventRollup)}
+                FROM {table(UnitEventRollup)}
                 WHERE experiment_id = %s
                 UNION ALL
                 SELECT ev.unit_id, ev.name, w.win, ev.value, 1
@@ -284,7 +270,7 @@ def cohort_stats(
         *tail_params,
     ]
     result: CohortStats = {m.key: {} for m in unit_metrics}
-    for row in _fetch(sql, params):
+    for row in fetch(sql, params):
         variant, index = row[0], int(row[1])
         values = [float(v or 0.0) for v in row[2:]]
         position = 0
