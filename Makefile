@@ -5,11 +5,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: demo test lint format install migrate serve services-start services-stop bench
+.PHONY: demo test lint format install migrate serve services-start services-stop bench sdk-test
 
-$(STAMP): pyproject.toml
+# The SDK (sdk/python, distribution rampart-sdk) goes in first: the server imports the pure
+# assignment code from it and declares it as a dependency.
+$(STAMP): pyproject.toml sdk/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ./sdk/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
@@ -32,9 +35,22 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
-	$(BIN)/mypy analysis/stats routing/hashing.py routing/assignment.py routing/histogram.py \
-		routing/split.py routing/breaker.py routing/upstream.py routing/sdk experiments/contracts.py \
-		analysis/verdict.py
+	$(BIN)/mypy analysis/stats routing/histogram.py routing/split.py routing/breaker.py \
+		routing/upstream.py sdk/python/rampart_sdk experiments/contracts.py analysis/verdict.py
+
+# The SDK alone: build its wheel, install it with its test needs into a fresh virtualenv
+# without Django, check Django is absent there, and run sdk/python/tests against the wheel.
+SDK_BUILD := var/sdk-build
+sdk-test: $(STAMP)
+	rm -rf $(SDK_BUILD)
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir $(SDK_BUILD)/dist ./sdk/python
+	$(PYTHON) -m venv $(SDK_BUILD)/venv
+	$(SDK_BUILD)/venv/bin/python -m pip install --quiet \
+		"$$(ls $(SDK_BUILD)/dist/rampart_sdk-*.whl)[test]"
+	! $(SDK_BUILD)/venv/bin/python -c 'import django' 2>/dev/null
+	$(SDK_BUILD)/venv/bin/python -c \
+		'import rampart_sdk; assert "site-packages" in rampart_sdk.__file__, rampart_sdk.__file__'
+	cd sdk/python && ../../$(SDK_BUILD)/venv/bin/pytest -q -p no:cacheprovider tests
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -1,4 +1,4 @@
-"""Decisions per second of routing.assignment.assign() against GrowthBook's Python SDK.
+"""Decisions per second of rampart_sdk.assignment.assign() against GrowthBook's Python SDK.
 
 Both sides evaluate the same experiment for the same 100,000 unit ids in this run. The
 GrowthBook baseline is timed two ways: a new ``GrowthBook(attributes=...)`` per decision
@@ -20,7 +20,7 @@ from functools import partial
 
 from growthbook import Experiment, GrowthBook
 
-from routing.assignment import AssignmentSpec, Namespace, assign, build_assignment_spec
+from rampart_sdk.assignment import AssignmentSpec, Namespace, assign, build_assignment_spec
 
 UNIT_COUNT = 100_000
 PASSES = 2

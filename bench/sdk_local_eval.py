@@ -5,7 +5,7 @@ is served to the evaluator as a /v1/config document (format 1, from a mock trans
 no server runs), and every pass uses a fresh evaluator, whose specs begin with empty
 per-bucket memos; fetching and compiling the config happens before the timer starts.
 ``LocalEvaluator.decide`` is timed whole: experiment lookup, unit id
-check, ``routing.assignment.assign`` and the ``Decision`` it returns. The baseline is one
+check, ``rampart_sdk.assignment.assign`` and the ``Decision`` it returns. The baseline is one
 reused ``GrowthBook`` instance with ``set_attributes`` (its fastest use). Passes are timed
 in CPU seconds of this process. Target: at least 3x GrowthBook.
 
@@ -23,8 +23,8 @@ import httpx
 import orjson
 
 from bench.local_eval import CASES, UNIT_COUNT, Case, growthbook_reused_pass
-from routing.assignment import AssignmentSpec
-from routing.sdk import LocalEvaluator
+from rampart_sdk import LocalEvaluator
+from rampart_sdk.assignment import AssignmentSpec
 
 TARGET_RATIO = 3.0
 PASSES = 3

@@ -90,7 +90,7 @@ weights cannot express, so evaluate from ``ranges``. To reproduce the edge's dec
   4. ``b`` = GrowthBook's ``hash(seed, unit, hash_version)``: version 2 is
      ``fnv1a32(str(fnv1a32(seed + unit))) % 10000 / 10000``, version 1 is
      ``fnv1a32(unit + seed) % 1000 / 1000``; FNV-1a 32 over UTF-16 code units
-     (``routing.hashing``).
+     (``rampart_sdk.hashing``).
   5. The first variant (in list order) with an interval ``start <= b < end`` is served,
      reason ``assigned``, in experiment. None: control, reason ``not_in_coverage``.
 """

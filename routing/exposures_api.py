@@ -1,7 +1,7 @@
 """The exposures API: ``POST /v1/exposures`` records exposures of units decided in an SDK.
 
 Mounted on the edge at ``/v1/exposures`` (``build_edge(mounts={"/v1/exposures":
-ExposuresApp})``). An SDK that decides in-process (``routing.sdk.LocalEvaluator``) reports
+ExposuresApp})``). An SDK that decides in-process (``rampart_sdk.LocalEvaluator``) reports
 here the exposures the edge would have recorded had it answered the decision itself, so
 analysis counts locally decided units like any other.
 

@@ -12,16 +12,16 @@ Decision rules (``ExperimentRoute.decide``), in order:
   * status ``completed``: the winner (control if none), reason ``completed``;
   * status ``draft`` or ``paused``: control, reason ``not_running``;
   * no unit id: control, reason ``no_unit``;
-  * otherwise ``routing.assignment.assign`` on the spec precomputed at build time:
+  * otherwise ``rampart_sdk.assignment.assign`` on the spec precomputed at build time:
     ``override``, ``not_in_namespace``, ``not_in_coverage`` (all served control unless
     overridden) or ``assigned``.
 Only ``assigned`` units of running experiments are ``in_experiment``; overrides are
-allowlisted QA traffic and do not count (``routing.assignment.Assignment``).
+allowlisted QA traffic and do not count (``rampart_sdk.assignment.Assignment``).
 
 Specs: an A/B test uses its routed variants' weights (control first, then the others in
 their configured order) and its coverage. A canary gives its current ramp step's
 ``canary_share`` to the non-control variants, split in proportion to their configured
-weights, each in its own fixed lane (``routing.assignment.build_canary_spec``), so raising
+weights, each in its own fixed lane (``rampart_sdk.assignment.build_canary_spec``), so raising
 the share only moves units from control to a canary. Lanes follow those weights: with two
 or more canaries, changing their weights mid-ramp moves lane borders and can move units
 between canaries. Canary specs have full coverage (coverage is an A/B setting).
@@ -49,14 +49,14 @@ from django.db import close_old_connections, connections
 from experiments import selectors
 from experiments.contracts import ApiKeyView, ExperimentView, VariantView
 from experiments.services import api_key_matches, split_api_key
-from routing import metrics
-from routing.assignment import (
+from rampart_sdk.assignment import (
     AssignmentSpec,
     Namespace,
     assign,
     build_assignment_spec,
     build_canary_spec,
 )
+from routing import metrics
 from routing.split import canary_lanes
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import pytest
 from rest_framework.test import APIClient
 
 from experiments.selectors import experiment_view_get
-from routing.assignment import assign, build_assignment_spec
+from rampart_sdk.assignment import assign, build_assignment_spec
 from tests.factories import experiment_payload
 from tests.processes import free_port, start_process, stop_process, wait_for_http
 

@@ -11,7 +11,7 @@ import pytest
 from growthbook import Experiment, GrowthBook
 from growthbook import core as growthbook_core
 
-from routing.assignment import (
+from rampart_sdk.assignment import (
     AssignmentSpec,
     Namespace,
     assign,

@@ -1,4 +1,4 @@
-"""Tests for GrowthBook-compatible FNV-1a hashing (routing/hashing.py)."""
+"""Tests for GrowthBook-compatible FNV-1a hashing (rampart_sdk.hashing)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from routing.hashing import (
+from rampart_sdk.hashing import (
     BUCKET_GRID,
     bucket,
     bucket_index,

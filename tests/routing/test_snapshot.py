@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from experiments import services
-from routing.assignment import assign, build_assignment_spec, build_canary_spec
-from routing.hashing import bucket
+from rampart_sdk.assignment import assign, build_assignment_spec, build_canary_spec
+from rampart_sdk.hashing import bucket
 from routing.snapshot import RoutingSnapshot, SnapshotHolder, load_snapshot
 from tests.factories import create_experiment
 
@@ -42,7 +42,7 @@ def test_ab_decisions_match_the_assignment_module(metrics: Any) -> None:
     _ab()
     route = load_snapshot().route("search-ab")
     assert route is not None
-    # The same configuration built directly through routing.assignment, the reference the
+    # The same configuration built directly through rampart_sdk.assignment, the reference the
     # SDK's local evaluation also follows.
     spec = build_assignment_spec(
         experiment_key="search-ab", variant_keys=["v1", "v2"], weights=[0.5, 0.5]

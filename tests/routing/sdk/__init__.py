@@ -1,1 +1,1 @@
-"""Tests of the Python SDK (routing.sdk) against a real edge and mock servers."""
+"""Tests of the Python SDK (rampart_sdk) against a real edge and mock servers."""

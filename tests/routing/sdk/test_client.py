@@ -16,8 +16,7 @@ import httpx
 import pytest
 
 from experiments import services
-from routing.models import Event as StoredEvent
-from routing.sdk import (
+from rampart_sdk import (
     AsyncClient,
     AuthenticationError,
     BadRequestError,
@@ -35,7 +34,8 @@ from routing.sdk import (
     ServerError,
     TrackResult,
 )
-from routing.sdk._transport import EventBuffer
+from rampart_sdk._transport import EventBuffer
+from routing.models import Event as StoredEvent
 from tests.factories import create_experiment
 from tests.routing.sdk.conftest import EdgeServer
 

@@ -21,8 +21,7 @@ import orjson
 import pytest
 
 from experiments import services
-from routing.models import Exposure
-from routing.sdk import (
+from rampart_sdk import (
     AsyncLocalEvaluator,
     AuthenticationError,
     Client,
@@ -32,6 +31,7 @@ from routing.sdk import (
     RetryPolicy,
     ServerError,
 )
+from routing.models import Exposure
 from tests.routing.edge_factories import ServedEdge, serve_edge
 from tests.routing.sdk.conftest import EdgeServer
 
@@ -248,7 +248,7 @@ def test_an_edge_without_the_exposures_api_turns_reporting_off(
     edge = StandInEdge(answers=[_status(404)])
     evaluator = edge.evaluator()
     first = _in_experiment(evaluator, UNITS[:20])
-    with caplog.at_level(logging.ERROR, logger="routing.sdk"), pytest.raises(NotFoundError):
+    with caplog.at_level(logging.ERROR, logger="rampart_sdk"), pytest.raises(NotFoundError):
         evaluator.flush()
     later = _in_experiment(evaluator, UNITS[20:40])
     assert evaluator.flush() == ExposureResult()
@@ -272,7 +272,7 @@ def test_close_sends_what_is_left_and_logs_instead_of_raising(
     with pytest.raises(AuthenticationError):
         refusing.flush()
     queued += _in_experiment(refusing, UNITS[50:100])
-    with caplog.at_level(logging.ERROR, logger="routing.sdk"):
+    with caplog.at_level(logging.ERROR, logger="rampart_sdk"):
         refusing.close()
     assert refusing.exposure_stats.dropped == len(queued)
     assert sum("not sent at close" in r.message for r in caplog.records) == 1

@@ -22,9 +22,9 @@ from openfeature.track import TrackingEventDetails
 
 from experiments import services
 from experiments.selectors import config_version_current
+from rampart_sdk import Client, LocalEvaluator
+from rampart_sdk.openfeature import RampartProvider
 from routing.models import Event, Exposure
-from routing.sdk import Client, LocalEvaluator
-from routing.sdk.openfeature import RampartProvider
 from tests.routing.edge_factories import ServedEdge, serve_edge
 from tests.routing.test_growthbook_parity import PARITY_IDS
 

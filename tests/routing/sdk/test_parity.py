@@ -16,7 +16,7 @@ from typing import Any
 from growthbook import Experiment, GrowthBook
 
 from experiments import services
-from routing.sdk import Client, Decision, LocalEvaluator
+from rampart_sdk import Client, Decision, LocalEvaluator
 from tests.routing.sdk.conftest import EdgeServer
 from tests.routing.test_growthbook_parity import PARITY_IDS
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from routing.sdk.records import Event
+    from rampart_sdk.records import Event
 
 
 class RampartError(Exception):

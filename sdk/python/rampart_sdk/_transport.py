@@ -14,10 +14,10 @@ from typing import Any, Final
 
 import httpx
 
-from routing.sdk.errors import ApiError, RampartConnectionError, RampartError, api_error
-from routing.sdk.records import Decision, Event, TrackResult
+from rampart_sdk.errors import ApiError, RampartConnectionError, RampartError, api_error
+from rampart_sdk.records import Decision, Event, TrackResult
 
-logger = logging.getLogger("routing.sdk")
+logger = logging.getLogger("rampart_sdk")
 
 USER_AGENT: Final = "rampart-python-sdk/1"
 # The edge answers at most this many units per /v1/decide/batch request.

@@ -9,13 +9,13 @@ from typing import Any
 
 import httpx
 
-from routing.sdk._transport import json_body
-from routing.sdk.errors import BadRequestError, ExperimentNotFoundError, RampartError
-from routing.sdk.exposures import ExposureQueue, ExposureStats
-from routing.sdk.local_config import LocalConfig
-from routing.sdk.records import MAX_UNIT_LENGTH, Decision
+from rampart_sdk._transport import json_body
+from rampart_sdk.errors import BadRequestError, ExperimentNotFoundError, RampartError
+from rampart_sdk.exposures import ExposureQueue, ExposureStats
+from rampart_sdk.local_config import LocalConfig
+from rampart_sdk.records import MAX_UNIT_LENGTH, Decision
 
-logger = logging.getLogger("routing.sdk")
+logger = logging.getLogger("rampart_sdk")
 
 
 def _unit_id(unit: Any) -> str:

@@ -1,8 +1,8 @@
 """Sending to the edge, shared by the clients and the local evaluators.
 
 The background sending (``BatchFlusher``, ``AsyncBatchFlusher``) and the retried requests
-(``call_with_retries``, ``acall_with_retries``) send ``routing.sdk.client``'s events and the
-exposures of ``routing.sdk.local``'s evaluators.
+(``call_with_retries``, ``acall_with_retries``) send ``rampart_sdk.client``'s events and the
+exposures of ``rampart_sdk.local``'s evaluators.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from typing import Any, Final
 
 import httpx
 
-from routing.sdk._transport import RetryPolicy, connection_error, error_for, json_body
-from routing.sdk.errors import RampartError
+from rampart_sdk._transport import RetryPolicy, connection_error, error_for, json_body
+from rampart_sdk.errors import RampartError
 
 _JSON: Final = {"Content-Type": "application/json"}
 
-logger = logging.getLogger("routing.sdk")
+logger = logging.getLogger("rampart_sdk")
 
 
 def call_with_retries(

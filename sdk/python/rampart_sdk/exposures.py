@@ -1,8 +1,8 @@
 """Exposure reporting of the local evaluators: the queue, its counts and the request body.
 
-Decisions queue exposures here and the evaluators of ``routing.sdk.local`` send them; what
+Decisions queue exposures here and the evaluators of ``rampart_sdk.local`` send them; what
 happens to an exposure (batching, retries, refusals, an edge without the API) is described in
-``routing.sdk.local``'s module docstring.
+``rampart_sdk.local``'s module docstring.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from routing.sdk._transport import is_retryable, json_request_body
-from routing.sdk.errors import ApiError, NotFoundError, RampartError
+from rampart_sdk._transport import is_retryable, json_request_body
+from rampart_sdk.errors import ApiError, NotFoundError, RampartError
 
-logger = logging.getLogger("routing.sdk")
+logger = logging.getLogger("rampart_sdk")
 
 EXPOSURES_PATH: Final = "/v1/exposures"
 # The exposures API's limit per batch (routing.exposures_api.MAX_EXPOSURES_PER_BATCH).

@@ -4,8 +4,8 @@ Rampart's experiments become OpenFeature flags::
 
     from openfeature import api
     from openfeature.evaluation_context import EvaluationContext
-    from routing.sdk import LocalEvaluator
-    from routing.sdk.openfeature import RampartProvider
+    from rampart_sdk import LocalEvaluator
+    from rampart_sdk.openfeature import RampartProvider
 
     evaluator = LocalEvaluator("https://rampart.example.com", "rk_...")  # scope: decide
     api.set_provider(RampartProvider(evaluator))         # initialize() starts the evaluator
@@ -61,19 +61,19 @@ from openfeature.hook import Hook, HookContext, HookHints
 from openfeature.provider import AbstractProvider, Metadata
 from openfeature.track import TrackingEventDetails
 
-from routing.sdk.client import Client
-from routing.sdk.errors import (
+from rampart_sdk.client import Client
+from rampart_sdk.errors import (
     BadRequestError,
     ExperimentNotFoundError,
     InvalidEventError,
     RampartConnectionError,
     RampartError,
 )
-from routing.sdk.evaluator import Evaluator
-from routing.sdk.local import LocalEvaluator
-from routing.sdk.records import Decision
+from rampart_sdk.evaluator import Evaluator
+from rampart_sdk.local import LocalEvaluator
+from rampart_sdk.records import Decision
 
-logger = logging.getLogger("routing.sdk")
+logger = logging.getLogger("rampart_sdk")
 
 PROVIDER_NAME: Final = "rampart"
 REASONS: Final[Mapping[str, Reason]] = {

@@ -1,4 +1,4 @@
-"""Tests for sticky assignment, GrowthBook bucketing and canary ramps (routing/assignment.py)."""
+"""Tests for sticky assignment, GrowthBook bucketing and canary ramps (rampart_sdk.assignment)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from routing.assignment import (
+from rampart_sdk.assignment import (
     AssignmentSpec,
     BucketRange,
     Namespace,
@@ -33,9 +33,10 @@ from routing.assignment import (
     in_namespace,
     rolled_back_spec,
 )
-from routing.hashing import BUCKET_GRID
+from rampart_sdk.hashing import BUCKET_GRID
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
+TESTS_DIR = Path(__file__).resolve().parent
 # GrowthBook's SDK conformance vectors (packages/sdk-js/test/cases.json, specVersion 0.8.0).
 CASES_PATH = REPO_ROOT / "../shared/reference/growthbook-cases.json"
 CASES: dict[str, Any] = json.loads(CASES_PATH.read_text(encoding="utf-8"))
@@ -307,7 +308,7 @@ def test_repeated_decisions_reuse_one_outcome_object() -> None:
 # The child process imports this module and computes the same rows as the parent.
 _CHILD_PROGRAM = """
 import json, sys
-from tests.routing.test_assignment import outcome_rows
+from test_assignment import outcome_rows
 print(json.dumps(outcome_rows(json.loads(sys.stdin.read()))))
 """
 
@@ -344,7 +345,7 @@ def outcome_rows(ids: list[str]) -> list[list[list[Any]]]:
 )
 def test_assignment_is_identical_in_another_process(ids: list[str], hash_seed: int) -> None:
     # Python's hash() changes with PYTHONHASHSEED; assignment must not depend on it.
-    environment = {**os.environ, "PYTHONHASHSEED": str(hash_seed), "PYTHONPATH": str(REPO_ROOT)}
+    environment = {**os.environ, "PYTHONHASHSEED": str(hash_seed), "PYTHONPATH": str(TESTS_DIR)}
     completed = subprocess.run(
         [sys.executable, "-c", _CHILD_PROGRAM],
         input=json.dumps(ids),

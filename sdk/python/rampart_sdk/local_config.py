@@ -7,12 +7,12 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from routing.assignment import AssignmentSpec, Namespace, assign
-from routing.sdk.errors import RampartError
-from routing.sdk.exposures import FIELDS, ExposureQueue
-from routing.sdk.records import Decision, fast_decision
+from rampart_sdk.assignment import AssignmentSpec, Namespace, assign
+from rampart_sdk.errors import RampartError
+from rampart_sdk.exposures import FIELDS, ExposureQueue
+from rampart_sdk.records import Decision, fast_decision
 
-logger = logging.getLogger("routing.sdk")
+logger = logging.getLogger("rampart_sdk")
 
 CONFIG_FORMAT: Final = 1
 REASON_INVALID_CONFIG: Final = "invalid_config"

@@ -1,9 +1,9 @@
 """The Rampart Python SDK: decisions, batched events and local evaluation.
 
-Importing it loads httpx and the pure assignment modules (``routing.hashing``,
-``routing.assignment``), never Django or the rest of the server::
+Importing it loads httpx and the pure assignment modules (``rampart_sdk.hashing``,
+``rampart_sdk.assignment``), never Django or the rest of the server::
 
-    from routing.sdk import Client, LocalEvaluator
+    from rampart_sdk import Client, LocalEvaluator
 
     with Client("https://rampart.example.com", "rk_...") as rampart:
         decision = rampart.decide("ranker-v2", "u-42")
@@ -14,9 +14,9 @@ Importing it loads httpx and the pure assignment modules (``routing.hashing``,
         decision = evaluator.decide("ranker-v2", "u-42")
 """
 
-from routing.sdk._transport import RetryPolicy
-from routing.sdk.client import AsyncClient, Client
-from routing.sdk.errors import (
+from rampart_sdk._transport import RetryPolicy
+from rampart_sdk.client import AsyncClient, Client
+from rampart_sdk.errors import (
     ApiError,
     AuthenticationError,
     BadRequestError,
@@ -30,10 +30,10 @@ from routing.sdk.errors import (
     RampartError,
     ServerError,
 )
-from routing.sdk.evaluator import PollStats
-from routing.sdk.exposures import ExposureResult, ExposureStats
-from routing.sdk.local import AsyncLocalEvaluator, LocalEvaluator
-from routing.sdk.records import Decision, Event, TrackResult
+from rampart_sdk.evaluator import PollStats
+from rampart_sdk.exposures import ExposureResult, ExposureStats
+from rampart_sdk.local import AsyncLocalEvaluator, LocalEvaluator
+from rampart_sdk.records import Decision, Event, TrackResult
 
 __all__ = [
     "ApiError",

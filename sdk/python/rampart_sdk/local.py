@@ -3,9 +3,9 @@
 ``LocalEvaluator`` (a background thread) and ``AsyncLocalEvaluator`` (an asyncio task)
 fetch ``GET /v1/config`` once at start, then poll it every ``refresh_s`` seconds with
 ``If-None-Match``; an unchanged config costs a 304 and no parsing. Each experiment is
-compiled into a ``routing.assignment.AssignmentSpec`` built from the document's bucket
+compiled into a ``rampart_sdk.assignment.AssignmentSpec`` built from the document's bucket
 ``ranges``, and ``decide`` follows the steps of ``routing.edge``'s docstring: a fixed
-variant (not running, rolled back, completed), then ``routing.assignment.assign`` (override,
+variant (not running, rolled back, completed), then ``rampart_sdk.assignment.assign`` (override,
 namespace, hash and bucket). So a local decision equals the edge's for every unit id,
 including non-ASCII and emoji ids (hashed as UTF-16 code units, like GrowthBook's
 JavaScript SDK).
@@ -16,7 +16,7 @@ config and is retried at the next interval (``stats.failed`` counts them).
 Exposures (``track_exposures=True``, the default): the edge records an exposure for every
 decision it answers with ``in_experiment``, and analysis counts only units with one. So a
 local decision with ``in_experiment`` queues the exposure (experiment, unit, variant, time
-of the decision), and a background flusher (``routing.sdk.sending.BatchFlusher``, the one
+of the decision), and a background flusher (``rampart_sdk.sending.BatchFlusher``, the one
 that sends ``Client.track``'s events) posts the queue to ``POST /v1/exposures`` every
 ``exposure_flush_interval_s`` seconds, or as soon as ``exposure_batch_size`` are waiting;
 ``flush()`` sends now, ``close()`` (the end of the ``with`` block) sends what is left.
@@ -50,15 +50,15 @@ from types import TracebackType
 
 import httpx
 
-from routing.sdk._transport import (
+from rampart_sdk._transport import (
     RetryPolicy,
     auth_headers,
     connection_error,
     is_retryable,
 )
-from routing.sdk.errors import RampartError
-from routing.sdk.evaluator import Evaluator
-from routing.sdk.exposures import (
+from rampart_sdk.errors import RampartError
+from rampart_sdk.evaluator import Evaluator
+from rampart_sdk.exposures import (
     DEFAULT_EXPOSURE_BATCH_SIZE,
     DEFAULT_EXPOSURE_CACHE_SIZE,
     DEFAULT_EXPOSURE_FLUSH_INTERVAL_S,
@@ -70,7 +70,7 @@ from routing.sdk.exposures import (
     check_exposure_settings,
     exposures_body,
 )
-from routing.sdk.sending import (
+from rampart_sdk.sending import (
     AsyncBatchFlusher,
     BatchFlusher,
     acall_with_retries,

@@ -21,7 +21,7 @@ from itertools import pairwise
 from types import MappingProxyType
 from typing import Final, Literal
 
-from routing.hashing import (
+from rampart_sdk.hashing import (
     BUCKET_GRID,
     HASH_VERSIONS,
     FixedSuffix,

@@ -11,7 +11,7 @@
   * 5xx answers and connection failures are retried with backoff (``RetryPolicy``); every
     event keeps the id it was given (a UUID 4 unless the caller passed one), so a batch
     sent twice is stored once;
-  * error answers raise ``routing.sdk.errors`` exceptions that carry the server's JSON.
+  * error answers raise ``rampart_sdk.errors`` exceptions that carry the server's JSON.
 
 A batch that fails with a retryable error goes back to the buffer and is sent again at the
 next flush. A batch the server refuses (4xx) is dropped, and the raised ApiError holds it
@@ -30,7 +30,7 @@ from typing import Any, Final
 
 import httpx
 
-from routing.sdk._transport import (
+from rampart_sdk._transport import (
     EventBuffer,
     RetryPolicy,
     auth_headers,
@@ -41,10 +41,10 @@ from routing.sdk._transport import (
     track_result,
     unit_chunks,
 )
-from routing.sdk.errors import ApiError, RampartError
-from routing.sdk.local import AsyncLocalEvaluator, LocalEvaluator
-from routing.sdk.records import Decision, Event, TrackResult, new_event_id
-from routing.sdk.sending import (
+from rampart_sdk.errors import ApiError, RampartError
+from rampart_sdk.local import AsyncLocalEvaluator, LocalEvaluator
+from rampart_sdk.records import Decision, Event, TrackResult, new_event_id
+from rampart_sdk.sending import (
     AsyncBatchFlusher,
     BatchFlusher,
     acall_with_retries,
@@ -183,7 +183,7 @@ class Client:
         return event.event_id
 
     def track_many(self, events: Iterable[Event]) -> None:
-        """Buffer events built by the caller (``routing.sdk.Event``)."""
+        """Buffer events built by the caller (``rampart_sdk.Event``)."""
         if self._closed:
             raise RampartError("the client is closed")
         waiting = self._buffer.add(events)
@@ -346,7 +346,7 @@ class AsyncClient:
         return event.event_id
 
     def track_many(self, events: Iterable[Event]) -> None:
-        """Buffer events built by the caller (``routing.sdk.Event``)."""
+        """Buffer events built by the caller (``rampart_sdk.Event``)."""
         if self._closed:
             raise RampartError("the client is closed")
         waiting = self._buffer.add(events)
