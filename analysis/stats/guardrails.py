@@ -23,7 +23,10 @@ False-rollback guarantee
     the user as the unit and no burn-in.
     The guarantee is asymptotic for mean, rate and ratio guardrails (plug-in variances, CLT),
     hence the burn-in (`GuardrailSettings.min_units_per_arm`, `min_events_per_arm`), and
-    requires N* (`n_star`) and the specs to be fixed before the first look. The seeded A/A
+    requires N* (`n_star`) and the specs to be fixed before the first look. Zero variance is
+    evidence: one constant arm still leaves the contrast a positive variance, and two constant
+    arms after the burn-in give the exact difference, compared with the margin directly
+    (`analysis.stats.degenerate` states the assumption). The seeded A/A
     simulations in tests/analysis/stats/test_guardrail_simulation.py check it, and show that
     naive repeated fixed-horizon testing of the same data exceeds alpha several times over.
     The same holds for `safe_to_promote`: a guardrail is declared non-inferior only when its
@@ -40,6 +43,7 @@ from typing import cast
 
 from scipy import optimize
 
+from analysis.stats.degenerate import constant_evidence, is_constant
 from analysis.stats.guardrail_types import (
     Direction,
     ExperimentSnapshot,
@@ -184,8 +188,8 @@ def _moment_evidence(
     mean_a, mean_b = control.mean, treatment.mean
     if mean_a <= 0:
         return _not_evaluable(spec, arm, alpha, n_a, n_b, "control mean is not positive")
-    if control.variance <= 0 or treatment.variance <= 0:
-        return _not_evaluable(spec, arm, alpha, n_a, n_b, "an arm has zero variance")
+    if is_constant(control) and is_constant(treatment):
+        return constant_evidence(spec, arm, alpha, n_a, n_b, mean_a, mean_b)
 
     def z_lower_is_better(ratio: float) -> float:
         if isinstance(control, ProportionStats) and isinstance(treatment, ProportionStats):
