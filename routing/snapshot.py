@@ -56,7 +56,7 @@ from rampart_sdk.assignment import (
     build_assignment_spec,
     build_canary_spec,
 )
-from routing import metrics
+from routing.observe import metrics
 from routing.split import canary_lanes
 
 logger = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class ExperimentRoute:
         )
 
     def config_entry(self) -> dict[str, Any]:
-        """This experiment in the /v1/config format (see routing.edge)."""
+        """This experiment in the /v1/config format (see routing.edge.app)."""
         view = self.view
         spec = self.spec
         weights = dict.fromkeys((v.key for v in self.routed), 0.0)

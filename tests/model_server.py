@@ -183,7 +183,7 @@ def proxy_edge() -> Any:
     import django
 
     django.setup()
-    from routing.edge import build_edge
+    from routing.edge.app import build_edge
     from routing.proxy import ProxyApp
 
     return build_edge(mounts={"/proxy/": ProxyApp})

@@ -270,7 +270,7 @@ def _quantile_evidence(
         if not _is_histogram(histogram):
             raise ValueError(
                 f"{spec.metric_key}: {side} statistic must be a latency histogram (e.g. "
-                f"routing.histogram.LogHistogram) for a quantile guardrail, "
+                f"routing.observe.histogram.LogHistogram) for a quantile guardrail, "
                 f"got {type(histogram).__name__}"
             )
     assert spec.quantile is not None

@@ -1,7 +1,8 @@
 """Always-valid two-sample test of equal latency quantiles (p50/p95/p99) between two arms.
 
-Works on bucket counts of a log-bucketed latency histogram (``routing.histogram.LogHistogram``,
-or anything with the same bucket interface, see :class:`analysis.stats.quantiles.LatencyHistogram`),
+Works on bucket counts of a log-bucketed latency histogram
+(``routing.observe.histogram.LogHistogram``, or anything with the same bucket interface, see
+:class:`analysis.stats.quantiles.LatencyHistogram`),
 or on exact observations. Reporting only: two-sided, no margin; the guardrail and the one-arm
 confidence sequences are in :mod:`analysis.stats.quantiles`. STATS.md 8.2 is the spec.
 

@@ -1,7 +1,7 @@
 """Anytime-valid inference on latency quantiles (p50/p95/p99) from histograms.
 
 Everything here works on bucket counts of a log-bucketed latency histogram
-(``routing.histogram.LogHistogram``, or anything with the same bucket interface, see
+(``routing.observe.histogram.LogHistogram``, or anything with the same bucket interface, see
 :class:`LatencyHistogram`), never on raw request rows. STATS.md section 8 is the spec.
 
 Anytime-valid confidence sequences (CS) for one arm's quantile, Howard & Ramdas 2022,
@@ -79,7 +79,7 @@ FloatArray = NDArray[np.float64]
 
 
 class LatencyHistogram(Protocol):
-    """What the statistics need from a histogram; ``routing.histogram.LogHistogram`` has it."""
+    """What the statistics need from a histogram (``routing.observe.histogram.LogHistogram``)."""
 
     @property
     def count(self) -> int: ...

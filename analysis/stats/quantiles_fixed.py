@@ -1,7 +1,8 @@
 """Fixed-horizon inference on the difference of a latency quantile (p50/p95/p99) between two arms.
 
-Works on bucket counts of a log-bucketed latency histogram (``routing.histogram.LogHistogram``,
-or anything with the same bucket interface, see :class:`analysis.stats.quantiles.LatencyHistogram`),
+Works on bucket counts of a log-bucketed latency histogram
+(``routing.observe.histogram.LogHistogram``, or anything with the same bucket interface, see
+:class:`analysis.stats.quantiles.LatencyHistogram`),
 never on raw request rows. STATS.md section 8 is the spec; the anytime-valid confidence sequences
 and the guardrail are in :mod:`analysis.stats.quantiles`.
 

@@ -12,9 +12,7 @@ from typing import Final
 import aiohttp
 from django.conf import settings
 
-from routing import proxy_metrics
-from routing.breaker import CircuitBreaker
-from routing.edge import (
+from routing.edge.app import (
     MAX_UNIT_LENGTH,
     SCOPE_DECIDE,
     EdgeContext,
@@ -27,9 +25,11 @@ from routing.edge import (
     send_error,
     send_problem,
 )
+from routing.edge.problems import EdgeError
 from routing.logcontext import set_route
-from routing.observations import ObservationAggregator
-from routing.problems import EdgeError
+from routing.observe.observations import ObservationAggregator
+from routing.observe.unit_outcomes import UnitOutcomeBook, UnitTally
+from routing.proxy import metrics as proxy_metrics
 from routing.proxy.attempt import (
     CONNECT,
     STATUS_5XX,
@@ -38,6 +38,7 @@ from routing.proxy.attempt import (
     call_upstream,
     count_failure,
 )
+from routing.proxy.breaker import CircuitBreaker
 from routing.proxy.headers import (
     ACTION_AUTHORIZATION,
     ACTION_CONNECTION,
@@ -56,9 +57,8 @@ from routing.proxy.headers import (
 )
 from routing.proxy.plan import Arm, Plan, PlanBook
 from routing.proxy.shadow import Shadows
+from routing.proxy.upstream import UpstreamClient
 from routing.proxy.watch import DISCONNECT_WATCH_AFTER_S, DisconnectWatch, WatchSweep
-from routing.unit_outcomes import UnitOutcomeBook, UnitTally
-from routing.upstream import UpstreamClient
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ MOUNT_PREFIX: Final = "/proxy/"
 
 
 class ProxyApp:
-    """The ``/proxy/`` part of the edge (``routing.edge.SubApp``)."""
+    """The ``/proxy/`` part of the edge (``routing.edge.app.SubApp``)."""
 
     def __init__(self, context: EdgeContext) -> None:
         self.context = context
@@ -115,7 +115,7 @@ class ProxyApp:
             limit_per_host=self.pool_limit_per_host,
             ttl_dns_cache=300,
         )
-        # The session owns the pool; requests use its connections (routing.upstream), so
+        # The session owns the pool; requests use its connections (routing.proxy.upstream), so
         # its per-request settings (decompression, cookies) never apply.
         self.session = aiohttp.ClientSession(connector=self.connector)
         self.client = UpstreamClient(
@@ -384,7 +384,7 @@ class ProxyApp:
     ) -> None:
         """A key the snapshot lacks: served once the version check finds it, else refused.
 
-        ``routing.edge.resolve_route`` says when: 404 ``experiment_not_found``, or 503
+        ``routing.edge.app.resolve_route`` says when: 404 ``experiment_not_found``, or 503
         ``experiment_not_on_edge`` with ``Retry-After`` while the config version cannot be
         confirmed. Nothing is forwarded in either case.
         """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from routing.edge import EdgeContext, Receive, Scope, Send, build_edge
+from routing.edge.app import EdgeContext, Receive, Scope, Send, build_edge
 
 
 class Named:

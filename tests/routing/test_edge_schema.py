@@ -1,4 +1,4 @@
-"""The edge's OpenAPI description (routing/openapi.py) tells the truth about a live edge.
+"""The edge's OpenAPI description (routing/edge/openapi.py) tells the truth about a live edge.
 
 schemathesis (every default check: no server error, status codes, content types, headers and
 bodies as documented, valid data accepted, invalid data refused, unsupported methods, auth)
@@ -18,12 +18,12 @@ import httpx
 import pytest
 
 from experiments import services
-from routing import openapi
-from routing.edge_http import MAX_EPOCH_SECONDS
-from routing.edge_input import MAX_BATCH_UNITS
-from routing.exposures_api import MAX_EXPOSURES_PER_BATCH, MAX_KEY_LENGTH
-from routing.ingest import MAX_EVENT_ID_LENGTH, MAX_EVENTS_PER_BATCH, MAX_NAME_LENGTH
-from routing.problems import TITLES
+from routing.edge import openapi
+from routing.edge.batch import MAX_EPOCH_SECONDS
+from routing.edge.exposures_api import MAX_EXPOSURES_PER_BATCH, MAX_KEY_LENGTH
+from routing.edge.ingest import MAX_EVENT_ID_LENGTH, MAX_EVENTS_PER_BATCH, MAX_NAME_LENGTH
+from routing.edge.inputs import MAX_BATCH_UNITS
+from routing.edge.problems import TITLES
 from tests.model_server import ModelServer
 from tests.processes import free_port, start_process, stop_process, wait_for_http
 
@@ -95,7 +95,7 @@ def live_edge(make_key: Callable[..., str], tmp_path: Path) -> Iterator[tuple[st
             "--port",
             str(port),
             "--http",
-            "routing.server:EdgeHttpProtocol",
+            "routing.edge.server:EdgeHttpProtocol",
             "--no-access-log",
             "--log-level",
             "warning",

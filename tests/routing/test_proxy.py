@@ -15,9 +15,9 @@ import orjson
 import pytest
 
 from experiments import services
-from routing.edge import Edge, EdgeContext, build_edge
-from routing.histogram import LogHistogram
+from routing.edge.app import Edge, EdgeContext, build_edge
 from routing.models import Exposure, ObservationBucket
+from routing.observe.histogram import LogHistogram
 from routing.proxy import ProxyApp
 from tests.model_server import ModelServer, closed_url
 from tests.routing.problems import assert_problem

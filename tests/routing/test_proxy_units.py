@@ -7,8 +7,8 @@ import gzip
 import orjson
 import pytest
 
-from routing.breaker import CircuitBreaker
 from routing.proxy import PredictionCache, compare_answers
+from routing.proxy.breaker import CircuitBreaker
 
 
 class FakeClock:

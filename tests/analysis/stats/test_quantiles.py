@@ -24,7 +24,7 @@ from analysis.stats.quantiles import (
     quantile_ratio_cs,
 )
 from analysis.stats.quantiles_fixed import interpolated_quantile, quantile_difference_ci
-from routing.histogram import LogHistogram
+from routing.observe.histogram import LogHistogram
 
 # The STATS.md 8.1/8.2 reference cases: "deterministic log-normal grid samples, 10,000 per arm".
 # Reproduced with x_i = 100 * exp(0.5 * Phi^-1((i - 0.5) / n)), i = 1..n (median 100 ms,

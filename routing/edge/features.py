@@ -1,6 +1,6 @@
 """Rampart's experiments as a GrowthBook SDK payload: one feature per experiment.
 
-``GET /api/features/{client_key}`` (``routing.features_api``) serves this document, which
+``GET /api/features/{client_key}`` (``routing.edge.features_api``) serves this document, which
 GrowthBook's official SDKs fetch and evaluate locally (JavaScript ``@growthbook/growthbook``
 reads ``features`` from ``{apiHost}/api/features/{clientKey}``, and so does the Python
 ``growthbook`` package; both evaluate a feature's rules in order, falling back to its

@@ -1,11 +1,11 @@
 """The edge's endpoints in OpenAPI 3, as data, added to the management API's schema.
 
-The edge is plain ASGI (``routing.edge``), so drf-spectacular cannot see it. This module
+The edge is plain ASGI (``routing.edge.app``), so drf-spectacular cannot see it. This module
 describes it by hand and ``add_edge_operations``, a drf-spectacular post-processing hook
 (``SPECTACULAR_SETTINGS["POSTPROCESSING_HOOKS"]``), merges the description into
 ``/api/schema/``: ``/v1/decide``, ``/v1/decide/batch``, ``/v1/config``, ``/v1/events``,
 ``/v1/exposures`` and ``/proxy/{experiment}/{path}``, with their request bodies, every status
-they answer, the problem documents of their errors (``routing.problems``) and the edge's
+they answer, the problem documents of their errors (``routing.edge.problems``) and the edge's
 two ways of presenting a key. Nothing here routes a request.
 
 The schemas are exactly as strict as the edge: a body the schema allows is one the edge
@@ -22,10 +22,11 @@ import time
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from routing.edge_input import MAX_UNIT_LENGTH
-from routing.problems import TITLES
+from routing.edge.inputs import MAX_UNIT_LENGTH
+from routing.edge.problems import TITLES
 
-# Kept in step with routing.edge, routing.ingest and routing.exposures_api (a test compares).
+# Kept in step with routing.edge.app, routing.edge.ingest and routing.edge.exposures_api
+# (a test compares).
 MAX_BATCH_UNITS: Final = 1000
 MAX_EVENTS_PER_BATCH: Final = 10_000
 MAX_EXPOSURES_PER_BATCH: Final = 10_000
@@ -225,7 +226,7 @@ def _schemas(now: float, skew_s: float) -> dict[str, Any]:
         },
         "EdgeConfig": {
             "type": "object",
-            "description": "The snapshot for SDK local evaluation (format 1; routing.edge).",
+            "description": "The snapshot for SDK local evaluation (format 1; routing.edge.app).",
             "required": ["format", "version", "experiments"],
             "properties": {
                 "format": {"type": "integer", "enum": [1]},

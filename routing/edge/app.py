@@ -14,7 +14,7 @@ Authentication: ``Authorization: Bearer rk_...`` or ``X-Rampart-Key: rk_...``, c
 against the snapshot's key hashes (scope ``decide``) unless ``EDGE_REQUIRE_KEY`` is false.
 A key created or revoked through the API takes effect within one snapshot refresh.
 
-Errors are RFC 9457 problem details (``application/problem+json``, ``routing.problems``;
+Errors are RFC 9457 problem details (``application/problem+json``, ``routing.edge.problems``;
 docs/errors.md lists every code): 400 ``validation_error`` (missing or bad field),
 ``unknown_field``, ``malformed_json``, ``invalid_encoding`` (an id that is not UTF-8), 401
 ``not_authenticated``, 403 ``permission_denied``, 404 ``experiment_not_found`` or
@@ -110,16 +110,7 @@ from typing import Any, Final, Protocol
 import orjson
 from django.conf import settings
 
-from routing.edge_input import (
-    MAX_UNIT_LENGTH,
-    batch_units,
-    decide_query,
-    experiment_key,
-    parse_json_object,
-    refuse_unknown_fields,
-    unit_id,
-)
-from routing.edge_io import (
+from routing.edge.asgi import (
     ASGIApp,
     Receive,
     Scope,
@@ -135,10 +126,19 @@ from routing.edge_io import (
     send_json,
     send_problem,
 )
+from routing.edge.inputs import (
+    MAX_UNIT_LENGTH,
+    batch_units,
+    decide_query,
+    experiment_key,
+    parse_json_object,
+    refuse_unknown_fields,
+    unit_id,
+)
+from routing.edge.problems import EdgeError
 from routing.logcontext import set_route
-from routing.metrics import count_decision
-from routing.problems import EdgeError
-from routing.recorder import ExposureRecorder
+from routing.observe.metrics import count_decision
+from routing.observe.recorder import ExposureRecorder
 from routing.snapshot import (
     Decision,
     ExperimentRoute,
@@ -150,7 +150,7 @@ from routing.snapshot import (
 logger = logging.getLogger(__name__)
 
 SCOPE_DECIDE: Final = "decide"
-# GrowthBook client keys (routing.features_api): the payload and exposures, nothing else.
+# GrowthBook client keys (routing.edge.features_api): the payload and exposures, nothing else.
 SCOPE_SDK: Final = "sdk"
 # How long a request for an unknown experiment waits for the config version check.
 CONFIRM_TIMEOUT_S: Final = 1.0
