@@ -40,11 +40,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import orjson
 from django.conf import settings
-from django.db import close_old_connections, connections
 
 from experiments import selectors
 from experiments.contracts import ApiKeyView, ExperimentView, VariantView
@@ -56,6 +55,7 @@ from rampart_sdk.assignment import (
     build_assignment_spec,
     build_canary_spec,
 )
+from routing.db import close_thread_connections, run_with_db
 from routing.observe import metrics
 from routing.split import canary_lanes
 
@@ -78,8 +78,6 @@ CONFIG_FORMAT_VERSION: Final = 1
 _MAX_VERIFIED_KEYS: Final = 1024
 # Shortest time between two version checks made for unknown experiment keys (per process).
 CONFIRM_MIN_INTERVAL_S: Final = 0.05
-
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,25 +402,6 @@ def load_snapshot() -> RoutingSnapshot:
 
 def read_config_version() -> int:
     return selectors.config_version_current()
-
-
-def run_with_db(function: Callable[[], _T]) -> _T:
-    """Run ``function`` with Django connections that are fresh before and tidied after.
-
-    Used by the background threads of the snapshot holder and the recorder: a long-lived
-    thread must drop connections that broke or outlived CONN_MAX_AGE, as Django does around
-    each request.
-    """
-    close_old_connections()
-    try:
-        return function()
-    finally:
-        close_old_connections()
-
-
-def close_thread_connections() -> None:
-    """Close this thread's database connections (at shutdown of a worker thread)."""
-    connections.close_all()
 
 
 class SnapshotHolder:

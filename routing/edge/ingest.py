@@ -75,6 +75,7 @@ import orjson
 from django.conf import settings
 from django.db import DatabaseError, OperationalError, connection, transaction
 
+from routing.db import close_thread_connections, run_with_db
 from routing.edge import ingest_metrics
 from routing.edge.app import (
     EdgeContext,
@@ -101,7 +102,6 @@ from routing.edge.batch import (
 from routing.edge.problems import EdgeError, FieldError
 from routing.models import Event
 from routing.observe.backoff import FailureLog
-from routing.snapshot import close_thread_connections, run_with_db
 
 logger = logging.getLogger(__name__)
 

@@ -35,6 +35,7 @@ from datetime import datetime
 from django.conf import settings
 from django.db import DatabaseError, DataError, IntegrityError
 
+from routing.db import close_thread_connections, run_with_db
 from routing.observe import metrics
 from routing.observe.backoff import Backoff, FailureLog
 from routing.services import (
@@ -44,7 +45,6 @@ from routing.services import (
     exposures_insert_by_experiment,
     exposures_insert_one_by_one,
 )
-from routing.snapshot import close_thread_connections, run_with_db
 
 logger = logging.getLogger(__name__)
 
