@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from scipy import stats
 
-from analysis.stats.quantiles import LatencyHistogram, check_probability
+from analysis.stats.quantile_boundaries import check_probability
+from analysis.stats.quantiles import LatencyHistogram
 
 # GrowthBook (and Deng, Knoblich & Yu) size the order-statistic interval at 95% whatever the
 # reporting level, and turn its width into a standard error with the same 1.96.

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Final
 
 from routing.edge.problems import CONTENT_TYPE, EdgeError
-from routing.snapshot import KeyCheck
+from routing.route import KeyCheck
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -14,15 +14,8 @@ from typing import Any, Final
 
 from django.conf import settings
 
-from routing.edge.app import (
-    EdgeContext,
-    Receive,
-    Scope,
-    auth_error,
-    header_value,
-    not_ready_error,
-    read_body,
-)
+from routing.edge.asgi import Receive, Scope, auth_error, header_value, not_ready_error, read_body
+from routing.edge.context import EdgeContext
 from routing.edge.inputs import MAX_UNIT_LENGTH, check_unit_id, loads_json
 from routing.edge.problems import EdgeError, FieldError
 

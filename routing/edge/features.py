@@ -60,7 +60,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from routing.snapshot import ExperimentRoute, RoutingSnapshot
+from routing.route import ExperimentRoute
+from routing.snapshot import RoutingSnapshot
 
 PAYLOAD_FORMAT: Final = 1
 # The attribute that holds the unit id in the SDK's attributes.

@@ -35,7 +35,6 @@ from typing import Final
 
 import orjson
 
-from routing.edge.app import SCOPE_SDK, EdgeContext
 from routing.edge.asgi import (
     CORS_HEADERS,
     Receive,
@@ -51,6 +50,7 @@ from routing.edge.asgi import (
     send_preflight,
     send_problem,
 )
+from routing.edge.context import SCOPE_SDK, EdgeContext
 from routing.edge.features import features_payload
 from routing.edge.problems import EdgeError
 from routing.snapshot import RoutingSnapshot

@@ -77,8 +77,7 @@ from django.db import DatabaseError, OperationalError, connection, transaction
 
 from routing.db import close_thread_connections, run_with_db
 from routing.edge import ingest_metrics
-from routing.edge.app import (
-    EdgeContext,
+from routing.edge.asgi import (
     Receive,
     Scope,
     Send,
@@ -99,6 +98,7 @@ from routing.edge.batch import (
     unit_id_field,
     unknown_fields,
 )
+from routing.edge.context import EdgeContext
 from routing.edge.problems import EdgeError, FieldError
 from routing.models import Event
 from routing.observe.backoff import FailureLog
@@ -301,7 +301,7 @@ def ingest_batch(body: bytes, *, max_events: int = MAX_EVENTS_PER_BATCH) -> Inge
 
 
 class EventsApp:
-    """The ``/v1/events`` part of the edge (``routing.edge.app.SubApp``)."""
+    """The ``/v1/events`` part of the edge (``routing.edge.context.SubApp``)."""
 
     def __init__(
         self,

@@ -99,7 +99,7 @@ def problem_body(status: int, code: str, detail: str, **kwargs: Any) -> bytes:
 
 
 class EdgeError(Exception):
-    """A request the edge refuses; rendered as a problem document (``routing.edge.app.send_error``).
+    """A request the edge refuses; rendered as a problem document (``asgi.send_error``).
 
     ``errors`` lists every offending field when there are several (each a mapping with
     ``field``, ``code``, ``message`` and, in batches, ``index``); ``headers`` are added to

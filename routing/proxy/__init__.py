@@ -11,7 +11,7 @@ Request handling, in order
     1. API key (``X-Rampart-Key: rk_...``, or ``Authorization: Bearer rk_...``, which is then
        not forwarded) with the ``decide`` scope, unless EDGE_REQUIRE_KEY is false: 401/403.
     2. An experiment the snapshot lacks: the config version is confirmed
-       (``routing.edge.app.resolve_route``) and an experiment created meanwhile is served; else
+       (``routing.edge.context.resolve_route``) and an experiment created meanwhile is served; else
        404 ``experiment_not_found``, or 503 ``experiment_not_on_edge`` with ``Retry-After``
        while the version cannot be confirmed. Body over PROXY_MAX_BODY_BYTES: 413.
     3. Unit id from the experiment's ``unit_source``/``unit_attribute``: a header (default

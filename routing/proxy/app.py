@@ -12,19 +12,17 @@ from typing import Final
 import aiohttp
 from django.conf import settings
 
-from routing.edge.app import (
-    MAX_UNIT_LENGTH,
-    SCOPE_DECIDE,
-    EdgeContext,
+from routing.edge.asgi import (
     Receive,
     Scope,
     Send,
     auth_error,
     not_ready_error,
-    resolve_route,
     send_error,
     send_problem,
 )
+from routing.edge.context import SCOPE_DECIDE, EdgeContext, resolve_route
+from routing.edge.inputs import MAX_UNIT_LENGTH
 from routing.edge.problems import EdgeError
 from routing.logcontext import set_route
 from routing.observe.observations import ObservationAggregator
@@ -66,7 +64,7 @@ MOUNT_PREFIX: Final = "/proxy/"
 
 
 class ProxyApp:
-    """The ``/proxy/`` part of the edge (``routing.edge.app.SubApp``)."""
+    """The ``/proxy/`` part of the edge (``routing.edge.context.SubApp``)."""
 
     def __init__(self, context: EdgeContext) -> None:
         self.context = context
@@ -384,7 +382,7 @@ class ProxyApp:
     ) -> None:
         """A key the snapshot lacks: served once the version check finds it, else refused.
 
-        ``routing.edge.app.resolve_route`` says when: 404 ``experiment_not_found``, or 503
+        ``routing.edge.context.resolve_route`` says when: 404 ``experiment_not_found``, or 503
         ``experiment_not_on_edge`` with ``Retry-After`` while the config version cannot be
         confirmed. Nothing is forwarded in either case.
         """

@@ -14,7 +14,7 @@ from urllib.parse import unquote_plus
 
 import orjson
 
-from routing.edge.app import Scope
+from routing.edge.asgi import Scope
 from routing.edge.inputs import encoding_error
 from routing.edge.problems import EdgeError
 

@@ -15,7 +15,8 @@ from routing.proxy.breaker import CircuitBreaker
 from routing.proxy.cache import PredictionCache
 from routing.proxy.headers import ACTION_UNIT, REQUEST_HEADER_ACTIONS
 from routing.proxy.upstream import Upstream
-from routing.snapshot import Decision, ExperimentRoute, RoutingSnapshot
+from routing.route import Decision, ExperimentRoute
+from routing.snapshot import RoutingSnapshot
 
 # Units whose decision a plan remembers (see Plan.decided); past this many it starts over.
 # About 100 bytes per unit.

@@ -18,7 +18,9 @@ from django.db import OperationalError
 from experiments import services
 from routing import logcontext
 from routing.edge import health
-from routing.edge.app import Edge, EdgeContext, SubApp, build_edge, send_json
+from routing.edge.app import Edge, build_edge
+from routing.edge.asgi import send_json
+from routing.edge.context import EdgeContext, SubApp
 from routing.edge.health import HealthApp, MetricsApp, ReadyApp, StaticFilesApp
 from routing.logcontext import RequestIdMiddleware, current
 from routing.observe.recorder import ExposureRecorder

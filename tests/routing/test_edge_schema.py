@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from experiments import services
-from routing.edge import openapi
+from routing.edge import openapi_schemas
 from routing.edge.batch import MAX_EPOCH_SECONDS
 from routing.edge.exposures_api import MAX_EXPOSURES_PER_BATCH, MAX_KEY_LENGTH
 from routing.edge.ingest import MAX_EVENT_ID_LENGTH, MAX_EVENTS_PER_BATCH, MAX_NAME_LENGTH
@@ -43,13 +43,13 @@ values = ["ranker"]
 
 
 def test_the_description_keeps_the_edges_limits() -> None:
-    assert openapi.MAX_BATCH_UNITS == MAX_BATCH_UNITS
-    assert openapi.MAX_EVENTS_PER_BATCH == MAX_EVENTS_PER_BATCH
-    assert openapi.MAX_EXPOSURES_PER_BATCH == MAX_EXPOSURES_PER_BATCH
-    assert openapi.MAX_KEY_LENGTH == MAX_KEY_LENGTH
-    assert openapi.MAX_EVENT_ID_LENGTH == MAX_EVENT_ID_LENGTH
-    assert openapi.MAX_NAME_LENGTH == MAX_NAME_LENGTH
-    assert openapi.MAX_EPOCH_SECONDS == MAX_EPOCH_SECONDS
+    assert openapi_schemas.MAX_BATCH_UNITS == MAX_BATCH_UNITS
+    assert openapi_schemas.MAX_EVENTS_PER_BATCH == MAX_EVENTS_PER_BATCH
+    assert openapi_schemas.MAX_EXPOSURES_PER_BATCH == MAX_EXPOSURES_PER_BATCH
+    assert openapi_schemas.MAX_KEY_LENGTH == MAX_KEY_LENGTH
+    assert openapi_schemas.MAX_EVENT_ID_LENGTH == MAX_EVENT_ID_LENGTH
+    assert openapi_schemas.MAX_NAME_LENGTH == MAX_NAME_LENGTH
+    assert openapi_schemas.MAX_EPOCH_SECONDS == MAX_EPOCH_SECONDS
 
 
 def test_every_problem_code_is_documented() -> None:
@@ -61,7 +61,9 @@ def test_every_problem_code_is_documented() -> None:
 def test_the_iso_timestamp_pattern_ends_before_this_year() -> None:
     import re
 
-    pattern = re.compile(openapi.timestamp_schema(1_780_000_000.0, 300)["oneOf"][1]["pattern"])
+    pattern = re.compile(
+        openapi_schemas.timestamp_schema(1_780_000_000.0, 300)["oneOf"][1]["pattern"]
+    )
     # 1_780_000_000 is in 2026: years up to 2025 match, 2026 does not.
     assert pattern.match("2025-12-28T23:59:59Z") and pattern.match("1999-01-01T00:00:00+05:30")
     assert not pattern.match("2026-01-01T00:00:00Z")

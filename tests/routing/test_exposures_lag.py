@@ -12,7 +12,8 @@ import orjson
 import pytest
 
 from experiments import services
-from routing.edge.app import EdgeContext, build_edge
+from routing.edge.app import build_edge
+from routing.edge.context import EdgeContext
 from routing.edge.exposures_api import ExposuresApp
 from routing.observe.recorder import ExposureRecorder
 from routing.snapshot import SnapshotHolder, load_snapshot

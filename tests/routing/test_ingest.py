@@ -14,7 +14,8 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
-from routing.edge.app import Edge, EdgeContext, build_edge
+from routing.edge.app import Edge, build_edge
+from routing.edge.context import EdgeContext
 from routing.edge.ingest import EventsApp, events_insert, parse_events
 from routing.edge.problems import EdgeError
 from routing.models import Event

@@ -24,7 +24,8 @@ import pytest
 from django.db import connection, connections
 
 from experiments import services
-from routing.edge.app import EdgeContext, build_edge
+from routing.edge.app import build_edge
+from routing.edge.context import EdgeContext
 from routing.edge.health import metrics_exposition
 from routing.edge.ingest import EventsApp
 from routing.models import Event, Exposure, ObservationBucket

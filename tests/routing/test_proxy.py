@@ -15,7 +15,8 @@ import orjson
 import pytest
 
 from experiments import services
-from routing.edge.app import Edge, EdgeContext, build_edge
+from routing.edge.app import Edge, build_edge
+from routing.edge.context import EdgeContext
 from routing.models import Exposure, ObservationBucket
 from routing.observe.histogram import LogHistogram
 from routing.proxy import ProxyApp

@@ -9,7 +9,7 @@ import pytest
 
 from experiments import services
 from routing import proxy
-from routing.edge.app import EdgeContext
+from routing.edge.context import EdgeContext
 from routing.proxy import plan as proxy_plan
 from routing.snapshot import load_snapshot
 from tests.factories import create_experiment

@@ -12,11 +12,13 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from analysis.stats.quantile_ab import quantile_ab_p_value, quantile_ab_p_value_from_samples
-from analysis.stats.quantiles import (
-    QuantileGuardrailResult,
+from analysis.stats.quantile_boundaries import (
     beta_binomial_log_mixture,
     beta_binomial_mixture_bound,
     double_stitching_bound,
+)
+from analysis.stats.quantiles import (
+    QuantileGuardrailResult,
     quantile_cs,
     quantile_cs_ranks,
     quantile_difference_cs,
