@@ -6,7 +6,7 @@ prefixes to the parts mounted below; every other path goes to Django's ASGI app 
 ``/api/v1/``). ``RequestIdMiddleware`` gives every request a logging context with a request
 id (``routing.logcontext``; an incoming ``X-Request-ID`` is kept and echoed).
 
-    /proxy/                       routing.proxy.ProxyApp (inference, per-unit variant)
+    /proxy/                       routing.proxy.app.ProxyApp (inference, per-unit variant)
     /v1/events                    routing.edge.ingest.EventsApp (business events, in batches)
     /v1/exposures                 routing.edge.exposures_api.ExposuresApp (SDK-local decisions)
     /api/features/                routing.edge.features_api.FeaturesApp (GrowthBook SDK payload)
@@ -37,7 +37,7 @@ from routing.edge.features_api import FeaturesApp  # noqa: E402
 from routing.edge.health import HealthApp, MetricsApp, ReadyApp, StaticFilesApp  # noqa: E402
 from routing.edge.ingest import EventsApp  # noqa: E402
 from routing.logcontext import RequestIdMiddleware  # noqa: E402
-from routing.proxy import ProxyApp  # noqa: E402
+from routing.proxy.app import ProxyApp  # noqa: E402
 
 edge = build_edge(
     mounts={

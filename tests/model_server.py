@@ -184,7 +184,7 @@ def proxy_edge() -> Any:
 
     django.setup()
     from routing.edge.app import build_edge
-    from routing.proxy import ProxyApp
+    from routing.proxy.app import ProxyApp
 
     return build_edge(mounts={"/proxy/": ProxyApp})
 

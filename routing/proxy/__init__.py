@@ -84,15 +84,3 @@ Limits and resources
     chunk by chunk. Hop-by-hop headers are removed both ways (and the model's Date and
     Server, which the edge sets), and ``X-Forwarded-For`` gets the client's address appended.
 """
-
-from routing.proxy.app import MOUNT_PREFIX, ProxyApp
-from routing.proxy.cache import CachedAnswer, PredictionCache
-from routing.proxy.compare import compare_answers
-
-__all__ = [
-    "MOUNT_PREFIX",
-    "CachedAnswer",
-    "PredictionCache",
-    "ProxyApp",
-    "compare_answers",
-]

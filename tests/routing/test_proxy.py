@@ -19,7 +19,7 @@ from routing.edge.app import Edge, build_edge
 from routing.edge.context import EdgeContext
 from routing.models import Exposure, ObservationBucket
 from routing.observe.histogram import LogHistogram
-from routing.proxy import ProxyApp
+from routing.proxy.app import ProxyApp
 from tests.model_server import ModelServer, closed_url
 from tests.routing.problems import assert_problem
 
