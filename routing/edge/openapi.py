@@ -4,9 +4,10 @@ The edge is plain ASGI (``routing.edge.app``), so drf-spectacular cannot see it.
 describes it by hand and ``add_edge_operations``, a drf-spectacular post-processing hook
 (``SPECTACULAR_SETTINGS["POSTPROCESSING_HOOKS"]``), merges the description into
 ``/api/schema/``: ``/v1/decide``, ``/v1/decide/batch``, ``/v1/config``, ``/v1/events``,
-``/v1/exposures`` and ``/proxy/{experiment}/{path}``, with their request bodies, every status
-they answer, the problem documents of their errors (``routing.edge.problems``) and the edge's
-two ways of presenting a key. Nothing here routes a request.
+``/v1/exposures``, ``/api/features/{client_key}`` and ``/proxy/{experiment}/{path}``, with
+their request bodies, every status they answer, the problem documents of their errors
+(``routing.edge.problems``) and the edge's ways of presenting a key. Nothing here routes a
+request.
 
 The schemas (``routing.edge.openapi_schemas``) are exactly as strict as the edge: a body the
 schema allows is one the edge accepts (unless the experiment it names is unknown or the key
@@ -137,6 +138,64 @@ def _proxy_operation(method: str) -> dict[str, Any]:
     return operation
 
 
+def _features_operation() -> dict[str, Any]:
+    """``GET /api/features/{client_key}`` as ``routing.edge.features_api`` answers it."""
+    cors = {"Access-Control-Allow-Origin": {"schema": {"type": "string", "enum": ["*"]}}}
+    etag = {"required": True, "schema": {"type": "string"}}
+    answers = {
+        "200": {
+            **_json("GrowthBookPayload", "The payload of the current routing snapshot."),
+            "headers": {
+                "ETag": {
+                    **etag,
+                    "description": "Depends only on the payload's content, so replicas "
+                    "answer 304 for each other's ETags.",
+                },
+                "Cache-Control": {"required": True, "schema": {"type": "string"}},
+                **cors,
+            },
+        },
+        "304": {
+            "description": "Unchanged since the ETag in If-None-Match; no body.",
+            "headers": {"ETag": etag, **cors},
+        },
+        **_problems(401, 403, 404, 503),
+    }
+    answers["401"]["description"] = "not_authenticated: an unknown or revoked client key"
+    answers["403"]["description"] = "permission_denied: the key lacks the `sdk` scope"
+    answers["404"]["description"] = (
+        "not_found: the client key holds a '/' (a deeper path), so it names no key"
+    )
+    answers["503"]["description"] = "not_ready: no routing snapshot yet"
+    return _operation(
+        "edge_features",
+        "The GrowthBook SDK payload: every experiment as a feature (client key scope `sdk`)",
+        description="What GrowthBook's SDKs fetch from `{apiHost}/api/features/{clientKey}`: "
+        "point an SDK at Rampart with a key holding the `sdk` scope as its client key. "
+        "Answered from the edge's snapshot, never from the database. HEAD answers the same "
+        "headers without a body, OPTIONS a CORS preflight; every answer carries "
+        "`Access-Control-Allow-Origin: *`. The key is not checked when EDGE_REQUIRE_KEY is "
+        "false.",
+        security=[],
+        parameters=[
+            {
+                "name": "client_key",
+                "in": "path",
+                "required": True,
+                "description": "An API key with the `sdk` scope (safe to embed in a front end).",
+                "schema": {"type": "string", "minLength": 1},
+            },
+            {
+                "name": "If-None-Match",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string"},
+            },
+        ],
+        responses=answers,
+    )
+
+
 def edge_paths() -> dict[str, Any]:
     """The edge's operations as an OpenAPI ``paths`` object."""
     decide_query = [
@@ -214,6 +273,7 @@ def edge_paths() -> dict[str, Any]:
                 },
             )
         },
+        "/api/features/{client_key}": {"get": _features_operation()},
         "/proxy/{experiment}/{path}": {
             method: _proxy_operation(method) for method in ("get", "post", "put", "patch", "delete")
         },
@@ -244,7 +304,7 @@ def add_edge_operations(result: dict[str, Any], generator: Any, request: Any, pu
             {
                 "name": "edge",
                 "description": "The edge (plain ASGI, no Django per request): decisions, "
-                "events, exposures, config and the routing proxy.",
+                "events, exposures, config, the GrowthBook SDK payload and the routing proxy.",
             }
         )
     return result

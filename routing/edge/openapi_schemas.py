@@ -98,6 +98,128 @@ def timestamp_schema(now: float, skew_s: float) -> dict[str, Any]:
     }
 
 
+_BUCKET: Final = {"type": "number", "minimum": 0, "maximum": 1}
+_VARIANT_KEY: Final = {"type": "string", "description": "A variant key of the experiment."}
+
+# The payload of GET /api/features/{client_key} (routing.edge.features), in the format
+# GrowthBook's SDKs read: one feature per experiment, its value a variant key.
+GROWTHBOOK_SCHEMAS: Final = {
+    "GrowthBookPayload": {
+        "type": "object",
+        "required": ["features", "experiments", "dateUpdated", "rampart"],
+        "properties": {
+            "features": {
+                "type": "object",
+                "description": "One feature per experiment, named by the experiment key.",
+                "additionalProperties": schema_ref("GrowthBookFeature"),
+            },
+            "experiments": {
+                "type": "array",
+                "maxItems": 0,
+                "items": {},
+                "description": "Always empty: every experiment is served as a feature.",
+            },
+            "dateUpdated": {"type": "string", "format": "date-time"},
+            "rampart": {
+                "type": "object",
+                "required": ["format", "version", "hashAttribute", "notes"],
+                "properties": {
+                    "format": {"type": "integer"},
+                    "version": {"type": "integer", "description": "The config version."},
+                    "hashAttribute": {"type": "string", "enum": ["id"]},
+                    "notes": {
+                        "type": "object",
+                        "description": "Per experiment key, what GrowthBook could not "
+                        "express and how the rules work around it.",
+                        "additionalProperties": {"type": "string"},
+                    },
+                },
+            },
+        },
+    },
+    "GrowthBookFeature": {
+        "type": "object",
+        "required": ["defaultValue", "rules"],
+        "properties": {
+            "defaultValue": {
+                **_VARIANT_KEY,
+                "description": "Control, or the winner of a completed experiment.",
+            },
+            "rules": {
+                "type": "array",
+                "description": "Forced overrides first, then the experiment rule(s); none "
+                "unless the experiment is running.",
+                "items": {
+                    "oneOf": [
+                        schema_ref("GrowthBookForceRule"),
+                        schema_ref("GrowthBookExperimentRule"),
+                    ]
+                },
+            },
+        },
+    },
+    "GrowthBookForceRule": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["id", "condition", "force"],
+        "properties": {
+            "id": {"type": "string"},
+            "condition": {"type": "object", "description": '{"id": {"$in": [unit ids]}}'},
+            "force": _VARIANT_KEY,
+        },
+    },
+    "GrowthBookExperimentRule": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": [
+            "id",
+            "key",
+            "seed",
+            "hashAttribute",
+            "hashVersion",
+            "variations",
+            "weights",
+            "coverage",
+            "ranges",
+            "meta",
+            "disableStickyBucketing",
+            "name",
+        ],
+        "properties": {
+            "id": {"type": "string"},
+            "key": {"type": "string"},
+            "seed": {"type": "string"},
+            "hashAttribute": {"type": "string", "enum": ["id"]},
+            "hashVersion": {"type": "integer"},
+            "variations": {"type": "array", "items": _VARIANT_KEY},
+            "weights": {"type": "array", "items": _BUCKET},
+            "coverage": _BUCKET,
+            "ranges": {
+                "type": "array",
+                "items": {"type": "array", "minItems": 2, "maxItems": 2, "items": _BUCKET},
+            },
+            "namespace": {
+                "type": "array",
+                "minItems": 3,
+                "maxItems": 3,
+                "items": {"oneOf": [{"type": "string"}, _BUCKET]},
+                "description": "[namespace id, start, end]",
+            },
+            "meta": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["key", "name"],
+                    "properties": {"key": {"type": "string"}, "name": {"type": "string"}},
+                },
+            },
+            "disableStickyBucketing": {"type": "boolean", "enum": [True]},
+            "name": {"type": "string"},
+        },
+    },
+}
+
+
 def component_schemas(now: float, skew_s: float) -> dict[str, Any]:
     timestamp = timestamp_schema(now, skew_s)
     error_entry = {
@@ -284,4 +406,5 @@ def component_schemas(now: float, skew_s: float) -> dict[str, Any]:
                 "ignored": {"type": "integer", "minimum": 0},
             },
         },
+        **GROWTHBOOK_SCHEMAS,
     }

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import jsonschema
 import pytest
 
 from experiments import services
@@ -29,16 +30,20 @@ from tests.processes import free_port, start_process, stop_process, wait_for_htt
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-EDGE_PREFIXES = ("/v1/", "/proxy/")
+EDGE_PREFIXES = ("/v1/", "/proxy/", "/api/features/")
 MAX_EXAMPLES = 15
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 CONFIG = """
 [dictionaries.experiments]
 values = ["ranker"]
 
+[dictionaries.client_keys]
+values = [{client_keys}]
+
 [parameters]
-"path.experiment" = { dictionary = "experiments", probability = 0.5 }
-"query.experiment" = { dictionary = "experiments", probability = 0.5 }
+"path.experiment" = {{ dictionary = "experiments", probability = 0.5 }}
+"query.experiment" = {{ dictionary = "experiments", probability = 0.5 }}
+"path.client_key" = {{ dictionary = "client_keys", probability = 0.5 }}
 """
 
 
@@ -71,8 +76,12 @@ def test_the_iso_timestamp_pattern_ends_before_this_year() -> None:
 
 
 @pytest.fixture
-def live_edge(make_key: Callable[..., str], tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """The whole ASGI application (edge and Django) with one running experiment."""
+def live_edge(make_key: Callable[..., str], tmp_path: Path) -> Iterator[tuple[str, str, str]]:
+    """The whole ASGI application (edge and Django) with one running experiment.
+
+    Yields its URL, a key with the decide, ingest and read scopes, and a client key (scope
+    sdk) for the GrowthBook payload.
+    """
     model = ModelServer(name="control", score=0.5, keep_requests=False).start()
     services.experiment_create(
         actor="test",
@@ -86,6 +95,7 @@ def live_edge(make_key: Callable[..., str], tmp_path: Path) -> Iterator[tuple[st
     )
     services.experiment_start(actor="test", key="ranker")
     key = make_key("decide", "ingest", "read")
+    sdk_key = make_key("sdk")
     port = free_port()
     process = start_process(
         [
@@ -116,16 +126,16 @@ def live_edge(make_key: Callable[..., str], tmp_path: Path) -> Iterator[tuple[st
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(url + "/healthz", timeout=30)
-        yield url, key
+        yield url, key, sdk_key
     finally:
         stop_process(process)
         model.stop()
 
 
 def test_schemathesis_finds_no_failure_on_the_edge_operations(
-    live_edge: tuple[str, str], tmp_path: Path
+    live_edge: tuple[str, str, str], tmp_path: Path
 ) -> None:
-    url, key = live_edge
+    url, key, sdk_key = live_edge
     auth = {"Authorization": f"Bearer {key}"}
     schema = httpx.get(f"{url}/api/schema/", params={"format": "json"}, headers=auth).json()
     edge_paths = {path for path in schema["paths"] if path.startswith(EDGE_PREFIXES)}
@@ -135,6 +145,7 @@ def test_schemathesis_finds_no_failure_on_the_edge_operations(
         "/v1/config",
         "/v1/events",
         "/v1/exposures",
+        "/api/features/{client_key}",
         "/proxy/{experiment}/{path}",
     }
     assert {"RampartEdgeBearer", "RampartEdgeKey"} <= set(schema["components"]["securitySchemes"])
@@ -142,7 +153,9 @@ def test_schemathesis_finds_no_failure_on_the_edge_operations(
     schema_file = tmp_path / "edge-schema.json"
     schema_file.write_text(json.dumps(schema))
     config_file = tmp_path / "schemathesis.toml"
-    config_file.write_text(CONFIG)
+    # Half the client keys drawn are real: the sdk key (200 and 304) and a key without the
+    # scope (403); the others are unknown (401).
+    config_file.write_text(CONFIG.format(client_keys=json.dumps(sdk_key) + ", " + json.dumps(key)))
     run = subprocess.run(
         [
             str(SCHEMATHESIS),
@@ -178,3 +191,47 @@ def test_schemathesis_finds_no_failure_on_the_edge_operations(
     report = run.stdout[-6000:] + run.stderr[-2000:]
     assert run.returncode == 0, report
     assert "failures" not in report.split("SUMMARY")[-1].lower(), report
+
+
+def test_the_growthbook_payload_endpoint_is_described_as_it_answers(
+    live_edge: tuple[str, str, str],
+) -> None:
+    url, key, sdk_key = live_edge
+    schema = httpx.get(
+        f"{url}/api/schema/", params={"format": "json"}, headers={"Authorization": f"Bearer {key}"}
+    ).json()
+    operation = schema["paths"]["/api/features/{client_key}"]["get"]
+    answers = operation["responses"]
+    assert set(answers) == {"200", "304", "401", "403", "404", "503"}
+    assert operation["security"] == []  # the client key is in the path
+    assert answers["200"]["headers"]["ETag"]["required"] is True
+    assert answers["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/GrowthBookPayload"
+    }
+    for status in ("401", "403", "404", "503"):
+        assert "application/problem+json" in answers[status]["content"], status
+
+    # Each documented answer is one the edge gives, and the 200 body fits its schema.
+    features = f"{url}/api/features"
+    payload = httpx.get(f"{features}/{sdk_key}")
+    assert payload.status_code == 200 and payload.headers["etag"]
+    assert payload.headers["access-control-allow-origin"] == "*"
+    jsonschema.validate(
+        payload.json(),
+        {"$ref": "#/components/schemas/GrowthBookPayload", "components": schema["components"]},
+    )
+    assert payload.json()["features"]["ranker"]["rules"][0]["key"] == "ranker"
+    unchanged = httpx.get(
+        f"{features}/{sdk_key}", headers={"If-None-Match": payload.headers["etag"]}
+    )
+    assert unchanged.status_code == 304 and unchanged.content == b""
+    assert unchanged.headers["etag"] == payload.headers["etag"]
+    refused = {
+        401: httpx.get(f"{features}/rk_unknown_key"),
+        403: httpx.get(f"{features}/{key}"),
+        404: httpx.get(f"{features}/a%2Fb"),
+    }
+    for status, answer in refused.items():
+        assert answer.status_code == status, (status, answer.text)
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert answer.json()["code"] in answers[str(status)]["description"]
