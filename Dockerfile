@@ -39,4 +39,4 @@ USER rampart
 
 EXPOSE 8000
 
-CMD ["uvicorn", "config.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--no-access-log", "--http", "routing.server:EdgeHttpProtocol"]
+CMD ["uvicorn", "config.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--no-access-log", "--http", "routing.edge.server:EdgeHttpProtocol"]

@@ -26,7 +26,7 @@ demo: $(STAMP)
 
 serve: migrate
 	$(BIN)/uvicorn config.asgi:application --host 127.0.0.1 --port 8000 \
-		--http routing.server:EdgeHttpProtocol
+		--http routing.edge.server:EdgeHttpProtocol
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -35,8 +35,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
-	$(BIN)/mypy analysis/stats routing/histogram.py routing/split.py routing/breaker.py \
-		routing/upstream.py sdk/python/rampart_sdk experiments/contracts.py analysis/verdict.py
+	$(BIN)/mypy analysis/stats routing/observe/histogram.py routing/split.py routing/proxy/breaker.py \
+		routing/proxy/upstream.py sdk/python/rampart_sdk experiments/contracts.py analysis/verdict.py
 
 # The SDK alone: build its wheel, install it with its test needs into a fresh virtualenv
 # without Django, check Django is absent there, and run sdk/python/tests against the wheel.

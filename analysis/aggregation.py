@@ -68,8 +68,8 @@ from analysis.unit_metrics import (
     metric_event_windows,
 )
 from experiments.contracts import ExperimentView
-from routing.histogram import LogHistogram
 from routing.models import Event, Exposure, ObservationBucket
+from routing.observe.histogram import LogHistogram
 
 __all__ = [
     "BUILTIN_ERROR",

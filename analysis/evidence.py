@@ -22,7 +22,7 @@ from analysis.stats.quantiles import quantile_guardrail
 from analysis.stats.quantiles_fixed import quantile_difference_ci
 from analysis.stats.sequential import RunningEvidence, asymptotic_confidence_sequence
 from experiments.contracts import ExperimentMetricView, MetricView
-from routing.histogram import LogHistogram
+from routing.observe.histogram import LogHistogram
 
 GUARDRAIL = "guardrail"
 # Burn-in for metrics that are not guardrails, as for guardrails (STATS.md 2.1 notes).

@@ -27,8 +27,8 @@ from django.conf import settings
 from django.utils import timezone
 
 from experiments.contracts import ExperimentView
-from routing.histogram import LogHistogram
 from routing.models import ObservationBucket
+from routing.observe.histogram import LogHistogram
 
 _CHUNK = 2000
 

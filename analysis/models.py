@@ -50,7 +50,7 @@ class ObservationRollup(models.Model):
     error_count = models.BigIntegerField(default=0)
     latency_sum = models.FloatField(default=0.0)
     latency_sum_sq = models.FloatField(default=0.0)
-    # routing.histogram.LogHistogram JSON of every settled bucket merged; "" when empty.
+    # routing.observe.histogram.LogHistogram JSON of every settled bucket merged; "" when empty.
     latency_histogram = models.TextField(default="", blank=True)
 
     class Meta:

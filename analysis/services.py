@@ -29,10 +29,11 @@ from analysis.aggregation import (
     aggregate,
     events_to_fold,
     fold_unit_events,
-    metric_event_windows,
     note_event_horizon,
 )
 from analysis.evidence import ArmState
+from analysis.folding import event_windows
+from analysis.followup_tasks import events_fold as fold_task
 from analysis.guardrails import ExperimentAnalysis, analyse
 from analysis.health import HealthSettings, arms
 from analysis.models import (
@@ -52,10 +53,9 @@ logger = logging.getLogger(__name__)
 
 ACTOR = alerts.ANALYSIS_ACTOR
 # Event ids an analysis run folds into the rollup itself; with a larger backlog each run
-# queues one `analysis.fold_events` task for a chunk of FOLD_CHUNK ids, so no run waits for
-# a big fold and the backlog shrinks by a chunk per interval.
+# queues one `analysis.fold_events` task for a chunk of FOLD_CHUNK ids (analysis.folding), so
+# no run waits for a big fold and the backlog shrinks by a chunk per interval.
 INLINE_FOLD = 50_000
-FOLD_CHUNK = 500_000
 # A new ramp step is counted for the SRM only after the edges have had time to load it.
 STEP_GRACE_FACTOR = 3
 
@@ -257,41 +257,18 @@ def _analysis_run_logged(
     return result
 
 
-def _event_windows(view: ExperimentView) -> list[tuple[str, int]]:
-    return metric_event_windows([use.metric for use in view.metrics])
-
-
 def schedule_fold(experiment_id: int) -> None:
     """Ask a worker to fold the event backlog (after commit); beat's next run retries."""
-    # Imported here: the tasks module imports this one.
-    from analysis.tasks import events_fold as fold_task
-
     try:
         fold_task.delay(experiment_id=experiment_id)
     except Exception as exc:  # a broker outage must not fail the committed analysis
         logger.warning("could not enqueue the event fold (%s)", type(exc).__name__)
 
 
-def events_fold(*, experiment_id: int, limit: int = FOLD_CHUNK) -> int:
-    """Fold one chunk of settled events into the rollup; returns the ids still to fold."""
-    view = experiment_selectors.experiment_view_by_id(experiment_id=experiment_id)
-    if view is None:
-        return 0
-    with transaction.atomic():
-        state = (
-            AnalysisState.objects.select_for_update().filter(experiment_id=experiment_id).first()
-        )
-        if state is None:
-            return 0
-        remaining = fold_unit_events(state=state, event_windows=_event_windows(view), limit=limit)
-        state.save(update_fields=["event_cursor"])
-    return remaining
-
-
 def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> RunResult:
     note_event_horizon(state=state)
     if 0 < events_to_fold(state) <= INLINE_FOLD:
-        fold_unit_events(state=state, event_windows=_event_windows(view), limit=INLINE_FOLD)
+        fold_unit_events(state=state, event_windows=event_windows(view), limit=INLINE_FOLD)
     if events_to_fold(state) > 0:
         experiment_id = view.id
         transaction.on_commit(lambda: schedule_fold(experiment_id))

@@ -1,11 +1,16 @@
-"""Celery tasks of the analysis pipeline: thin, idempotent, by id; the services do the work."""
+"""Celery tasks of the analysis pipeline: thin, idempotent, by id; the services do the work.
+
+The tasks the services queue after a commit (fold an event backlog, deliver alerts) are in
+``analysis.followup_tasks``, which the services import, so a worker that loads this module
+registers them as well.
+"""
 
 from __future__ import annotations
 
 from celery import shared_task
 from django.conf import settings
 
-from analysis import alerts, services
+from analysis import services
 
 
 @shared_task(name="analysis.fan_out", acks_late=True, ignore_result=True)
@@ -27,20 +32,3 @@ def analysis_run(*, experiment_id: int) -> str | None:
     """Analyse one experiment and act; a missing or stopped experiment is a no-op."""
     result = services.analysis_run(experiment_id=experiment_id)
     return None if result is None else result.snapshot.decision
-
-
-@shared_task(name="analysis.fold_events", acks_late=True, ignore_result=True)
-def events_fold(*, experiment_id: int) -> int:
-    """Fold one chunk of an experiment's event backlog into the rollup.
-
-    Each analysis run that finds a large backlog queues one chunk, so the fold advances one
-    chunk per interval and never multiplies into parallel chains.
-    """
-    return services.events_fold(experiment_id=experiment_id)
-
-
-@shared_task(name="analysis.deliver_alerts", acks_late=True, ignore_result=True)
-def alerts_deliver() -> dict[str, int]:
-    """Deliver due alerts from the outbox (also swept by beat)."""
-    report = alerts.deliver_due()
-    return {"delivered": report.delivered, "failed": report.failed, "dead": report.dead}

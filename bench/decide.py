@@ -46,7 +46,7 @@ UVICORN_FLAGS = [
     "--loop",
     "uvloop",
     "--http",
-    "routing.server:EdgeHttpProtocol",
+    "routing.edge.server:EdgeHttpProtocol",
     "--no-access-log",
     "--log-level",
     "warning",

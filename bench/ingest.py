@@ -72,8 +72,8 @@ def edge_app() -> Any:
 
     # Django must be set up before the edge modules import models.
     django.setup()
-    from routing.edge import build_edge
-    from routing.ingest import EventsApp
+    from routing.edge.app import build_edge
+    from routing.edge.ingest import EventsApp
 
     return build_edge(mounts={"/v1/events": EventsApp})
 

@@ -9,13 +9,14 @@ five ways:
   config under var/bench/, run in the foreground with its own pid and log paths);
 * aiohttp: through the smallest ASGI proxy that calls ``ClientSession.request()``
   (``bare_aiohttp_proxy`` below, uvicorn, one worker): what the usual way of using aiohttp
-  costs, the way Rampart forwarded before routing/upstream.py;
-* conn: through the smallest ASGI proxy on the client Rampart uses, ``routing.upstream``
+  costs, the way Rampart forwarded before routing/proxy/upstream.py;
+* conn: through the smallest ASGI proxy on the client Rampart uses, ``routing.proxy.upstream``
   (aiohttp's pooled connections and parser without ``ClientSession.request()``;
   ``bare_connection_proxy`` below): the ceiling of any proxy built that way here, which
   separates the cost of the client from Rampart's own work;
 * rampart: through the edge (``config.asgi:application``, uvicorn, one worker, served as
-  docker-compose.yml serves it: ``--http routing.server:EdgeHttpProtocol --no-proxy-headers``) at
+  docker-compose.yml serves it:
+  ``--http routing.edge.server:EdgeHttpProtocol --no-proxy-headers``) at
   ``/proxy/bench-ab/predict``, for a running A/B test whose two variants both point at the model
   server. Every request carries an API key and one of 10,000 unit ids, so the proxy checks the
   key, assigns the unit, records exposures and pre-aggregates observations as in production.
@@ -56,7 +57,7 @@ import aiohttp
 import httpx
 from yarl import URL
 
-from routing.upstream import Upstream, UpstreamClient
+from routing.proxy.upstream import Upstream, UpstreamClient
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "var" / "bench"
@@ -72,7 +73,7 @@ UVICORN_FLAGS = [
     "--loop",
     "uvloop",
     "--http",
-    "routing.server:EdgeHttpProtocol",
+    "routing.edge.server:EdgeHttpProtocol",
     "--no-proxy-headers",
     "--no-access-log",
     "--log-level",

@@ -48,7 +48,7 @@ from scipy import stats
 from analysis.stats.quantile_exceedance import DenseWindows, harm_log_e_path
 from analysis.stats.quantiles import quantile_guardrail
 from analysis.stats.quantiles_fixed import quantile_difference_ci
-from routing.histogram import LogHistogram
+from routing.observe.histogram import LogHistogram
 
 QUANTILE = 0.95
 TARGET_POWER = 0.8
@@ -91,7 +91,7 @@ class BucketedArm:
 
     def draw(self, rng: np.random.Generator, batch: int) -> None:
         values = rng.lognormal(math.log(self.median_ms), self.sigma, (self.replications, batch))
-        # routing/histogram.py's bucket rule, vectorised: ceil(log(x) / log(gamma)).
+        # routing/observe/histogram.py's bucket rule, vectorised: ceil(log(x) / log(gamma)).
         indices = np.ceil(np.log(values) * self.inverse_log_gamma).astype(np.int64) - self.offset
         rows = np.repeat(np.arange(self.replications), batch)
         np.add.at(self.cumulative, (rows, indices.ravel()), 1)
@@ -216,7 +216,7 @@ def to_windows(
     window: NDArray[np.int64], canary: NDArray[np.bool_], values: NDArray[np.float64], count: int
 ) -> Windows:
     """Bin requests (window id, arm, latency in ms) into per-window histograms of both arms."""
-    # routing/histogram.py's bucket rule, vectorised: ceil(log(x) / log(gamma)).
+    # routing/observe/histogram.py's bucket rule, vectorised: ceil(log(x) / log(gamma)).
     indices = np.ceil(np.log(values) * _INVERSE_LOG_GAMMA).astype(np.int64)
     low, high = int(indices.min()), int(indices.max()) + 1
     columns = indices - low

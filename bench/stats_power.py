@@ -14,7 +14,7 @@ percentile <= 1.5x the fixed-horizon size (GrowthBook's default two-sided test: 
 
 Case 2 (p95 latency): the canary's latencies are 20% slower (log-normal), through the
 exceedance e-process of `analysis.stats.quantile_exceedance` on per-batch time windows of
-`routing.histogram` buckets (bench/quantile_power.py compares it with fixed horizon).
+`routing.observe.histogram` buckets (bench/quantile_power.py compares it with fixed horizon).
 
 Run from the repository root: `.venv/bin/python -m bench.stats_power` (a few minutes at most), or
 with `--quick`.

@@ -1,17 +1,17 @@
 """ASGI entry point: `uvicorn config.asgi:application` serves the edge and the Django app.
 
-One process answers everything: the edge (``routing.edge``) serves ``/v1/decide``,
+One process answers everything: the edge (``routing.edge.app``) serves ``/v1/decide``,
 ``/v1/decide/batch`` and ``/v1/config`` from its in-process snapshot, and dispatches these
 prefixes to the parts mounted below; every other path goes to Django's ASGI app (UI, admin,
 ``/api/v1/``). ``RequestIdMiddleware`` gives every request a logging context with a request
 id (``routing.logcontext``; an incoming ``X-Request-ID`` is kept and echoed).
 
-    /proxy/                       routing.proxy.ProxyApp (inference, per-unit variant)
-    /v1/events                    routing.ingest.EventsApp (business events, in batches)
-    /v1/exposures                 routing.exposures_api.ExposuresApp (SDK-local decisions)
-    /api/features/                routing.features_api.FeaturesApp (GrowthBook SDK payload)
-    /healthz, /readyz, /metrics   routing.health (liveness, readiness, Prometheus)
-    /static/                      routing.health.StaticFilesApp (no Django per file)
+    /proxy/                       routing.proxy.app.ProxyApp (inference, per-unit variant)
+    /v1/events                    routing.edge.ingest.EventsApp (business events, in batches)
+    /v1/exposures                 routing.edge.exposures_api.ExposuresApp (SDK-local decisions)
+    /api/features/                routing.edge.features_api.FeaturesApp (GrowthBook SDK payload)
+    /healthz, /readyz, /metrics   routing.edge.health (liveness, readiness, Prometheus)
+    /static/                      routing.edge.health.StaticFilesApp (no Django per file)
 """
 
 import os
@@ -31,13 +31,13 @@ get_resolver().url_patterns  # noqa: B018
 # The pipeline's metrics are declared at import; importing them here lists their families on
 # the edge's /metrics, with the workers' values when they share PROMETHEUS_MULTIPROC_DIR.
 import analysis.metrics  # noqa: E402, F401
-from routing.edge import build_edge  # noqa: E402
-from routing.exposures_api import ExposuresApp  # noqa: E402
-from routing.features_api import FeaturesApp  # noqa: E402
-from routing.health import HealthApp, MetricsApp, ReadyApp, StaticFilesApp  # noqa: E402
-from routing.ingest import EventsApp  # noqa: E402
+from routing.edge.app import build_edge  # noqa: E402
+from routing.edge.exposures_api import ExposuresApp  # noqa: E402
+from routing.edge.features_api import FeaturesApp  # noqa: E402
+from routing.edge.health import HealthApp, MetricsApp, ReadyApp, StaticFilesApp  # noqa: E402
+from routing.edge.ingest import EventsApp  # noqa: E402
 from routing.logcontext import RequestIdMiddleware  # noqa: E402
-from routing.proxy import ProxyApp  # noqa: E402
+from routing.proxy.app import ProxyApp  # noqa: E402
 
 edge = build_edge(
     mounts={

@@ -20,7 +20,7 @@ class _MetricsHandler(BaseHTTPRequestHandler):
     mode), the same body the edge and the web app serve."""
 
     def do_GET(self) -> None:
-        from routing.health import METRICS_UNAUTHORIZED, metrics_authorized, metrics_exposition
+        from routing.edge.health import METRICS_UNAUTHORIZED, metrics_authorized, metrics_exposition
 
         if self.path.split("?", 1)[0] != "/metrics":
             self.send_error(404)

@@ -16,7 +16,7 @@ urlpatterns = [
     # Anything else under /api/ is a problem+json 404 for every method, in debug mode too.
     re_path(r"^api/", api_not_found),
     path("accounts/", include("django.contrib.auth.urls")),
-    path("", include("routing.health")),
+    path("", include("routing.edge.health")),
     path("", include("experiments.urls")),
     path("", include("analysis.urls")),
 ]

@@ -1,1 +1,1 @@
-"""Routing: sticky assignment, the config snapshot, the edge, the proxy and the SDK."""
+"""Routing: the config snapshot and three rooms, the edge, the proxy and recording (observe)."""

@@ -50,7 +50,7 @@ class ObservationBucket(models.Model):
     error_count = models.BigIntegerField(default=0)
     latency_sum = models.FloatField(default=0.0)
     latency_sum_sq = models.FloatField(default=0.0)
-    # routing.histogram.LogHistogram serialised with to_json(); see that module's docstring.
+    # routing.observe.histogram.LogHistogram serialised with to_json(); see that module's docstring.
     latency_histogram = models.TextField(default="")
     cache_hits = models.BigIntegerField(default=0)
     fallback_count = models.BigIntegerField(default=0)
@@ -90,7 +90,7 @@ class Event(models.Model):
 class UnitOutcome(models.Model):
     """One user's requests and failures within fixed windows after its first request.
 
-    Written by the proxy (``routing.unit_outcomes``) so rate guardrails can take the user as
+    Written by the proxy (``routing.observe.unit_outcomes``) so rate guardrails can take the user as
     the unit (STATS.md 12.1). ``first_seen`` (epoch seconds) is when the edge process that
     served the user's first request saw it complete; ``share`` and ``control_share`` are the
     probabilities of the user's arm and of control at that moment (the ramp step then). The

@@ -74,7 +74,7 @@ UVICORN_ARGS = (
     "127.0.0.1",
     "--no-access-log",
     "--http",
-    "routing.server:EdgeHttpProtocol",
+    "routing.edge.server:EdgeHttpProtocol",
 )
 WORKER_ARGS = (
     "-m",

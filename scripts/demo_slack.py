@@ -20,7 +20,7 @@ from rich.markdown import Markdown
 from rich.panel import Panel
 from rich.text import Text
 
-# Header text of Rampart's messages (analysis.alerts) -> the kind of alert.
+# Header text of Rampart's messages (analysis.alert_delivery) -> the kind of alert.
 _KINDS = (
     ("Changed by hand", "manual"),
     ("Rolled back", "rollback"),

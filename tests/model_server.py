@@ -183,8 +183,8 @@ def proxy_edge() -> Any:
     import django
 
     django.setup()
-    from routing.edge import build_edge
-    from routing.proxy import ProxyApp
+    from routing.edge.app import build_edge
+    from routing.proxy.app import ProxyApp
 
     return build_edge(mounts={"/proxy/": ProxyApp})
 

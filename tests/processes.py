@@ -96,7 +96,7 @@ def start_app_server(
             str(port),
             "--no-access-log",
             "--http",
-            "routing.server:EdgeHttpProtocol",
+            "routing.edge.server:EdgeHttpProtocol",
         ],
         env=env,
         log=log,

@@ -1,7 +1,8 @@
 """Always-valid two-sample test of equal latency quantiles (p50/p95/p99) between two arms.
 
-Works on bucket counts of a log-bucketed latency histogram (``routing.histogram.LogHistogram``,
-or anything with the same bucket interface, see :class:`analysis.stats.quantiles.LatencyHistogram`),
+Works on bucket counts of a log-bucketed latency histogram
+(``routing.observe.histogram.LogHistogram``, or anything with the same bucket interface, see
+:class:`analysis.stats.quantiles.LatencyHistogram`),
 or on exact observations. Reporting only: two-sided, no margin; the guardrail and the one-arm
 confidence sequences are in :mod:`analysis.stats.quantiles`. STATS.md 8.2 is the spec.
 
@@ -9,9 +10,10 @@ confseq's ``quantile_ab_p_value``: Howard & Ramdas 2022, "Sequential estimation 
 applications to A/B-testing and best-arm identification", Bernoulli 28(3) (arXiv 1906.09712),
 A/B-testing section. Each arm contributes the two-sided beta-binomial mixture of Howard, Ramdas,
 McAuliffe & Sekhon 2021, "Time-uniform, nonparametric, nonasymptotic confidence sequences", Ann.
-Statist. 49(2), section 3 (:func:`analysis.stats.quantiles.beta_binomial_log_mixture`), tuned at
-``t_opt`` per arm and at confseq's default level ``AB_TEST_ALPHA_OPT``. From histograms each
-bucket is treated as an interval of possible empirical-CDF values (conservative).
+Statist. 49(2), section 3
+(:func:`analysis.stats.quantile_boundaries.beta_binomial_log_mixture`), tuned at ``t_opt`` per
+arm and at confseq's default level ``AB_TEST_ALPHA_OPT``. From histograms each bucket is
+treated as an interval of possible empirical-CDF values (conservative).
 """
 
 from __future__ import annotations
@@ -24,14 +26,14 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import optimize
 
-from analysis.stats.quantiles import (
+from analysis.stats.quantile_boundaries import (
     FloatArray,
-    LatencyHistogram,
     beta_binomial_r,
     check_probability,
     check_t_opt,
     log_mixture_array,
 )
+from analysis.stats.quantiles import LatencyHistogram
 
 # confseq's default tuning level for the two-sample test's mixture (STATS.md 8.2).
 AB_TEST_ALPHA_OPT = 0.05

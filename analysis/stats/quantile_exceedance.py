@@ -73,7 +73,8 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import special
 
-from analysis.stats.quantiles import LatencyHistogram, check_probability
+from analysis.stats.quantile_boundaries import check_probability
+from analysis.stats.quantiles import LatencyHistogram
 
 IntArray = NDArray[np.int64]
 FloatArray = NDArray[np.float64]

@@ -1,7 +1,8 @@
 """Fixed-horizon inference on the difference of a latency quantile (p50/p95/p99) between two arms.
 
-Works on bucket counts of a log-bucketed latency histogram (``routing.histogram.LogHistogram``,
-or anything with the same bucket interface, see :class:`analysis.stats.quantiles.LatencyHistogram`),
+Works on bucket counts of a log-bucketed latency histogram
+(``routing.observe.histogram.LogHistogram``, or anything with the same bucket interface, see
+:class:`analysis.stats.quantiles.LatencyHistogram`),
 never on raw request rows. STATS.md section 8 is the spec; the anytime-valid confidence sequences
 and the guardrail are in :mod:`analysis.stats.quantiles`.
 
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 
 from scipy import stats
 
-from analysis.stats.quantiles import LatencyHistogram, check_probability
+from analysis.stats.quantile_boundaries import check_probability
+from analysis.stats.quantiles import LatencyHistogram
 
 # GrowthBook (and Deng, Knoblich & Yu) size the order-statistic interval at 95% whatever the
 # reporting level, and turn its width into a standard error with the same 1.96.

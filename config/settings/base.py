@@ -156,7 +156,7 @@ SPECTACULAR_SETTINGS = {
         "experiments.api.schema.link_created_objects",
         # The edge's operations, described as data (plain ASGI, so drf-spectacular cannot
         # see them).
-        "routing.openapi.add_edge_operations",
+        "routing.edge.openapi.add_edge_operations",
     ],
     "ENUM_NAME_OVERRIDES": {
         "ExperimentKindEnum": "experiments.models.ExperimentKind",
@@ -227,7 +227,7 @@ EDGE_REQUIRE_KEY = env.bool("EDGE_REQUIRE_KEY", default=True)
 # How far into the future an event's or exposure's timestamp may lie (client clock skew);
 # later ones are refused with 400 naming the field and the item.
 EDGE_MAX_CLOCK_SKEW_S = env.float("EDGE_MAX_CLOCK_SKEW_S", default=300.0)
-# Slow clients (routing.server): a request's headers must arrive within EDGE_HEADER_TIMEOUT_S
+# Slow clients (routing.edge.server): a request's headers must arrive within EDGE_HEADER_TIMEOUT_S
 # and its body within EDGE_BODY_TIMEOUT_S; one process holds at most EDGE_MAX_CONNECTIONS.
 EDGE_HEADER_TIMEOUT_S = env.float("EDGE_HEADER_TIMEOUT_S", default=10.0)
 EDGE_BODY_TIMEOUT_S = env.float("EDGE_BODY_TIMEOUT_S", default=10.0)

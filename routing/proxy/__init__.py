@@ -11,7 +11,7 @@ Request handling, in order
     1. API key (``X-Rampart-Key: rk_...``, or ``Authorization: Bearer rk_...``, which is then
        not forwarded) with the ``decide`` scope, unless EDGE_REQUIRE_KEY is false: 401/403.
     2. An experiment the snapshot lacks: the config version is confirmed
-       (``routing.edge.resolve_route``) and an experiment created meanwhile is served; else
+       (``routing.edge.context.resolve_route``) and an experiment created meanwhile is served; else
        404 ``experiment_not_found``, or 503 ``experiment_not_on_edge`` with ``Retry-After``
        while the version cannot be confirmed. Body over PROXY_MAX_BODY_BYTES: 413.
     3. Unit id from the experiment's ``unit_source``/``unit_attribute``: a header (default
@@ -21,13 +21,13 @@ Request handling, in order
        proxy itself, nothing forwarded (the unit cannot be determined, and replacing the bytes
        would merge distinct ids).
 
-    The proxy's own errors are problem+json (``routing.problems``, docs/errors.md); the
+    The proxy's own errors are problem+json (``routing.edge.problems``, docs/errors.md); the
     model's answers pass through unchanged.
     4. Prediction cache (experiments with ``cache_ttl_s`` > 0): a hit is answered at once with
        ``X-Rampart-Cache: hit``, counted in ``cache_hits`` and kept out of latency statistics.
     5. Shadow variants get a mirrored copy in the background (see below).
     6. The request goes to the assigned arm's upstream over the pooled connections of one
-       aiohttp session (``routing.upstream``: one write, aiohttp's C parser for the answer).
+       aiohttp session (``routing.proxy.upstream``: one write, aiohttp's C parser for the answer).
 
 Failures and fallback
     An attempt fails on a 5xx answer, a timeout (PROXY_CONNECT_TIMEOUT_S to connect;
@@ -41,7 +41,7 @@ Failures and fallback
     control's statistics: those describe control's own units, and mixing in the other arm's
     traffic would make the two samples overlap.
 
-    Every upstream has a circuit breaker (``routing.breaker``): PROXY_BREAKER_FAILURES
+    Every upstream has a circuit breaker (``routing.proxy.breaker``): PROXY_BREAKER_FAILURES
     consecutive failures open it, and one probe goes through every PROXY_BREAKER_COOLDOWN_S.
     While a non-control arm's breaker is open, its requests go straight to control and count
     as errors and fallbacks of that arm, with no latency (no call was made). The choice is
@@ -67,13 +67,13 @@ Shadows
 
 Measurement
     Latency is the time from sending the request upstream to receiving the last byte of the
-    answer, in ms, for every attempt (failed ones included); see ``routing.observations`` for
-    exactly what each statistic counts.
+    answer, in ms, for every attempt (failed ones included); see
+    ``routing.observe.observations`` for exactly what each statistic counts.
 
 Limits and resources
     One ``aiohttp.ClientSession`` per process, created at start-up, with a TCP connector
     limited to PROXY_POOL_LIMIT connections (PROXY_POOL_LIMIT_PER_HOST per upstream) that are
-    kept alive between requests; requests use its connections directly (``routing.upstream``
+    kept alive between requests; requests use its connections directly (``routing.proxy.upstream``
     says why and how). A client that disconnects cancels the upstream call: the
     connection is closed, never returned to the pool half-read. The proxy listens for
     disconnects only once a request has waited DISCONNECT_WATCH_AFTER_S (up to twice that) for
@@ -84,15 +84,3 @@ Limits and resources
     chunk by chunk. Hop-by-hop headers are removed both ways (and the model's Date and
     Server, which the edge sets), and ``X-Forwarded-For`` gets the client's address appended.
 """
-
-from routing.proxy.app import MOUNT_PREFIX, ProxyApp
-from routing.proxy.cache import CachedAnswer, PredictionCache
-from routing.proxy.compare import compare_answers
-
-__all__ = [
-    "MOUNT_PREFIX",
-    "CachedAnswer",
-    "PredictionCache",
-    "ProxyApp",
-    "compare_answers",
-]

@@ -10,7 +10,7 @@ from typing import Final
 import aiohttp
 
 from routing.proxy.plan import Arm
-from routing.upstream import UpstreamAnswer, UpstreamClient
+from routing.proxy.upstream import UpstreamAnswer, UpstreamClient
 
 # Answers up to this size (with a Content-Length) are read whole and sent in one message.
 BUFFER_LIMIT_BYTES: Final = 1024 * 1024

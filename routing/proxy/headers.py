@@ -14,9 +14,9 @@ from urllib.parse import unquote_plus
 
 import orjson
 
-from routing.edge import Scope
-from routing.edge_input import encoding_error
-from routing.problems import EdgeError
+from routing.edge.asgi import Scope
+from routing.edge.inputs import encoding_error
+from routing.edge.problems import EdgeError
 
 # RFC 9110 section 7.6.1: connection-specific fields a proxy must not forward.
 HOP_BY_HOP: Final = frozenset(
@@ -33,8 +33,8 @@ HOP_BY_HOP: Final = frozenset(
     }
 )
 # Request headers that are not forwarded as they came: Host and Content-Length are set for
-# the upstream (routing.upstream), the Rampart key is ours, X-Forwarded-For is rebuilt, and Expect
-# was already answered (the body is read before forwarding).
+# the upstream (routing.proxy.upstream), the Rampart key is ours, X-Forwarded-For is rebuilt,
+# and Expect was already answered (the body is read before forwarding).
 REQUEST_DROP: Final = HOP_BY_HOP | {
     b"host",
     b"content-length",

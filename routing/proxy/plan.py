@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
-from routing import proxy_metrics
-from routing.breaker import CircuitBreaker
+from routing.proxy import metrics as proxy_metrics
+from routing.proxy.breaker import CircuitBreaker
 from routing.proxy.cache import PredictionCache
 from routing.proxy.headers import ACTION_UNIT, REQUEST_HEADER_ACTIONS
-from routing.snapshot import Decision, ExperimentRoute, RoutingSnapshot
-from routing.upstream import Upstream
+from routing.proxy.upstream import Upstream
+from routing.route import Decision, ExperimentRoute
+from routing.snapshot import RoutingSnapshot
 
 # Units whose decision a plan remembers (see Plan.decided); past this many it starts over.
 # About 100 bytes per unit.
@@ -64,8 +65,8 @@ class Plan:
     cache: PredictionCache | None
     fallback_header: tuple[bytes, bytes]
     # Assignment probability of each routed variant (control's also under ""), for the rate
-    # guardrails' per-user windows (``routing.unit_outcomes``); None when users cannot be bet
-    # on (no assignment spec, or a step where control or every canary gets nothing).
+    # guardrails' per-user windows (``routing.observe.unit_outcomes``); None when users cannot
+    # be bet on (no assignment spec, or a step where control or every canary gets nothing).
     shares: dict[str, float] | None = None
     # Decisions already made for this route, by unit: an index into ``outcomes``. The route
     # is immutable and decide() pure, so a remembered decision is exact; the plan, and with

@@ -7,12 +7,12 @@ import time
 
 import aiohttp
 
-from routing.observations import ObservationAggregator
+from routing.observe.observations import ObservationAggregator
 from routing.proxy.attempt import CONNECT, TIMEOUT, call_upstream, count_failure
 from routing.proxy.compare import compare_answers
 from routing.proxy.headers import SHADOW_HEADER, content_encoding
 from routing.proxy.plan import Arm, Plan
-from routing.upstream import UpstreamClient
+from routing.proxy.upstream import UpstreamClient
 
 
 class Shadows:

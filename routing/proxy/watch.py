@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import Any, Final
 
-from routing.edge_io import Message, Receive
+from routing.edge.asgi import Message, Receive
 
 # A request starts listening for its client's disconnect after waiting this long (up to
 # twice as long) for its upstream; see WatchSweep.

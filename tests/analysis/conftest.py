@@ -12,8 +12,8 @@ import pytest
 from django.utils import timezone
 
 from experiments import services
-from routing.histogram import LogHistogram
 from routing.models import Event, Exposure, ObservationBucket
+from routing.observe.histogram import LogHistogram
 from tests.factories import experiment_payload
 
 

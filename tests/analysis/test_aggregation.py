@@ -21,8 +21,8 @@ from analysis.stats.moments import MeanStats, ProportionStats, RatioStats
 from experiments import selectors as experiment_selectors
 from experiments import services as experiment_services
 from experiments.models import DEFAULT_WINDOW_S
-from routing.histogram import LogHistogram
 from routing.models import Event, ObservationBucket
+from routing.observe.histogram import LogHistogram
 from tests.analysis.conftest import add_bucket, add_events, add_exposures, start_experiment
 
 pytestmark = pytest.mark.django_db

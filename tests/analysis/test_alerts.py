@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from analysis import alerts, services
+from analysis import alert_delivery, alerts, services
 from analysis.models import AlertOutbox
 from experiments import services as experiment_services
 from tests.analysis.conftest import start_experiment
@@ -54,7 +54,7 @@ def _rollback_payload() -> dict[str, Any]:
 
 def test_slack_message_names_everything_a_reader_needs(settings: Any) -> None:
     settings.RAMPART_BASE_URL = "https://rampart.example.com/"
-    message = alerts.slack_message(_rollback_payload())
+    message = alert_delivery.slack_message(_rollback_payload())
     text = json.dumps(message)
     assert message["blocks"][0]["type"] == "header"
     assert "Rolled back" in message["blocks"][0]["text"]["text"]
@@ -70,15 +70,17 @@ def test_slack_message_names_everything_a_reader_needs(settings: Any) -> None:
 
 def test_signature_matches_an_independent_hmac_and_rejects_replays_and_tampering() -> None:
     body = b'{"type":"rollback"}'
-    header = alerts.sign(SECRET, body, 1_700_000_000)
+    header = alert_delivery.sign(SECRET, body, 1_700_000_000)
     # Independent computation with the standard library, as a receiver would do it.
     expected = hmac.new(SECRET.encode(), b"1700000000." + body, hashlib.sha256).hexdigest()
     assert header == f"t=1700000000,v1={expected}"
-    assert alerts.verify_signature(SECRET, body, header, now=1_700_000_100)
-    assert not alerts.verify_signature(SECRET, body, header, now=1_700_001_000)  # replay
-    assert not alerts.verify_signature(SECRET, body + b" ", header, now=1_700_000_100)
-    assert not alerts.verify_signature("another-secret-value", body, header, now=1_700_000_100)
-    assert not alerts.verify_signature(SECRET, body, "v1=abc", now=1_700_000_100)
+    assert alert_delivery.verify_signature(SECRET, body, header, now=1_700_000_100)
+    assert not alert_delivery.verify_signature(SECRET, body, header, now=1_700_001_000)  # replay
+    assert not alert_delivery.verify_signature(SECRET, body + b" ", header, now=1_700_000_100)
+    assert not alert_delivery.verify_signature(
+        "another-secret-value", body, header, now=1_700_000_100
+    )
+    assert not alert_delivery.verify_signature(SECRET, body, "v1=abc", now=1_700_000_100)
 
 
 def test_backoff_is_exponential_with_full_jitter_and_capped(settings: Any) -> None:
@@ -86,7 +88,7 @@ def test_backoff_is_exponential_with_full_jitter_and_capped(settings: Any) -> No
     settings.ALERT_BACKOFF_MAX_S = 60.0
     rng = random.Random(7)
     for attempt, ceiling in ((1, 2.0), (2, 4.0), (3, 8.0), (6, 60.0), (20, 60.0)):
-        delays = [alerts.backoff_delay(attempt, rng=rng) for _ in range(200)]
+        delays = [alert_delivery.backoff_delay(attempt, rng=rng) for _ in range(200)]
         assert min(delays) >= 0.0 and max(delays) <= ceiling
         assert max(delays) > 0.8 * ceiling  # the jitter spans the whole window
 
@@ -112,7 +114,7 @@ def test_alert_survives_a_receiver_outage_and_is_delivered_once(
     assert AlertOutbox.objects.count() == 2
 
     sink.stop()  # the receiver is down
-    report = alerts.deliver_due()
+    report = alert_delivery.deliver_due()
     assert (report.delivered, report.failed) == (0, 2)
     rows = list(AlertOutbox.objects.order_by("id"))
     assert all(r.status == "pending" and r.attempts == 1 for r in rows)
@@ -120,14 +122,16 @@ def test_alert_survives_a_receiver_outage_and_is_delivered_once(
 
     sink.start()  # back on the same port
     later = timezone.now() + timedelta(seconds=1)
-    report = alerts.deliver_due(now=later)
+    report = alert_delivery.deliver_due(now=later)
     assert report.delivered == 2
-    assert alerts.deliver_due(now=later + timedelta(seconds=60)).delivered == 0
+    assert alert_delivery.deliver_due(now=later + timedelta(seconds=60)).delivered == 0
     assert len(sink.messages("/services/T0/B0/hook")) == 1
     hooks = sink.messages("/hook")
     assert len(hooks) == 1
     received = hooks[0]
-    assert alerts.verify_signature(SECRET, received.body, received.headers["x-rampart-signature"])
+    assert alert_delivery.verify_signature(
+        SECRET, received.body, received.headers["x-rampart-signature"]
+    )
     assert received.json["type"] == "rollback"
     assert received.json["experiment"]["key"] == "ranker-v2"
     assert received.headers["x-rampart-delivery"] == received.json["delivery"]
@@ -144,7 +148,7 @@ def test_a_receiver_that_keeps_failing_ends_dead(settings: Any, sink: SlackSink)
     services.alert_test(actor="test")
     moment = timezone.now()
     for step in range(3):
-        alerts.deliver_due(now=moment + timedelta(seconds=step + 1))
+        alert_delivery.deliver_due(now=moment + timedelta(seconds=step + 1))
     row = AlertOutbox.objects.get()
     assert row.status == "dead" and row.attempts == 3 and row.last_error == "HTTP 500"
     assert len(sink.messages()) == 3
@@ -164,9 +168,9 @@ def test_urls_and_secrets_never_reach_logs_or_outbox(
         experiment_id=experiment.pk, kind="rollback", payload=_rollback_payload(), dedupe="q"
     )
     sink.status = 503
-    alerts.deliver_due()
+    alert_delivery.deliver_due()
     sink.status = 200
-    alerts.deliver_due(now=timezone.now() + timedelta(hours=1))
+    alert_delivery.deliver_due(now=timezone.now() + timedelta(hours=1))
     assert len(sink.messages("/services/T0/B0/very-secret-slack-token")) == 2
     stored = json.dumps(list(AlertOutbox.objects.values()), default=str)
     for secret in ("very-secret-slack-token", "secret-path", SECRET):

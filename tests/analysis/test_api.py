@@ -12,7 +12,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from rest_framework.test import APIClient
 
-from analysis import services, tasks
+from analysis import followup_tasks, services, tasks
 from analysis.models import AlertOutbox, WebhookEndpoint
 from tests.analysis.conftest import later, start_experiment, traffic
 from tests.problems import assert_problem, messages_by_field
@@ -144,5 +144,5 @@ def test_analyze_command_prints_the_snapshot_as_json(metrics: Any) -> None:
 def test_tasks_are_thin_and_missing_rows_are_no_ops(analysed: Any) -> None:
     assert tasks.analysis_run.run(experiment_id=987654) is None
     assert tasks.analysis_run.run(experiment_id=analysed.pk) == "continue"
-    assert tasks.alerts_deliver.run() == {"delivered": 0, "failed": 0, "dead": 0}
-    assert tasks.analysis_run.acks_late and tasks.alerts_deliver.acks_late
+    assert followup_tasks.alerts_deliver.run() == {"delivered": 0, "failed": 0, "dead": 0}
+    assert tasks.analysis_run.acks_late and followup_tasks.alerts_deliver.acks_late

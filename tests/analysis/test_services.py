@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from analysis import selectors, services
+from analysis import folding, selectors, services
 from analysis.models import AlertOutbox, AnalysisState, ResultSnapshot, SequentialState
 from experiments.models import DEFAULT_WINDOW_S, AuditEntry, Experiment
 from tests.analysis.conftest import later, start_experiment, traffic
@@ -272,7 +272,7 @@ def test_a_large_event_backlog_is_folded_by_the_task_in_chunks(
         second = services.analysis_run(experiment_id=experiment.pk, now=later(at, closed + 3))
     assert first is not None and second is not None
     assert scheduled == [experiment.pk]  # only the second look has a settled backlog
-    while services.events_fold(experiment_id=experiment.pk, limit=7) > 0:
+    while folding.events_fold(experiment_id=experiment.pk, limit=7) > 0:
         pass
     state = AnalysisState.objects.get(experiment=experiment)
     assert state.event_cursor == Event.objects.order_by("-id").values_list("id", flat=True)[0]

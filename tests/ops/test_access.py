@@ -57,7 +57,7 @@ def test_the_edge_checks_the_metrics_token_and_hides_private_docs(
             "--port",
             str(port),
             "--http",
-            "routing.server:EdgeHttpProtocol",
+            "routing.edge.server:EdgeHttpProtocol",
         ],
         env={"METRICS_TOKEN": TOKEN, "API_DOCS_PUBLIC": "false"},
         log=tmp_path / "edge.log",

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 RAMPART_SERVICES = ("migrate", "web", "edge", "worker", "beat")
 # Read by a library rather than by config/settings: Django itself, and prometheus_client's
-# multiprocess mode (routing.health).
+# multiprocess mode (routing.edge.health).
 LIBRARY_VARIABLES = {"DJANGO_SETTINGS_MODULE", "PROMETHEUS_MULTIPROC_DIR"}
 
 
@@ -201,7 +201,7 @@ def test_servers_coalesce_writes_and_the_edge_keeps_the_peer_address(
     }
     for name, command in commands.items():
         options = " ".join(command).replace("--http=", "--http ").split()
-        assert options[options.index("--http") + 1] == "routing.server:EdgeHttpProtocol", name
+        assert options[options.index("--http") + 1] == "routing.edge.server:EdgeHttpProtocol", name
     # X-Forwarded-For gets the load balancer's address from the proxy itself (see
     # docker-compose.yml): uvicorn must not replace the peer with the forwarded client.
     assert "--no-proxy-headers" in commands["edge"]

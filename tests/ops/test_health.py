@@ -16,11 +16,14 @@ from django.conf import settings
 from django.db import OperationalError
 
 from experiments import services
-from routing import health, logcontext
-from routing.edge import Edge, EdgeContext, SubApp, build_edge, send_json
-from routing.health import HealthApp, MetricsApp, ReadyApp, StaticFilesApp
+from routing import logcontext
+from routing.edge import health
+from routing.edge.app import Edge, build_edge
+from routing.edge.asgi import send_json
+from routing.edge.context import EdgeContext, SubApp
+from routing.edge.health import HealthApp, MetricsApp, ReadyApp, StaticFilesApp
 from routing.logcontext import RequestIdMiddleware, current
-from routing.recorder import ExposureRecorder
+from routing.observe.recorder import ExposureRecorder
 from routing.snapshot import SnapshotHolder
 from tests.factories import create_experiment
 from tests.processes import free_port, start_process, stop_process, wait_for_http

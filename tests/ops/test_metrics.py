@@ -16,18 +16,18 @@ import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
 import analysis.metrics
-import routing.ingest_metrics
-import routing.metrics
-import routing.proxy_metrics
+import routing.edge.ingest_metrics
+import routing.observe.metrics
+import routing.proxy.metrics
 from experiments import services
-from routing.health import mark_dead_processes, metrics_exposition
+from routing.edge.health import mark_dead_processes, metrics_exposition
 from tests.factories import create_experiment
 from tests.processes import ROOT, free_port, start_process, stop_process, wait_for_http
 
 OWNERS: tuple[ModuleType, ...] = (
-    routing.metrics,
-    routing.proxy_metrics,
-    routing.ingest_metrics,
+    routing.observe.metrics,
+    routing.proxy.metrics,
+    routing.edge.ingest_metrics,
     analysis.metrics,
 )
 

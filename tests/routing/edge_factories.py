@@ -16,8 +16,8 @@ def events_edge() -> Any:
 
     # The edge modules import models, so they may be imported only after django.setup().
     django.setup()
-    from routing.edge import build_edge
-    from routing.ingest import EventsApp
+    from routing.edge.app import build_edge
+    from routing.edge.ingest import EventsApp
 
     return build_edge(mounts={"/v1/events": EventsApp})
 
@@ -27,9 +27,9 @@ def exposures_edge() -> Any:
     import django
 
     django.setup()
-    from routing.edge import build_edge
-    from routing.exposures_api import ExposuresApp
-    from routing.ingest import EventsApp
+    from routing.edge.app import build_edge
+    from routing.edge.exposures_api import ExposuresApp
+    from routing.edge.ingest import EventsApp
 
     return build_edge(mounts={"/v1/events": EventsApp, "/v1/exposures": ExposuresApp})
 
@@ -69,7 +69,7 @@ def serve_edge(
             str(port),
             "--no-access-log",
             "--http",
-            "routing.server:EdgeHttpProtocol",
+            "routing.edge.server:EdgeHttpProtocol",
             "--lifespan",
             "on",
         ],

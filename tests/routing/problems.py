@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 
-from routing.problems import TITLES
+from routing.edge.problems import TITLES
 
 
 def assert_problem(

@@ -12,9 +12,11 @@ import pytest
 from django.db import OperationalError, connections
 
 from experiments import services
-from routing.edge import Edge, EdgeContext, Receive, Scope, Send, build_edge, send_json
+from routing.edge.app import Edge, build_edge
+from routing.edge.asgi import Receive, Scope, Send, send_json
+from routing.edge.context import EdgeContext
 from routing.models import Exposure
-from routing.recorder import ExposureRecorder
+from routing.observe.recorder import ExposureRecorder
 from routing.snapshot import SnapshotHolder, load_snapshot, read_config_version
 from tests.factories import create_experiment
 from tests.routing.problems import assert_problem

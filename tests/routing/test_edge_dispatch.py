@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from routing.edge import EdgeContext, Receive, Scope, Send, build_edge
+from routing.edge.app import build_edge
+from routing.edge.asgi import Receive, Scope, Send
+from routing.edge.context import EdgeContext
 
 
 class Named:

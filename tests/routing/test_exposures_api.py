@@ -18,9 +18,9 @@ import orjson
 import pytest
 
 from experiments import services
-from routing.exposures_api import validate_exposures
+from routing.edge.exposures_api import validate_exposures
+from routing.edge.problems import TITLES, EdgeError
 from routing.models import Exposure
-from routing.problems import TITLES, EdgeError
 from routing.snapshot import RoutingSnapshot, load_snapshot
 from tests.factories import create_experiment
 from tests.routing.edge_factories import ServedEdge, serve_edge

@@ -12,9 +12,10 @@ import orjson
 import pytest
 
 from experiments import services
-from routing.edge import EdgeContext, build_edge
-from routing.exposures_api import ExposuresApp
-from routing.recorder import ExposureRecorder
+from routing.edge.app import build_edge
+from routing.edge.context import EdgeContext
+from routing.edge.exposures_api import ExposuresApp
+from routing.observe.recorder import ExposureRecorder
 from routing.snapshot import SnapshotHolder, load_snapshot
 from tests.factories import create_experiment
 from tests.routing.edge_factories import serve_edge

@@ -1,4 +1,4 @@
-"""Tests for the proxy's log-bucketed latency histogram (routing/histogram.py)."""
+"""Tests for the proxy's log-bucketed latency histogram (routing/observe/histogram.py)."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from routing.histogram import (
+from routing.observe.histogram import (
     MAX_VALUE_MS,
     MIN_VALUE_MS,
     LogHistogram,

@@ -14,11 +14,12 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
-from routing.edge import Edge, EdgeContext, build_edge
-from routing.ingest import EventsApp, events_insert, parse_events
+from routing.edge.app import Edge, build_edge
+from routing.edge.context import EdgeContext
+from routing.edge.ingest import EventsApp, events_insert, parse_events
+from routing.edge.problems import EdgeError
 from routing.models import Event
-from routing.problems import EdgeError
-from routing.recorder import ExposureRecorder
+from routing.observe.recorder import ExposureRecorder
 from routing.snapshot import SnapshotHolder
 from tests.processes import free_port, start_process, stop_process, wait_for_http
 from tests.routing.problems import assert_problem

@@ -1,4 +1,4 @@
-"""The proxy's in-memory pre-aggregation of observations (routing/observations.py)."""
+"""The proxy's in-memory pre-aggregation of observations (routing/observe/observations.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from routing import observations as observations_module
-from routing.histogram import LogHistogram
-from routing.observations import ObservationAggregator
+from routing.observe import observations as observations_module
+from routing.observe.histogram import LogHistogram
+from routing.observe.observations import ObservationAggregator
 
 
 class FakeClock:

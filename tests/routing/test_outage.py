@@ -24,12 +24,13 @@ import pytest
 from django.db import connection, connections
 
 from experiments import services
-from routing.edge import EdgeContext, build_edge
-from routing.health import metrics_exposition
-from routing.ingest import EventsApp
+from routing.edge.app import build_edge
+from routing.edge.context import EdgeContext
+from routing.edge.health import metrics_exposition
+from routing.edge.ingest import EventsApp
 from routing.models import Event, Exposure, ObservationBucket
-from routing.observations import ObservationAggregator
-from routing.recorder import ExposureRecorder
+from routing.observe.observations import ObservationAggregator
+from routing.observe.recorder import ExposureRecorder
 from routing.services import ExposureRow, exposures_insert
 from routing.snapshot import SnapshotHolder
 from tests.factories import create_experiment
@@ -177,8 +178,8 @@ def test_writers_back_off_during_an_outage_log_a_few_lines_and_lose_nothing(
                 "attempts": len(attempts) - during,
                 "failed_flushes": recorder.stats.failed_flushes,
                 "observation_failures": observations.stats.failed_flushes,
-                "recorder_lines": _lines(caplog, "routing.recorder"),
-                "observation_lines": _lines(caplog, "routing.observations"),
+                "recorder_lines": _lines(caplog, "routing.observe.recorder"),
+                "observation_lines": _lines(caplog, "routing.observe.observations"),
                 "buffered": recorder.stats.buffered,
                 "exposure_backoff": _backoff_gauge("exposures"),
                 "observation_backoff": _backoff_gauge("observations"),
@@ -194,7 +195,7 @@ def test_writers_back_off_during_an_outage_log_a_few_lines_and_lose_nothing(
         figures["recovered_backoff"] = _backoff_gauge("exposures")
         await observations.stop()
         await recorder.stop()
-        figures["recovery_lines"] = _lines(caplog, "routing.recorder")
+        figures["recovery_lines"] = _lines(caplog, "routing.observe.recorder")
         return figures
 
     figures = asyncio.run(run())
@@ -265,7 +266,7 @@ def test_failed_event_batches_are_logged_once_per_interval(
                     while time.monotonic() - started < 1.5:
                         statuses.append(await post(len(statuses)))
                         await asyncio.sleep(0.01)
-                    lines = _lines(caplog, "routing.ingest")
+                    lines = _lines(caplog, "routing.edge.ingest")
                     seconds = time.monotonic() - started
                 caplog.clear()
                 after = [await post(10_000 + number) for number in range(3)]
@@ -280,7 +281,7 @@ def test_failed_event_batches_are_logged_once_per_interval(
     assert [bool(r.exc_info) for r in lines] == [True] + [False] * (len(lines) - 1)
     assert "still failing" in lines[1].getMessage()
     assert after == [200, 200, 200]
-    recovery = _lines(caplog, "routing.ingest")
+    recovery = _lines(caplog, "routing.edge.ingest")
     assert [r.getMessage().split(" after ")[0] for r in recovery] == [
         "writing event batches works again"
     ]

@@ -15,10 +15,11 @@ import orjson
 import pytest
 
 from experiments import services
-from routing.edge import Edge, EdgeContext, build_edge
-from routing.histogram import LogHistogram
+from routing.edge.app import Edge, build_edge
+from routing.edge.context import EdgeContext
 from routing.models import Exposure, ObservationBucket
-from routing.proxy import ProxyApp
+from routing.observe.histogram import LogHistogram
+from routing.proxy.app import ProxyApp
 from tests.model_server import ModelServer, closed_url
 from tests.routing.problems import assert_problem
 

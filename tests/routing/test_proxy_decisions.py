@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from experiments import services
-from routing import proxy
-from routing.edge import EdgeContext
+from routing.edge.context import EdgeContext
 from routing.proxy import plan as proxy_plan
+from routing.proxy.app import ProxyApp
 from routing.snapshot import load_snapshot
 from tests.factories import create_experiment
 
@@ -21,7 +21,7 @@ UNITS = [f"user-{i}" for i in range(3000)] + ["qa-anna"]
 
 def plan_and_route(key: str) -> tuple[Any, Any]:
     snapshot = load_snapshot()
-    app = proxy.ProxyApp(EdgeContext.from_settings())
+    app = ProxyApp(EdgeContext.from_settings())
     plan = app.plans.get(snapshot, key)
     assert plan is not None
     return plan, snapshot.route(key)
@@ -61,7 +61,7 @@ def test_remembered_decisions_equal_the_routes_for_every_reason(
 def test_a_new_snapshot_starts_a_new_memory(metrics: Any) -> None:
     create_experiment("ramped", "ab")
     services.experiment_start(actor="test", key="ramped")
-    app = proxy.ProxyApp(EdgeContext.from_settings())
+    app = ProxyApp(EdgeContext.from_settings())
     first = app.plans.get(load_snapshot(), "ramped")
     assert first is not None
     assert {first.decide(unit)[0].key for unit in UNITS} == {"v1", "v2"}

@@ -103,7 +103,7 @@ def edge(
             "--loop",
             "uvloop",
             "--http",
-            "routing.server:EdgeHttpProtocol",
+            "routing.edge.server:EdgeHttpProtocol",
             "--no-access-log",
             "--log-level",
             "warning",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 
-from routing import proxy_metrics
+from routing.proxy import metrics as proxy_metrics
 
 EXPERIMENT = "published-counts"
 

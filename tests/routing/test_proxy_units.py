@@ -7,8 +7,9 @@ import gzip
 import orjson
 import pytest
 
-from routing.breaker import CircuitBreaker
-from routing.proxy import PredictionCache, compare_answers
+from routing.proxy.breaker import CircuitBreaker
+from routing.proxy.cache import PredictionCache
+from routing.proxy.compare import compare_answers
 
 
 class FakeClock:

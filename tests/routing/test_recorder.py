@@ -14,7 +14,7 @@ from django.db import OperationalError, connection
 
 from experiments import services
 from routing.models import Exposure
-from routing.recorder import ExposureRecorder
+from routing.observe.recorder import ExposureRecorder
 from routing.selectors import exposure_counts, multiple_exposure_counts
 from routing.services import EXPOSURE_INSERT_BATCH, ExposureRow, _sqlite_utc_text
 from tests.factories import create_experiment
@@ -117,7 +117,7 @@ def test_full_buffer_drops_and_logs(caplog: pytest.LogCaptureFixture) -> None:
     recorder = ExposureRecorder(
         flush_s=60, batch_rows=10, max_buffer=3, cache_size=10, insert=insert
     )
-    with caplog.at_level(logging.ERROR, logger="routing.recorder"):
+    with caplog.at_level(logging.ERROR, logger="routing.observe.recorder"):
         for unit in range(5):
             recorder.record(experiment_id=1, unit_id=str(unit), variant_key="v1")
     assert recorder.stats.buffered == 3

@@ -16,7 +16,7 @@ from typing import Any
 
 import uvicorn
 
-from routing.server import CoalescingTransport, EdgeHttpProtocol
+from routing.edge.server import CoalescingTransport, EdgeHttpProtocol
 from tests.processes import free_port
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from experiments import selectors, services
-from routing.snapshot import ExperimentRoute
+from routing.route import ExperimentRoute
 from routing.split import planned_split
 
 UNITS = 40_000

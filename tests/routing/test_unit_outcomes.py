@@ -1,12 +1,12 @@
-"""Per-user outcome windows at the edge (routing/unit_outcomes.py) and their upsert."""
+"""Per-user outcome windows at the edge (routing/observe/unit_outcomes.py) and their upsert."""
 
 from __future__ import annotations
 
 import pytest
 
 from routing.models import UnitOutcome
-from routing.observations import ObservationAggregator
-from routing.unit_outcomes import UnitOutcomeBook, write_unit_rows
+from routing.observe.observations import ObservationAggregator
+from routing.observe.unit_outcomes import UnitOutcomeBook, write_unit_rows
 from tests.factories import create_experiment
 
 SHARES = {"v1": 0.9, "v2": 0.1, "": 0.9}

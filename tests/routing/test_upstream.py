@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from routing.upstream import Upstream, UpstreamAnswer, UpstreamClient
+from routing.proxy.upstream import Upstream, UpstreamAnswer, UpstreamClient
 from tests.model_server import closed_url
 
 OK_BODY = b'{"score":0.5}'

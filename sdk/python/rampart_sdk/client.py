@@ -54,7 +54,7 @@ from rampart_sdk.sending import (
 DEFAULT_BATCH_SIZE: Final = 500
 DEFAULT_FLUSH_INTERVAL_S: Final = 1.0
 DEFAULT_MAX_BUFFERED_EVENTS: Final = 100_000
-# The events API's limit per batch (routing.ingest.MAX_EVENTS_PER_BATCH).
+# The events API's limit per batch (routing.edge.ingest.MAX_EVENTS_PER_BATCH).
 MAX_EVENTS_PER_BATCH: Final = 10_000
 
 

@@ -16,25 +16,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from rampart_sdk._base_errors import InvalidEventError as InvalidEventError
+from rampart_sdk._base_errors import RampartError as RampartError
+
 if TYPE_CHECKING:
     from rampart_sdk.records import Event
 
 
-class RampartError(Exception):
-    """Base class of every error the SDK raises."""
-
-
 class RampartConnectionError(RampartError):
     """The server could not be reached or did not answer in time (after the retries)."""
-
-
-class InvalidEventError(RampartError, ValueError):
-    """An event that the events API would refuse, caught before it is buffered."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 class ApiError(RampartError):

@@ -19,7 +19,7 @@ from rampart_sdk.errors import ApiError, NotFoundError, RampartError
 logger = logging.getLogger("rampart_sdk")
 
 EXPOSURES_PATH: Final = "/v1/exposures"
-# The exposures API's limit per batch (routing.exposures_api.MAX_EXPOSURES_PER_BATCH).
+# The exposures API's limit per batch (routing.edge.exposures_api.MAX_EXPOSURES_PER_BATCH).
 MAX_EXPOSURES_PER_BATCH: Final = 10_000
 DEFAULT_EXPOSURE_BATCH_SIZE: Final = 1000
 DEFAULT_EXPOSURE_FLUSH_INTERVAL_S: Final = 1.0

@@ -4,7 +4,7 @@
 fetch ``GET /v1/config`` once at start, then poll it every ``refresh_s`` seconds with
 ``If-None-Match``; an unchanged config costs a 304 and no parsing. Each experiment is
 compiled into a ``rampart_sdk.assignment.AssignmentSpec`` built from the document's bucket
-``ranges``, and ``decide`` follows the steps of ``routing.edge``'s docstring: a fixed
+``ranges``, and ``decide`` follows the steps of ``routing.edge.app``'s docstring: a fixed
 variant (not running, rolled back, completed), then ``rampart_sdk.assignment.assign`` (override,
 namespace, hash and bucket). So a local decision equals the edge's for every unit id,
 including non-ASCII and emoji ids (hashed as UTF-16 code units, like GrowthBook's

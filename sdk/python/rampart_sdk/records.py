@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from rampart_sdk.errors import InvalidEventError
+from rampart_sdk._base_errors import InvalidEventError
 
-# The events API's limits (routing.ingest); checked here so that a bad event fails in the
+# The events API's limits (routing.edge.ingest); checked here so that a bad event fails in the
 # caller's track() instead of taking its whole batch down later.
 MAX_EVENT_ID_LENGTH: Final = 128
 MAX_UNIT_LENGTH: Final = 200

@@ -27,7 +27,7 @@ from analysis.stats.harm import (
 )
 from analysis.stats.moments import MeanStats, ProportionStats, RatioStats
 from analysis.stats.sequential import asymptotic_one_sided_bound
-from routing.histogram import LogHistogram
+from routing.observe.histogram import LogHistogram
 
 
 def _mean_stats(n: int, mean: float, sd: float) -> MeanStats:

@@ -32,7 +32,7 @@ from analysis.stats.quantile_exceedance import (
     window_bets,
 )
 from bench.quantile_power import Ramp, first_crossing, ramp_false_rollbacks, to_windows
-from routing.histogram import LogHistogram
+from routing.observe.histogram import LogHistogram
 
 SEED = 20261204
 

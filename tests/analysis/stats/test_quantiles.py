@@ -12,11 +12,13 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from analysis.stats.quantile_ab import quantile_ab_p_value, quantile_ab_p_value_from_samples
-from analysis.stats.quantiles import (
-    QuantileGuardrailResult,
+from analysis.stats.quantile_boundaries import (
     beta_binomial_log_mixture,
     beta_binomial_mixture_bound,
     double_stitching_bound,
+)
+from analysis.stats.quantiles import (
+    QuantileGuardrailResult,
     quantile_cs,
     quantile_cs_ranks,
     quantile_difference_cs,
@@ -24,7 +26,7 @@ from analysis.stats.quantiles import (
     quantile_ratio_cs,
 )
 from analysis.stats.quantiles_fixed import interpolated_quantile, quantile_difference_ci
-from routing.histogram import LogHistogram
+from routing.observe.histogram import LogHistogram
 
 # The STATS.md 8.1/8.2 reference cases: "deterministic log-normal grid samples, 10,000 per arm".
 # Reproduced with x_i = 100 * exp(0.5 * Phi^-1((i - 0.5) / n)), i = 1..n (median 100 ms,

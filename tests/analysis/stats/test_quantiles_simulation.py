@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from analysis.stats.quantiles import QuantileMethod, quantile_cs_ranks, quantile_guardrail
-from routing.histogram import LogHistogram
+from routing.observe.histogram import LogHistogram
 
 SEED = 20240601
 
@@ -74,7 +74,7 @@ class BucketedArms:
 
     def draw(self, rng: np.random.Generator, batch: int) -> None:
         values = rng.lognormal(math.log(self.median_ms), self.sigma, (self.experiments, batch))
-        # The histogram's bucket rule (routing/histogram.py), vectorised.
+        # The histogram's bucket rule (routing/observe/histogram.py), vectorised.
         indices = np.ceil(np.log(values) * self.inverse_log_gamma).astype(np.int64) - self.offset
         rows = np.repeat(np.arange(self.experiments), batch)
         np.add.at(self.cumulative, (rows, indices.ravel()), 1)

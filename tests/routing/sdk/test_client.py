@@ -185,7 +185,7 @@ class Script:
 
 
 def _problem(status: int, code: str, **members: Any) -> dict[str, Any]:
-    """A problem document as the edge writes it (routing.problems)."""
+    """A problem document as the edge writes it (routing.edge.problems)."""
     errors = members.pop("errors", [{"field": None, "code": code, "message": "x"}])
     first = errors[0]
     return {

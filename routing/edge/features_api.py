@@ -1,7 +1,7 @@
 """The GrowthBook SDK endpoint: ``GET /api/features/{client_key}``, answered from the snapshot.
 
 Mounted on the edge at ``/api/features`` (``config.asgi``), next to ``/v1/decide``: a request
-reads ``context.snapshots.current`` and answers the payload ``routing.features`` built once
+reads ``context.snapshots.current`` and answers the payload ``routing.edge.features`` built once
 per snapshot, so it costs no database query and no Django. GrowthBook's SDKs fetch
 ``{apiHost}/api/features/{clientKey}`` (``@growthbook/growthbook``'s feature repository;
 the Python ``growthbook`` package's ``_get_features_url``), so an SDK pointed at a Rampart
@@ -35,8 +35,7 @@ from typing import Final
 
 import orjson
 
-from routing.edge import SCOPE_SDK, EdgeContext
-from routing.edge_io import (
+from routing.edge.asgi import (
     CORS_HEADERS,
     Receive,
     Scope,
@@ -51,8 +50,9 @@ from routing.edge_io import (
     send_preflight,
     send_problem,
 )
-from routing.features import features_payload
-from routing.problems import EdgeError
+from routing.edge.context import SCOPE_SDK, EdgeContext
+from routing.edge.features import features_payload
+from routing.edge.problems import EdgeError
 from routing.snapshot import RoutingSnapshot
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the routing proxy and its observation recorder (served on /metrics).
+"""Prometheus metrics of the routing proxy (served on /metrics).
 
 All metrics live in prometheus_client's default registry, so whoever serves /metrics with
 ``prometheus_client.generate_latest()`` exposes them. Label values are experiment keys, variant
@@ -28,8 +28,8 @@ from typing import Final
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from routing.breaker import STATE_VALUES, BreakerState
-from routing.metrics import DECISIONS
+from routing.observe.metrics import DECISIONS
+from routing.proxy.breaker import STATE_VALUES, BreakerState
 
 # How often the proxy adds the pending counts to their counters; a scrape sees them this late.
 PUBLISH_INTERVAL_S: Final = 1.0
@@ -85,25 +85,6 @@ REJECTED = Counter(
     "Requests refused before routing, by reason (unknown_experiment, body_too_large, auth).",
     ["reason"],
 )
-OBSERVATION_FLUSHES = Counter(
-    "rampart_observation_flushes_total",
-    "Observation flushes by outcome: ok or failed (rows are kept and retried).",
-    ["outcome"],
-)
-OBSERVATION_ROWS_WRITTEN = Counter(
-    "rampart_observation_rows_written_total",
-    "ObservationBucket rows written.",
-)
-OBSERVATION_CELLS_DROPPED = Counter(
-    "rampart_observation_cells_dropped_total",
-    "Aggregated observation cells dropped because the buffer was full while writes failed.",
-)
-OBSERVATION_BUFFERED_CELLS = Gauge(
-    "rampart_observation_buffered_cells",
-    "Aggregated (experiment, variant, bucket) cells waiting to be written (all live processes).",
-    multiprocess_mode="livesum",
-)
-
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 

@@ -14,17 +14,10 @@ from typing import Any, Final
 
 from django.conf import settings
 
-from routing.edge import (
-    EdgeContext,
-    Receive,
-    Scope,
-    auth_error,
-    header_value,
-    not_ready_error,
-    read_body,
-)
-from routing.edge_input import MAX_UNIT_LENGTH, check_unit_id, loads_json
-from routing.problems import EdgeError, FieldError
+from routing.edge.asgi import Receive, Scope, auth_error, header_value, not_ready_error, read_body
+from routing.edge.context import EdgeContext
+from routing.edge.inputs import MAX_UNIT_LENGTH, check_unit_id, loads_json
+from routing.edge.problems import EdgeError, FieldError
 
 # Epoch seconds must name a time datetime can hold (before the year 10000); epoch
 # milliseconds, the usual mistake, fall far beyond it and are refused.

@@ -1,8 +1,8 @@
 """The edge's ASGI plumbing: the types, reading a request, sending JSON and problem answers.
 
-Shared by every part of the edge (``routing.edge`` and what it mounts). Answers are sent in
+Shared by every part of the edge (``routing.edge.app`` and what it mounts). Answers are sent in
 two messages with their length known, and errors as problem details
-(``routing.problems``).
+(``routing.edge.problems``).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Final
 
-from routing.problems import CONTENT_TYPE, EdgeError
-from routing.snapshot import KeyCheck
+from routing.edge.problems import CONTENT_TYPE, EdgeError
+from routing.route import KeyCheck
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -90,7 +90,7 @@ async def send_error(
     *,
     headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:
-    """Send a problem document (RFC 9457, ``routing.problems``) with ``status``."""
+    """Send a problem document (RFC 9457, ``routing.edge.problems``) with ``status``."""
     await send_problem(send, EdgeError(status, code, message, field, headers=tuple(headers)))
 
 

@@ -10,7 +10,7 @@ Request
 ``POST /v1/exposures`` with an API key holding the ``decide`` or the ``sdk`` scope
 (``Authorization: Bearer rk_...`` or ``X-Rampart-Key``; not checked when
 ``EDGE_REQUIRE_KEY`` is false; ``sdk`` keys are GrowthBook client keys, whose tracking
-callbacks post here, see ``routing.features_api``) and
+callbacks post here, see ``routing.edge.features_api``) and
 the body ``{"exposures": [exposure, ...]}``, at most ``MAX_EXPOSURES_PER_BATCH`` of them::
 
     {"experiment": "ranker-v2",         # key of a running experiment
@@ -58,7 +58,7 @@ unit's), ``timestamp`` (bad, or beyond the clock skew), or an unknown field's na
 ``unknown_field``); ``field`` is null when the exposure is not an object. Refusals of a
 correct SDK happen only around a config change, while its config or the edge's snapshot
 lags the other (a canary step moves units between arms). So a batch refused only for such
-conflicts has the edge confirm its config version first (``routing.edge.confirm_snapshot``):
+conflicts has the edge confirm its config version first (``routing.edge.context.confirm_snapshot``):
 if a newer snapshot comes in, the batch is checked once more against it; if the version
 cannot be confirmed (database unreachable), the answer is 503 ``experiment_not_on_edge`` with
 ``Retry-After`` rather than a refusal the SDK would drop. Other errors: 400
@@ -85,22 +85,19 @@ from typing import Any, Final, NamedTuple
 import orjson
 from prometheus_client import Counter
 
-from routing.edge import (
-    SCOPE_DECIDE,
-    SCOPE_SDK,
-    EdgeContext,
+from routing.edge.asgi import (
+    CORS_HEADERS,
     Receive,
     Scope,
     Send,
-    confirm_snapshot,
     method_not_allowed,
-    not_on_edge_error,
     not_ready_error,
     send_error,
     send_json,
+    send_preflight,
     send_problem,
 )
-from routing.edge_http import (
+from routing.edge.batch import (
     ASSIGNMENT_CONFLICT,
     TimestampParser,
     batch_refusal,
@@ -112,9 +109,16 @@ from routing.edge_http import (
     unit_id_field,
     unknown_fields,
 )
-from routing.edge_io import CORS_HEADERS, send_preflight
-from routing.problems import EdgeError, FieldError
-from routing.snapshot import ExperimentRoute, RoutingSnapshot
+from routing.edge.context import (
+    SCOPE_DECIDE,
+    SCOPE_SDK,
+    EdgeContext,
+    confirm_snapshot,
+    not_on_edge_error,
+)
+from routing.edge.problems import EdgeError, FieldError
+from routing.route import ExperimentRoute
+from routing.snapshot import RoutingSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +278,7 @@ def record_exposures(exposures: list[AcceptedExposure], record: Callable[..., No
 
 
 class ExposuresApp:
-    """The ``/v1/exposures`` part of the edge (``routing.edge.SubApp``)."""
+    """The ``/v1/exposures`` part of the edge (``routing.edge.context.SubApp``)."""
 
     def __init__(
         self,

@@ -10,7 +10,7 @@ within a window after its first request. The proxy counts them here, per edge pr
   ``fast_s`` / ``slow_s`` of ``first_seen`` count in the fast / slow window; later ones are
   not counted. The rule never looks at the outcome.
 * The hot path is one dict lookup per request and a few additions (``UnitTally.add``).
-  The observation flusher (``routing.observations``) drains the users whose fast or slow
+  The observation flusher (``routing.observe.observations``) drains the users whose fast or slow
   window has closed with its own rows and upserts them into ``routing.models.UnitOutcome``
   off the event loop: two writes per user at most, each within one flush of the window's end.
 * Several processes may serve one user. The upsert keeps the counts of the process with the

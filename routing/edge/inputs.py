@@ -16,7 +16,7 @@ from urllib.parse import unquote_plus
 
 import orjson
 
-from routing.problems import EdgeError, FieldError
+from routing.edge.problems import EdgeError, FieldError
 
 MAX_UNIT_LENGTH: Final = 200
 MAX_BATCH_UNITS: Final = 1000

@@ -1,9 +1,10 @@
 """Calm behaviour during outages: capped exponential backoff with jitter, and failure logs
 limited to one line per interval.
 
-The edge's buffered writers (``routing.recorder``, ``routing.observations``) retry a failed
-flush later, and the events API answers 503 to every batch while the database is down. Left
-alone, a 20-second outage made hundreds of failed flushes per second and a traceback for each.
+The edge's buffered writers (``routing.observe.recorder``, ``routing.observe.observations``)
+retry a failed flush later, and the events API answers 503 to every batch while the database
+is down. Left alone, a 20-second outage made hundreds of failed flushes per second and a
+traceback for each.
 
 ``Backoff`` spaces attempts: after the n-th consecutive failure it waits
 ``d/2 + U(0, d/2)`` with ``d = min(max_s, base_s * 2**(n-1))`` ("equal jitter", Brooker,

@@ -13,7 +13,7 @@ Bounded memory, nothing dropped silently:
   * when the database is unreachable, rows stay buffered and the flush is retried; past
     ``RECORDER_MAX_BUFFER`` rows, new rows are dropped, counted and logged;
   * while flushes fail, the next one waits a capped exponential backoff with jitter
-    (``RECORDER_BACKOFF_BASE_S`` to ``RECORDER_BACKOFF_MAX_S``, ``routing.backoff``) and
+    (``RECORDER_BACKOFF_BASE_S`` to ``RECORDER_BACKOFF_MAX_S``, ``routing.observe.backoff``) and
     full buffers do not wake it early; the failures are logged once per
     ``RECORDER_FAILURE_LOG_S`` with counts, and ``/metrics`` shows the rows waiting, the
     failed flushes and the current backoff;
@@ -35,8 +35,9 @@ from datetime import datetime
 from django.conf import settings
 from django.db import DatabaseError, DataError, IntegrityError
 
-from routing import metrics
-from routing.backoff import Backoff, FailureLog
+from routing.db import close_thread_connections, run_with_db
+from routing.observe import metrics
+from routing.observe.backoff import Backoff, FailureLog
 from routing.services import (
     EXPOSURE_INSERT_BATCH,
     ExposureRow,
@@ -44,7 +45,6 @@ from routing.services import (
     exposures_insert_by_experiment,
     exposures_insert_one_by_one,
 )
-from routing.snapshot import close_thread_connections, run_with_db
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the events API (``POST /v1/events``, ``routing.ingest``).
+"""Prometheus metrics of the events API (``POST /v1/events``, ``routing.edge.ingest``).
 
 The objects live in prometheus_client's default registry, so whoever serves /metrics exposes
 them. Label values are a fixed set of error codes, never anything a client sends.

@@ -14,7 +14,7 @@ Authentication: ``Authorization: Bearer rk_...`` or ``X-Rampart-Key: rk_...``, c
 against the snapshot's key hashes (scope ``decide``) unless ``EDGE_REQUIRE_KEY`` is false.
 A key created or revoked through the API takes effect within one snapshot refresh.
 
-Errors are RFC 9457 problem details (``application/problem+json``, ``routing.problems``;
+Errors are RFC 9457 problem details (``application/problem+json``, ``routing.edge.problems``;
 docs/errors.md lists every code): 400 ``validation_error`` (missing or bad field),
 ``unknown_field``, ``malformed_json``, ``invalid_encoding`` (an id that is not UTF-8), 401
 ``not_authenticated``, 403 ``permission_denied``, 404 ``experiment_not_found`` or
@@ -97,29 +97,16 @@ weights cannot express, so evaluate from ``ranges``. To reproduce the edge's dec
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
-import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import orjson
-from django.conf import settings
 
-from routing.edge_input import (
-    MAX_UNIT_LENGTH,
-    batch_units,
-    decide_query,
-    experiment_key,
-    parse_json_object,
-    refuse_unknown_fields,
-    unit_id,
-)
-from routing.edge_io import (
+from routing.edge.asgi import (
     ASGIApp,
     Receive,
     Scope,
@@ -135,110 +122,26 @@ from routing.edge_io import (
     send_json,
     send_problem,
 )
-from routing.logcontext import set_route
-from routing.metrics import count_decision
-from routing.problems import EdgeError
-from routing.recorder import ExposureRecorder
-from routing.snapshot import (
-    Decision,
-    ExperimentRoute,
-    KeyCheck,
-    RoutingSnapshot,
-    SnapshotHolder,
+from routing.edge.context import SCOPE_DECIDE, EdgeContext, SubApp, resolve_route
+from routing.edge.inputs import (
+    MAX_UNIT_LENGTH,
+    batch_units,
+    decide_query,
+    experiment_key,
+    parse_json_object,
+    refuse_unknown_fields,
+    unit_id,
 )
+from routing.edge.problems import EdgeError
+from routing.logcontext import set_route
+from routing.observe.metrics import count_decision
+from routing.route import Decision, ExperimentRoute
+from routing.snapshot import RoutingSnapshot
 
 logger = logging.getLogger(__name__)
 
-SCOPE_DECIDE: Final = "decide"
-# GrowthBook client keys (routing.features_api): the payload and exposures, nothing else.
-SCOPE_SDK: Final = "sdk"
-# How long a request for an unknown experiment waits for the config version check.
-CONFIRM_TIMEOUT_S: Final = 1.0
 DECIDE_FIELDS: Final = frozenset({"experiment", "unit"})
 BATCH_FIELDS: Final = frozenset({"experiment", "units", "unit", "experiments"})
-
-
-class SubApp(Protocol):
-    """A part of the edge mounted under a path prefix (the proxy, the events API...)."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None: ...
-
-    async def startup(self) -> None: ...
-
-    async def shutdown(self) -> None: ...
-
-
-@dataclass
-class EdgeContext:
-    """What every part of the edge shares: the snapshot holder and the exposure recorder."""
-
-    snapshots: SnapshotHolder
-    exposures: ExposureRecorder
-    require_key: bool = field(default_factory=lambda: bool(settings.EDGE_REQUIRE_KEY))
-
-    @classmethod
-    def from_settings(cls) -> EdgeContext:
-        return cls(snapshots=SnapshotHolder(), exposures=ExposureRecorder())
-
-    def check_key(self, headers: Iterable[tuple[bytes, bytes]], scope: str) -> KeyCheck | None:
-        """None when the request may proceed, else the failed check to answer with."""
-        if not self.require_key:
-            return None
-        check = self.snapshots.current.check_key(api_key_from_headers(headers), scope)
-        return None if check.ok else check
-
-
-async def confirm_snapshot(holder: SnapshotHolder, since: float) -> bool:
-    """True once the holder's snapshot is confirmed current as of ``since`` (monotonic).
-
-    False when the config version could not be read within ``CONFIRM_TIMEOUT_S`` (database
-    unreachable). See ``SnapshotHolder.confirm_current``.
-    """
-    try:
-        return await asyncio.wait_for(
-            holder.confirm_current(since=since), timeout=CONFIRM_TIMEOUT_S
-        )
-    except TimeoutError:
-        return False
-
-
-def not_on_edge_error(holder: SnapshotHolder, what: str) -> EdgeError:
-    """503 ``experiment_not_on_edge``, with ``Retry-After`` one snapshot refresh away."""
-    retry_after = max(1, math.ceil(holder.refresh_s))
-    return EdgeError(
-        503,
-        "experiment_not_on_edge",
-        f"{what} is not on this edge: its routing snapshot (version {holder.current.version}) "
-        f"does not hold it and the config version could not be confirmed; retry after "
-        f"{retry_after} s",
-        "experiment",
-        headers=((b"retry-after", str(retry_after).encode()),),
-        extra={"retry_after_s": retry_after},
-    )
-
-
-async def resolve_route(
-    context: EdgeContext, key: str, *, since: float | None = None
-) -> ExperimentRoute:
-    """The route of a key the current snapshot may not know yet (the slow path of a miss).
-
-    The snapshot lags the database by up to ``SNAPSHOT_REFRESH_S``; an experiment created a
-    moment ago is missing from it. So a miss first has the holder confirm the config version
-    (one shared, rate-limited query, ``confirm_snapshot``): a new version is loaded and the
-    key served from it; an unchanged one proves the key unknown, 404
-    ``experiment_not_found``. When the version cannot be confirmed within
-    ``CONFIRM_TIMEOUT_S`` (database unreachable), the experiment may exist but is not on this
-    edge: 503 ``experiment_not_on_edge`` with ``Retry-After``. ``since`` (monotonic; default
-    now) lets the keys of one request share one check.
-    """
-    holder = context.snapshots
-    confirmed = await confirm_snapshot(holder, time.monotonic() if since is None else since)
-    route = holder.current.route(key)
-    if route is not None:
-        return route
-    if confirmed:
-        raise EdgeError(404, "experiment_not_found", f"unknown experiment {key!r}", "experiment")
-    raise not_on_edge_error(holder, f"experiment {key!r}")
 
 
 class Edge:

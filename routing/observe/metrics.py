@@ -1,4 +1,4 @@
-"""Prometheus metrics of the edge's decisions, routing snapshot and exposure recorder.
+"""Prometheus metrics of the edge's decisions, routing snapshot and the two recorders.
 
 The objects live in prometheus_client's default registry; whoever serves /metrics exposes
 them. Hot-path counters are incremented through cached label children, so a decision pays
@@ -79,6 +79,24 @@ FLUSH_BACKOFF = Gauge(
     " failed ones; 0 while flushes succeed (the longest over live workers).",
     ["writer"],
     multiprocess_mode="livemax",
+)
+OBSERVATION_FLUSHES = Counter(
+    "rampart_observation_flushes_total",
+    "Observation flushes by outcome: ok or failed (rows are kept and retried).",
+    ["outcome"],
+)
+OBSERVATION_ROWS_WRITTEN = Counter(
+    "rampart_observation_rows_written_total",
+    "ObservationBucket rows written.",
+)
+OBSERVATION_CELLS_DROPPED = Counter(
+    "rampart_observation_cells_dropped_total",
+    "Aggregated observation cells dropped because the buffer was full while writes failed.",
+)
+OBSERVATION_BUFFERED_CELLS = Gauge(
+    "rampart_observation_buffered_cells",
+    "Aggregated (experiment, variant, bucket) cells waiting to be written (all live processes).",
+    multiprocess_mode="livesum",
 )
 
 EDGE_CONNECTIONS = Gauge(

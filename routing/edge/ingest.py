@@ -75,10 +75,9 @@ import orjson
 from django.conf import settings
 from django.db import DatabaseError, OperationalError, connection, transaction
 
-from routing import ingest_metrics
-from routing.backoff import FailureLog
-from routing.edge import (
-    EdgeContext,
+from routing.db import close_thread_connections, run_with_db
+from routing.edge import ingest_metrics
+from routing.edge.asgi import (
     Receive,
     Scope,
     Send,
@@ -88,7 +87,7 @@ from routing.edge import (
     send_json,
     send_problem,
 )
-from routing.edge_http import (
+from routing.edge.batch import (
     TimestampParser,
     batch_refusal,
     check_scope,
@@ -99,9 +98,10 @@ from routing.edge_http import (
     unit_id_field,
     unknown_fields,
 )
+from routing.edge.context import EdgeContext
+from routing.edge.problems import EdgeError, FieldError
 from routing.models import Event
-from routing.problems import EdgeError, FieldError
-from routing.snapshot import close_thread_connections, run_with_db
+from routing.observe.backoff import FailureLog
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def ingest_batch(body: bytes, *, max_events: int = MAX_EVENTS_PER_BATCH) -> Inge
 
 
 class EventsApp:
-    """The ``/v1/events`` part of the edge (``routing.edge.SubApp``)."""
+    """The ``/v1/events`` part of the edge (``routing.edge.context.SubApp``)."""
 
     def __init__(
         self,

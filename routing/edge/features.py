@@ -1,6 +1,6 @@
 """Rampart's experiments as a GrowthBook SDK payload: one feature per experiment.
 
-``GET /api/features/{client_key}`` (``routing.features_api``) serves this document, which
+``GET /api/features/{client_key}`` (``routing.edge.features_api``) serves this document, which
 GrowthBook's official SDKs fetch and evaluate locally (JavaScript ``@growthbook/growthbook``
 reads ``features`` from ``{apiHost}/api/features/{clientKey}``, and so does the Python
 ``growthbook`` package; both evaluate a feature's rules in order, falling back to its
@@ -60,7 +60,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from routing.snapshot import ExperimentRoute, RoutingSnapshot
+from routing.route import ExperimentRoute
+from routing.snapshot import RoutingSnapshot
 
 PAYLOAD_FORMAT: Final = 1
 # The attribute that holds the unit id in the SDK's attributes.

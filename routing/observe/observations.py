@@ -13,7 +13,7 @@ What a cell's fields mean (the contract analysis reads):
   not in ``count``.
 * ``error_count``: those of ``count`` that failed: a 5xx answer, a timeout, a connection
   failure, or a breaker short-circuit. The error rate is ``error_count / count``.
-* ``latency_histogram`` (a ``routing.histogram.LogHistogram``), ``latency_sum`` and
+* ``latency_histogram`` (a ``routing.observe.histogram.LogHistogram``), ``latency_sum`` and
   ``latency_sum_sq``: the upstream latency in ms of every upstream attempt, failed ones
   included (a timeout is recorded at the time it took to time out). Breaker short-circuits
   have no latency, so the latency sample size is the histogram's count, which is at most
@@ -36,7 +36,7 @@ A flush that fails keeps its cells: they are merged back into the buffer (the st
 sums, so merging is exact) and written by the next flush. The buffer is capped at
 RECORDER_MAX_BUFFER cells; past it the oldest cells are dropped and counted. While flushes
 fail, the next waits a capped exponential backoff with jitter instead of the flush interval,
-and the failures are logged once per interval with counts (``routing.backoff``).
+and the failures are logged once per interval with counts (``routing.observe.backoff``).
 """
 
 from __future__ import annotations
@@ -52,10 +52,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from routing import metrics, proxy_metrics
-from routing.backoff import Backoff, FailureLog
-from routing.histogram import LogHistogram
-from routing.unit_outcomes import UnitOutcomeBook, UnitRow, UnitTally, write_unit_rows
+from routing.observe import metrics
+from routing.observe.backoff import Backoff, FailureLog
+from routing.observe.histogram import LogHistogram
+from routing.observe.unit_outcomes import UnitOutcomeBook, UnitRow, UnitTally, write_unit_rows
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class ObservationAggregator:
     ) -> None:
         """Record one request of an arm; ``latency_ms`` None means no upstream call was made.
 
-        ``unit`` is the user's tally (``routing.unit_outcomes``) when the user is tracked.
+        ``unit`` is the user's tally (``routing.observe.unit_outcomes``) when the user is tracked.
         """
         # _cell inlined: this runs for every proxied request.
         now = self._clock()
@@ -255,7 +255,7 @@ class ObservationAggregator:
             for key in sorted(self._cells, key=lambda k: k[3])[:overflow]:
                 del self._cells[key]
             self._dropped_cells += overflow
-            proxy_metrics.OBSERVATION_CELLS_DROPPED.inc(overflow)
+            metrics.OBSERVATION_CELLS_DROPPED.inc(overflow)
 
     def rows(self, cells: dict[CellKey, ObservationCell]) -> list[dict[str, object]]:
         """The ObservationBucket field values of drained cells (empty cells are skipped)."""
@@ -301,13 +301,13 @@ class ObservationAggregator:
             if self.units is not None and isinstance(exc, UnitsUnwritten):
                 self.units.restore(unit_rows)
             self._failed_flushes += 1
-            proxy_metrics.OBSERVATION_FLUSHES.labels("failed").inc()
+            metrics.OBSERVATION_FLUSHES.labels("failed").inc()
             raise
         self._flushes += 1
         self._rows_written += written
-        proxy_metrics.OBSERVATION_FLUSHES.labels("ok").inc()
-        proxy_metrics.OBSERVATION_ROWS_WRITTEN.inc(written)
-        proxy_metrics.OBSERVATION_BUFFERED_CELLS.set(len(self._cells))
+        metrics.OBSERVATION_FLUSHES.labels("ok").inc()
+        metrics.OBSERVATION_ROWS_WRITTEN.inc(written)
+        metrics.OBSERVATION_BUFFERED_CELLS.set(len(self._cells))
         return written
 
     async def flush(self, *, final: bool = False) -> int:
@@ -333,8 +333,8 @@ class ObservationAggregator:
             if self.units is not None and isinstance(error, UnitsUnwritten):
                 self.units.restore(unit_rows)
             self._failed_flushes += 1
-            proxy_metrics.OBSERVATION_FLUSHES.labels("failed").inc()
-            proxy_metrics.OBSERVATION_BUFFERED_CELLS.set(len(self._cells))
+            metrics.OBSERVATION_FLUSHES.labels("failed").inc()
+            metrics.OBSERVATION_BUFFERED_CELLS.set(len(self._cells))
             delay = self._backoff.failed()
             self._backoff_gauge.set(delay)
             self._failure_log.failed(
@@ -347,9 +347,9 @@ class ObservationAggregator:
             self._failure_log.succeeded()
         self._flushes += 1
         self._rows_written += written
-        proxy_metrics.OBSERVATION_FLUSHES.labels("ok").inc()
-        proxy_metrics.OBSERVATION_ROWS_WRITTEN.inc(written)
-        proxy_metrics.OBSERVATION_BUFFERED_CELLS.set(len(self._cells))
+        metrics.OBSERVATION_FLUSHES.labels("ok").inc()
+        metrics.OBSERVATION_ROWS_WRITTEN.inc(written)
+        metrics.OBSERVATION_BUFFERED_CELLS.set(len(self._cells))
         return written
 
     async def start(self) -> None:

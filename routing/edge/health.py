@@ -59,9 +59,10 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from routing import metrics
-from routing.edge import EdgeContext, Receive, Scope, Send, header_value, send_error, send_json
-from routing.snapshot import close_thread_connections, run_with_db
+from routing.db import close_thread_connections, run_with_db
+from routing.edge.asgi import Receive, Scope, Send, header_value, send_error, send_json
+from routing.edge.context import EdgeContext
+from routing.observe import metrics
 
 logger = logging.getLogger(__name__)
 

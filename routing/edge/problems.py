@@ -25,7 +25,7 @@ TYPE_PREFIX: Final = PROBLEM_TYPE_PREFIX
 CONTENT_TYPE: Final = b"application/problem+json"
 
 # Every code the edge answers. Titles (and statuses) come from the one table all of Rampart
-# shares (experiments.problems); docs/errors.md lists them; routing/openapi.py describes them;
+# shares (experiments.problems); docs/errors.md lists them; routing/edge/openapi.py describes them;
 # a test checks the three agree.
 EDGE_CODES: Final = (
     "validation_error",
@@ -99,7 +99,7 @@ def problem_body(status: int, code: str, detail: str, **kwargs: Any) -> bytes:
 
 
 class EdgeError(Exception):
-    """A request the edge refuses; rendered as a problem document (``routing.edge.send_error``).
+    """A request the edge refuses; rendered as a problem document (``asgi.send_error``).
 
     ``errors`` lists every offending field when there are several (each a mapping with
     ``field``, ``code``, ``message`` and, in batches, ``index``); ``headers`` are added to

@@ -1,6 +1,6 @@
 """The edge's HTTP protocol for uvicorn: httptools, with each response's writes coalesced.
 
-Serve the edge with ``uvicorn config.asgi:application --http routing.server:EdgeHttpProtocol``
+Serve the edge with ``uvicorn config.asgi:application --http routing.edge.server:EdgeHttpProtocol``
 (the Dockerfile, docker-compose.yml, ``make run`` and ``make demo`` do).
 
 uvicorn writes a response's status line and headers to the socket as soon as the app sends
@@ -43,8 +43,8 @@ from typing import Any, Final
 from django.conf import settings
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from routing import metrics
-from routing.problems import problem_body
+from routing.edge.problems import problem_body
+from routing.observe import metrics
 
 HEADERS: Final = "headers"
 BODY: Final = "body"

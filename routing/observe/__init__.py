@@ -1,0 +1,1 @@
+"""Recording off the hot path: exposures, observations, per-user outcomes, histograms, metrics."""
