@@ -17,7 +17,7 @@ allowlisted QA traffic and do not count (``rampart_sdk.assignment.Assignment``).
 Specs: an A/B test uses its routed variants' weights (control first, then the others in
 their configured order) and its coverage. A canary gives its current ramp step's
 ``canary_share`` to the non-control variants, split in proportion to their configured
-weights, each in its own fixed lane (``rampart_sdk.assignment.build_canary_spec``), so raising
+weights, each in its own fixed lane (``rampart_sdk.canary.build_canary_spec``), so raising
 the share only moves units from control to a canary. Lanes follow those weights: with two
 or more canaries, changing their weights mid-ramp moves lane borders and can move units
 between canaries. Canary specs have full coverage (coverage is an A/B setting).
@@ -37,8 +37,8 @@ from rampart_sdk.assignment import (
     Namespace,
     assign,
     build_assignment_spec,
-    build_canary_spec,
 )
+from rampart_sdk.canary import build_canary_spec
 from routing.split import canary_lanes
 
 logger = logging.getLogger(__name__)

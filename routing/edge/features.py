@@ -44,7 +44,7 @@ Why each part:
     answers (control, or the winner), untracked.
 
 What GrowthBook cannot express: a canary ramp with three or more canaries gives control
-several bucket intervals (``rampart_sdk.assignment.canary_ranges``), and a GrowthBook experiment
+several bucket intervals (``rampart_sdk.canary.canary_ranges``), and a GrowthBook experiment
 gives each variation one. The closest correct form, served here, is one experiment rule per
 interval of control, all with the experiment's key, seed and namespace: rule i gives each
 variation its i-th interval (an empty ``[0, 0]`` when it has fewer). A unit's bucket falls

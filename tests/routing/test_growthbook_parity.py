@@ -16,10 +16,10 @@ from rampart_sdk.assignment import (
     Namespace,
     assign,
     build_assignment_spec,
-    build_canary_spec,
     growthbook_ranges,
     rolled_back_spec,
 )
+from rampart_sdk.canary import build_canary_spec
 from tests.routing.test_hashing import ASTRAL_IDS
 
 

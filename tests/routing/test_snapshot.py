@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from experiments import services
-from rampart_sdk.assignment import assign, build_assignment_spec, build_canary_spec
+from rampart_sdk.assignment import assign, build_assignment_spec
+from rampart_sdk.canary import build_canary_spec
 from rampart_sdk.hashing import bucket
 from routing.snapshot import RoutingSnapshot, SnapshotHolder, load_snapshot
 from tests.factories import create_experiment

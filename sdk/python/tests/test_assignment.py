@@ -25,14 +25,13 @@ from rampart_sdk.assignment import (
     assign,
     bucket_ranges,
     build_assignment_spec,
-    build_canary_spec,
-    canary_ranges,
     choose_variation,
     equal_weights,
     growthbook_ranges,
     in_namespace,
     rolled_back_spec,
 )
+from rampart_sdk.canary import build_canary_spec, canary_ranges
 from rampart_sdk.hashing import BUCKET_GRID
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
