@@ -52,6 +52,17 @@ class RampStepView:
 
 
 @dataclass(frozen=True, slots=True)
+class QualityView:
+    """Model-quality tracking of an experiment: where the proxy reads predictions."""
+
+    prediction_path: str
+    prediction_kind: str
+    # The caller's own request id comes from this header ("" = the proxy makes one).
+    request_id_header: str
+    sample_rate: float
+
+
+@dataclass(frozen=True, slots=True)
 class ExperimentView:
     id: int
     key: str
@@ -81,6 +92,8 @@ class ExperimentView:
     cache_ttl_s: int
     cache_max_entries: int
     has_slack_webhook: bool = False
+    # None when quality tracking is off.
+    quality: QualityView | None = None
 
     @property
     def control(self) -> VariantView:

@@ -11,6 +11,7 @@ from experiments.contracts import (
     ExperimentMetricView,
     ExperimentView,
     MetricView,
+    QualityView,
     RampStepView,
     VariantView,
 )
@@ -84,6 +85,18 @@ def metric_view(metric: Metric) -> MetricView:
     )
 
 
+def quality_view(experiment: Experiment) -> QualityView | None:
+    """The experiment's model-quality tracking, or None when it is off."""
+    if not experiment.quality_enabled:
+        return None
+    return QualityView(
+        prediction_path=experiment.quality_prediction_path,
+        prediction_kind=experiment.quality_prediction_kind,
+        request_id_header=experiment.quality_request_id_header,
+        sample_rate=experiment.quality_sample_rate,
+    )
+
+
 def experiment_view(experiment: Experiment) -> ExperimentView:
     """Map one experiment (with prefetched relations) to its frozen view."""
     namespace = None
@@ -143,6 +156,7 @@ def experiment_view(experiment: Experiment) -> ExperimentView:
         cache_ttl_s=experiment.cache_ttl_s,
         cache_max_entries=experiment.cache_max_entries,
         has_slack_webhook=bool(experiment.slack_webhook_url),
+        quality=quality_view(experiment),
     )
 
 

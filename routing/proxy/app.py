@@ -55,6 +55,7 @@ from routing.proxy.headers import (
     unit_from_request,
 )
 from routing.proxy.plan import Arm, Plan, PlanBook
+from routing.proxy.predictions import ProxyPredictions, Ticket
 from routing.proxy.shadow import Shadows
 from routing.proxy.watch import DISCONNECT_WATCH_AFTER_S, DisconnectWatch, WatchSweep
 from routing.unit_outcomes import UnitOutcomeBook, UnitTally
@@ -102,6 +103,7 @@ class ProxyApp:
             self.observations, concurrency=int(settings.PROXY_SHADOW_CONCURRENCY)
         )
         self._watches = WatchSweep(DISCONNECT_WATCH_AFTER_S)
+        self.predictions = ProxyPredictions()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._publisher: asyncio.Task[None] | None = None
 
@@ -125,6 +127,7 @@ class ProxyApp:
         )
         self.shadows.client = self.client
         await self.observations.start()
+        await self.predictions.start()
         self._publisher = loop.create_task(self._publish_metrics(), name="rampart-proxy-metrics")
 
     async def shutdown(self) -> None:
@@ -141,6 +144,7 @@ class ProxyApp:
             await session.close()
         proxy_metrics.publish_pending()
         await self.observations.stop()
+        await self.predictions.stop()
 
     async def _publish_metrics(self) -> None:
         while True:
@@ -300,6 +304,8 @@ class ProxyApp:
         tally = None
         if in_experiment and unit is not None and plan.shares is not None:
             tally = self.units.tally(plan.experiment_id, unit, arm.key, plan.shares)
+        quality = plan.quality
+        ticket = None if quality is None else quality.ticket(headers, unit, in_experiment)
 
         method: str = scope["method"]
         # The rest of the path after /proxy/{experiment}, still percent-encoded as received.
@@ -320,12 +326,13 @@ class ProxyApp:
                 self.observations.count_cache_hit(plan.experiment_id, arm.key)
                 arm.metrics.cache_hits.inc()
                 arm.metrics.count_response(hit.status)
+                hit_headers = [*hit.headers, *arm.response_headers, CACHE_HIT_HEADER]
+                if ticket is not None:
+                    self.predictions.answer(
+                        ticket, arm.key, hit.status, hit.body, hit.headers, hit_headers
+                    )
                 await send(
-                    {
-                        "type": "http.response.start",
-                        "status": hit.status,
-                        "headers": [*hit.headers, *arm.response_headers, CACHE_HIT_HEADER],
-                    }
+                    {"type": "http.response.start", "status": hit.status, "headers": hit_headers}
                 )
                 await send({"type": "http.response.body", "body": hit.body})
                 return
@@ -352,6 +359,7 @@ class ProxyApp:
                 cache_key,
                 control_answer,
                 tally,
+                ticket,
             )
         except asyncio.CancelledError:
             if not watch.disconnected:
@@ -428,6 +436,7 @@ class ProxyApp:
         cache_key: tuple[str, str, str, bytes] | None,
         control_answer: asyncio.Future[tuple[bytes, bytes] | None] | None,
         tally: UnitTally | None = None,
+        ticket: Ticket | None = None,
     ) -> None:
         """Call the arm (and control on failure) and send the answer to the client.
 
@@ -448,7 +457,16 @@ class ProxyApp:
                 )
                 if attempt.failure is None:
                     await self._respond(
-                        plan, arm, arm, attempt, send, watch, cache_key, None, tally=tally
+                        plan,
+                        arm,
+                        arm,
+                        attempt,
+                        send,
+                        watch,
+                        cache_key,
+                        None,
+                        tally=tally,
+                        ticket=ticket,
                     )
                     return
                 count_failure(arm, attempt.failure)
@@ -522,6 +540,7 @@ class ProxyApp:
             control_answer,
             fallback=fallback,
             tally=tally,
+            ticket=ticket,
         )
 
     async def _respond(
@@ -537,6 +556,7 @@ class ProxyApp:
         *,
         fallback: bool = False,
         tally: UnitTally | None = None,
+        ticket: Ticket | None = None,
     ) -> None:
         """Send a successful (non-5xx) upstream answer to the client and record it."""
         headers = passed_on(attempt.headers)
@@ -545,6 +565,10 @@ class ProxyApp:
             response_headers.append(plan.fallback_header)
         status = attempt.status
         body = attempt.body
+        if ticket is not None:
+            self.predictions.answer(
+                ticket, assigned.key, status, body, headers, response_headers, fallback=fallback
+            )
         if body is None:
             try:
                 await self._stream(attempt, response_headers, send, watch)
