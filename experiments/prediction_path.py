@@ -78,7 +78,7 @@ def read_path(data: Any, steps: tuple[PathStep, ...]) -> Any:
     """The value at ``steps`` in parsed JSON ``data``, or ``MISSING`` when it is absent."""
     value = data
     for step in steps:
-        if type(step) is str:
+        if isinstance(step, str):
             if type(value) is not dict:
                 return MISSING
             value = value.get(step, MISSING)

@@ -4,9 +4,10 @@ The edge is plain ASGI (``routing.edge``), so drf-spectacular cannot see it. Thi
 describes it by hand and ``add_edge_operations``, a drf-spectacular post-processing hook
 (``SPECTACULAR_SETTINGS["POSTPROCESSING_HOOKS"]``), merges the description into
 ``/api/schema/``: ``/v1/decide``, ``/v1/decide/batch``, ``/v1/config``, ``/v1/events``,
-``/v1/exposures`` and ``/proxy/{experiment}/{path}``, with their request bodies, every status
-they answer, the problem documents of their errors (``routing.problems``) and the edge's
-two ways of presenting a key. Nothing here routes a request.
+``/v1/labels``, ``/v1/exposures`` and ``/proxy/{experiment}/{path}``, with their request
+bodies, every status they answer, the problem documents of their errors
+(``routing.problems``) and the edge's two ways of presenting a key. Nothing here routes a
+request.
 
 The schemas are exactly as strict as the edge: a body the schema allows is one the edge
 accepts (unless the experiment it names is unknown or the key lacks a scope), and one it
@@ -25,13 +26,17 @@ from typing import Any, Final
 from routing.edge_input import MAX_UNIT_LENGTH
 from routing.problems import TITLES
 
-# Kept in step with routing.edge, routing.ingest and routing.exposures_api (a test compares).
+# Kept in step with routing.edge, routing.ingest, routing.labels and routing.exposures_api (a
+# test compares).
 MAX_BATCH_UNITS: Final = 1000
 MAX_EVENTS_PER_BATCH: Final = 10_000
 MAX_EXPOSURES_PER_BATCH: Final = 10_000
 MAX_KEY_LENGTH: Final = 64
 MAX_EVENT_ID_LENGTH: Final = 128
 MAX_NAME_LENGTH: Final = 128
+MAX_LABELS_PER_BATCH: Final = 10_000
+MAX_LABEL_REQUEST_ID_LENGTH: Final = 128
+MAX_LABEL_LENGTH: Final = 200
 MAX_EPOCH_SECONDS: Final = 253_402_300_800
 # orjson reads integers in the 64-bit range as integers and larger ones as floats, which are
 # not unit ids.
@@ -276,6 +281,56 @@ def _schemas(now: float, skew_s: float) -> dict[str, Any]:
                 "duplicates": {"type": "integer", "minimum": 0},
             },
         },
+        "EdgeLabel": {
+            "type": "object",
+            "required": ["request_id", "label"],
+            "additionalProperties": False,
+            "properties": {
+                "request_id": _text(
+                    MAX_LABEL_REQUEST_ID_LENGTH, "The X-Rampart-Request-Id of the answer (1-128)."
+                ),
+                "label": {
+                    "description": "The truth: a class (text of 1-200 characters, an integer"
+                    " or a boolean) or a finite number.",
+                    "oneOf": [
+                        _text(MAX_LABEL_LENGTH, "A class name."),
+                        {
+                            "type": "number",
+                            "minimum": -LARGEST_DOUBLE,
+                            "maximum": LARGEST_DOUBLE,
+                        },
+                        {"type": "boolean"},
+                    ],
+                },
+                "timestamp": timestamp,
+            },
+        },
+        "EdgeLabelsRequest": {
+            "type": "object",
+            "required": ["labels"],
+            "additionalProperties": False,
+            "properties": {
+                "labels": {
+                    "type": "array",
+                    "maxItems": MAX_LABELS_PER_BATCH,
+                    "items": _ref("EdgeLabel"),
+                }
+            },
+        },
+        "EdgeLabelsAccepted": {
+            "type": "object",
+            "required": ["accepted", "duplicates", "unmatched"],
+            "properties": {
+                "accepted": {"type": "integer", "minimum": 0},
+                "duplicates": {"type": "integer", "minimum": 0},
+                "unmatched": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "Stored labels whose request id has no recorded prediction"
+                    " (yet): unknown, unsampled, or still buffered by the proxy.",
+                },
+            },
+        },
         "EdgeExposure": {
             "type": "object",
             "required": ["experiment", "unit_id", "variant"],
@@ -463,6 +518,17 @@ def edge_paths() -> dict[str, Any]:
                 requestBody=_body("EdgeEventsRequest"),
                 responses={
                     "200": _json("EdgeEventsAccepted", "Stored (the batch committed)."),
+                    **_problems(400, 401, 403, 408, 413, 503),
+                },
+            )
+        },
+        "/v1/labels": {
+            "post": _operation(
+                "edge_labels",
+                "Store the true outcome of proxied requests, each request id once (scope `ingest`)",
+                requestBody=_body("EdgeLabelsRequest"),
+                responses={
+                    "200": _json("EdgeLabelsAccepted", "Stored (the batch committed)."),
                     **_problems(400, 401, 403, 408, 413, 503),
                 },
             )

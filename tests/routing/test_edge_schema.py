@@ -23,6 +23,7 @@ from routing.edge_http import MAX_EPOCH_SECONDS
 from routing.edge_input import MAX_BATCH_UNITS
 from routing.exposures_api import MAX_EXPOSURES_PER_BATCH, MAX_KEY_LENGTH
 from routing.ingest import MAX_EVENT_ID_LENGTH, MAX_EVENTS_PER_BATCH, MAX_NAME_LENGTH
+from routing.labels import MAX_LABEL_LENGTH, MAX_LABELS_PER_BATCH, MAX_REQUEST_ID_LENGTH
 from routing.problems import TITLES
 from tests.model_server import ModelServer
 from tests.processes import free_port, start_process, stop_process, wait_for_http
@@ -50,6 +51,9 @@ def test_the_description_keeps_the_edges_limits() -> None:
     assert openapi.MAX_EVENT_ID_LENGTH == MAX_EVENT_ID_LENGTH
     assert openapi.MAX_NAME_LENGTH == MAX_NAME_LENGTH
     assert openapi.MAX_EPOCH_SECONDS == MAX_EPOCH_SECONDS
+    assert openapi.MAX_LABELS_PER_BATCH == MAX_LABELS_PER_BATCH
+    assert openapi.MAX_LABEL_REQUEST_ID_LENGTH == MAX_REQUEST_ID_LENGTH
+    assert openapi.MAX_LABEL_LENGTH == MAX_LABEL_LENGTH
 
 
 def test_every_problem_code_is_documented() -> None:
@@ -132,6 +136,7 @@ def test_schemathesis_finds_no_failure_on_the_edge_operations(
         "/v1/decide/batch",
         "/v1/config",
         "/v1/events",
+        "/v1/labels",
         "/v1/exposures",
         "/proxy/{experiment}/{path}",
     }
