@@ -171,6 +171,9 @@ class Metric(models.Model):
     direction = models.CharField(max_length=8, choices=MetricDirection.choices)
     winsorize_cap = models.FloatField(null=True, blank=True)
     window_s = models.PositiveIntegerField(default=DEFAULT_WINDOW_S)
+    # Quality metrics (experiments.contracts.QUALITY_SOURCES): the label of a prediction
+    # whose window passed without one, as JSON text; "" = it does not count.
+    missing_label = models.CharField(max_length=200, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

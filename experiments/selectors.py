@@ -82,6 +82,7 @@ def metric_view(metric: Metric) -> MetricView:
         direction=metric.direction,
         winsorize_cap=metric.winsorize_cap,
         window_s=metric.window_s,
+        missing_label=metric.missing_label,
     )
 
 

@@ -291,6 +291,7 @@ class MetricSerializer(StrictModelSerializer):
             "direction",
             "winsorize_cap",
             "window_s",
+            "missing_label",
             "created_at",
             "updated_at",
         ]

@@ -6,7 +6,10 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-from experiments.models import Experiment, PredictionKind
+import orjson
+
+from experiments.contracts import QUALITY_SOURCES
+from experiments.models import Experiment, MetricKind, PredictionKind
 from experiments.prediction_path import PathError, parse_prediction_path
 from experiments.services.common import Errors
 
@@ -75,3 +78,34 @@ def validate_quality(values: Mapping[str, Any], errors: Errors) -> None:
     if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
         # NaN fails the comparison too.
         errors.add("quality_sample_rate", "Must be between 0 and 1.")
+
+
+def validate_quality_metric(values: Mapping[str, Any], errors: Errors) -> None:
+    """A quality metric (source ``quality:...``) is a per-unit mean with a fixed direction.
+
+    ``missing_label`` (only for quality metrics) is JSON text of the label a prediction
+    counts with when its window passes without one: a string, a number or a boolean.
+    """
+    source = str(values.get("source", ""))
+    missing = str(values.get("missing_label", "") or "")
+    if source.startswith("quality:"):
+        direction = QUALITY_SOURCES.get(source)
+        if direction is None:
+            errors.add("source", f"Quality metrics are {', '.join(QUALITY_SOURCES)}.")
+            return
+        if values.get("kind") != MetricKind.MEAN:
+            errors.add("kind", "A quality metric is a per-unit mean: use kind 'mean'.")
+        if "direction" in values and values["direction"] != direction:
+            errors.add("direction", f"{source} is {direction}-is-better.")
+        if missing:
+            try:
+                label = orjson.loads(missing)
+            except orjson.JSONDecodeError:
+                label = None
+            if isinstance(label, dict | list) or label is None:
+                errors.add(
+                    "missing_label",
+                    'JSON text of a string, number or boolean, e.g. "legitimate" (quoted) or 0.',
+                )
+    elif missing:
+        errors.add("missing_label", "Only quality metrics have a missing-label rule.")
