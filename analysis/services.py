@@ -35,6 +35,7 @@ from analysis.aggregation import (
 from analysis.evidence import ArmState
 from analysis.guardrails import ExperimentAnalysis, analyse
 from analysis.health import HealthSettings, arms
+from analysis.label_health import label_health_json
 from analysis.models import (
     AnalysisState,
     ResultSnapshot,
@@ -330,7 +331,7 @@ def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> Ru
         created_at=now,
         decision=decision,
         reason=result.reason,
-        health=result.health.as_json(),
+        health={**result.health.as_json(), **label_health_json(view, now=now)},
         exposures=result.exposures,
         metrics=result.metrics,
         latency=result.latency,

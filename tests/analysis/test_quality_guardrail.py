@@ -6,8 +6,12 @@ from datetime import datetime
 from typing import Any
 
 import pytest
+from django.contrib.auth.models import User
+from django.test import Client
+from django.urls import reverse
 
-from analysis import services
+from analysis import alerts, services
+from analysis.models import AlertOutbox
 from analysis.quality_metrics import quality_cohort_stats
 from experiments import services as experiment_services
 from experiments.errors import InvalidInput
@@ -179,3 +183,43 @@ def test_a_less_accurate_canary_is_rolled_back_on_the_accuracy_guardrail(
     assert evidence["n"] == {"v1": 300, "v2": 300}
     row = next(m for m in result.snapshot.metrics if m["metric"] == "accuracy")
     assert row["status"] == "breach"
+    # Label health in the snapshot: every prediction labelled 10 s after it, in both arms.
+    labels = result.snapshot.health["labels"]
+    assert labels["metric"] == "accuracy" and labels["balance"]["flagged"] is False
+    assert labels["arms"]["v2"]["labelled_share"] == 1.0
+    assert labels["arms"]["v2"]["mean_label_delay_s"] == pytest.approx(10.0)
+    # The Slack alert names the quality guardrail and its evidence.
+    alert = AlertOutbox.objects.get(experiment=experiment, kind="rollback")
+    assert alert.payload["details"]["metric"] == "accuracy"
+    message = str(alerts.slack_message(alert.payload))
+    assert "Accuracy" in message and "v2" in message
+    # The experiment page shows the row and the labels per version.
+    web = Client()
+    web.force_login(User.objects.create_user("ann", password="pw-for-tests-only"))
+    experiment_services.user_role_assign(actor="test", username="ann", role="admin")
+    html = web.get(reverse("analysis:results", args=["degraded"])).content.decode()
+    assert "Labels per version" in html and "10.0 s" in html
+    assert row["summary"] in html
+
+
+def test_arms_labelled_at_different_rates_get_a_warning(metrics: Any) -> None:
+    _accuracy_metric()
+    experiment = start_experiment(
+        "unbalanced", "ab", metrics=[{"metric": "accuracy", "role": "guardrail"}], **QUALITY
+    )
+    at = later(experiment.started_at, 1)
+    for variant, labelled_every in (("v1", 1), ("v2", 3)):
+        for index in range(300):
+            unit = f"{variant}-u{index}"
+            label = "cat" if index % labelled_every == 0 else None
+            _predict(experiment.pk, variant, unit, f"{unit}-0", at, "cat", label)
+    result = services.analysis_run(experiment_id=experiment.pk, now=later(at, 700))
+    assert result is not None
+    balance = result.snapshot.health["labels"]["balance"]
+    assert balance["flagged"] is True and balance["p"] < 1e-6
+    web = Client()
+    web.force_login(User.objects.create_user("ann", password="pw-for-tests-only"))
+    experiment_services.user_role_assign(actor="test", username="ann", role="admin")
+    html = web.get(reverse("analysis:results", args=["unbalanced"])).content.decode()
+    assert "Arms get labels at different rates" in html
+    assert "v1 100.0%, v2 33.3%" in html
