@@ -105,3 +105,42 @@ def test_switching_quality_on_later_checks_the_stored_path(api: APIClient, metri
     )
     assert accepted.status_code == 200, accepted.json()
     assert accepted.json()["quality_enabled"] is True
+
+
+@pytest.mark.django_db
+def test_the_experiment_form_sets_quality_and_shows_errors_next_to_the_field(
+    metrics: Any,
+) -> None:
+    from django.contrib.auth.models import User
+    from django.test import Client
+    from django.urls import reverse
+
+    from experiments import services
+    from experiments.models import Experiment
+    from tests.experiments.test_views import experiment_form, field_errors
+
+    web = Client()
+    web.force_login(User.objects.create_user("eve", password="pw-for-tests-only"))
+    services.user_role_assign(actor="test", username="eve", role="admin")
+    refused = web.post(
+        reverse("experiments:create"), experiment_form(quality_enabled="on")
+    ).content.decode()
+    assert "JSON path of the prediction" in field_errors(refused, "id_quality_prediction_path")
+    created = web.post(
+        reverse("experiments:create"),
+        experiment_form(
+            quality_enabled="on",
+            quality_prediction_path="predictions[0]",
+            quality_prediction_kind="scores",
+            quality_sample_rate="0.5",
+        ),
+    )
+    assert created.status_code == 302
+    experiment = Experiment.objects.get(key="ranker-v2")
+    assert experiment.quality_enabled and experiment.quality_prediction_kind == "scores"
+    assert (experiment.quality_prediction_path, experiment.quality_sample_rate) == (
+        "predictions[0]",
+        0.5,
+    )
+    edit = web.get(reverse("experiments:edit", args=["ranker-v2"])).content.decode()
+    assert 'value="predictions[0]"' in edit
