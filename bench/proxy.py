@@ -426,7 +426,9 @@ def main() -> int:
             "DATABASE_URL": f"sqlite:///{workdir / 'bench.sqlite3'}",
             "RAMPART_DATA_DIR": str(workdir),
             "LOG_LEVEL": "WARNING",
-            "PYTHONPATH": str(ROOT),
+            # This checkout's SDK too (the server imports its assignment code), whatever
+            # copy the virtualenv has installed.
+            "PYTHONPATH": os.pathsep.join((str(ROOT), str(ROOT / "sdk" / "python"))),
             "BENCH_UPSTREAM": model_url,
         }
         key = prepare_database(env, model_url)
