@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from analysis.quality_metrics import quality_cohort_stats
 from analysis.stats.moments import MetricStats
 from analysis.stats.strata import POOLED, STRATIFIED, Standardized, standardize
 from analysis.unit_metrics import cohort_stats, is_unit_metric, pool_cohorts
@@ -34,7 +35,11 @@ def unit_metric_aggregates(
     periods: Sequence[StepPeriod] | None = None,
 ) -> tuple[dict[str, dict[str, MetricStats]], dict[str, Standardized]]:
     """Per metric: the statistic of each arm to compare, and how it was built."""
-    metrics = [use.metric for use in experiment.metrics if is_unit_metric(use.metric)]
+    metrics = [
+        use.metric
+        for use in experiment.metrics
+        if is_unit_metric(use.metric) or use.metric.is_quality
+    ]
     if not metrics:
         return {}, {}
     if periods is None:
@@ -48,6 +53,11 @@ def unit_metric_aggregates(
         now=now,
         cohort_starts=starts,
     )
+    # Model-quality metrics: per unit too, from predictions and their labels.
+    quality, _ = quality_cohort_stats(
+        experiment_id=experiment.id, metrics=metrics, now=now, cohort_starts=starts
+    )
+    by_cohort.update(quality)
     routed = [variant.key for variant in experiment.routed_variants]
     business: dict[str, dict[str, MetricStats]] = {}
     constructions: dict[str, Standardized] = {}

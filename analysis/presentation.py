@@ -209,6 +209,26 @@ class HealthWarning:
     text: str
 
 
+def label_warnings(health: Mapping[str, Any]) -> list[HealthWarning]:
+    """The label-balance warning of quality guardrails (``analysis.label_health``)."""
+    labels = health.get("labels") or {}
+    balance = labels.get("balance") or {}
+    if not balance.get("flagged"):
+        return []
+    shares = ", ".join(
+        f"{arm} {_pct(entry.get('labelled_share'))}"
+        for arm, entry in (labels.get("arms") or {}).items()
+    )
+    return [
+        HealthWarning(
+            "Arms get labels at different rates",
+            f"Labelled share of predictions: {shares} (p = {format_p(balance.get('p'))}). "
+            "Quality metrics compare labelled predictions only, so the comparison may be "
+            "biased; check how labels are collected for each version.",
+        )
+    ]
+
+
 def health_warnings(health: Mapping[str, Any], status: str) -> list[HealthWarning]:
     found = []
     srm = health.get("srm") or {}
@@ -231,6 +251,7 @@ def health_warnings(health: Mapping[str, Any], status: str) -> list[HealthWarnin
                 "of the analysis.",
             )
         )
+    found.extend(label_warnings(health))
     if health.get("no_traffic") and status in LIVE_STATUSES:
         found.append(
             HealthWarning(
@@ -381,3 +402,36 @@ def destination_name(destination: str, webhook_names: Mapping[int, str]) -> str:
     _, _, ident = destination.partition(":")
     name = webhook_names.get(int(ident)) if ident.isdigit() else None
     return f"Webhook “{name}”" if name else "Webhook (deleted)"
+
+
+@dataclass(frozen=True)
+class LabelLine:
+    """Label coverage of one version for the quality guardrails (``analysis.label_health``)."""
+
+    key: str
+    predictions: str
+    unreadable: str
+    labelled_share: str
+    waiting: str
+    missing: str
+    delay: str
+
+
+def label_lines(health: Mapping[str, Any]) -> list[LabelLine]:
+    """One line per version from the snapshot's ``health["labels"]``; [] without one."""
+    arms = (health.get("labels") or {}).get("arms") or {}
+    lines = []
+    for key, entry in arms.items():
+        delay = entry.get("mean_label_delay_s")
+        lines.append(
+            LabelLine(
+                key=key,
+                predictions=f"{entry.get('predictions', 0):,}",
+                unreadable=f"{entry.get('unreadable', 0):,}",
+                labelled_share=_pct(entry.get("labelled_share")),
+                waiting=f"{entry.get('waiting', 0):,}",
+                missing=f"{entry.get('missing', 0):,}",
+                delay="—" if delay is None else f"{delay:,.1f} s",
+            )
+        )
+    return lines

@@ -25,23 +25,14 @@ from django.db import transaction
 from django.utils import timezone
 
 from analysis import alerts, metrics
-from analysis.aggregation import (
-    aggregate,
-    events_to_fold,
-    fold_unit_events,
-    note_event_horizon,
-)
+from analysis.aggregation import aggregate, events_to_fold, fold_unit_events, note_event_horizon
 from analysis.evidence import ArmState
 from analysis.folding import event_windows
 from analysis.followup_tasks import events_fold as fold_task
 from analysis.guardrails import ExperimentAnalysis, analyse
 from analysis.health import HealthSettings, arms
-from analysis.models import (
-    AnalysisState,
-    ResultSnapshot,
-    SequentialState,
-    WebhookEndpoint,
-)
+from analysis.label_health import label_health_json
+from analysis.models import AnalysisState, ResultSnapshot, SequentialState, WebhookEndpoint
 from analysis.rate_guardrails import rate_bets_update
 from experiments import selectors as experiment_selectors
 from experiments import services as experiment_services
@@ -307,7 +298,7 @@ def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> Ru
         created_at=now,
         decision=decision,
         reason=result.reason,
-        health=result.health.as_json(),
+        health={**result.health.as_json(), **label_health_json(view, now=now)},
         exposures=result.exposures,
         metrics=result.metrics,
         latency=result.latency,

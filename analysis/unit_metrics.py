@@ -47,8 +47,10 @@ CohortStats = dict[str, dict[str, dict[int, MetricStats]]]
 
 def is_unit_metric(metric: MetricView) -> bool:
     """Whether a metric is computed per unit from business events (not by the proxy)."""
-    return metric.kind in ("binomial", "mean", "ratio") and (
-        metric.kind == "ratio" or metric.source not in (BUILTIN_LATENCY, BUILTIN_ERROR)
+    return (
+        metric.kind in ("binomial", "mean", "ratio")
+        and (metric.kind == "ratio" or metric.source not in (BUILTIN_LATENCY, BUILTIN_ERROR))
+        and not metric.is_quality
     )
 
 

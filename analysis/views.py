@@ -35,6 +35,7 @@ from analysis.presentation import (
     chart_series,
     destination_name,
     health_warnings,
+    label_lines,
     metric_lines,
     time_ago,
     tone_for,
@@ -95,6 +96,7 @@ def results(request: HttpRequest, key: str) -> HttpResponse:
             decision=decision,
             warnings=health_warnings(snapshot.health or {}, view.status),
             lines=metric_lines(snapshot.metrics or [], view),
+            labels=label_lines(snapshot.health or {}),
         )
     return render(request, "analysis/_results.html", context)
 

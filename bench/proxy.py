@@ -19,7 +19,11 @@ five ways:
   ``--http routing.edge.server:EdgeHttpProtocol --no-proxy-headers``) at
   ``/proxy/bench-ab/predict``, for a running A/B test whose two variants both point at the model
   server. Every request carries an API key and one of 10,000 unit ids, so the proxy checks the
-  key, assigns the unit, records exposures and pre-aggregates observations as in production.
+  key, assigns the unit, records exposures and pre-aggregates observations as in production;
+* quality: the same edge at ``/proxy/bench-quality/predict``, an A/B test like bench-ab with
+  model-quality tracking on at a sampling rate of 1.0: every answer also gets a request id and
+  has its prediction (``score``) read and recorded (``routing.proxy.predictions``). Target: at
+  least 0.85x rampart's throughput, on the median and on the best rounds.
 
 The three Python proxies run under uvicorn with the same flags as Rampart's edge (uvloop, the
 edge's HTTP protocol, no proxy headers), so they differ only in what they do per request.
@@ -33,6 +37,7 @@ throughput run, user plus system, all threads: on a shared machine that figure m
 than requests per second, so it shows where a proxy's cost goes even when throughput is noisy.
 
 Run: .venv/bin/python -m bench.proxy [--duration 10] [--connections 32] [--rounds 3]
+     [--setups rampart,quality] (a subset; nginx and direct are needed for their ratios)
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ NGINX = "/usr/sbin/nginx"
 WRK = "/usr/bin/wrk"
 TARGET_THROUGHPUT_RATIO = 0.4
 TARGET_ADDED_P50_MS = 0.5
+# Reading and recording every prediction may cost at most 15% of the proxy's throughput.
+TARGET_QUALITY_RATIO = 0.85
+SETUPS = ("direct", "nginx", "aiohttp", "conn", "rampart", "quality")
 UVICORN_FLAGS = [
     "--host",
     "127.0.0.1",
@@ -353,6 +361,21 @@ def prepare_database(env: dict[str, str], upstream: str) -> str:
         ],
     )
     services.experiment_start(actor="bench", key="bench-ab")
+    services.experiment_create(
+        actor="bench",
+        key="bench-quality",
+        name="Proxy benchmark with predictions read",
+        kind="ab",
+        variants=[
+            services.VariantInput(key="v1", upstream_url=upstream, weight=0.5, is_control=True),
+            services.VariantInput(key="v2", upstream_url=upstream, weight=0.5),
+        ],
+        quality_enabled=True,
+        quality_prediction_path="score",
+        quality_prediction_kind="number",
+        quality_sample_rate=1.0,
+    )
+    services.experiment_start(actor="bench", key="bench-quality")
     _, raw_key = services.api_key_create(actor="bench", name="bench", scopes=["decide"])
     return raw_key
 
@@ -368,13 +391,26 @@ def observed_requests() -> int:
     return int(ObservationBucket.objects.aggregate(total=Sum("count"))["total"] or 0)
 
 
+def recorded_predictions() -> int:
+    """Prediction rows the proxy wrote for bench-quality (flushed at shutdown)."""
+    from routing.models import Prediction
+
+    return Prediction.objects.filter(status="ok").count()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per throughput run")
     parser.add_argument("--latency-duration", type=int, default=5, help="seconds per 1-conn run")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each setup")
+    parser.add_argument(
+        "--setups", default=",".join(SETUPS), help=f"comma-separated subset of {SETUPS}"
+    )
     args = parser.parse_args()
+    chosen = [label for label in args.setups.split(",") if label]
+    if not chosen or set(chosen) - set(SETUPS):
+        parser.error(f"--setups takes names from {SETUPS}")
 
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="proxy-", dir=BENCH_DIR))
@@ -391,7 +427,9 @@ def main() -> int:
             "DATABASE_URL": f"sqlite:///{workdir / 'bench.sqlite3'}",
             "RAMPART_DATA_DIR": str(workdir),
             "LOG_LEVEL": "WARNING",
-            "PYTHONPATH": str(ROOT),
+            # This checkout's SDK too (the server imports its assignment code), whatever
+            # copy the virtualenv has installed.
+            "PYTHONPATH": os.pathsep.join((str(ROOT), str(ROOT / "sdk" / "python"))),
             "BENCH_UPSTREAM": model_url,
         }
         key = prepare_database(env, model_url)
@@ -463,6 +501,7 @@ def main() -> int:
                 "aiohttp": bare_pids["aiohttp"],
                 "conn": bare_pids["conn"],
                 "rampart": rampart_edge.pid,
+                "quality": rampart_edge.pid,
             }
             targets = {
                 "direct": (model_url, "/predict"),
@@ -470,13 +509,16 @@ def main() -> int:
                 "aiohttp": (f"http://127.0.0.1:{bare_port}", "/predict"),
                 "conn": (f"http://127.0.0.1:{conn_port}", "/predict"),
                 "rampart": (f"http://127.0.0.1:{edge_port}", "/proxy/bench-ab/predict"),
+                "quality": (f"http://127.0.0.1:{edge_port}", "/proxy/bench-quality/predict"),
             }
-            check = httpx.post(
-                targets["rampart"][0] + targets["rampart"][1],
-                content=BODY,
-                headers={"X-Rampart-Key": key, "X-Rampart-Unit": "warm-up"},
-            )
-            check.raise_for_status()
+            targets = {label: targets[label] for label in SETUPS if label in chosen}
+            for edge_path in ("/proxy/bench-ab/predict", "/proxy/bench-quality/predict"):
+                check = httpx.post(
+                    f"http://127.0.0.1:{edge_port}{edge_path}",
+                    content=BODY,
+                    headers={"X-Rampart-Key": key, "X-Rampart-Unit": "warm-up"},
+                )
+                check.raise_for_status()
             scripts = {}
             for label, (_, path) in targets.items():
                 scripts[label] = workdir / f"{label}.lua"
@@ -497,6 +539,7 @@ def main() -> int:
                     results[label] = Run(throughput, latency, cpu_s * 1e6 / throughput.requests)
                 rounds.append(results)
         observed = observed_requests()
+        predictions = recorded_predictions()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -523,16 +566,6 @@ def main() -> int:
     cpu = {
         label: statistics.median(r[label].cpu_us_per_request for r in rounds) for label in rounds[0]
     }
-    ratio_nginx = best_rate["rampart"] / best_rate["nginx"]
-    ratio_direct = best_rate["rampart"] / best_rate["direct"]
-    ratio_aiohttp = best_rate["rampart"] / best_rate["aiohttp"]
-    ratio_aiohttp_nginx = best_rate["aiohttp"] / best_rate["nginx"]
-    ratio_conn = best_rate["rampart"] / best_rate["conn"]
-    ratio_conn_nginx = best_rate["conn"] / best_rate["nginx"]
-    added_rampart = best_p50["rampart"] - best_p50["direct"]
-    added_nginx = best_p50["nginx"] - best_p50["direct"]
-    added_aiohttp = best_p50["aiohttp"] - best_p50["direct"]
-    added_conn = best_p50["conn"] - best_p50["direct"]
     print(
         "  best: "
         + ", ".join(
@@ -545,6 +578,29 @@ def main() -> int:
         + ", ".join(f"{label} {cpu[label]:.1f} us" for label in cpu)
     )
     print(f"  observations recorded by the proxy: {observed} requests")
+    ok = True
+    if {"rampart", "nginx", "direct", "aiohttp", "conn"} <= set(best_rate):
+        ok = _report_proxy(rounds, best_rate, best_p50)
+    if {"rampart", "quality"} <= set(best_rate):
+        ok = _report_quality(rounds, best_rate, predictions) and ok
+    print("  PASS" if ok else "  FAIL")
+    return 0 if ok else 1
+
+
+def _report_proxy(
+    rounds: list[dict[str, Run]], best_rate: dict[str, float], best_p50: dict[str, float]
+) -> bool:
+    """Print the proxy's ratios against nginx and the bare proxies; whether targets are met."""
+    ratio_nginx = best_rate["rampart"] / best_rate["nginx"]
+    ratio_direct = best_rate["rampart"] / best_rate["direct"]
+    ratio_aiohttp = best_rate["rampart"] / best_rate["aiohttp"]
+    ratio_aiohttp_nginx = best_rate["aiohttp"] / best_rate["nginx"]
+    ratio_conn = best_rate["rampart"] / best_rate["conn"]
+    ratio_conn_nginx = best_rate["conn"] / best_rate["nginx"]
+    added_rampart = best_p50["rampart"] - best_p50["direct"]
+    added_nginx = best_p50["nginx"] - best_p50["direct"]
+    added_aiohttp = best_p50["aiohttp"] - best_p50["direct"]
+    added_conn = best_p50["conn"] - best_p50["direct"]
     print(
         f"  throughput rampart/nginx {ratio_nginx:.2f}x (target >= {TARGET_THROUGHPUT_RATIO}x), "
         f"rampart/direct {ratio_direct:.2f}x; rampart/bare proxy on the same client "
@@ -561,13 +617,30 @@ def main() -> int:
     rampart_errors = any(
         r["rampart"].throughput.errors or r["rampart"].latency.errors for r in rounds
     )
-    ok = (
+    return (
         ratio_nginx >= TARGET_THROUGHPUT_RATIO
         and added_rampart <= TARGET_ADDED_P50_MS
         and not rampart_errors
     )
-    print("  PASS" if ok else "  FAIL")
-    return 0 if ok else 1
+
+
+def _report_quality(
+    rounds: list[dict[str, Run]], best_rate: dict[str, float], predictions: int
+) -> bool:
+    """Print what reading every prediction costs against the plain proxy; whether it is <= 15%."""
+    median_rate = {
+        label: statistics.median(r[label].throughput.requests_per_s for r in rounds)
+        for label in ("rampart", "quality")
+    }
+    ratio_best = best_rate["quality"] / best_rate["rampart"]
+    ratio_median = median_rate["quality"] / median_rate["rampart"]
+    print(
+        f"  quality/rampart throughput: median rounds {ratio_median:.3f}x, best rounds "
+        f"{ratio_best:.3f}x (target >= {TARGET_QUALITY_RATIO}x); predictions recorded: "
+        f"{predictions}"
+    )
+    errors = any(r["quality"].throughput.errors or r["quality"].latency.errors for r in rounds)
+    return min(ratio_best, ratio_median) >= TARGET_QUALITY_RATIO and predictions > 0 and not errors
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ id (``routing.logcontext``; an incoming ``X-Request-ID`` is kept and echoed).
 
     /proxy/                       routing.proxy.app.ProxyApp (inference, per-unit variant)
     /v1/events                    routing.edge.ingest.EventsApp (business events, in batches)
+    /v1/labels                    routing.edge.labels.LabelsApp (true outcomes of predictions)
     /v1/exposures                 routing.edge.exposures_api.ExposuresApp (SDK-local decisions)
     /api/features/                routing.edge.features_api.FeaturesApp (GrowthBook SDK payload)
     /healthz, /readyz, /metrics   routing.edge.health (liveness, readiness, Prometheus)
@@ -36,6 +37,7 @@ from routing.edge.exposures_api import ExposuresApp  # noqa: E402
 from routing.edge.features_api import FeaturesApp  # noqa: E402
 from routing.edge.health import HealthApp, MetricsApp, ReadyApp, StaticFilesApp  # noqa: E402
 from routing.edge.ingest import EventsApp  # noqa: E402
+from routing.edge.labels import LabelsApp  # noqa: E402
 from routing.logcontext import RequestIdMiddleware  # noqa: E402
 from routing.proxy.app import ProxyApp  # noqa: E402
 
@@ -43,6 +45,7 @@ edge = build_edge(
     mounts={
         "/proxy/": ProxyApp,
         "/v1/events": EventsApp,
+        "/v1/labels": LabelsApp,
         "/v1/exposures": ExposuresApp,
         "/api/features": FeaturesApp,
         "/healthz": HealthApp,

@@ -5,6 +5,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Final
+
+# Model-quality metrics (source of a "mean" metric): per-prediction scores against the label
+# sent later (POST /v1/labels), averaged per unit. Accuracy is higher-is-better, the losses
+# lower-is-better (analysis.stats.quality).
+QUALITY_SOURCES: Final = {
+    "quality:accuracy": "higher",
+    "quality:absolute_error": "lower",
+    "quality:squared_error": "lower",
+    "quality:log_loss": "lower",
+    "quality:brier": "lower",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,8 +40,16 @@ class MetricView:
     denominator_event: str
     direction: str
     winsorize_cap: float | None
-    # Exposure window of a per-unit metric in seconds (experiments.models.DEFAULT_WINDOW_S).
+    # Exposure window of a per-unit metric in seconds (experiments.models.DEFAULT_WINDOW_S);
+    # for a quality metric, how long a prediction waits for its label.
     window_s: int = 600
+    # Quality metrics: the label a prediction whose window passed without one counts with
+    # (JSON text, e.g. '"legitimate"' or '0'); "" = such predictions do not count.
+    missing_label: str = ""
+
+    @property
+    def is_quality(self) -> bool:
+        return self.source in QUALITY_SOURCES
 
     @property
     def lower_is_better(self) -> bool:
@@ -49,6 +69,17 @@ class RampStepView:
     canary_share: float
     min_duration_s: int
     min_exposures_per_arm: int
+
+
+@dataclass(frozen=True, slots=True)
+class QualityView:
+    """Model-quality tracking of an experiment: where the proxy reads predictions."""
+
+    prediction_path: str
+    prediction_kind: str
+    # The caller's own request id comes from this header ("" = the proxy makes one).
+    request_id_header: str
+    sample_rate: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +112,8 @@ class ExperimentView:
     cache_ttl_s: int
     cache_max_entries: int
     has_slack_webhook: bool = False
+    # None when quality tracking is off.
+    quality: QualityView | None = None
 
     @property
     def control(self) -> VariantView:

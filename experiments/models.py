@@ -34,6 +34,12 @@ class HealthResponse(models.TextChoices):
     WARN = "warn", "Alert only"
 
 
+class PredictionKind(models.TextChoices):
+    CLASS = "class", "Class label"
+    SCORES = "scores", "Score or probability vector"
+    NUMBER = "number", "Number"
+
+
 class Experiment(models.Model):
     key = models.SlugField(max_length=64, unique=True)
     name = models.CharField(max_length=200)
@@ -64,6 +70,14 @@ class Experiment(models.Model):
     cache_ttl_s = models.PositiveIntegerField(default=0)
     cache_max_entries = models.PositiveIntegerField(default=10_000)
     slack_webhook_url = models.URLField(max_length=500, blank=True, default="")
+    # Model quality (experiments.quality): the proxy reads predictions from sampled answers.
+    quality_enabled = models.BooleanField(default=False)
+    quality_prediction_path = models.CharField(max_length=200, blank=True, default="")
+    quality_prediction_kind = models.CharField(
+        max_length=16, choices=PredictionKind.choices, default=PredictionKind.CLASS
+    )
+    quality_request_id_header = models.CharField(max_length=128, blank=True, default="")
+    quality_sample_rate = models.FloatField(default=1.0)
     ramp_position = models.IntegerField(null=True, blank=True)
     step_started_at = models.DateTimeField(null=True, blank=True)
     winner = models.ForeignKey(
@@ -86,6 +100,10 @@ class Experiment(models.Model):
             ),
             models.CheckConstraint(
                 condition=Q(hash_version__in=[1, 2]), name="experiment_hash_version"
+            ),
+            models.CheckConstraint(
+                condition=Q(quality_sample_rate__gte=0) & Q(quality_sample_rate__lte=1),
+                name="experiment_quality_sample_rate_0_1",
             ),
         ]
 
@@ -153,6 +171,9 @@ class Metric(models.Model):
     direction = models.CharField(max_length=8, choices=MetricDirection.choices)
     winsorize_cap = models.FloatField(null=True, blank=True)
     window_s = models.PositiveIntegerField(default=DEFAULT_WINDOW_S)
+    # Quality metrics (experiments.contracts.QUALITY_SOURCES): the label of a prediction
+    # whose window passed without one, as JSON text; "" = it does not count.
+    missing_label = models.CharField(max_length=200, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

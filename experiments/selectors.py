@@ -11,6 +11,7 @@ from experiments.contracts import (
     ExperimentMetricView,
     ExperimentView,
     MetricView,
+    QualityView,
     RampStepView,
     VariantView,
 )
@@ -81,6 +82,19 @@ def metric_view(metric: Metric) -> MetricView:
         direction=metric.direction,
         winsorize_cap=metric.winsorize_cap,
         window_s=metric.window_s,
+        missing_label=metric.missing_label,
+    )
+
+
+def quality_view(experiment: Experiment) -> QualityView | None:
+    """The experiment's model-quality tracking, or None when it is off."""
+    if not experiment.quality_enabled:
+        return None
+    return QualityView(
+        prediction_path=experiment.quality_prediction_path,
+        prediction_kind=experiment.quality_prediction_kind,
+        request_id_header=experiment.quality_request_id_header,
+        sample_rate=experiment.quality_sample_rate,
     )
 
 
@@ -143,6 +157,7 @@ def experiment_view(experiment: Experiment) -> ExperimentView:
         cache_ttl_s=experiment.cache_ttl_s,
         cache_max_entries=experiment.cache_max_entries,
         has_slack_webhook=bool(experiment.slack_webhook_url),
+        quality=quality_view(experiment),
     )
 
 

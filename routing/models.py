@@ -122,3 +122,52 @@ class UnitOutcome(models.Model):
 
     def __str__(self) -> str:
         return f"{self.experiment_id}:{self.unit_id}@{self.first_seen:.3f}"
+
+
+class Prediction(models.Model):
+    """A model's prediction in one sampled proxied answer, for the quality guardrails.
+
+    Written in batches by the proxy (``routing.observe.predictions``) for experiments with quality
+    tracking on. ``status`` says whether the prediction could be read: ``ok`` (``value``
+    holds it as JSON text), ``not_json`` (the answer was not JSON), ``missing`` (no value at
+    the configured path) or ``wrong_type`` (a value that does not fit ``kind``). Unreadable
+    answers are kept, so they are counted and shown per arm. ``predicted_at`` is epoch seconds.
+    """
+
+    experiment = models.ForeignKey(
+        "experiments.Experiment", on_delete=models.CASCADE, related_name="+", db_index=False
+    )
+    request_id = models.CharField(max_length=128)
+    variant_key = models.CharField(max_length=64)
+    unit_id = models.CharField(max_length=200, blank=True, default="")
+    predicted_at = models.FloatField()
+    kind = models.CharField(max_length=16)
+    status = models.CharField(max_length=16)
+    value = models.TextField(blank=True, default="")
+
+    class Meta:
+        # Request id first: the same index finds a label's prediction (one index less to
+        # update per row, which the proxy writes for every sampled request).
+        constraints = [
+            models.UniqueConstraint(fields=["request_id", "experiment"], name="prediction_once")
+        ]
+        indexes = [models.Index(fields=["experiment", "id"], name="prediction_exp_id")]
+
+    def __str__(self) -> str:
+        return f"{self.experiment_id}:{self.request_id}->{self.variant_key}"
+
+
+class Label(models.Model):
+    """The true outcome of one request, sent later through ``POST /v1/labels``.
+
+    One per request id (the first one wins). ``value`` is the label as JSON text;
+    ``labelled_at`` and ``received_at`` are epoch seconds.
+    """
+
+    request_id = models.CharField(max_length=128, unique=True)
+    value = models.TextField()
+    labelled_at = models.FloatField()
+    received_at = models.FloatField()
+
+    def __str__(self) -> str:
+        return f"{self.request_id}={self.value}"

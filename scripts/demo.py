@@ -13,6 +13,13 @@ under the data directory, unless DATABASE_URL / CELERY_BROKER_URL say otherwise)
 * simulated users (``scripts.demo_traffic``) sending predictions through the proxy and
   purchases to the events API.
 
+The ``quantized`` and ``degraded`` scenarios serve real models instead
+(``scripts.onnx_models``: a scikit-learn digits classifier exported with skl2onnx, run by
+onnxruntime): v1 is the fp32 network, v2 its int8 quantisation (``quantized``, promoted when
+its accuracy stays within the 1-point margin) or a network trained on partly corrupted labels
+(``degraded``, rolled back on the accuracy guardrail). Users send held-out digits; the true
+digit reaches ``POST /v1/labels`` two seconds after each answer.
+
 The platform runs unmodified; the demo only chooses settings (short ramp steps, a short
 ANALYSIS_INTERVAL_S) and talks to the public APIs. Its story is read back from the
 platform: the audit log, the analysis results, and what the Slack stand-in received.
@@ -98,6 +105,9 @@ class Scenario:
     canary_median_ms: float
     conversion: Mapping[str, float]
     expected_status: str
+    # Real models (scripts.onnx_models) for v1 and v2, with quality tracking; None: the
+    # simulated latency-only model servers of scripts.demo_models.
+    models: tuple[str, str] | None = None
 
 
 SCENARIOS = {
@@ -114,6 +124,24 @@ SCENARIOS = {
         canary_median_ms=V1_MEDIAN_MS * 0.8,
         conversion={CONTROL: 0.10, CANARY: 0.12},
         expected_status="completed",
+    ),
+    "quantized": Scenario(
+        name="quantized",
+        summary="v2 is v1's digits classifier quantised to int8 (onnxruntime); accuracy may "
+        "drop at most 1 point",
+        canary_median_ms=0.0,
+        conversion={CONTROL: 0.10, CANARY: 0.10},
+        expected_status="completed",
+        models=("fp32", "int8"),
+    ),
+    "degraded": Scenario(
+        name="degraded",
+        summary="v2 is a digits classifier trained on partly corrupted labels: as fast as v1, "
+        "clearly less accurate",
+        canary_median_ms=0.0,
+        conversion={CONTROL: 0.10, CANARY: 0.10},
+        expected_status="rolled_back",
+        models=("fp32", "degraded"),
     ),
 }
 
@@ -324,6 +352,7 @@ class Demo:
         self.traffic: SimulatedUsers | None = None
         self.narrator: Narrator | None = None
         self.outcome: dict[str, Any] = {}
+        self.models: Any = None
 
     def step(self, text: str) -> None:
         self.console.print(f"[dim]•[/dim] {text}")
@@ -346,9 +375,20 @@ class Demo:
         manage("createdemoadmin", "--username", LOGIN[0], "--password", LOGIN[1])
         self.step(f"demo login {LOGIN[0]} / {LOGIN[1]}")
         ports = {CONTROL: free_port(), CANARY: free_port()}
+        scenario = options.scenario
+        if scenario.models is not None:
+            from scripts.onnx_models import build_models
+
+            self.models = build_models()
+            accuracy = self.models.accuracy
+            self.step(
+                "models: digits classifier (scikit-learn MLP → skl2onnx → onnxruntime), "
+                + ", ".join(f"{v} {accuracy[v]:.1%} held-out accuracy" for v in scenario.models)
+            )
         try:
             seeded = manage(
                 "seeddemo",
+                *(("--quality",) if scenario.models is not None else ()),
                 "--key",
                 EXPERIMENT,
                 "--control-url",
@@ -379,8 +419,20 @@ class Demo:
             f"rate; ramp 1% → 5% → 10% → 25% → 50% → 100%, steps of at least "
             f"{options.step_seconds}s and {options.step_exposures} users per arm"
         )
-        scenario = options.scenario
+        if scenario.models is not None:
+            for name, version in zip((CONTROL, CANARY), scenario.models, strict=True):
+                self.processes.start(
+                    f"model-{name}",
+                    ["-m", "scripts.onnx_models", "--model", version, "--port", str(ports[name])],
+                )
+            self.step(
+                f"model servers: v1 ({scenario.models[0]}) on :{ports[CONTROL]}, "
+                f"v2 ({scenario.models[1]}) on :{ports[CANARY]}; accuracy guardrail (may fall at "
+                "most 1%), labels sent 2 s after each answer"
+            )
         for name, median in ((CONTROL, V1_MEDIAN_MS), (CANARY, scenario.canary_median_ms)):
+            if scenario.models is not None:
+                break
             self.processes.start(
                 f"model-{name}",
                 [
@@ -396,10 +448,11 @@ class Demo:
                     str(ports[name]),
                 ],
             )
-        self.step(
-            f"model servers: v1 (median {V1_MEDIAN_MS:g} ms) on :{ports[CONTROL]}, "
-            f"v2 (median {scenario.canary_median_ms:g} ms) on :{ports[CANARY]}"
-        )
+        if scenario.models is None:
+            self.step(
+                f"model servers: v1 (median {V1_MEDIAN_MS:g} ms) on :{ports[CONTROL]}, "
+                f"v2 (median {scenario.canary_median_ms:g} ms) on :{ports[CANARY]}"
+            )
         self.processes.start(
             "web-edge",
             [*UVICORN_ARGS, "--port", str(options.port)],
@@ -475,6 +528,7 @@ class Demo:
             rate=options.rate,
             conversion=scenario.conversion,
             control=CONTROL,
+            digits=self.models.held_out() if self.models is not None else None,
         )
         self.narrator = Narrator(
             console=self.console,
@@ -651,6 +705,8 @@ class Demo:
             "purchases": stats.conversions,
             "events_sent": stats.events_sent,
             "event_batches_failed": stats.event_batches_failed,
+            "labels_sent": stats.labels_sent,
+            "label_batches_failed": stats.label_batches_failed,
             "metrics": counters,
             "story": self.narrator.lines,
         }

@@ -10,6 +10,11 @@ alone): a ``purchase`` and a ``revenue`` event, sent in batches to ``POST /v1/ev
 application would. Everything goes through the public edge APIs
 with an API key; nothing is written to the database directly.
 
+With ``digits`` (the quality scenarios), each prediction sends a held-out digit image
+(``{"features": [64 numbers]}``) to a real classifier, and the true digit is sent
+``label_delay_s`` later to ``POST /v1/labels`` with the answer's ``X-Rampart-Request-Id``,
+as an application learns the truth after the fact.
+
 Stickiness is recorded as the users see it: a returning user may move from control to the
 canary when the ramp widens, and back to control only once the canary was rolled back; the
 demo checks the times of those moves against the audit log.
@@ -54,6 +59,8 @@ class TrafficStats:
     conversions: int = 0
     events_sent: int = 0
     event_batches_failed: int = 0
+    labels_sent: int = 0
+    label_batches_failed: int = 0
     by_variant: Counter[str] = field(default_factory=Counter)
     status_codes: Counter[int] = field(default_factory=Counter)
     # Returning users whose version changed: control -> canary (the ramp widened), canary ->
@@ -77,6 +84,8 @@ class SimulatedUsers:
         conversion: Mapping[str, float],
         control: str,
         seed: int = 7,
+        digits: tuple[Any, Any] | None = None,
+        label_delay_s: float = 2.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.experiment = experiment
@@ -90,6 +99,10 @@ class SimulatedUsers:
         self.pool: deque[str] = deque(maxlen=RETURNING_POOL)
         self._events: list[dict[str, Any]] = []
         self._next_user = 0
+        self.digits = digits
+        self.label_delay_s = label_delay_s
+        # (due at, monotonic; label) of answers whose truth is not sent yet.
+        self._labels: deque[tuple[float, dict[str, Any]]] = deque()
 
     def served_since(self, since: float) -> Counter[str]:
         """Versions that answered predictions sent at or after ``since`` (monotonic time)."""
@@ -138,9 +151,16 @@ class SimulatedUsers:
     async def _visit(self, session: aiohttp.ClientSession, user: str, first: bool) -> None:
         variant = None
         for _ in range(self.random.randint(1, 3)):
-            body = orjson.dumps(
-                {"user": user, "features": [self.random.random() for _ in (1, 2, 3)]}
-            )
+            truth = None
+            if self.digits is not None:
+                features, labels = self.digits
+                row = self.random.randrange(len(labels))
+                truth = int(labels[row])
+                body = orjson.dumps({"features": [float(x) for x in features[row]]})
+            else:
+                body = orjson.dumps(
+                    {"user": user, "features": [self.random.random() for _ in (1, 2, 3)]}
+                )
             try:
                 async with session.post(
                     f"{self.base_url}/proxy/{self.experiment}/predict",
@@ -150,6 +170,7 @@ class SimulatedUsers:
                     await response.read()
                     status = response.status
                     variant = response.headers.get("X-Rampart-Variant", "")
+                    request_id = response.headers.get("X-Rampart-Request-Id")
             except (aiohttp.ClientError, TimeoutError):
                 self.stats.failed += 1
                 return
@@ -158,6 +179,9 @@ class SimulatedUsers:
             self.stats.by_variant[variant] += 1
             self.stats.recent.append(Served(time.monotonic(), variant, status))
             self._check_sticky(user, variant)
+            if truth is not None and request_id and status == 200:
+                label = {"request_id": request_id, "label": truth, "timestamp": time.time()}
+                self._labels.append((time.monotonic() + self.label_delay_s, label))
             await asyncio.sleep(self.random.uniform(0.05, 0.3))
         if first and variant and self.random.random() < self.conversion.get(variant, 0.0):
             self.stats.conversions += 1
@@ -211,7 +235,32 @@ class SimulatedUsers:
                             self.stats.event_batches_failed += 1
                 except (aiohttp.ClientError, TimeoutError):
                     self.stats.event_batches_failed += 1
+            await self._flush_labels(session, everything=stopping)
             if stopping:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), EVENT_FLUSH_S)
+
+    async def _flush_labels(self, session: aiohttp.ClientSession, *, everything: bool) -> None:
+        """Send the labels that are due (all of them when stopping) to ``POST /v1/labels``."""
+        now = time.monotonic()
+        batch = []
+        while self._labels and (everything or self._labels[0][0] <= now):
+            _, label = self._labels.popleft()
+            # The truth is known now: its timestamp is the time it is sent.
+            batch.append({**label, "timestamp": time.time()})
+        if not batch:
+            return
+        try:
+            async with session.post(
+                f"{self.base_url}/v1/labels",
+                data=orjson.dumps({"labels": batch}),
+                headers={"Content-Type": "application/json"},
+            ) as response:
+                await response.read()
+                if response.status == 200:
+                    self.stats.labels_sent += len(batch)
+                else:
+                    self.stats.label_batches_failed += 1
+        except (aiohttp.ClientError, TimeoutError):
+            self.stats.label_batches_failed += 1

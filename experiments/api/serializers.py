@@ -20,6 +20,7 @@ from experiments.models import (
     MetricDirection,
     MetricKind,
     MetricRole,
+    PredictionKind,
     UnitSource,
 )
 from experiments.strict import (
@@ -113,6 +114,17 @@ class ExperimentWriteSerializer(StrictSerializer):
     slack_webhook_url = serializers.CharField(
         max_length=500, required=False, allow_blank=True, write_only=True
     )
+    quality_enabled = serializers.BooleanField(required=False)
+    quality_prediction_path = serializers.CharField(
+        max_length=200, required=False, allow_blank=True
+    )
+    quality_prediction_kind = serializers.ChoiceField(
+        choices=PredictionKind.choices, required=False
+    )
+    quality_request_id_header = serializers.CharField(
+        max_length=128, required=False, allow_blank=True
+    )
+    quality_sample_rate = serializers.FloatField(required=False, min_value=0.0, max_value=1.0)
     # Positions are smallint columns; these limits are far below them and above any real use.
     variants = VariantSerializer(many=True, max_length=MAX_VARIANTS)
     metrics = MetricUseSerializer(many=True, required=False, max_length=MAX_METRICS)
@@ -169,6 +181,11 @@ class ExperimentSerializer(serializers.ModelSerializer):
             "shadow_compare_field",
             "cache_ttl_s",
             "cache_max_entries",
+            "quality_enabled",
+            "quality_prediction_path",
+            "quality_prediction_kind",
+            "quality_request_id_header",
+            "quality_sample_rate",
             "has_slack_webhook",
             "variants",
             "metrics",
@@ -274,6 +291,7 @@ class MetricSerializer(StrictModelSerializer):
             "direction",
             "winsorize_cap",
             "window_s",
+            "missing_label",
             "created_at",
             "updated_at",
         ]

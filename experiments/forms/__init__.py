@@ -68,7 +68,9 @@ class MetricForm(forms.Form):
     source = forms.CharField(
         required=False,
         max_length=128,
-        help_text="The event name, or the built-ins latency_ms and error measured by the proxy.",
+        help_text="The event name, the built-ins latency_ms and error measured by the proxy, or "
+        "a quality score: quality:accuracy, quality:absolute_error, quality:squared_error, "
+        "quality:log_loss, quality:brier (window: how long a prediction waits for its label).",
     )
     quantile = forms.FloatField(
         required=False,
@@ -91,6 +93,13 @@ class MetricForm(forms.Form):
         initial=DEFAULT_WINDOW_S,
         help_text="Per-user metrics count a user's events only this long after their first "
         "exposure; users whose window is still open wait. 600 s fits 10-minute ramp steps.",
+    )
+    missing_label = forms.CharField(
+        label="Label when none arrives (quality metrics)",
+        required=False,
+        max_length=200,
+        help_text='JSON, e.g. "legitimate" (quoted) or 0: a prediction whose label window '
+        "passes without a label counts with it. Empty: such predictions do not count.",
     )
 
     def __init__(self, *args: Any, editing: bool = False, **kwargs: Any) -> None:

@@ -19,7 +19,7 @@ from experiments.forms.experiment import (
     VariantFormSet,
     fraction,
 )
-from experiments.models import Experiment, ExperimentKind, ExperimentStatus, Metric
+from experiments.models import Experiment, ExperimentKind, ExperimentStatus, Metric, PredictionKind
 
 # Fields people may not change once traffic flows: changing them would reshuffle users
 # between variants or change what a metric means mid-experiment (services.STRUCTURAL_FIELDS).
@@ -190,6 +190,11 @@ class ExperimentEditor:
                 "shadow_compare_field",
                 "cache_ttl_s",
                 "cache_max_entries",
+                "quality_enabled",
+                "quality_prediction_path",
+                "quality_prediction_kind",
+                "quality_request_id_header",
+                "quality_sample_rate",
             )
         }
         main["coverage_pct"] = _percent(experiment.coverage)
@@ -338,6 +343,13 @@ class ExperimentEditor:
             "shadow_compare_field": data["shadow_compare_field"],
             "cache_ttl_s": data["cache_ttl_s"],
             "cache_max_entries": data["cache_max_entries"],
+            "quality_enabled": data["quality_enabled"],
+            "quality_prediction_path": data["quality_prediction_path"],
+            "quality_prediction_kind": data["quality_prediction_kind"] or PredictionKind.CLASS,
+            "quality_request_id_header": data["quality_request_id_header"],
+            "quality_sample_rate": (
+                1.0 if data["quality_sample_rate"] is None else data["quality_sample_rate"]
+            ),
         }
 
     def create_kwargs(self) -> dict[str, Any]:

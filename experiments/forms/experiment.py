@@ -8,7 +8,13 @@ from typing import Any
 from django import forms
 from django.forms import formset_factory
 
-from experiments.models import ExperimentKind, HealthResponse, MetricRole, UnitSource
+from experiments.models import (
+    ExperimentKind,
+    HealthResponse,
+    MetricRole,
+    PredictionKind,
+    UnitSource,
+)
 
 PERCENT = 100.0
 RESERVED_KEYS = frozenset({"new"})
@@ -128,6 +134,39 @@ class ExperimentForm(forms.Form):
     )
     cache_max_entries = forms.IntegerField(
         label="Response cache size (entries)", min_value=1, initial=10_000
+    )
+    quality_enabled = forms.BooleanField(
+        label="Track model quality",
+        required=False,
+        help_text="The proxy reads each sampled answer's prediction; labels come later through "
+        "POST /v1/labels.",
+    )
+    quality_prediction_path = forms.CharField(
+        label="Prediction path",
+        required=False,
+        max_length=200,
+        widget=forms.TextInput(attrs={"placeholder": "predictions[0].label"}),
+        help_text="Where the prediction is in the JSON answer: keys and [n] indices.",
+    )
+    quality_prediction_kind = forms.ChoiceField(
+        label="Prediction kind",
+        choices=PredictionKind.choices,
+        required=False,
+        initial=PredictionKind.CLASS,
+    )
+    quality_request_id_header = forms.CharField(
+        label="Caller's request id header",
+        required=False,
+        max_length=128,
+        help_text="Optional, e.g. X-Request-Id; else the proxy makes the X-Rampart-Request-Id.",
+    )
+    quality_sample_rate = forms.FloatField(
+        label="Prediction sampling rate",
+        required=False,
+        min_value=0.0,
+        max_value=1.0,
+        initial=1.0,
+        help_text="Share of requests whose prediction is recorded (0 to 1).",
     )
     slack_webhook_url = forms.CharField(
         label="Slack webhook for this experiment",

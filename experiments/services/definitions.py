@@ -25,6 +25,7 @@ from experiments.models import (
     Variant,
 )
 from experiments.services.common import Errors, audit, config_version_bump, experiment_state, locked
+from experiments.services.quality import QUALITY_FIELDS, quality_state, validate_quality
 
 WEIGHT_TOLERANCE = 1e-6
 DEFAULT_RAMP = (0.01, 0.05, 0.10, 0.25, 0.50, 1.0)
@@ -54,6 +55,7 @@ ALWAYS_FIELDS = (
     "cache_ttl_s",
     "cache_max_entries",
     "slack_webhook_url",
+    *QUALITY_FIELDS,
 )
 
 
@@ -285,6 +287,7 @@ def experiment_create(
     if unknown:
         errors.add(sorted(unknown)[0], "Unknown field.")
     _validate_settings({**settings, "kind": kind, "namespace": namespace}, errors)
+    validate_quality(settings, errors)
     validate_variants(variants, errors)
     if ramp_steps is None:
         ramp_steps = default_ramp() if kind == ExperimentKind.CANARY else []
@@ -366,6 +369,8 @@ def experiment_update(
             {**changes, **({"namespace": namespace} if namespace not in (..., None) else {})},
             errors,
         )
+        if requested & set(QUALITY_FIELDS):
+            validate_quality({**quality_state(experiment), **changes}, errors)
         current_variants = [
             VariantInput(
                 key=v.key,

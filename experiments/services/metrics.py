@@ -19,6 +19,7 @@ from experiments.models import (
     MetricKind,
 )
 from experiments.services.common import Errors, audit, config_version_bump
+from experiments.services.quality import validate_quality_metric
 
 S = ExperimentStatus
 
@@ -58,6 +59,7 @@ def validate_metric(values: Mapping[str, Any], errors: Errors) -> None:
             errors.add("window_s", "Must be a whole number of seconds.")
         elif not 1 <= window <= MAX_WINDOW_S:
             errors.add("window_s", f"Must be from 1 to {MAX_WINDOW_S} seconds (30 days).")
+    validate_quality_metric(values, errors)
 
 
 METRIC_FIELDS = (
@@ -71,6 +73,7 @@ METRIC_FIELDS = (
     "direction",
     "winsorize_cap",
     "window_s",
+    "missing_label",
 )
 
 

@@ -26,6 +26,8 @@ from routing.snapshot import SnapshotHolder
 SCOPE_DECIDE: Final = "decide"
 # GrowthBook client keys (routing.edge.features_api): the payload and exposures, nothing else.
 SCOPE_SDK: Final = "sdk"
+# Business events (routing.edge.ingest) and labels (routing.edge.labels).
+SCOPE_INGEST: Final = "ingest"
 # How long a request for an unknown experiment waits for the config version check.
 CONFIRM_TIMEOUT_S: Final = 1.0
 

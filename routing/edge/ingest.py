@@ -98,14 +98,13 @@ from routing.edge.batch import (
     unit_id_field,
     unknown_fields,
 )
-from routing.edge.context import EdgeContext
+from routing.edge.context import SCOPE_INGEST, EdgeContext
 from routing.edge.problems import EdgeError, FieldError
 from routing.models import Event
 from routing.observe.backoff import FailureLog
 
 logger = logging.getLogger(__name__)
 
-SCOPE_INGEST: Final = "ingest"
 MOUNT_PATH: Final = "/v1/events"
 MAX_EVENTS_PER_BATCH: Final = 10_000
 # 10,000 events of the longest allowed strings take about 5 MB of JSON.

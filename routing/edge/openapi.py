@@ -4,10 +4,10 @@ The edge is plain ASGI (``routing.edge.app``), so drf-spectacular cannot see it.
 describes it by hand and ``add_edge_operations``, a drf-spectacular post-processing hook
 (``SPECTACULAR_SETTINGS["POSTPROCESSING_HOOKS"]``), merges the description into
 ``/api/schema/``: ``/v1/decide``, ``/v1/decide/batch``, ``/v1/config``, ``/v1/events``,
-``/v1/exposures``, ``/api/features/{client_key}`` and ``/proxy/{experiment}/{path}``, with
-their request bodies, every status they answer, the problem documents of their errors
-(``routing.edge.problems``) and the edge's ways of presenting a key. Nothing here routes a
-request.
+``/v1/labels``, ``/v1/exposures``, ``/api/features/{client_key}`` and
+``/proxy/{experiment}/{path}``, with their request bodies, every status they answer, the
+problem documents of their errors (``routing.edge.problems``) and the edge's ways of
+presenting a key. Nothing here routes a request.
 
 The schemas (``routing.edge.openapi_schemas``) are exactly as strict as the edge: a body the
 schema allows is one the edge accepts (unless the experiment it names is unknown or the key
@@ -258,6 +258,17 @@ def edge_paths() -> dict[str, Any]:
                 requestBody=_body("EdgeEventsRequest"),
                 responses={
                     "200": _json("EdgeEventsAccepted", "Stored (the batch committed)."),
+                    **_problems(400, 401, 403, 408, 413, 503),
+                },
+            )
+        },
+        "/v1/labels": {
+            "post": _operation(
+                "edge_labels",
+                "Store the true outcome of proxied requests, each request id once (scope `ingest`)",
+                requestBody=_body("EdgeLabelsRequest"),
+                responses={
+                    "200": _json("EdgeLabelsAccepted", "Stored (the batch committed)."),
                     **_problems(400, 401, 403, 408, 413, 503),
                 },
             )

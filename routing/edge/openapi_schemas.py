@@ -14,14 +14,17 @@ from typing import Any, Final
 from routing.edge.inputs import MAX_UNIT_LENGTH
 from routing.edge.problems import TITLES
 
-# Kept in step with routing.edge.app, routing.edge.ingest and routing.edge.exposures_api
-# (a test compares).
+# Kept in step with routing.edge.app, routing.edge.ingest, routing.edge.labels and
+# routing.edge.exposures_api (a test compares).
 MAX_BATCH_UNITS: Final = 1000
 MAX_EVENTS_PER_BATCH: Final = 10_000
 MAX_EXPOSURES_PER_BATCH: Final = 10_000
 MAX_KEY_LENGTH: Final = 64
 MAX_EVENT_ID_LENGTH: Final = 128
 MAX_NAME_LENGTH: Final = 128
+MAX_LABELS_PER_BATCH: Final = 10_000
+MAX_LABEL_REQUEST_ID_LENGTH: Final = 128
+MAX_LABEL_LENGTH: Final = 200
 MAX_EPOCH_SECONDS: Final = 253_402_300_800
 # orjson reads integers in the 64-bit range as integers and larger ones as floats, which are
 # not unit ids.
@@ -373,6 +376,56 @@ def component_schemas(now: float, skew_s: float) -> dict[str, Any]:
             "properties": {
                 "accepted": {"type": "integer", "minimum": 0},
                 "duplicates": {"type": "integer", "minimum": 0},
+            },
+        },
+        "EdgeLabel": {
+            "type": "object",
+            "required": ["request_id", "label"],
+            "additionalProperties": False,
+            "properties": {
+                "request_id": _text(
+                    MAX_LABEL_REQUEST_ID_LENGTH, "The X-Rampart-Request-Id of the answer (1-128)."
+                ),
+                "label": {
+                    "description": "The truth: a class (text of 1-200 characters, an integer"
+                    " or a boolean) or a finite number.",
+                    "oneOf": [
+                        _text(MAX_LABEL_LENGTH, "A class name."),
+                        {
+                            "type": "number",
+                            "minimum": -LARGEST_DOUBLE,
+                            "maximum": LARGEST_DOUBLE,
+                        },
+                        {"type": "boolean"},
+                    ],
+                },
+                "timestamp": timestamp,
+            },
+        },
+        "EdgeLabelsRequest": {
+            "type": "object",
+            "required": ["labels"],
+            "additionalProperties": False,
+            "properties": {
+                "labels": {
+                    "type": "array",
+                    "maxItems": MAX_LABELS_PER_BATCH,
+                    "items": schema_ref("EdgeLabel"),
+                }
+            },
+        },
+        "EdgeLabelsAccepted": {
+            "type": "object",
+            "required": ["accepted", "duplicates", "unmatched"],
+            "properties": {
+                "accepted": {"type": "integer", "minimum": 0},
+                "duplicates": {"type": "integer", "minimum": 0},
+                "unmatched": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "Stored labels whose request id has no recorded prediction"
+                    " (yet): unknown, unsampled, or still buffered by the proxy.",
+                },
             },
         },
         "EdgeExposure": {

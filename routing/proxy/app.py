@@ -45,6 +45,7 @@ from routing.proxy.headers import (
     unit_from_request,
 )
 from routing.proxy.plan import PlanBook
+from routing.proxy.predictions import ProxyPredictions
 from routing.proxy.shadow import Shadows
 from routing.proxy.upstream import UpstreamClient
 from routing.proxy.watch import DISCONNECT_WATCH_AFTER_S, DisconnectWatch, WatchSweep
@@ -95,6 +96,7 @@ class ProxyApp(Forwarding):
             self.observations, concurrency=int(settings.PROXY_SHADOW_CONCURRENCY)
         )
         self._watches = WatchSweep(DISCONNECT_WATCH_AFTER_S)
+        self.predictions = ProxyPredictions()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._publisher: asyncio.Task[None] | None = None
 
@@ -118,6 +120,7 @@ class ProxyApp(Forwarding):
         )
         self.shadows.client = self.client
         await self.observations.start()
+        await self.predictions.start()
         self._publisher = loop.create_task(self._publish_metrics(), name="rampart-proxy-metrics")
 
     async def shutdown(self) -> None:
@@ -134,6 +137,7 @@ class ProxyApp(Forwarding):
             await session.close()
         proxy_metrics.publish_pending()
         await self.observations.stop()
+        await self.predictions.stop()
 
     async def _publish_metrics(self) -> None:
         while True:
@@ -293,6 +297,8 @@ class ProxyApp(Forwarding):
         tally = None
         if in_experiment and unit is not None and plan.shares is not None:
             tally = self.units.tally(plan.experiment_id, unit, arm.key, plan.shares)
+        quality = plan.quality
+        ticket = None if quality is None else quality.ticket(headers, unit, in_experiment)
 
         method: str = scope["method"]
         # The rest of the path after /proxy/{experiment}, still percent-encoded as received.
@@ -313,12 +319,13 @@ class ProxyApp(Forwarding):
                 self.observations.count_cache_hit(plan.experiment_id, arm.key)
                 arm.metrics.cache_hits.inc()
                 arm.metrics.count_response(hit.status)
+                hit_headers = [*hit.headers, *arm.response_headers, CACHE_HIT_HEADER]
+                if ticket is not None:
+                    self.predictions.answer(
+                        ticket, arm.key, hit.status, hit.body, hit.headers, hit_headers
+                    )
                 await send(
-                    {
-                        "type": "http.response.start",
-                        "status": hit.status,
-                        "headers": [*hit.headers, *arm.response_headers, CACHE_HIT_HEADER],
-                    }
+                    {"type": "http.response.start", "status": hit.status, "headers": hit_headers}
                 )
                 await send({"type": "http.response.body", "body": hit.body})
                 return
@@ -345,6 +352,7 @@ class ProxyApp(Forwarding):
                 cache_key,
                 control_answer,
                 tally,
+                ticket,
             )
         except asyncio.CancelledError:
             if not watch.disconnected:

@@ -27,6 +27,7 @@ from routing.proxy.attempt import (
 )
 from routing.proxy.headers import content_encoding, passed_on
 from routing.proxy.plan import Arm, Plan
+from routing.proxy.predictions import ProxyPredictions, Ticket
 from routing.proxy.upstream import UpstreamClient
 from routing.proxy.watch import DisconnectWatch
 
@@ -38,6 +39,7 @@ class Forwarding:
 
     client: UpstreamClient | None
     observations: ObservationAggregator
+    predictions: ProxyPredictions
     deadline_s: float
     _loop: asyncio.AbstractEventLoop | None
 
@@ -54,6 +56,7 @@ class Forwarding:
         cache_key: tuple[str, str, str, bytes] | None,
         control_answer: asyncio.Future[tuple[bytes, bytes] | None] | None,
         tally: UnitTally | None = None,
+        ticket: Ticket | None = None,
     ) -> None:
         """Call the arm (and control on failure) and send the answer to the client.
 
@@ -74,7 +77,16 @@ class Forwarding:
                 )
                 if attempt.failure is None:
                     await self._respond(
-                        plan, arm, arm, attempt, send, watch, cache_key, None, tally=tally
+                        plan,
+                        arm,
+                        arm,
+                        attempt,
+                        send,
+                        watch,
+                        cache_key,
+                        None,
+                        tally=tally,
+                        ticket=ticket,
                     )
                     return
                 count_failure(arm, attempt.failure)
@@ -148,6 +160,7 @@ class Forwarding:
             control_answer,
             fallback=fallback,
             tally=tally,
+            ticket=ticket,
         )
 
     async def _respond(
@@ -163,6 +176,7 @@ class Forwarding:
         *,
         fallback: bool = False,
         tally: UnitTally | None = None,
+        ticket: Ticket | None = None,
     ) -> None:
         """Send a successful (non-5xx) upstream answer to the client and record it."""
         headers = passed_on(attempt.headers)
@@ -171,6 +185,10 @@ class Forwarding:
             response_headers.append(plan.fallback_header)
         status = attempt.status
         body = attempt.body
+        if ticket is not None:
+            self.predictions.answer(
+                ticket, assigned.key, status, body, headers, response_headers, fallback=fallback
+            )
         if body is None:
             try:
                 await self._stream(attempt, response_headers, send, watch)

@@ -82,3 +82,15 @@ def serve_edge(
         yield ServedEdge(url=url, process=process)
     finally:
         stop_process(process)
+
+
+def labels_edge() -> Any:
+    """The edge with the events API at /v1/events and the labels API at /v1/labels."""
+    import django
+
+    django.setup()
+    from routing.edge.app import build_edge
+    from routing.edge.ingest import EventsApp
+    from routing.edge.labels import LabelsApp
+
+    return build_edge(mounts={"/v1/events": EventsApp, "/v1/labels": LabelsApp})

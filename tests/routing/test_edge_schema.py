@@ -24,6 +24,7 @@ from routing.edge.batch import MAX_EPOCH_SECONDS
 from routing.edge.exposures_api import MAX_EXPOSURES_PER_BATCH, MAX_KEY_LENGTH
 from routing.edge.ingest import MAX_EVENT_ID_LENGTH, MAX_EVENTS_PER_BATCH, MAX_NAME_LENGTH
 from routing.edge.inputs import MAX_BATCH_UNITS
+from routing.edge.labels import MAX_LABEL_LENGTH, MAX_LABELS_PER_BATCH, MAX_REQUEST_ID_LENGTH
 from routing.edge.problems import TITLES
 from tests.model_server import ModelServer
 from tests.processes import free_port, start_process, stop_process, wait_for_http
@@ -55,6 +56,9 @@ def test_the_description_keeps_the_edges_limits() -> None:
     assert openapi_schemas.MAX_EVENT_ID_LENGTH == MAX_EVENT_ID_LENGTH
     assert openapi_schemas.MAX_NAME_LENGTH == MAX_NAME_LENGTH
     assert openapi_schemas.MAX_EPOCH_SECONDS == MAX_EPOCH_SECONDS
+    assert openapi_schemas.MAX_LABELS_PER_BATCH == MAX_LABELS_PER_BATCH
+    assert openapi_schemas.MAX_LABEL_REQUEST_ID_LENGTH == MAX_REQUEST_ID_LENGTH
+    assert openapi_schemas.MAX_LABEL_LENGTH == MAX_LABEL_LENGTH
 
 
 def test_every_problem_code_is_documented() -> None:
@@ -144,6 +148,7 @@ def test_schemathesis_finds_no_failure_on_the_edge_operations(
         "/v1/decide/batch",
         "/v1/config",
         "/v1/events",
+        "/v1/labels",
         "/v1/exposures",
         "/api/features/{client_key}",
         "/proxy/{experiment}/{path}",

@@ -49,6 +49,15 @@ DEMO_METRICS: list[dict[str, Any]] = [
         "direction": "higher",
         "description": "Revenue per exposed user.",
     },
+    {
+        "key": "accuracy",
+        "name": "Accuracy",
+        "kind": "mean",
+        "source": "quality:accuracy",
+        "direction": "higher",
+        "window_s": 30,
+        "description": "Share of a user's predictions that match the label sent later.",
+    },
 ]
 
 
@@ -61,6 +70,11 @@ class Command(BaseCommand):
         parser.add_argument("--canary-url", default="http://127.0.0.1:9102")
         parser.add_argument("--step-seconds", type=int, default=20)
         parser.add_argument("--step-exposures", type=int, default=100)
+        parser.add_argument(
+            "--quality",
+            action="store_true",
+            help="read the digit in each answer ('label') and guard accuracy (1-point margin)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         for spec in DEMO_METRICS:
@@ -75,6 +89,20 @@ class Command(BaseCommand):
             return
         except NotFound:
             pass
+        quality: dict[str, Any] = {}
+        uses = [
+            services.MetricUseInput("latency-p95", "guardrail", 0.10),
+            services.MetricUseInput("error-rate", "guardrail", 0.0),
+            services.MetricUseInput("conversion", "primary"),
+            services.MetricUseInput("revenue", "secondary"),
+        ]
+        if options["quality"]:
+            quality = {
+                "quality_enabled": True,
+                "quality_prediction_path": "label",
+                "quality_prediction_kind": "class",
+            }
+            uses.insert(2, services.MetricUseInput("accuracy", "guardrail", 0.01))
         services.experiment_create(
             actor="demo",
             key=key,
@@ -94,15 +122,11 @@ class Command(BaseCommand):
                     key="v2", name="Ranker v2", upstream_url=options["canary_url"], weight=0.5
                 ),
             ],
-            metrics=[
-                services.MetricUseInput("latency-p95", "guardrail", 0.10),
-                services.MetricUseInput("error-rate", "guardrail", 0.0),
-                services.MetricUseInput("conversion", "primary"),
-                services.MetricUseInput("revenue", "secondary"),
-            ],
+            metrics=uses,
             ramp_steps=[
                 services.RampStepInput(share, options["step_seconds"], options["step_exposures"])
                 for share in services.DEFAULT_RAMP
             ],
+            **quality,
         )
         self.stdout.write(f"Created demo experiment {key}")

@@ -8,6 +8,8 @@ Importing it loads httpx and the pure assignment modules (``rampart_sdk.hashing`
     with Client("https://rampart.example.com", "rk_...") as rampart:
         decision = rampart.decide("ranker-v2", "u-42")
         rampart.track("u-42", "purchase", 19.99)
+        # Later: the truth about a proxied answer, named by its X-Rampart-Request-Id.
+        rampart.track_label("5f0c1a2b3c4d-1f", "fraud")
 
     # Or decide in-process; exposures are reported to the edge in the background.
     with LocalEvaluator("https://rampart.example.com", "rk_...") as evaluator:
@@ -33,7 +35,7 @@ from rampart_sdk.errors import (
 from rampart_sdk.evaluator import PollStats
 from rampart_sdk.exposures import ExposureResult, ExposureStats
 from rampart_sdk.local import AsyncLocalEvaluator, LocalEvaluator
-from rampart_sdk.records import Decision, Event, TrackResult
+from rampart_sdk.records import Decision, Event, Label, LabelResult, TrackResult
 
 __all__ = [
     "ApiError",
@@ -49,6 +51,8 @@ __all__ = [
     "ExposureResult",
     "ExposureStats",
     "InvalidEventError",
+    "Label",
+    "LabelResult",
     "LocalEvaluator",
     "NotFoundError",
     "PayloadTooLargeError",

@@ -10,18 +10,21 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import httpx
 
 from rampart_sdk.errors import ApiError, RampartConnectionError, RampartError, api_error
-from rampart_sdk.records import Decision, Event, TrackResult
+from rampart_sdk.records import Decision, Event, Label, LabelResult, TrackResult
 
 logger = logging.getLogger("rampart_sdk")
 
 USER_AGENT: Final = "rampart-python-sdk/1"
 # The edge answers at most this many units per /v1/decide/batch request.
 MAX_UNITS_PER_REQUEST: Final = 1000
+# The labels API's limit per batch (routing.edge.labels.MAX_LABELS_PER_BATCH).
+MAX_LABELS_PER_BATCH: Final = 10_000
 # At most one "buffer full" warning per this many seconds; ``dropped`` counts every event.
 _DROP_LOG_INTERVAL_S: Final = 10.0
 
@@ -112,6 +115,38 @@ def events_body(events: Sequence[Event]) -> bytes:
 
 def track_result(payload: Any) -> TrackResult:
     return TrackResult(accepted=int(payload["accepted"]), duplicates=int(payload["duplicates"]))
+
+
+def labels_body(labels: Sequence[Label]) -> bytes:
+    return json_request_body({"labels": [label.as_json() for label in labels]})
+
+
+def label_result(payload: Any) -> LabelResult:
+    return LabelResult(
+        accepted=int(payload["accepted"]),
+        duplicates=int(payload["duplicates"]),
+        unmatched=int(payload["unmatched"]),
+    )
+
+
+def make_label(
+    request_id: str, label: str | int | float | bool, timestamp: datetime | float | None
+) -> Label:
+    """A Label from ``track_label``'s arguments: epoch seconds become an aware UTC datetime."""
+    if timestamp is None:
+        return Label(request_id, label)
+    if not isinstance(timestamp, datetime):
+        timestamp = datetime.fromtimestamp(timestamp, UTC)
+    return Label(request_id, label, timestamp)
+
+
+def label_chunks(labels: Iterable[Label]) -> list[list[Label]]:
+    """Labels in batches the labels API takes (at most MAX_LABELS_PER_BATCH each)."""
+    items = list(labels)
+    return [
+        items[start : start + MAX_LABELS_PER_BATCH]
+        for start in range(0, len(items), MAX_LABELS_PER_BATCH)
+    ]
 
 
 def unit_chunks(units: Iterable[str | int]) -> list[list[str | int]]:

@@ -11,7 +11,11 @@
   * 5xx answers and connection failures are retried with backoff (``RetryPolicy``); every
     event keeps the id it was given (a UUID 4 unless the caller passed one), so a batch
     sent twice is stored once;
-  * error answers raise ``rampart_sdk.errors`` exceptions that carry the server's JSON.
+  * error answers raise ``rampart_sdk.errors`` exceptions that carry the server's JSON;
+  * ``track_label`` and ``track_labels`` send the true outcome of proxied requests (named by
+    the ``X-Rampart-Request-Id`` the proxy put on their answers) to POST /v1/labels at once,
+    with the same retries: labels usually come later, from a job or a webhook, not on a
+    request's path, and each request id keeps its first label, so a retry is harmless.
 
 A batch that fails with a retryable error goes back to the buffer and is sent again at the
 next flush. A batch the server refuses (4xx) is dropped, and the raised ApiError holds it
@@ -38,12 +42,16 @@ from rampart_sdk._transport import (
     events_body,
     is_retryable,
     json_request_body,
+    label_chunks,
+    label_result,
+    labels_body,
+    make_label,
     track_result,
     unit_chunks,
 )
 from rampart_sdk.errors import ApiError, RampartError
 from rampart_sdk.local import AsyncLocalEvaluator, LocalEvaluator
-from rampart_sdk.records import Decision, Event, TrackResult, new_event_id
+from rampart_sdk.records import Decision, Event, Label, LabelResult, TrackResult, new_event_id
 from rampart_sdk.sending import (
     AsyncBatchFlusher,
     BatchFlusher,
@@ -225,6 +233,32 @@ class Client:
                 error.events = batch
             raise
 
+    # --- labels --------------------------------------------------------------------------
+
+    def track_label(
+        self,
+        request_id: str,
+        label: str | int | float | bool,
+        *,
+        timestamp: datetime | float | None = None,
+    ) -> LabelResult:
+        """Send the true outcome of one proxied request now; the server's counts.
+
+        Raises InvalidEventError at once for a label the labels API would refuse.
+        """
+        return self.track_labels([make_label(request_id, label, timestamp)])
+
+    def track_labels(self, labels: Iterable[Label]) -> LabelResult:
+        """Send labels built by the caller (``rampart_sdk.Label``) now, in batches."""
+        if self._closed:
+            raise RampartError("the client is closed")
+        total = LabelResult()
+        for batch in label_chunks(labels):
+            total += label_result(
+                call_with_retries(self._http, self.retry, "POST", "/v1/labels", labels_body(batch))
+            )
+        return total
+
     # --- plumbing ------------------------------------------------------------------------
 
     def _call(self, method: str, path: str, body: dict[str, Any]) -> Any:
@@ -388,6 +422,31 @@ class AsyncClient:
             elif isinstance(error, ApiError):
                 error.events = batch
             raise
+
+    # --- labels --------------------------------------------------------------------------
+
+    async def track_label(
+        self,
+        request_id: str,
+        label: str | int | float | bool,
+        *,
+        timestamp: datetime | float | None = None,
+    ) -> LabelResult:
+        """Send the true outcome of one proxied request now; the server's counts."""
+        return await self.track_labels([make_label(request_id, label, timestamp)])
+
+    async def track_labels(self, labels: Iterable[Label]) -> LabelResult:
+        """Send labels built by the caller (``rampart_sdk.Label``) now, in batches."""
+        if self._closed:
+            raise RampartError("the client is closed")
+        total = LabelResult()
+        for batch in label_chunks(labels):
+            total += label_result(
+                await acall_with_retries(
+                    self._http, self.retry, "POST", "/v1/labels", labels_body(batch)
+                )
+            )
+        return total
 
     # --- plumbing ------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Typed values of the Rampart SDK: decisions, events and the events API's counts."""
+"""Typed values of the Rampart SDK: decisions, events, labels and the edge's counts."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ from rampart_sdk._base_errors import InvalidEventError
 MAX_EVENT_ID_LENGTH: Final = 128
 MAX_UNIT_LENGTH: Final = 200
 MAX_NAME_LENGTH: Final = 128
+# The labels API's limits (routing.edge.labels).
+MAX_REQUEST_ID_LENGTH: Final = 128
+MAX_LABEL_LENGTH: Final = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,3 +145,54 @@ class TrackResult:
 
     def __add__(self, other: TrackResult) -> TrackResult:
         return TrackResult(self.accepted + other.accepted, self.duplicates + other.duplicates)
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    """The true outcome of one proxied request, named by its ``X-Rampart-Request-Id``.
+
+    ``label`` is a class (a string, an integer or a boolean) or a finite number;
+    ``timestamp`` is when the truth became known (default: when the Label is made).
+    """
+
+    request_id: str
+    label: str | int | float | bool
+    timestamp: datetime = field(default_factory=_now)
+
+    def __post_init__(self) -> None:
+        _check_text("request_id", self.request_id, MAX_REQUEST_ID_LENGTH)
+        label: Any = self.label
+        if isinstance(label, str):
+            _check_text("label", label, MAX_LABEL_LENGTH)
+        elif isinstance(label, float):
+            if not math.isfinite(label):
+                raise InvalidEventError("label", "must be finite")
+        elif not isinstance(label, int):
+            raise InvalidEventError("label", "must be a string, a number or a boolean")
+        timestamp: Any = self.timestamp
+        if not isinstance(timestamp, datetime) or timestamp.utcoffset() is None:
+            raise InvalidEventError("timestamp", "must be an aware datetime (with a tzinfo)")
+
+    def as_json(self) -> dict[str, Any]:
+        """The label as the labels API takes it."""
+        return {
+            "request_id": self.request_id,
+            "label": self.label,
+            "timestamp": self.timestamp.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class LabelResult:
+    """Labels stored, ignored (their request id had one) and stored without a prediction."""
+
+    accepted: int = 0
+    duplicates: int = 0
+    unmatched: int = 0
+
+    def __add__(self, other: LabelResult) -> LabelResult:
+        return LabelResult(
+            self.accepted + other.accepted,
+            self.duplicates + other.duplicates,
+            self.unmatched + other.unmatched,
+        )

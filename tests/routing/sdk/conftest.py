@@ -1,4 +1,4 @@
-"""A real edge (uvicorn, events API mounted) on the test database, for the SDK tests."""
+"""A real edge (uvicorn, events and labels APIs mounted) on the test database, for the SDK tests."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class EdgeServer:
 def edge(
     transactional_db: None, tmp_path: Path, make_key: Callable[..., str]
 ) -> Iterator[EdgeServer]:
-    """The edge of tests.routing.edge_factories.events_edge and a decide+ingest key."""
+    """The edge of tests.routing.edge_factories.labels_edge and a decide+ingest key."""
     key = make_key("decide", "ingest")
     port = free_port()
     process = start_process(
@@ -47,7 +47,7 @@ def edge(
             "-m",
             "uvicorn",
             "--factory",
-            "tests.routing.edge_factories:events_edge",
+            "tests.routing.edge_factories:labels_edge",
             "--host",
             "127.0.0.1",
             "--port",
