@@ -227,3 +227,26 @@ def test_doubling_error_rate_at_a_ten_percent_canary_meets_the_power_targets():
     median, p80 = np.percentile(sizes, [50, 80], method="inverted_cdf")
     assert median <= 0.9 * fixed
     assert p80 <= 1.5 * fixed
+
+
+def test_at_the_margin_the_false_rollback_rate_stays_within_alpha():
+    # The hardest null: the canary's rate exactly (1 + m) times control's (1.25% vs 1%, margin
+    # 0.25, a 10% canary), where every bet is a martingale, not just a supermartingale.
+    # Only failing users move the wealth; 1,500 of them is about 146,000 users per run.
+    rng = np.random.default_rng(20261204)
+    runs, failures = 600, 1500
+    canary_share_of_failures = 0.1 * 0.0125 / (0.1 * 0.0125 + 0.9 * 0.01)
+    alarms = 0
+    for _ in range(runs):
+        treated = rng.random(failures) < canary_share_of_failures
+        log_e = running_log_e(
+            np.ones(failures),
+            treated,
+            np.full(failures, 0.1),
+            np.full(failures, 0.9),
+            margin=0.25,
+        )
+        alarms += bool((log_e >= THRESHOLD).any())
+    lower, _ = proportion_confint(alarms, runs, alpha=0.05, method="wilson")
+    assert lower <= ALPHA  # not above alpha beyond Monte-Carlo error
+    assert alarms > 0  # the boundary is reachable: the test is not vacuous
