@@ -97,8 +97,10 @@ def _fold_window(
         share = np.array([row[1] for row in rows], dtype=float)
         control_share = np.array([row[2] for row in rows], dtype=float)
         outcome = np.array([row[4] / row[3] for row in rows], dtype=float)
-        # A user's own arm's share is stored. The harm bet of a control user needs only
-        # control's; with two arms the tested arm's share is 1 - control's for everyone.
+        # A user's own arm's share is stored. With two arms the tested arm's share is
+        # 1 - control's for everyone; with more, 1 - control's overstates it for control
+        # users, which raises their harm bets above the canary's: conservative, still exact
+        # (analysis.stats.betting).
         usable = (control_share > 0) & (control_share < 1) & (share > 0) & (share < 1)
         bet = fold_users(
             bet,

@@ -38,7 +38,7 @@ import numpy as np
 from numpy.typing import NDArray
 from statsmodels.stats.proportion import proportion_confint
 
-from analysis.stats.betting import bet_log_factors, log_mean_exp
+from analysis.stats.betting import bet_log_factors, harm_mixture_log_e
 from analysis.stats.harm import harm_threshold, proportion_harm_z
 
 ALPHA = 0.05
@@ -127,7 +127,7 @@ def _process(bet_time: Array, outcome: Array, treated: Array, share: Array, look
     )
     wealth = np.vstack([np.zeros((1, harm.shape[1])), np.cumsum(harm, axis=0)])
     done = np.searchsorted(bet_time[order], looks, side="right")
-    return np.array([log_mean_exp(wealth[k]) for k in done])
+    return harm_mixture_log_e(wealth[done])
 
 
 def user_guardrail(users: Users, looks: Array) -> Array:

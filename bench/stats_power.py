@@ -2,15 +2,18 @@
 
 Case 1 (rate): the error rate of a 10% canary doubles from 1% to 2% (allocation 90/10), one
 request per user. The shipped error-rate guardrail (`analysis.stats.betting`: the exact betting
-e-process with the user as the unit, one guardrail with the whole alpha = 0.05) looks after
-every batch of 100 users; next to it the previous per-request harm test (`analysis.stats.harm`,
-N* from `guardrail_n_star_proportion`, burn-in of 10 events per arm), which is only asymptotic
-and needs independent requests. Reported: the median, 80th and 90th percentile of the total
-sample size at which each rolls back, next to the two-sided fixed-horizon total at 80% power for
-the same allocation (statsmodels NormalIndPower with `ratio`, and the pooled-variance formula),
-measured in the same run, plus the A/A false-rollback rates. Targets: median <= 0.9x and 80th
-percentile <= 1.5x the fixed-horizon size (GrowthBook's default two-sided test: about 1.03x and
-1.7x, STATS.md 10.2).
+e-process with the user as the unit, a mixture over relative harms with its prior centred on a
+doubling, one guardrail with the whole alpha = 0.05) looks after every batch of 100 users;
+next to it, on the same users, its previous bets (an equal-weight grid of bet sizes), and the
+per-request harm test (`analysis.stats.harm`, N* from `guardrail_n_star_proportion`, burn-in of
+10 events per arm), which is only asymptotic and needs independent requests. Then both
+betting constructions for 1% -> 1.5% and 1% -> 3%, against their own fixed-horizon sizes.
+Reported: the median, 80th and 90th percentile of the total sample size at which each rolls
+back, next to the two-sided fixed-horizon total at 80% power for the same allocation
+(statsmodels NormalIndPower with `ratio`, and the pooled-variance formula), measured in the
+same run, plus the A/A false-rollback rates. Targets: median <= 0.9x and 80th percentile <=
+1.5x the fixed-horizon size (GrowthBook's default two-sided test: about 1.03x and 1.7x,
+STATS.md 10.2).
 
 Case 2 (p95 latency): the canary's latencies are 20% slower (log-normal), through the
 exceedance e-process of `analysis.stats.quantile_exceedance` on per-batch time windows of
@@ -34,7 +37,7 @@ from numpy.typing import NDArray
 from statsmodels.stats.power import NormalIndPower
 from statsmodels.stats.proportion import proportion_effectsize
 
-from analysis.stats.betting import bet_log_factors, log_mean_exp
+from analysis.stats.betting import running_log_e
 from analysis.stats.guardrails import GuardrailSettings
 from analysis.stats.harm import harm_threshold, proportion_harm_z
 from analysis.stats.planning import fixed_horizon_total_n_proportion, guardrail_n_star_proportion
@@ -107,10 +110,37 @@ def rate_guardrail_fired(
     return burned_in & (z > threshold), totals
 
 
+# The previous harm bets, for comparison: an equal-weight grid of bet sizes g (a canary user
+# multiplied wealth g by 1 + g rho_A y / ((1 + m) rho_B), a control user by 1 - g y).
+PREVIOUS_GRID = np.geomspace(1e-3, 0.9, 24)
+
+
+def previous_log_e(treated: Array, rho_b: float, margin: float = 0.0) -> Array:
+    """The previous grid's log e-value after each failing user (one request per user)."""
+    odds = (1 - rho_b) / rho_b
+    g = PREVIOUS_GRID[None, :]
+    factors = np.where(treated[:, None], np.log1p(g * odds / (1 + margin)), np.log1p(-g))
+    wealth = np.cumsum(factors, axis=0)
+    top = wealth.max(axis=1)
+    return np.asarray(top + np.log(np.exp(wealth - top[:, None]).mean(axis=1)), dtype=float)
+
+
+def shipped_log_e(treated: Array, rho_b: float) -> Array:
+    """The shipped guardrail's log e-value after each failing user."""
+    size = treated.size
+    return running_log_e(
+        np.ones(size), treated, np.full(size, rho_b), np.full(size, 1 - rho_b), margin=0.0
+    )
+
+
 def betting_guardrail_fired(
-    treatment_rate: float, runs: int, looks: int, seed: int
+    treatment_rate: float,
+    runs: int,
+    looks: int,
+    seed: int,
+    log_e_path: Callable[[Array, float], Array] = shipped_log_e,
 ) -> tuple[Array, Array]:
-    """The shipped guardrail on users with one request each, looking after every batch.
+    """A betting guardrail on users with one request each, looking after every batch.
 
     Users without a failure multiply every bet by 1, so only the failing users are folded.
     """
@@ -123,19 +153,10 @@ def betting_guardrail_fired(
         treated = rng.random(total) < TREATMENT_SHARE
         failed = rng.random(total) < np.where(treated, treatment_rate, BASE_RATE)
         where = np.nonzero(failed)[0]
-        harm, _ = bet_log_factors(
-            np.ones(where.size),
-            treated[where],
-            np.full(where.size, TREATMENT_SHARE),
-            np.full(where.size, 1 - TREATMENT_SHARE),
-            margin=0.0,
-        )
-        wealth = np.vstack([np.zeros((1, harm.shape[1])), np.cumsum(harm, axis=0)])
-        log_e = np.array([log_mean_exp(row) for row in wealth])
-        crossed = np.nonzero(log_e >= threshold)[0]
+        crossed = np.nonzero(log_e_path(treated[where], TREATMENT_SHARE) >= threshold)[0]
         if crossed.size:
-            # The failure that crossed is user where[k - 1]; the look after it sees it.
-            first_look = int(where[crossed[0] - 1] // BATCH)
+            # The failure that crossed is user where[k]; the look after it sees it.
+            first_look = int(where[crossed[0]] // BATCH)
             fired[run, first_look:] = True
     return fired, totals
 
@@ -191,29 +212,35 @@ def main() -> None:
     bet_aa = _timed(
         "betting A/A runs", lambda: betting_guardrail_fired(BASE_RATE, aa_runs, looks, SEED + 1)
     )
+    grid = _timed(
+        "previous grid runs",
+        lambda: betting_guardrail_fired(HARMED_RATE, runs, looks, SEED, previous_log_e),
+    )
+    grid_aa = _timed(
+        "previous grid A/A runs",
+        lambda: betting_guardrail_fired(BASE_RATE, aa_runs, looks, SEED + 1, previous_log_e),
+    )
     harm = _timed(
         "harm runs", lambda: rate_guardrail_fired(HARMED_RATE, runs, looks, settings, SEED)
     )
     aa = _timed(
         "A/A runs", lambda: rate_guardrail_fired(BASE_RATE, aa_runs, looks, settings, SEED + 1)
     )
-    false_rollback = 1 - aa.never
     monte_carlo_se = math.sqrt(ALPHA * (1 - ALPHA) / aa_runs)
 
+    rows = (
+        ("shipped: betting on users (exact)", "betting", bet, bet_aa),
+        ("previous bets: equal-weight grid of g", "previous grid", grid, grid_aa),
+        ("per-request harm test (asymptotic)", "harm test", harm, aa),
+    )
     print()
     print(f"{'total units (both arms)':<44}{'median':>10}{'p80':>10}{'p90':>10}")
-    print(
-        f"{'shipped: betting on users (exact)':<44}"
-        f"{bet.median:>10,.0f}{bet.p80:>10,.0f}{bet.p90:>10,.0f}"
-    )
-    print(
-        f"{'previous: per-request harm test (asymptotic)':<44}"
-        f"{harm.median:>10,.0f}{harm.p80:>10,.0f}{harm.p90:>10,.0f}"
-    )
+    for title, _, sizes, _ in rows:
+        print(f"{title:<44}{sizes.median:>10,.0f}{sizes.p80:>10,.0f}{sizes.p90:>10,.0f}")
     print(f"{'fixed horizon, pooled formula (80% power)':<44}{pooled_n:>10,.0f}")
     print(f"{'fixed horizon, statsmodels NormalIndPower':<44}{statsmodels_n:>10,.0f}")
     print()
-    for name, sizes in (("betting", bet), ("harm test", harm)):
+    for _, name, sizes, _ in rows:
         for label, reference in (("pooled formula", pooled_n), ("NormalIndPower", statsmodels_n)):
             print(
                 f"{name} ratios vs {label}: median {sizes.median / reference:.2f}x "
@@ -222,10 +249,27 @@ def main() -> None:
             )
         print(f"{name}: runs never stopped within {looks * BATCH:,} units: {sizes.never:.2%}")
     print(
-        f"A/A false-rollback rates: betting {1 - bet_aa.never:.2%}, harm test "
-        f"{false_rollback:.2%} (alpha {ALPHA:.0%}, Monte-Carlo SE {monte_carlo_se:.2%}, "
-        f"{aa_runs} runs)"
+        "A/A false-rollback rates: "
+        + ", ".join(f"{name} {1 - same.never:.2%}" for _, name, _, same in rows)
+        + f" (alpha {ALPHA:.0%}, Monte-Carlo SE {monte_carlo_se:.2%}, {aa_runs} runs)"
     )
+
+    print()
+    print("Other harms (1% -> 1.5% and 1% -> 3%), ratios to their own pooled fixed-horizon size")
+    other_runs = max(runs // 5, 200)
+    for rate in (0.015, 0.03):
+        reference = fixed_horizon_total_n_proportion(
+            BASE_RATE, rate, treatment_share=TREATMENT_SHARE, alpha=ALPHA
+        )
+        other_looks = int(6 * reference / BATCH)
+        for name, path in (("betting", shipped_log_e), ("previous grid", previous_log_e)):
+            fired, totals = betting_guardrail_fired(rate, other_runs, other_looks, SEED + 4, path)
+            sizes = _stopping_sizes(fired, totals)
+            print(
+                f"  {rate:.1%} ({reference:,.0f} units), {name}: median "
+                f"{sizes.median / reference:.2f}x, p80 {sizes.p80 / reference:.2f}x "
+                f"({other_runs} runs)"
+            )
 
     print()
     print("p95 latency +20% (log-normal, sigma 0.5), 10% canary, margin 0, look every 500 units")

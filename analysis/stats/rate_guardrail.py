@@ -2,7 +2,9 @@
 
 `rate_evidence` turns the fast- and slow-window states of one (guardrail, arm) pair into the
 `GuardrailEvidence` every guardrail returns. The e-value is the average of the windows'
-grid-mixture e-values; it rolls back at E >= 1 / alpha_k and shows non-inferiority at
+mixture e-values (harm: likelihood ratios over the relative harm, prior centred on a doubling
+beyond the margin; analysis.stats.betting); it rolls back at E >= 1 / alpha_k and shows
+non-inferiority at
 E' >= 1 / alpha_k for the mirror bet, so the false-rollback bound of
 `analysis.stats.guardrails` (weighted Bonferroni over guardrails and arms) is unchanged and
 holds exactly, at every number of users, with the user as the unit. The always-valid

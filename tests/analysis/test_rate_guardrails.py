@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
+from django.conf import settings
 
 from analysis import services
 from analysis.models import AlertOutbox, RateBetState
 from analysis.rate_guardrails import settle_s
+from analysis.stats.betting import RateBet, fold_users
 from experiments.models import AuditEntry, Experiment
 from routing.models import UnitOutcome
 from tests.analysis.conftest import later, start_experiment, traffic
@@ -100,3 +103,51 @@ def test_a_healthy_canary_is_not_rolled_back_and_bets_only_on_closed_windows(
     row = next(m for m in result.snapshot.metrics if m["metric"] == "error-rate")
     assert (row["n_control"], row["n_treatment"]) == (500, 500)
     assert row["status"] == "ok"
+
+
+def test_a_state_of_the_previous_bets_continues_from_its_e_value(metrics: Any) -> None:
+    # A run in flight when the harm bets changed: 24 equal-weight bet sizes, no version.
+    experiment = start_experiment("carry", ramp=[(0.1, 3600, 10), (1.0, 0, 0)], metrics=ERRORS_ONLY)
+    at = later(experiment.step_started_at, 1).timestamp()
+    # Users before the cursor were bet on already; failing control users there would lower
+    # the e-value if they were bet on again.
+    users(experiment, "v1", 40, failed=0.5, at=at, share=0.9)
+    cursor = at + 1.0
+    old = {
+        "harm": [1.0] * 12 + [2.0] * 12,
+        "safe": [0.0] * 24,
+        "treated_users": 4,
+        "control_users": 40,
+        "treated_sum": 1.0,
+        "control_sum": 20.0,
+    }
+    for window in (settings.RATE_WINDOW_FAST_S, settings.RATE_WINDOW_SLOW_S):
+        RateBetState.objects.create(
+            experiment=experiment,
+            metric_key="error-rate",
+            arm="v2",
+            window_s=float(window),
+            margin=0.0,
+            cursor=cursor,
+            state=old,
+        )
+    users(experiment, "v1", 30, failed=0.0, at=cursor + 1, share=0.9)
+    users(experiment, "v2", 3, failed=1.0, at=cursor + 2, share=0.1)
+    services.analysis_run(experiment_id=experiment.pk, now=later(experiment.step_started_at, 600))
+
+    carried = RateBet.from_json(old)
+    expected = fold_users(
+        carried,
+        outcome=[0.0] * 30 + [1.0] * 3,
+        treated=[False] * 30 + [True] * 3,
+        treated_share=[0.1] * 33,
+        control_share=[0.9] * 33,
+        margin=0.0,
+    )
+    for state in RateBetState.objects.filter(experiment=experiment):
+        bet = RateBet.from_json(state.state)
+        assert state.state["version"] == 2
+        assert (bet.control_users, bet.treated_users) == (70, 7)
+        assert bet.harm_log_e == pytest.approx(expected.harm_log_e)
+    # The carried-over e-value is the previous grid's (its equal-weight mean).
+    assert carried.harm_log_e == pytest.approx(1.0 + math.log((1 + math.e) / 2))
