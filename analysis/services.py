@@ -35,6 +35,7 @@ from analysis.aggregation import (
 from analysis.evidence import ArmState
 from analysis.guardrails import ExperimentAnalysis, analyse
 from analysis.health import HealthSettings, arms
+from analysis.latency_means import user_latency
 from analysis.models import (
     AnalysisState,
     ResultSnapshot,
@@ -310,6 +311,7 @@ def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> Ru
         now=now,
         health_settings=health_settings(),
         rate_bets=rate_bets,
+        user_latency=user_latency(view, now=now.timestamp()),
     )
     _save_states(view.id, old_states, result.states)
     state.srm_max_log_e_value = result.health.srm_max_log_e_value
