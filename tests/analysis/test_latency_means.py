@@ -9,6 +9,7 @@ import pytest
 from analysis import services
 from analysis.latency_means import user_latency_strata
 from analysis.rate_guardrails import settle_s, windows_s
+from experiments import services as experiment_services
 from experiments.models import Experiment
 from tests.analysis.conftest import (
     add_exposures,
@@ -121,3 +122,43 @@ def test_no_user_with_a_closed_window_holds_the_guardrail(metrics: Any) -> None:
     assert "not enough data: latency-mean/v2" in result.snapshot.reason
     assert "latency window has closed" in result.snapshot.reason
     assert _row(result)["status"] == "insufficient"
+
+
+def test_three_arms_each_treatment_is_compared_with_control_at_half_the_alpha(
+    metrics: Any,
+) -> None:
+    experiment_services.experiment_create(
+        actor="test",
+        key="mean-three",
+        name="three arms",
+        kind="ab",
+        variants=[
+            experiment_services.VariantInput(
+                key=key, upstream_url=f"http://127.0.0.1:900{i}", weight=1 / 3, is_control=i == 0
+            )
+            for i, key in enumerate(("v1", "v2", "v3"))
+        ],
+        metrics=[experiment_services.MetricUseInput(metric_key="latency-mean", role="guardrail")],
+    )
+    experiment = experiment_services.experiment_start(actor="test", key="mean-three").experiment
+    at = later(experiment.started_at, 1)
+    for arm, median in (("v1", 100.0), ("v2", 101.0), ("v3", 300.0)):
+        add_exposures(experiment.pk, arm, (f"{arm}-{i}" for i in range(400)), at)
+        add_user_latencies(
+            experiment.pk,
+            arm,
+            lognormal_latencies(400, median, seed=len(arm) + int(median)),
+            first_seen=at.timestamp(),
+            share=1 / 3,
+            control_share=1 / 3,
+        )
+
+    result = services.analysis_run(experiment_id=experiment.pk, now=_closed(at))
+
+    assert result is not None and result.snapshot.decision == "rollback"
+    assert result.analysis.breach is not None and result.analysis.breach.arm == "v3"
+    rows = {m["arm"]: m for m in result.snapshot.metrics if m["metric"] == "latency-mean"}
+    assert rows["v2"]["status"] == "ok" and rows["v3"]["status"] == "breach"
+    decision = result.analysis.guardrail_decision
+    assert decision is not None
+    assert [e.alpha for e in decision.evaluations] == [0.025, 0.025]
