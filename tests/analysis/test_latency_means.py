@@ -162,3 +162,37 @@ def test_three_arms_each_treatment_is_compared_with_control_at_half_the_alpha(
     decision = result.analysis.guardrail_decision
     assert decision is not None
     assert [e.alpha for e in decision.evaluations] == [0.025, 0.025]
+
+
+def test_a_latency_mean_that_is_not_a_guardrail_is_reported_within_steps_too(
+    metrics: Any,
+) -> None:
+    experiment = start_experiment(
+        "mean-report",
+        ramp=[(0.5, 3600, 10), (1.0, 0, 0)],
+        metrics=[
+            {"metric": "error-rate", "role": "guardrail"},
+            {"metric": "latency-mean", "role": "secondary"},
+        ],
+    )
+    at = later(experiment.step_started_at, 1)
+    first, second = at.timestamp(), later(at, 5).timestamp()
+    for arm, n, share, seed in (("v1", 900, 0.9, 1), ("v2", 100, 0.1, 2)):
+        latencies = lognormal_latencies(n, 100.0, seed=seed)
+        add_user_latencies(
+            experiment.pk, arm, latencies, first_seen=first, share=share, control_share=0.9
+        )
+    for arm, seed in (("v1", 3), ("v2", 4)):
+        latencies = lognormal_latencies(500, 200.0, seed=seed)
+        add_user_latencies(
+            experiment.pk, arm, latencies, first_seen=second, share=0.5, control_share=0.5
+        )
+
+    result = services.analysis_run(experiment_id=experiment.pk, now=_closed(later(at, 5)))
+
+    assert result is not None
+    row = _row(result)
+    assert row["role"] == "secondary" and row["status"] == "inconclusive"
+    assert (row["n_control"], row["n_treatment"]) == (1400, 600)
+    assert row["construction"]["method"] == "stratified_by_ramp_step"
+    assert row["ci_always_valid"][0] < 0 < row["ci_always_valid"][1]
