@@ -1,4 +1,4 @@
-"""The error-rate guardrail with two treatment arms: rollback and promotion, each arm alone."""
+"""Two treatment arms: the error-rate guardrail's rollback and promotion, and every kind."""
 
 from __future__ import annotations
 
@@ -14,7 +14,13 @@ from analysis.rate_guardrails import settle_s, windows_s
 from experiments import services as experiment_services
 from experiments.contracts import StepPeriod
 from routing.models import UnitOutcome
-from tests.analysis.conftest import add_exposures, later
+from tests.analysis.conftest import (
+    add_bucket,
+    add_exposures,
+    add_user_latencies,
+    later,
+    lognormal_latencies,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -123,3 +129,56 @@ def test_a_mirror_bet_placed_without_the_lane_never_shows_non_inferiority(metric
     assert result is not None and result.snapshot.decision == "continue"
     evidence = {e.arm: e for e in result.analysis.guardrail_decision.evaluations}
     assert evidence["v2"].status == "inconclusive" and evidence["v3"].status == "safe"
+
+
+def test_every_guardrail_kind_compares_each_of_two_treatment_arms_with_control(
+    metrics: Any,
+) -> None:
+    """p95, mean latency, error rate and conversion, three arms: eight pairs at alpha / 8."""
+    kinds = {"latency-p95": 0.1, "latency-mean": 0.1, "error-rate": 0.2, "conversion": 0.1}
+    experiment_services.experiment_create(
+        actor="test",
+        key="every-kind",
+        name="three arms, every guardrail kind",
+        kind="ab",
+        variants=[
+            experiment_services.VariantInput(
+                key=arm, upstream_url=f"http://127.0.0.1:900{i}", weight=1 / 3, is_control=i == 0
+            )
+            for i, arm in enumerate(("v1", "v2", "v3"))
+        ],
+        metrics=[
+            experiment_services.MetricUseInput(metric_key=key, role="guardrail", margin=margin)
+            for key, margin in kinds.items()
+        ],
+    )
+    experiment = experiment_services.experiment_start(actor="test", key="every-kind").experiment
+    at = later(experiment.started_at, 1)
+    slow = {"v1": 1.0, "v2": 1.0, "v3": 3.0}  # v3 is three times slower
+    for arm, factor in slow.items():
+        add_exposures(experiment.pk, arm, (f"{arm}-{i}" for i in range(600)), at)
+        latencies = [x * factor for x in lognormal_latencies(600, 100.0, seed=len(arm))]
+        add_bucket(experiment.pk, arm, latencies, at=at)
+        add_user_latencies(
+            experiment.pk,
+            arm,
+            latencies,
+            first_seen=at.timestamp(),
+            share=1 / 3,
+            control_share=1 / 3,
+            prefix="lat-",
+        )
+        _users(experiment, arm, 600, failed=0.0, at=at.timestamp())
+    now = later(at, windows_s()[1] + settle_s() + 1)
+
+    result = services.analysis_run(experiment_id=experiment.pk, now=now)
+
+    assert result is not None and result.snapshot.decision == "rollback"
+    decision = result.analysis.guardrail_decision
+    pairs = {(e.metric_key, e.arm): e for e in decision.evaluations}
+    assert set(pairs) == {(key, arm) for key in kinds for arm in ("v2", "v3")}
+    assert {e.alpha for e in pairs.values()} == {0.05 / 8}
+    for key in ("latency-p95", "latency-mean"):
+        assert pairs[(key, "v3")].status == "harm", key
+        assert pairs[(key, "v2")].status != "harm", key
+    assert {e.arm for e in decision.tripped_all} == {"v3"}
