@@ -112,6 +112,7 @@ class ExperimentAnalysis:
 
 
 def is_latency_mean(metric: MetricView) -> bool:
+    """The proxy's mean latency (compared on users within ramp steps)."""
     return metric.source == BUILTIN_LATENCY and metric.kind == "mean"
 
 
@@ -202,19 +203,21 @@ def analyse(
     wait for data.
     """
     rate_bets = rate_bets or {}
+    health_settings = health_settings or HealthSettings()
+    control, treatments = arms(experiment)
 
     def stats_of(metric: MetricView, arm: str) -> object | None:
         return metric_stats(metric, aggregates, arm, user_latency)
 
     def guardrail_stats(metric: MetricView, arm: str) -> object | None:
-        if rate_bets.get((metric.key, arm)):
+        """What the guardrail test of one arm takes: users' bets or latency comparisons
+        (treatment arms), otherwise the arm's statistic."""
+        if (metric.key, arm) in rate_bets:
             return rate_bets[(metric.key, arm)]
         if is_latency_mean(metric) and user_latency is not None and arm != control:
             return comparison(user_latency, control=control, arm=arm)
         return stats_of(metric, arm)
 
-    health_settings = health_settings or HealthSettings()
-    control, treatments = arms(experiment)
     alpha = float(experiment.alpha)
     n_star = float(experiment.decision_sample_size)
     health = check_health(

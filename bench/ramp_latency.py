@@ -300,11 +300,20 @@ def wilson(count: int, runs: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=500)
+    parser.add_argument(
+        "--gap-mean-s",
+        type=float,
+        default=GAP_MEAN_S,
+        help="mean gap between a sticky user's requests (0.05 puts all of them in its window)",
+    )
+    parser.add_argument("--no-detection", action="store_true")
     args = parser.parse_args()
+    global GAP_MEAN_S
+    GAP_MEAN_S = args.gap_mean_s
     print(
         f"A/A ramp {' -> '.join(f'{s:.0%}' for s in RAMP)}, {STEP_S:.0f} s steps, "
-        f"{USERS_PER_S:g} new users/s, mean-latency guardrail, margin 0, alpha {ALPHA}, "
-        f"{args.runs} runs per world"
+        f"{USERS_PER_S:g} new users/s, {GAP_MEAN_S:g} s between a user's requests, "
+        f"mean-latency guardrail, margin 0, alpha {ALPHA}, {args.runs} runs per world"
     )
     print(f"{'world':<50}{'analysis':<24}{'false rollbacks':>16}  Wilson 95%")
     for index, world in enumerate(WORLDS):
@@ -318,6 +327,8 @@ def main() -> None:
                 f"= {counts[name] / args.runs:>5.1%}  [{low:.1%}, {high:.1%}]"
             )
         print(f"  ({time.perf_counter() - start:.0f} s)")
+    if args.no_detection:
+        return
     runs = max(args.runs // 5, 20)
     half = (0.5,) * len(RAMP)
     for label, canary, world, ramp in (
