@@ -298,6 +298,7 @@ def wilson(count: int, runs: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    global GAP_MEAN_S  # the one setting the command line may change
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=500)
     parser.add_argument(
@@ -308,7 +309,6 @@ def main() -> None:
     )
     parser.add_argument("--no-detection", action="store_true")
     args = parser.parse_args()
-    global GAP_MEAN_S
     GAP_MEAN_S = args.gap_mean_s
     print(
         f"A/A ramp {' -> '.join(f'{s:.0%}' for s in RAMP)}, {STEP_S:.0f} s steps, "
