@@ -198,7 +198,8 @@ def test_an_aa_ramp_slowing_down_together_is_not_rolled_back(
         statuses.add(_status())
     finally:
         traffic.stop.set()
-        sender.join(15)
+        if sender.is_alive():  # not started when the edge never came up
+            sender.join(15)
         for process in (beat, worker, edge):
             stop_process(process)
 
