@@ -16,7 +16,9 @@ Statistics used
     * Guardrails: `analysis.stats.guardrails.evaluate_guardrails` (one-sided sequential harm
       tests with weighted Bonferroni; false-rollback probability <= alpha over all looks).
       The error rate is tested with the user as the unit by an exact betting e-process
-      (`analysis.stats.rate_guardrail`, fed by `analysis.rate_guardrails`).
+      (`analysis.stats.rate_guardrail`, fed by `analysis.rate_guardrails`), the mean latency
+      on per-user latency sums standardised over ramp steps (`analysis.stats.latency_mean`,
+      fed by `analysis.latency_means`; its result rows and reports too).
       It is not run on data with a sample ratio mismatch.
     * Other metrics: relative lift with GrowthBook's asymptotic confidence sequence
       (Waudby-Smith et al. 2023, eq. (9) and (155)) for the always-valid interval and
@@ -47,7 +49,9 @@ from analysis.stats.guardrails import (
     GuardrailSpec,
     evaluate_guardrails,
 )
+from analysis.stats.latency_mean import comparison
 from analysis.stats.rate_guardrail import UserRateBets
+from analysis.stats.strata import Standardized
 from experiments.contracts import ExperimentMetricView, ExperimentView, MetricView
 
 
@@ -107,8 +111,24 @@ class ExperimentAnalysis:
 # --------------------------------------------------------------------------- inputs
 
 
-def metric_stats(metric: MetricView, aggregates: Aggregates, arm: str) -> object | None:
-    """The statistic of one metric for one arm, of the kind `analysis.stats` expects."""
+def is_latency_mean(metric: MetricView) -> bool:
+    """The proxy's mean latency (compared on users within ramp steps)."""
+    return metric.source == BUILTIN_LATENCY and metric.kind == "mean"
+
+
+def metric_stats(
+    metric: MetricView,
+    aggregates: Aggregates,
+    arm: str,
+    user_latency: Standardized | None = None,
+) -> object | None:
+    """The statistic of one metric for one arm, of the kind `analysis.stats` expects.
+
+    The mean latency is the arm's standardised per-user latency sums (`user_latency`), never
+    the requests pooled over the run.
+    """
+    if is_latency_mean(metric):
+        return user_latency.stats.get(arm) if user_latency is not None else None
     if metric.source in (BUILTIN_LATENCY, BUILTIN_ERROR) and metric.kind != "ratio":
         totals = aggregates.observations.get(arm)
         if totals is None or totals.count == 0:
@@ -171,16 +191,33 @@ def analyse(
     now: datetime,
     health_settings: HealthSettings | None = None,
     rate_bets: Mapping[tuple[str, str], UserRateBets] | None = None,
+    user_latency: Standardized | None = None,
 ) -> ExperimentAnalysis:
     """Evaluate health, guardrails and metrics of one experiment at one look.
 
     `rate_bets` holds, per (metric key, treatment arm), the users' betting e-processes of the
     per-request rate guardrails (`analysis.rate_guardrails`); those guardrails are tested on
-    them, with the user as the unit, instead of on the per-request counts.
+    them, with the user as the unit, instead of on the per-request counts. `user_latency`
+    holds the arms' per-user latency sums standardised over ramp steps
+    (`analysis.latency_means`), on which mean-latency metrics are compared; without it they
+    wait for data.
     """
     rate_bets = rate_bets or {}
     health_settings = health_settings or HealthSettings()
     control, treatments = arms(experiment)
+
+    def stats_of(metric: MetricView, arm: str) -> object | None:
+        return metric_stats(metric, aggregates, arm, user_latency)
+
+    def guardrail_stats(metric: MetricView, arm: str) -> object | None:
+        """What the guardrail test of one arm takes: users' bets or latency comparisons
+        (treatment arms), otherwise the arm's statistic."""
+        if (metric.key, arm) in rate_bets:
+            return rate_bets[(metric.key, arm)]
+        if is_latency_mean(metric) and user_latency is not None and arm != control:
+            return comparison(user_latency, control=control, arm=arm)
+        return stats_of(metric, arm)
+
     alpha = float(experiment.alpha)
     n_star = float(experiment.decision_sample_size)
     health = check_health(
@@ -204,8 +241,7 @@ def analyse(
                 use.metric.key: {
                     arm: stats
                     for arm in (control, *treatments)
-                    if (stats := rate_bets.get((use.metric.key, arm)))
-                    or (stats := metric_stats(use.metric, aggregates, arm)) is not None
+                    if (stats := guardrail_stats(use.metric, arm)) is not None
                 }
                 for use in guardrail_uses
             },
@@ -221,8 +257,8 @@ def analyse(
             row, new_states[key] = guardrail_row(
                 use,
                 evidence,
-                metric_stats(use.metric, aggregates, control),
-                metric_stats(use.metric, aggregates, evidence.arm),
+                stats_of(use.metric, control),
+                stats_of(use.metric, evidence.arm),
                 states.get(key, ArmState()),
                 control=control,
                 alpha=alpha,
@@ -241,8 +277,8 @@ def analyse(
             row, new_states[key] = metric_row(
                 use,
                 arm,
-                metric_stats(use.metric, aggregates, control),
-                metric_stats(use.metric, aggregates, arm),
+                stats_of(use.metric, control),
+                stats_of(use.metric, arm),
                 states.get(key, ArmState()),
                 control=control,
                 alpha=alpha,
@@ -250,7 +286,14 @@ def analyse(
             )
             rows.append(row)
     withhold_small_samples(rows)
-    annotate_rows(rows, aggregates.business_construction)
+    constructions = dict(aggregates.business_construction)
+    if user_latency is not None:
+        constructions.update(
+            (use.metric.key, user_latency)
+            for use in experiment.metrics
+            if is_latency_mean(use.metric)
+        )
+    annotate_rows(rows, constructions)
     ready, ramp_note = ramp_ready(experiment, aggregates, now=now)
     if breach is not None:
         verdict, reason = "rollback", breach.summary

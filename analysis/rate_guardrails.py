@@ -20,6 +20,12 @@ A user's arm and shares are those of its first request; only users of control an
 tested arm take part in that arm's bets (the others' bet is 0). A change of the guardrail's
 margin restarts its e-processes (the running maximum of the evidence is kept by
 `SequentialState`, so an earlier alarm stays fired).
+
+With several treatment arms the mirror (non-inferiority) bet takes the tested arm's share
+for control users from the arms' lanes (`analysis.arm_lanes`): exact while the variants'
+weights never change. A state records the lane its mirror bet was placed with
+(`mirror_lane`); one placed otherwise (weights changed, or folded before lanes were used)
+never shows non-inferiority.
 """
 
 from __future__ import annotations
@@ -31,10 +37,12 @@ from django.conf import settings
 from django.utils import timezone
 
 from analysis.aggregation import BUILTIN_ERROR
+from analysis.arm_lanes import treatment_lanes
 from analysis.models import RateBetState
 from analysis.stats.betting import RateBet, fold_users
 from analysis.stats.rate_guardrail import UserRateBets
 from experiments.contracts import ExperimentMetricView, ExperimentView
+from experiments.periods import step_periods
 from routing.models import UnitOutcome
 
 _COLUMNS = (("requests_fast", "errors_fast"), ("requests_slow", "errors_slow"))
@@ -63,9 +71,18 @@ def is_rate_guardrail(use: ExperimentMetricView) -> bool:
 
 
 def _fold_window(
-    state: RateBetState, *, control: str, arm: str, columns: tuple[str, str], horizon: float
+    state: RateBetState,
+    *,
+    control: str,
+    arm: str,
+    columns: tuple[str, str],
+    horizon: float,
+    lane: float | None = 1.0,
 ) -> None:
-    """Bet on the users first seen in [cursor, horizon) (their windows closed)."""
+    """Bet on the users first seen in [cursor, horizon) (their windows closed).
+
+    `lane` is the tested arm's share of the non-control traffic, None when unknown.
+    """
     requests, errors = columns
     bet = RateBet.from_json(state.state)
     cursor = state.cursor
@@ -97,21 +114,20 @@ def _fold_window(
         share = np.array([row[1] for row in rows], dtype=float)
         control_share = np.array([row[2] for row in rows], dtype=float)
         outcome = np.array([row[4] / row[3] for row in rows], dtype=float)
-        # A user's own arm's share is stored. With two arms the tested arm's share is
-        # 1 - control's for everyone; with more, 1 - control's overstates it for control
-        # users, which raises their harm bets above the canary's: conservative, still exact
-        # (analysis.stats.betting).
+        # A user's own arm's share is stored. The harm bet of a control user needs only
+        # control's; the mirror bet the tested arm's, (1 - control's) * its lane.
         usable = (control_share > 0) & (control_share < 1) & (share > 0) & (share < 1)
+        rest = (1 - control_share) * (lane if lane is not None else 1.0)
         bet = fold_users(
             bet,
             outcome=outcome[usable],
             treated=treated[usable],
-            treated_share=np.where(treated, share, 1 - control_share)[usable],
+            treated_share=np.where(treated, share, rest)[usable],
             control_share=control_share[usable],
             margin=state.margin,
         )
         cursor = float(next_cursor)
-    state.state = bet.as_json()
+    state.state = {**bet.as_json(), "mirror_lane": lane}
     state.cursor = cursor
     state.save(update_fields=["state", "cursor", "margin"])
 
@@ -127,11 +143,17 @@ def rate_bets_update(
     now = timezone.now().timestamp() if now is None else now
     windows = windows_s()
     result: dict[tuple[str, str], UserRateBets] = {}
-    for use in view.metrics:
-        if not is_rate_guardrail(use):
-            continue
+    uses = [use for use in view.metrics if is_rate_guardrail(use)]
+    lanes: dict[str, float] | None = {arm: 1.0 for arm in treatments}
+    if uses and len(treatments) > 1:
+        periods = step_periods(experiment_id=view.id)
+        lanes = treatment_lanes(periods, control=control, treatments=treatments)
+    for use in uses:
         margin = float(use.margin)
         for arm in treatments:
+            lane = lanes.get(arm) if lanes is not None else None
+            lane = lane if lane is not None and lane > 0 else None
+            promotion = lane is not None
             bets = []
             for window, columns in zip(windows, _COLUMNS, strict=True):
                 state, _ = RateBetState.objects.get_or_create(
@@ -143,17 +165,21 @@ def rate_bets_update(
                 )
                 if state.margin != margin:
                     state.margin, state.cursor, state.state = margin, 0.0, {}
+                # The mirror bet is valid only if every user so far was bet on with this lane
+                # (states from before lanes were recorded are valid with one treatment arm).
+                recorded = state.state.get("mirror_lane", 1.0 if len(treatments) == 1 else None)
+                valid = lane is not None and (state.cursor == 0 or recorded == lane)
                 _fold_window(
                     state,
                     control=control,
                     arm=arm,
                     columns=columns,
                     horizon=now - window - settle_s(),
+                    lane=lane if valid else None,
                 )
+                promotion = promotion and valid
                 bets.append(RateBet.from_json(state.state))
-            # The mirror (non-inferiority) bet needs the tested arm's share for control users
-            # too, which is 1 - control's only with a single treatment arm.
             result[(use.metric.key, arm)] = UserRateBets(
-                windows_s=windows, bets=tuple(bets), promotion=len(treatments) == 1
+                windows_s=windows, bets=tuple(bets), promotion=promotion
             )
     return result

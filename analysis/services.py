@@ -32,6 +32,7 @@ from analysis.followup_tasks import events_fold as fold_task
 from analysis.guardrails import ExperimentAnalysis, analyse
 from analysis.health import HealthSettings, arms
 from analysis.label_health import label_health_json
+from analysis.latency_means import user_latency
 from analysis.models import AnalysisState, ResultSnapshot, SequentialState, WebhookEndpoint
 from analysis.rate_guardrails import rate_bets_update
 from experiments import selectors as experiment_selectors
@@ -278,6 +279,7 @@ def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> Ru
         now=now,
         health_settings=health_settings(),
         rate_bets=rate_bets,
+        user_latency=user_latency(view, now=now.timestamp()),
     )
     _save_states(view.id, old_states, result.states)
     state.srm_max_log_e_value = result.health.srm_max_log_e_value

@@ -20,7 +20,9 @@ False-rollback guarantee
     metrics and arms.
     Per-request rate guardrails given as `UserRateBets` (the worker does this for the error
     rate) use the exact betting e-process of `analysis.stats.rate_guardrail` instead, with
-    the user as the unit and no burn-in.
+    the user as the unit and no burn-in. Mean latency given as `UserLatencyMeans` (the worker
+    does this) runs the same harm test on per-user latency sums standardised over ramp steps
+    (`analysis.stats.latency_mean`).
     The guarantee is asymptotic for mean, rate and ratio guardrails (plug-in variances, CLT),
     hence the burn-in (`GuardrailSettings.min_units_per_arm`, `min_events_per_arm`), and
     requires N* (`n_star`) and the specs to be fixed before the first look. Zero variance is
@@ -62,6 +64,7 @@ from analysis.stats.health import (
     srm_chi_square,
     srm_sequential,
 )
+from analysis.stats.latency_mean import UserLatencyMeans, latency_mean_evidence
 from analysis.stats.multiple import bonferroni_alphas
 from analysis.stats.rate_guardrail import UserRateBets, rate_evidence
 
@@ -145,6 +148,18 @@ def evaluate_guardrails(
         if isinstance(treatment, UserRateBets):
             # Per-request rates with the user as the unit: exact, no burn-in (STATS.md 12.1).
             evaluations.append(rate_evidence(spec, arm, treatment, alpha=alpha_k))
+        elif isinstance(treatment, UserLatencyMeans):
+            # Mean latency: users as the unit, within ramp steps (analysis.stats.latency_mean).
+            evaluations.append(
+                latency_mean_evidence(
+                    spec,
+                    arm,
+                    treatment,
+                    alpha=alpha_k,
+                    settings=settings,
+                    moment_test=moment_evidence,
+                )
+            )
         elif control is None or treatment is None:
             evaluations.append(burn_in(spec, arm, alpha_k, 0, 0, "no data yet"))
         elif spec.kind == "quantile":

@@ -12,7 +12,7 @@ import pytest
 from django.utils import timezone
 
 from experiments import services
-from routing.models import Event, Exposure, ObservationBucket
+from routing.models import Event, Exposure, ObservationBucket, UnitOutcome
 from routing.observe.histogram import LogHistogram
 from tests.factories import experiment_payload
 
@@ -98,6 +98,39 @@ def add_bucket(
         latency_sum_sq=float(values @ values),
         latency_histogram=histogram.to_json(),
     )
+
+
+def add_user_latencies(
+    experiment_id: int,
+    variant: str,
+    latencies: Sequence[float | Sequence[float]],
+    *,
+    first_seen: float,
+    share: float,
+    control_share: float,
+    prefix: str = "",
+) -> None:
+    """UnitOutcome rows as the edge writes them: one user per entry of `latencies` (its one
+    request's latency, or the latencies of its requests), all first seen at `first_seen`."""
+    rows = []
+    for i, values in enumerate(latencies):
+        array = np.atleast_1d(np.asarray(values, dtype=float))
+        rows.append(
+            UnitOutcome(
+                experiment_id=experiment_id,
+                unit_id=f"{prefix}{variant}-{first_seen}-{i}",
+                variant_key=variant,
+                first_seen=first_seen,
+                share=share,
+                control_share=control_share,
+                requests_fast=array.size,
+                requests_slow=array.size,
+                latency_sum=float(array.sum()),
+                latency_sum_sq=float(array @ array),
+                latency_count=array.size,
+            )
+        )
+    UnitOutcome.objects.bulk_create(rows)
 
 
 def lognormal_latencies(n: int, median_ms: float, *, seed: int, sigma: float = 0.3) -> list[float]:

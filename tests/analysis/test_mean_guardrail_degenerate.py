@@ -1,4 +1,8 @@
-"""The mean-latency guardrail on the database with constant latencies (issue 12, item 2)."""
+"""The mean-latency guardrail on the database with constant latencies (issue 12, item 2).
+
+The guardrail reads per-user latency sums (`routing.models.UnitOutcome`) whose windows have
+closed, so each look here comes after RATE_WINDOW_SLOW_S and the settle time.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,11 @@ from typing import Any
 import pytest
 
 from analysis import services
+from analysis.rate_guardrails import settle_s, windows_s
 from experiments.models import Experiment
 from tests.analysis.conftest import (
-    add_bucket,
     add_exposures,
+    add_user_latencies,
     later,
     lognormal_latencies,
     start_experiment,
@@ -25,6 +30,17 @@ def _mean_row(result: Any) -> dict[str, Any]:
     return next(m for m in result.snapshot.metrics if m["metric"] == "latency-mean")
 
 
+def _users(experiment: Any, arm: str, latencies: list[float], at: Any) -> None:
+    add_user_latencies(
+        experiment.pk, arm, latencies, first_seen=at.timestamp(), share=0.5, control_share=0.5
+    )
+
+
+def _closed(at: Any) -> Any:
+    """A look after the users first seen at `at` have closed and settled windows."""
+    return later(at, windows_s()[1] + settle_s() + 1)
+
+
 def _start(key: str) -> tuple[Any, Any]:
     experiment = start_experiment(key, ramp=[(0.5, 3600, 10), (1.0, 0, 0)], metrics=MEAN_ONLY)
     at = later(experiment.step_started_at, 30)
@@ -35,10 +51,10 @@ def _start(key: str) -> tuple[Any, Any]:
 
 def test_constant_slow_canary_against_variable_control_is_rolled_back(metrics: Any) -> None:
     experiment, at = _start("mean-constant")
-    add_bucket(experiment.pk, "v1", lognormal_latencies(900, 100.0, seed=3), at=at)
-    add_bucket(experiment.pk, "v2", [1_000.0] * 300, at=at)
+    _users(experiment, "v1", lognormal_latencies(900, 100.0, seed=3), at)
+    _users(experiment, "v2", [1_000.0] * 300, at)
 
-    result = services.analysis_run(experiment_id=experiment.pk, now=later(at, 15))
+    result = services.analysis_run(experiment_id=experiment.pk, now=_closed(at))
 
     assert result is not None and result.snapshot.decision == "rollback"
     assert Experiment.objects.get(pk=experiment.pk).status == "rolled_back"
@@ -50,10 +66,10 @@ def test_constant_slow_canary_against_variable_control_is_rolled_back(metrics: A
 def test_constant_equal_latencies_within_margin_continue(metrics: Any) -> None:
     experiment, at = _start("mean-flat")
     for offset in (0, 10, 20):
-        add_bucket(experiment.pk, "v1", [100.0] * 500, at=later(at, offset))
-        add_bucket(experiment.pk, "v2", [105.0] * 500, at=later(at, offset))
+        _users(experiment, "v1", [100.0] * 500, later(at, offset))
+        _users(experiment, "v2", [105.0] * 500, later(at, offset))
 
-    result = services.analysis_run(experiment_id=experiment.pk, now=later(at, 35))
+    result = services.analysis_run(experiment_id=experiment.pk, now=_closed(later(at, 20)))
 
     # 5% slower, exactly and constantly: within the 10% margin, so it continues.
     assert result is not None and result.snapshot.decision != "rollback"
@@ -65,10 +81,10 @@ def test_constant_equal_latencies_within_margin_continue(metrics: Any) -> None:
 def test_constant_latencies_beyond_margin_are_rolled_back(metrics: Any) -> None:
     experiment, at = _start("mean-flat-slow")
     for offset in (0, 10):
-        add_bucket(experiment.pk, "v1", [100.0] * 500, at=later(at, offset))
-        add_bucket(experiment.pk, "v2", [1_000.0] * 500, at=later(at, offset))
+        _users(experiment, "v1", [100.0] * 500, later(at, offset))
+        _users(experiment, "v2", [1_000.0] * 500, later(at, offset))
 
-    result = services.analysis_run(experiment_id=experiment.pk, now=later(at, 25))
+    result = services.analysis_run(experiment_id=experiment.pk, now=_closed(later(at, 10)))
 
     assert result is not None and result.snapshot.decision == "rollback"
     assert Experiment.objects.get(pk=experiment.pk).status == "rolled_back"

@@ -9,8 +9,15 @@ import pytest
 
 from analysis import folding, selectors, services
 from analysis.models import AlertOutbox, AnalysisState, ResultSnapshot, SequentialState
+from analysis.rate_guardrails import settle_s, windows_s
 from experiments.models import DEFAULT_WINDOW_S, AuditEntry, Experiment
-from tests.analysis.conftest import later, start_experiment, traffic
+from tests.analysis.conftest import (
+    add_user_latencies,
+    later,
+    lognormal_latencies,
+    start_experiment,
+    traffic,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -181,6 +188,7 @@ def test_always_valid_p_values_are_monotone_and_breach_is_sticky(metrics: Any) -
         ],
     )
     at = later(experiment.started_at, 10)
+    closed = windows_s()[1] + settle_s() + 1  # the users' latency windows closed and settled
     p_values = []
     for look in range(4):
         traffic(
@@ -192,7 +200,17 @@ def test_always_valid_p_values_are_monotone_and_breach_is_sticky(metrics: Any) -
             seed=look * 7,
             unit_prefix=f"l{look}",
         )
-        result = services.analysis_run(experiment_id=experiment.pk, now=later(at, look))
+        for arm, median, seed in (("v1", 100.0, look * 7), ("v2", 105.0, look * 7 + 1)):
+            add_user_latencies(
+                experiment.pk,
+                arm,
+                lognormal_latencies(300, median, seed=seed),
+                first_seen=later(at, look).timestamp(),
+                share=0.5,
+                control_share=0.5,
+            )
+        now = later(at, look + closed)
+        result = services.analysis_run(experiment_id=experiment.pk, now=now)
         assert result is not None
         row = next(m for m in result.snapshot.metrics if m["metric"] == "latency-mean")
         p_values.append(row["p_always_valid"])
@@ -201,7 +219,7 @@ def test_always_valid_p_values_are_monotone_and_breach_is_sticky(metrics: Any) -
     assert state.looks == 4
     # A fired guardrail stays fired: set it as an earlier look would have, and look again.
     SequentialState.objects.filter(pk=state.pk).update(fired=True)
-    result = services.analysis_run(experiment_id=experiment.pk, now=later(at, 10))
+    result = services.analysis_run(experiment_id=experiment.pk, now=later(at, 10 + closed))
     assert result is not None and result.snapshot.decision == "rollback"
     assert _experiment("mono").status == "rolled_back"
 

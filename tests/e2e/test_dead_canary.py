@@ -207,7 +207,8 @@ def test_a_canary_failing_every_request_is_rolled_back_within_two_intervals(
         time.sleep(2 * INTERVAL_S)
     finally:
         traffic.stop.set()
-        sender.join(15)
+        if sender.is_alive():  # not started when the edge never came up
+            sender.join(15)
         for process in (beat, worker, edge):
             stop_process(process)
 

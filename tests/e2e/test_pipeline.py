@@ -273,7 +273,8 @@ def test_bad_canary_rolls_back_and_good_canary_completes(
         time.sleep(1.0)
     finally:
         traffic.stop.set()
-        sender.join(15)
+        if sender.is_alive():  # not started when the edge never came up
+            sender.join(15)
         for process in (beat, worker, edge):
             stop_process(process)
 
