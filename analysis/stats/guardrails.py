@@ -20,7 +20,9 @@ False-rollback guarantee
     metrics and arms.
     Per-request rate guardrails given as `UserRateBets` (the worker does this for the error
     rate) use the exact betting e-process of `analysis.stats.rate_guardrail` instead, with
-    the user as the unit and no burn-in.
+    the user as the unit and no burn-in; quantile guardrails given as `UserQuantileBets` (the
+    worker does this for latency quantiles) the same bet on each user's share of requests
+    slower than control's recent quantile (`analysis.stats.quantile_users`).
     The guarantee is asymptotic for mean, rate and ratio guardrails (plug-in variances, CLT),
     hence the burn-in (`GuardrailSettings.min_units_per_arm`, `min_events_per_arm`), and
     requires N* (`n_star`) and the specs to be fixed before the first look. Zero variance is
@@ -65,6 +67,7 @@ from analysis.stats.health import (
 from analysis.stats.moments import CupedStats, MeanStats, MetricStats, ProportionStats, RatioStats
 from analysis.stats.multiple import bonferroni_alphas
 from analysis.stats.quantile_exceedance import WindowedLatencyHistogram, exceedance_test
+from analysis.stats.quantile_users import UserQuantileBets, quantile_user_evidence
 from analysis.stats.quantiles import LatencyHistogram, quantile_guardrail
 from analysis.stats.rate_guardrail import UserRateBets, rate_evidence
 
@@ -447,7 +450,10 @@ def evaluate_guardrails(
     for (spec, arm), alpha_k in zip(pairs, alphas, strict=True):
         per_arm = snapshot.metrics.get(spec.metric_key, {})
         control, treatment = per_arm.get(snapshot.control), per_arm.get(arm)
-        if isinstance(treatment, UserRateBets):
+        if isinstance(treatment, UserQuantileBets):
+            # Latency quantiles with the user as the unit: exact, no burn-in (quantile_users).
+            evaluations.append(quantile_user_evidence(spec, arm, treatment, alpha=alpha_k))
+        elif isinstance(treatment, UserRateBets):
             # Per-request rates with the user as the unit: exact, no burn-in (STATS.md 12.1).
             evaluations.append(rate_evidence(spec, arm, treatment, alpha=alpha_k))
         elif control is None or treatment is None:

@@ -308,7 +308,7 @@ class ExceedanceResult:
         return self.safe_max_log_e_value >= math.log(1.0 / alpha)
 
 
-def _standardised_effect(dense: DenseWindows, p: float) -> float:
+def standardised_effect(dense: DenseWindows, p: float) -> float:
     """Canary p-quantile over control's reweighted to the canary's time profile, minus 1."""
     n_a = dense.control.sum(axis=1)
     n_b = dense.treatment.sum(axis=1)
@@ -413,7 +413,7 @@ def exceedance_test_dense(
         top_treatment=float(bets.expected_treatment.sum()),
         top_expected=float(expected.sum()),
         threshold_ms=threshold_ms,
-        relative_effect=_standardised_effect(dense, p),
+        relative_effect=standardised_effect(dense, p),
     )
 
 
