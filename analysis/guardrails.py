@@ -47,6 +47,7 @@ from analysis.stats.guardrails import (
     GuardrailSpec,
     evaluate_guardrails,
 )
+from analysis.stats.quantile_users import UserQuantileBets
 from analysis.stats.rate_guardrail import UserRateBets
 from experiments.contracts import ExperimentMetricView, ExperimentView, MetricView
 
@@ -170,13 +171,14 @@ def analyse(
     previous_srm_max_log_e_value: float,
     now: datetime,
     health_settings: HealthSettings | None = None,
-    rate_bets: Mapping[tuple[str, str], UserRateBets] | None = None,
+    rate_bets: Mapping[tuple[str, str], UserRateBets | UserQuantileBets] | None = None,
 ) -> ExperimentAnalysis:
     """Evaluate health, guardrails and metrics of one experiment at one look.
 
     `rate_bets` holds, per (metric key, treatment arm), the users' betting e-processes of the
-    per-request rate guardrails (`analysis.rate_guardrails`); those guardrails are tested on
-    them, with the user as the unit, instead of on the per-request counts.
+    per-request rate guardrails (`analysis.rate_guardrails`) and of the latency quantile
+    guardrails (`analysis.quantile_guardrails`); those guardrails are tested on them, with the
+    user as the unit, instead of on the per-request counts and histograms.
     """
     rate_bets = rate_bets or {}
     health_settings = health_settings or HealthSettings()
