@@ -15,6 +15,7 @@ users are bet on never depends on their outcomes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -22,13 +23,15 @@ from datetime import datetime
 import numpy as np
 from django.conf import settings
 from django.utils import timezone
+from scipy.special import logsumexp
 
 from analysis.aggregation import BUILTIN_LATENCY
 from analysis.models import RateBetState
 from analysis.rate_guardrails import FOLD_BATCH, settle_s, windows_s
-from analysis.stats.betting import RateBet, fold_users
+from analysis.stats.betting import RateBet, fold_users, log_mean_exp
 from analysis.stats.quantile_exceedance import dense_windows, standardised_effect
 from analysis.stats.quantile_users import (
+    BOUND_HARMS,
     ControlHistory,
     UserQuantileBets,
     exceedance_shares,
@@ -89,10 +92,22 @@ def _fold_window(
     history: ControlHistory,
     p: float,
     shifts: tuple[int, int],
+    bound_shifts: Mapping[str, int],
 ) -> float:
-    """Bet on the users first seen in [cursor, horizon); returns the last threshold in ms."""
+    """Bet on the users first seen in [cursor, horizon); returns the last threshold in ms.
+
+    The state is the `RateBet` JSON plus ``"bounds"``: per harm level of ``bound_shifts``, the
+    grid log-wealths of its harm bet (`analysis.stats.quantile_users.BOUND_HARMS`).
+    """
     requests, buckets = columns
     bet = RateBet.from_json(state.state)
+    stored = state.state.get("bounds", {}) if isinstance(state.state, dict) else {}
+    bounds = {
+        level: RateBet(harm_log_wealth=tuple(stored[level]))
+        if len(stored.get(level, ())) == len(bet.harm_log_wealth)
+        else RateBet()
+        for level in bound_shifts
+    }
     cursor = state.cursor
     last_threshold = float("nan")
     while cursor < horizon:
@@ -146,10 +161,22 @@ def _fold_window(
             for outcome in outcomes
         )
         bet = replace(harm_bet, safe_log_wealth=safe_bet.safe_log_wealth)
+        for level, shift in bound_shifts.items():
+            bounds[level] = fold_users(
+                bounds[level],
+                outcome=exceedance_shares(counts, index[picked] + np.where(in_b, shift, 0)),
+                treated=in_b,
+                treated_share=treated_share,
+                control_share=control_share[picked],
+                margin=0.0,
+            )
         if len(picked):
             last_threshold = _REFERENCE.upper_edge(int(index[picked[-1]]))
         cursor = float(next_cursor)
-    state.state = bet.as_json()
+    state.state = {
+        **bet.as_json(),
+        "bounds": {level: list(b.harm_log_wealth) for level, b in bounds.items()},
+    }
     state.cursor = cursor
     state.save(update_fields=["state", "cursor", "margin"])
     return last_threshold
@@ -182,8 +209,12 @@ def quantile_bets_update(
             margin_shift(margin, _LOG_RATIO),
             margin_shift(margin, _LOG_RATIO, harm=False),
         )
+        bound_shifts = {
+            f"{harm:g}": margin_shift(harm, _LOG_RATIO) for harm in BOUND_HARMS if harm > margin
+        }
         for arm in treatments:
             bets = []
+            bound_log_e: dict[str, list[float]] = {level: [] for level in bound_shifts}
             threshold_ms = float("nan")
             for window, columns in zip(windows, _COLUMNS, strict=True):
                 state, _ = RateBetState.objects.get_or_create(
@@ -204,10 +235,13 @@ def quantile_bets_update(
                     history=history,
                     p=p,
                     shifts=shifts,
+                    bound_shifts=bound_shifts,
                 )
                 if not np.isnan(latest):
                     threshold_ms = latest
                 bets.append(RateBet.from_json(state.state))
+                for level, wealth in state.state["bounds"].items():
+                    bound_log_e[level].append(log_mean_exp(wealth))
             result[(use.metric.key, arm)] = UserQuantileBets(
                 bets=UserRateBets(
                     windows_s=windows, bets=tuple(bets), promotion=len(treatments) == 1
@@ -216,5 +250,9 @@ def quantile_bets_update(
                 shift=shifts[0],
                 threshold_ms=threshold_ms,
                 relative_effect=_effect(latency_windows, control, arm, p),
+                bounds=tuple(
+                    (float(level), float(logsumexp(values)) - math.log(len(values)))
+                    for level, values in bound_log_e.items()
+                ),
             )
     return result

@@ -66,7 +66,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from analysis.stats.guardrail_types import GuardrailEvidence, GuardrailSpec
+from analysis.stats.guardrail_types import GuardrailEvidence, GuardrailSpec, GuardrailStatus
 from analysis.stats.rate_guardrail import UserRateBets, rate_evidence
 
 IntArray = NDArray[np.int64]
@@ -75,6 +75,9 @@ FloatArray = NDArray[np.float64]
 METHOD = "betting e-process on users (known assignment share), exact"
 # Control's threshold looks back at least this long (seconds) before a user's first request.
 DEFAULT_LOOKBACK_S = 60.0
+# Relative harms (+0.25 = 1.25 x control) at which extra harm e-processes run, for the
+# always-valid lower bound on the harm once the guardrail has fired (`UserQuantileBets.bounds`).
+BOUND_HARMS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 9.0)
 
 
 def default_min_requests(p: float) -> int:
@@ -183,7 +186,9 @@ class UserQuantileBets:
 
     ``relative_effect`` is the contemporaneous effect on the p-quantile (the canary's over
     control's reweighted to the canary's time profile, minus one); ``threshold_ms`` the upper
-    edge of the latest control threshold bucket.
+    edge of the latest control threshold bucket. ``bounds`` holds, per relative harm ``h`` of
+    `BOUND_HARMS` above the margin, the log e-value (windows averaged) of the harm bet with the
+    canary's threshold raised for ``h`` instead of the margin.
     """
 
     bets: UserRateBets
@@ -191,6 +196,7 @@ class UserQuantileBets:
     shift: int
     threshold_ms: float = math.nan
     relative_effect: float = math.nan
+    bounds: tuple[tuple[float, float], ...] = ()
 
 
 def quantile_user_evidence(
@@ -211,9 +217,19 @@ def quantile_user_evidence(
         f"{threshold}, x (1 + margin) for the canary"
     )
     effect = bets.relative_effect
+    lower, interval = evidence.harm_lower_bound, evidence.interval
+    if evidence.status is GuardrailStatus.HARM:
+        # A larger harm only lowers every canary user's share, so each user's bet factor and
+        # the wealth fall with it: the bets are nested and the largest firing one bounds the
+        # harm at the same alpha (the inversion of the exceedance e-process, in harm steps).
+        fired = [harm for harm, log_e in bets.bounds if log_e >= evidence.threshold]
+        lower = max([lower, *fired])
+        interval = (lower, interval[1])
     return dataclasses.replace(
         evidence,
         relative_effect=effect,
         harm_estimate=effect,
+        harm_lower_bound=lower,
+        interval=interval,
         method=method,
     )

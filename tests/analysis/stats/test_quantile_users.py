@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -104,6 +105,10 @@ def test_evidence_rolls_back_on_slow_users_and_reports_the_quantile_effect() -> 
     assert evidence.relative_effect == evidence.harm_estimate == 0.4
     assert evidence.method.startswith("betting e-process on users")
     assert "163.2 ms" in evidence.method
+    # The nested harm bets raise the bound to the largest harm level that fired.
+    bounded = dataclasses.replace(_bets(1.0, 30), bounds=((0.25, 9.0), (0.5, 3.1), (1.0, 0.2)))
+    assert quantile_user_evidence(spec, "v2", bounded, alpha=0.05).harm_lower_bound == 0.5
+    assert quantile_user_evidence(spec, "v2", bounded, alpha=0.05).interval == (0.5, math.inf)
     quiet = quantile_user_evidence(spec, "v2", _bets(0.05, 30), alpha=0.05)
     assert quiet.status is GuardrailStatus.INCONCLUSIVE and quiet.p_value > 0.05
     with pytest.raises(ValueError, match="quantile"):
