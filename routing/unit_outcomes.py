@@ -9,7 +9,8 @@ within a window after its first request. The proxy counts them here, per edge pr
   snapshot that served it (the ramp step then). Requests completing within
   ``fast_s`` / ``slow_s`` of ``first_seen`` count in the fast / slow window; later ones are
   not counted. The rule never looks at the outcome.
-* The hot path is one dict lookup per request and a few additions (``UnitTally.add``).
+* The hot path is one dict lookup per request, a few additions and, for the latency
+  buckets, one logarithm and one or two dict increments (``UnitTally.add``).
   The observation flusher (``routing.observations``) drains the users whose fast or slow
   window has closed with its own rows and upserts them into ``routing.models.UnitOutcome``
   off the event loop: two writes per user at most, each within one flush of the window's end.
@@ -48,6 +49,7 @@ UnitRow = tuple[int, str, str, float, float, float, int, int, int, int, float, f
 _INVERSE_LOG_GAMMA = 1.0 / math.log(
     (1.0 + DEFAULT_RELATIVE_ACCURACY) / (1.0 - DEFAULT_RELATIVE_ACCURACY)
 )
+_log, _ceil = math.log, math.ceil
 # take(closing=...): the windows that close with this write (their bucket counts go with it).
 NO_WINDOW, FAST_WINDOW, SLOW_WINDOW = 0, 1, 2
 
@@ -139,22 +141,27 @@ class UnitTally:
         self.requests_slow += 1
         if error:
             self.errors_slow += 1
-        index = 0
-        if latency_ms is not None:
-            self.latency_sum += latency_ms
-            self.latency_sum_sq += latency_ms * latency_ms
-            self.latency_count += 1
-            if not MIN_VALUE_MS <= latency_ms <= MAX_VALUE_MS:
-                latency_ms = min(max(latency_ms, MIN_VALUE_MS), MAX_VALUE_MS)
-            index = math.ceil(math.log(latency_ms) * _INVERSE_LOG_GAMMA)
-            buckets = self.buckets_slow
-            if buckets is not None:
-                buckets[index] = buckets.get(index, 0) + 1
+        if latency_ms is None:
+            if age <= self.fast_s:
+                self.requests_fast += 1
+                if error:
+                    self.errors_fast += 1
+            return
+        self.latency_sum += latency_ms
+        self.latency_sum_sq += latency_ms * latency_ms
+        self.latency_count += 1
+        if not MIN_VALUE_MS <= latency_ms <= MAX_VALUE_MS:
+            latency_ms = min(max(latency_ms, MIN_VALUE_MS), MAX_VALUE_MS)
+        index = _ceil(_log(latency_ms) * _INVERSE_LOG_GAMMA)
+        buckets = self.buckets_slow
+        if buckets is not None:
+            buckets[index] = buckets.get(index, 0) + 1
         if age <= self.fast_s:
             self.requests_fast += 1
             if error:
                 self.errors_fast += 1
-            if latency_ms is not None and (buckets := self.buckets_fast) is not None:
+            buckets = self.buckets_fast
+            if buckets is not None:
                 buckets[index] = buckets.get(index, 0) + 1
 
     def take(self, closing: int = NO_WINDOW) -> UnitRow:

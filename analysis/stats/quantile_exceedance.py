@@ -45,7 +45,8 @@ Null hypothesis and guarantee
     this needs a burn-in: ``P(ever fires) <= alpha`` at any number of looks.
     Not covered: requests that are not independent given the past, i.e. sticky users with
     their own latency levels (a per-request test then over-counts evidence; measured in
-    ``bench/quantile_power.py``), and a canary that is better at ``p`` but slower elsewhere
+    ``bench/quantile_power.py``; guardrails therefore use ``analysis.stats.quantile_users``,
+    which takes the user as the unit), and a canary that is better at ``p`` but slower elsewhere
     near the pooled threshold, which is flagged because it *does* put more requests above it.
 
 Degenerate data needs no special case: a canary at a constant 1,000 ms against a variable
