@@ -31,10 +31,10 @@ from analysis.rate_guardrails import FOLD_BATCH, settle_s, windows_s
 from analysis.stats.betting import RateBet, fold_users, log_mean_exp
 from analysis.stats.quantile_exceedance import dense_windows, standardised_effect
 from analysis.stats.quantile_users import (
-    BOUND_HARMS,
     ControlHistory,
+    UserLatencies,
     UserQuantileBets,
-    exceedance_shares,
+    bound_levels,
     margin_shift,
     thresholds,
 )
@@ -96,8 +96,8 @@ def _fold_window(
 ) -> float:
     """Bet on the users first seen in [cursor, horizon); returns the last threshold in ms.
 
-    The state is the `RateBet` JSON plus ``"bounds"``: per harm level of ``bound_shifts``, the
-    grid log-wealths of its harm bet (`analysis.stats.quantile_users.BOUND_HARMS`).
+    The state is the `RateBet` JSON plus ``"bounds"``: per extra harm bet of ``bound_shifts``,
+    the grid log-wealths (`analysis.stats.quantile_users.bound_levels`).
     """
     requests, buckets = columns
     bet = RateBet.from_json(state.state)
@@ -141,13 +141,13 @@ def _fold_window(
         index, found = thresholds(history, first_seen, p=p)
         usable = found & (control_share > 0) & (control_share < 1) & (share > 0) & (share < 1)
         picked = np.flatnonzero(usable)
-        counts = [decode_buckets(rows[i][3]) for i in picked]
+        latencies = UserLatencies.from_counts([decode_buckets(rows[i][3]) for i in picked])
         in_b = treated[picked]
         treated_share = np.where(treated, share, 1 - control_share)[picked]
         # Harm: strictly above k (+ s for the canary); non-inferiority: at or above k (+ s').
         outcomes = (
-            exceedance_shares(counts, index[picked] + np.where(in_b, shifts[0], 0)),
-            exceedance_shares(counts, index[picked] + np.where(in_b, shifts[1], 0), inclusive=True),
+            latencies.shares(index[picked] + np.where(in_b, shifts[0], 0)),
+            latencies.shares(index[picked] + np.where(in_b, shifts[1], 0), inclusive=True),
         )
         harm_bet, safe_bet = (
             fold_users(
@@ -164,7 +164,7 @@ def _fold_window(
         for level, shift in bound_shifts.items():
             bounds[level] = fold_users(
                 bounds[level],
-                outcome=exceedance_shares(counts, index[picked] + np.where(in_b, shift, 0)),
+                outcome=latencies.shares(index[picked] + np.where(in_b, shift, 0)),
                 treated=in_b,
                 treated_share=treated_share,
                 control_share=control_share[picked],
@@ -209,9 +209,8 @@ def quantile_bets_update(
             margin_shift(margin, _LOG_RATIO),
             margin_shift(margin, _LOG_RATIO, harm=False),
         )
-        bound_shifts = {
-            f"{harm:g}": margin_shift(harm, _LOG_RATIO) for harm in BOUND_HARMS if harm > margin
-        }
+        levels = bound_levels(margin, _LOG_RATIO)
+        bound_shifts = {key: shift for key, (shift, _) in levels.items()}
         for arm in treatments:
             bets = []
             bound_log_e: dict[str, list[float]] = {level: [] for level in bound_shifts}
@@ -251,7 +250,7 @@ def quantile_bets_update(
                 threshold_ms=threshold_ms,
                 relative_effect=_effect(latency_windows, control, arm, p),
                 bounds=tuple(
-                    (float(level), float(logsumexp(values)) - math.log(len(values)))
+                    (levels[level][1], float(logsumexp(values)) - math.log(len(values)))
                     for level, values in bound_log_e.items()
                 ),
             )

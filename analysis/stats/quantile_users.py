@@ -75,9 +75,10 @@ FloatArray = NDArray[np.float64]
 METHOD = "betting e-process on users (known assignment share), exact"
 # Control's threshold looks back at least this long (seconds) before a user's first request.
 DEFAULT_LOOKBACK_S = 60.0
-# Relative harms (+0.25 = 1.25 x control) at which extra harm e-processes run, for the
-# always-valid lower bound on the harm once the guardrail has fired (`UserQuantileBets.bounds`).
-BOUND_HARMS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 9.0)
+# Extra harm e-processes for the always-valid lower bound on the harm once the guardrail has
+# fired (`UserQuantileBets.bounds`): the canary's threshold raised this many buckets beyond the
+# margin's (2% each: about +2%, +4%, +8%, +17%, +37%, +88%, +254% and +1,150% on 1 + m).
+BOUND_STEPS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def default_min_requests(p: float) -> int:
@@ -92,6 +93,19 @@ def margin_shift(margin: float, log_ratio: float, *, harm: bool = True) -> int:
         raise ValueError(f"margin must be a finite number >= 0, got {margin}")
     steps = math.log1p(margin) / log_ratio
     return math.ceil(steps - 1e-9) if harm else math.floor(steps + 1e-9)
+
+
+def bound_levels(margin: float, log_ratio: float) -> dict[str, tuple[int, float]]:
+    """Per extra harm bet (keyed by its shift): the canary's shift and the harm it bounds.
+
+    The harm bet at shift ``t`` rejects every harm ``h`` with ``1 + h <= g^t``, so when it fires
+    the harm is above ``g^t - 1``.
+    """
+    base = margin_shift(margin, log_ratio)
+    return {
+        str(base + step): (base + step, math.expm1((base + step) * log_ratio))
+        for step in BOUND_STEPS
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,20 +178,46 @@ def thresholds(
     return index, found
 
 
+@dataclass(frozen=True, slots=True)
+class UserLatencies:
+    """Users' latency bucket counts, flattened: entry ``j`` is ``count[j]`` requests of user
+    ``user[j]`` in bucket ``index[j]``; ``total`` is each user's number of latencies."""
+
+    user: IntArray
+    index: IntArray
+    count: FloatArray
+    total: FloatArray
+
+    @classmethod
+    def from_counts(cls, buckets: Sequence[Mapping[int, int]]) -> UserLatencies:
+        sizes = [len(counts) for counts in buckets]
+        user = np.repeat(np.arange(len(buckets), dtype=np.int64), sizes)
+        index = np.fromiter((i for c in buckets for i in c), dtype=np.int64, count=sum(sizes))
+        count = np.fromiter(
+            (n for c in buckets for n in c.values()), dtype=np.float64, count=sum(sizes)
+        )
+        total = np.bincount(user, weights=count, minlength=len(buckets)).astype(np.float64)
+        return cls(user, index, count, total)
+
+    def shares(self, threshold: ArrayLike, *, inclusive: bool = False) -> FloatArray:
+        """Per user, the share of its latencies in buckets above (or at, with ``inclusive``)
+        its threshold bucket; 0 for a user with no latency."""
+        limits = np.asarray(threshold, dtype=np.int64) - (1 if inclusive else 0)
+        if limits.size != self.total.size:
+            raise ValueError("need one threshold per user")
+        above = np.where(self.index > limits[self.user], self.count, 0.0)
+        slow = np.bincount(self.user, weights=above, minlength=self.total.size)
+        return np.asarray(
+            np.where(self.total > 0, slow / np.maximum(self.total, 1.0), 0.0), dtype=np.float64
+        )
+
+
 def exceedance_shares(
     buckets: Sequence[Mapping[int, int]], threshold: ArrayLike, *, inclusive: bool = False
 ) -> FloatArray:
     """Per user, the share of its latencies in buckets above (or at, with ``inclusive``) its
-    threshold bucket; 0 for a user with no latency."""
-    limits = np.asarray(threshold, dtype=np.int64) - (1 if inclusive else 0)
-    if len(buckets) != limits.size:
-        raise ValueError("need one threshold per user")
-    shares = np.zeros(limits.size, dtype=np.float64)
-    for user, (counts, limit) in enumerate(zip(buckets, limits.tolist(), strict=True)):
-        total = sum(counts.values())
-        if total:
-            shares[user] = sum(c for i, c in counts.items() if i > limit) / total
-    return shares
+    threshold bucket; 0 for a user with no latency (`UserLatencies.shares`)."""
+    return UserLatencies.from_counts(buckets).shares(threshold, inclusive=inclusive)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,9 +226,8 @@ class UserQuantileBets:
 
     ``relative_effect`` is the contemporaneous effect on the p-quantile (the canary's over
     control's reweighted to the canary's time profile, minus one); ``threshold_ms`` the upper
-    edge of the latest control threshold bucket. ``bounds`` holds, per relative harm ``h`` of
-    `BOUND_HARMS` above the margin, the log e-value (windows averaged) of the harm bet with the
-    canary's threshold raised for ``h`` instead of the margin.
+    edge of the latest control threshold bucket. ``bounds`` holds, per extra harm bet of
+    `bound_levels`, the harm ``h`` it bounds and its log e-value (windows averaged).
     """
 
     bets: UserRateBets

@@ -71,7 +71,7 @@ def test_slow_canary_is_rolled_back_once_with_evidence(metrics: Any, slack_url: 
     assert evidence["metric"] == "latency-p95" and evidence["arm"] == "v2"
     assert evidence["n"] == {"v1": 2000, "v2": 2000}
     # The p95 of the canary is 40% higher (in the second bucket); the always-valid bound is
-    # above the margin, in steps of BOUND_HARMS.
+    # above the margin (quantile_users.bound_levels).
     lower, upper = evidence["interval"]
     assert 0.1 < lower < 0.4 and upper is None and 0.2 < evidence["rel_effect"] < 0.5
     assert entries.get().actor == "rampart:analysis"
