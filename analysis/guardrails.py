@@ -50,6 +50,7 @@ from analysis.stats.guardrails import (
     evaluate_guardrails,
 )
 from analysis.stats.latency_mean import comparison
+from analysis.stats.quantile_users import UserQuantileBets
 from analysis.stats.rate_guardrail import UserRateBets
 from analysis.stats.strata import Standardized
 from experiments.contracts import ExperimentMetricView, ExperimentView, MetricView
@@ -190,14 +191,15 @@ def analyse(
     previous_srm_max_log_e_value: float,
     now: datetime,
     health_settings: HealthSettings | None = None,
-    rate_bets: Mapping[tuple[str, str], UserRateBets] | None = None,
+    rate_bets: Mapping[tuple[str, str], UserRateBets | UserQuantileBets] | None = None,
     user_latency: Standardized | None = None,
 ) -> ExperimentAnalysis:
     """Evaluate health, guardrails and metrics of one experiment at one look.
 
     `rate_bets` holds, per (metric key, treatment arm), the users' betting e-processes of the
-    per-request rate guardrails (`analysis.rate_guardrails`); those guardrails are tested on
-    them, with the user as the unit, instead of on the per-request counts. `user_latency`
+    per-request rate guardrails (`analysis.rate_guardrails`) and of the latency quantile
+    guardrails (`analysis.quantile_guardrails`); those guardrails are tested on them, with the
+    user as the unit, instead of on the per-request counts and histograms. `user_latency`
     holds the arms' per-user latency sums standardised over ramp steps
     (`analysis.latency_means`), on which mean-latency metrics are compared; without it they
     wait for data.

@@ -34,7 +34,10 @@ from analysis.health import HealthSettings, arms
 from analysis.label_health import label_health_json
 from analysis.latency_means import user_latency
 from analysis.models import AnalysisState, ResultSnapshot, SequentialState, WebhookEndpoint
+from analysis.quantile_guardrails import quantile_bets_update
 from analysis.rate_guardrails import rate_bets_update
+from analysis.stats.quantile_users import UserQuantileBets
+from analysis.stats.rate_guardrail import UserRateBets
 from experiments import selectors as experiment_selectors
 from experiments import services as experiment_services
 from experiments.contracts import ExperimentView
@@ -270,7 +273,19 @@ def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> Ru
         state.srm_ramp_position = view.ramp_position
     old_states = _load_states(view.id)
     control, treatments = arms(view)
-    rate_bets = rate_bets_update(view, control=control, treatments=treatments, now=now.timestamp())
+    # Rate and latency quantile guardrails take the user as the unit (STATS.md 12.1).
+    rate_bets: dict[tuple[str, str], UserRateBets | UserQuantileBets] = dict(
+        rate_bets_update(view, control=control, treatments=treatments, now=now.timestamp())
+    )
+    rate_bets.update(
+        quantile_bets_update(
+            view,
+            control=control,
+            treatments=treatments,
+            latency_windows=aggregates.latency_windows,
+            now=now.timestamp(),
+        )
+    )
     result = analyse(
         view,
         aggregates,

@@ -6,7 +6,9 @@ latencies, median 100 ms, sigma 0.5, treatment = 1.2 x control). Two sequential 
 time window) and stop at the first look where they fire:
 
 * the threshold-exceedance e-process (`analysis.stats.quantile_exceedance`, contemporaneous,
-  one Fisher bet per window), the guardrail Rampart uses;
+  one Fisher bet per window), the per-request construction Rampart uses for quantile
+  metrics that are not guardrails (guardrails take the user as the unit:
+  `bench.quantile_sticky` measures them);
 * the pooled per-arm quantile confidence sequences (`analysis.stats.quantiles.quantile_guardrail`,
   Howard & Ramdas 2022), the previous method, for comparison (``--cs-replications``).
 

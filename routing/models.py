@@ -113,6 +113,10 @@ class UnitOutcome(models.Model):
     latency_sum = models.FloatField(default=0.0)
     latency_sum_sq = models.FloatField(default=0.0)
     latency_count = models.BigIntegerField(default=0)
+    # The window's latencies per routing.observe.histogram bucket, "index:count,..." (quantile
+    # guardrails with the user as the unit; routing.observe.unit_outcomes.decode_buckets).
+    latency_buckets_fast = models.TextField(default="", blank=True)
+    latency_buckets_slow = models.TextField(default="", blank=True)
 
     class Meta:
         constraints = [

@@ -20,9 +20,11 @@ False-rollback guarantee
     metrics and arms.
     Per-request rate guardrails given as `UserRateBets` (the worker does this for the error
     rate) use the exact betting e-process of `analysis.stats.rate_guardrail` instead, with
-    the user as the unit and no burn-in. Mean latency given as `UserLatencyMeans` (the worker
-    does this) runs the same harm test on per-user latency sums standardised over ramp steps
-    (`analysis.stats.latency_mean`).
+    the user as the unit and no burn-in; quantile guardrails given as `UserQuantileBets` (the
+    worker does this for latency quantiles) the same bet on each user's share of requests
+    slower than control's recent quantile (`analysis.stats.quantile_users`). Mean latency
+    given as `UserLatencyMeans` (the worker does this) runs the same harm test on per-user
+    latency sums standardised over ramp steps (`analysis.stats.latency_mean`).
     The guarantee is asymptotic for mean, rate and ratio guardrails (plug-in variances, CLT),
     hence the burn-in (`GuardrailSettings.min_units_per_arm`, `min_events_per_arm`), and
     requires N* (`n_star`) and the specs to be fixed before the first look. Zero variance is
@@ -58,14 +60,10 @@ from analysis.stats.guardrail_types import (
     GuardrailSpec,
     GuardrailStatus,
 )
-from analysis.stats.health import (
-    SequentialSrmResult,
-    SrmResult,
-    srm_chi_square,
-    srm_sequential,
-)
+from analysis.stats.health import SequentialSrmResult, SrmResult, srm_chi_square, srm_sequential
 from analysis.stats.latency_mean import UserLatencyMeans, latency_mean_evidence
 from analysis.stats.multiple import bonferroni_alphas
+from analysis.stats.quantile_users import UserQuantileBets, quantile_user_evidence
 from analysis.stats.rate_guardrail import UserRateBets, rate_evidence
 
 __all__ = [
@@ -145,7 +143,10 @@ def evaluate_guardrails(
     for (spec, arm), alpha_k in zip(pairs, alphas, strict=True):
         per_arm = snapshot.metrics.get(spec.metric_key, {})
         control, treatment = per_arm.get(snapshot.control), per_arm.get(arm)
-        if isinstance(treatment, UserRateBets):
+        if isinstance(treatment, UserQuantileBets):
+            # Latency quantiles with the user as the unit: exact, no burn-in (quantile_users).
+            evaluations.append(quantile_user_evidence(spec, arm, treatment, alpha=alpha_k))
+        elif isinstance(treatment, UserRateBets):
             # Per-request rates with the user as the unit: exact, no burn-in (STATS.md 12.1).
             evaluations.append(rate_evidence(spec, arm, treatment, alpha=alpha_k))
         elif isinstance(treatment, UserLatencyMeans):

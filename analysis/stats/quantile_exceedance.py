@@ -45,7 +45,8 @@ Null hypothesis and guarantee
     this needs a burn-in: ``P(ever fires) <= alpha`` at any number of looks.
     Not covered: requests that are not independent given the past, i.e. sticky users with
     their own latency levels (a per-request test then over-counts evidence; measured in
-    ``bench/quantile_power.py``), and a canary that is better at ``p`` but slower elsewhere
+    ``bench/quantile_power.py``; guardrails therefore use ``analysis.stats.quantile_users``,
+    which takes the user as the unit), and a canary that is better at ``p`` but slower elsewhere
     near the pooled threshold, which is flagged because it *does* put more requests above it.
 
 Degenerate data needs no special case: a canary at a constant 1,000 ms against a variable
@@ -309,7 +310,7 @@ class ExceedanceResult:
         return self.safe_max_log_e_value >= math.log(1.0 / alpha)
 
 
-def _standardised_effect(dense: DenseWindows, p: float) -> float:
+def standardised_effect(dense: DenseWindows, p: float) -> float:
     """Canary p-quantile over control's reweighted to the canary's time profile, minus 1."""
     n_a = dense.control.sum(axis=1)
     n_b = dense.treatment.sum(axis=1)
@@ -414,7 +415,7 @@ def exceedance_test_dense(
         top_treatment=float(bets.expected_treatment.sum()),
         top_expected=float(expected.sum()),
         threshold_ms=threshold_ms,
-        relative_effect=_standardised_effect(dense, p),
+        relative_effect=standardised_effect(dense, p),
     )
 
 

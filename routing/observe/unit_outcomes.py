@@ -9,7 +9,8 @@ within a window after its first request. The proxy counts them here, per edge pr
   snapshot that served it (the ramp step then). Requests completing within
   ``fast_s`` / ``slow_s`` of ``first_seen`` count in the fast / slow window; later ones are
   not counted. The rule never looks at the outcome.
-* The hot path is one dict lookup per request and a few additions (``UnitTally.add``).
+* The hot path is one dict lookup per request, a few additions and, for the latency
+  buckets, one logarithm and one or two dict increments (``UnitTally.add``).
   The observation flusher (``routing.observe.observations``) drains the users whose fast or slow
   window has closed with its own rows and upserts them into ``routing.models.UnitOutcome``
   off the event loop: two writes per user at most, each within one flush of the window's end.
@@ -18,6 +19,11 @@ within a window after its first request. The proxy counts them here, per edge pr
   one with the same start (the same process, a later flush) adds to them, a later one is
   ignored. So a user's outcome is "the requests the process that served its first request
   saw within the window", exact and independent of the outcomes.
+* Per window, the user's latencies are also counted per log bucket (the bucket index of
+  ``routing.observe.histogram``, a dict increment per request), so the quantile guardrail can ask
+  how many of the user's requests were slower than a threshold chosen later
+  (``analysis.quantile_guardrails``). Each window's counts are written once per process, when
+  the window closes, as ``"index:count,..."`` text; the upsert replaces rather than adds them.
 * A tally whose slow window has closed stays as a tombstone (so the user's later requests
   open no new window in this process) until the book holds ``max_units`` users; then the
   tombstones go. Past the cap with open windows only, new users are not tracked (counted in
@@ -27,25 +33,53 @@ within a window after its first request. The proxy counts them here, per edge pr
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
+from routing.observe.histogram import DEFAULT_RELATIVE_ACCURACY, MAX_VALUE_MS, MIN_VALUE_MS
+
 # (experiment id, unit, variant, first_seen, share, control_share, requests_fast,
-# errors_fast, requests_slow, errors_slow, latency_sum, latency_sum_sq, latency_count)
-UnitRow = tuple[int, str, str, float, float, float, int, int, int, int, float, float, int]
+# errors_fast, requests_slow, errors_slow, latency_sum, latency_sum_sq, latency_count,
+# latency_buckets_fast, latency_buckets_slow)
+UnitRow = tuple[int, str, str, float, float, float, int, int, int, int, float, float, int, str, str]
+
+# routing.observe.histogram's bucket rule (i = ceil(log(x) / log(gamma))) at its default accuracy.
+_INVERSE_LOG_GAMMA = 1.0 / math.log(
+    (1.0 + DEFAULT_RELATIVE_ACCURACY) / (1.0 - DEFAULT_RELATIVE_ACCURACY)
+)
+_log, _ceil = math.log, math.ceil
+# take(closing=...): the windows that close with this write (their bucket counts go with it).
+NO_WINDOW, FAST_WINDOW, SLOW_WINDOW = 0, 1, 2
+
+
+def encode_buckets(counts: Mapping[int, int]) -> str:
+    """``{index: count}`` as ``"index:count,..."`` in index order ("" when empty)."""
+    return ",".join(f"{index}:{counts[index]}" for index in sorted(counts))
+
+
+def decode_buckets(text: str) -> dict[int, int]:
+    """The inverse of `encode_buckets`."""
+    if not text:
+        return {}
+    pairs = (item.split(":") for item in text.split(","))
+    return {int(index): int(count) for index, count in pairs}
 
 
 class UnitTally:
     """One user's counts not yet written, and where its windows start."""
 
     __slots__ = (
+        "buckets_fast",
+        "buckets_slow",
         "control_share",
         "created",
         "errors_fast",
         "errors_slow",
         "experiment_id",
         "fast_s",
+        "fast_text",
         "first_seen",
         "latency_count",
         "latency_sum",
@@ -55,6 +89,7 @@ class UnitTally:
         "retry",
         "share",
         "slow_s",
+        "slow_text",
         "stage",
         "unit",
         "variant_key",
@@ -89,6 +124,11 @@ class UnitTally:
         self.requests_slow = self.errors_slow = 0
         self.latency_sum = self.latency_sum_sq = 0.0
         self.latency_count = 0
+        # Latency bucket counts per window (None once written), and written ones put back
+        # after a failed write.
+        self.buckets_fast: dict[int, int] | None = {}
+        self.buckets_slow: dict[int, int] | None = {}
+        self.fast_text = self.slow_text = ""
 
     def add(self, now: float, error: bool, latency_ms: float | None) -> None:
         """Count one completed request of this user (hot path)."""
@@ -101,17 +141,43 @@ class UnitTally:
         self.requests_slow += 1
         if error:
             self.errors_slow += 1
-        if latency_ms is not None:
-            self.latency_sum += latency_ms
-            self.latency_sum_sq += latency_ms * latency_ms
-            self.latency_count += 1
+        if latency_ms is None:
+            if age <= self.fast_s:
+                self.requests_fast += 1
+                if error:
+                    self.errors_fast += 1
+            return
+        self.latency_sum += latency_ms
+        self.latency_sum_sq += latency_ms * latency_ms
+        self.latency_count += 1
+        if not MIN_VALUE_MS <= latency_ms <= MAX_VALUE_MS:
+            latency_ms = min(max(latency_ms, MIN_VALUE_MS), MAX_VALUE_MS)
+        index = _ceil(_log(latency_ms) * _INVERSE_LOG_GAMMA)
+        buckets = self.buckets_slow
+        if buckets is not None:
+            buckets[index] = buckets.get(index, 0) + 1
         if age <= self.fast_s:
             self.requests_fast += 1
             if error:
                 self.errors_fast += 1
+            buckets = self.buckets_fast
+            if buckets is not None:
+                buckets[index] = buckets.get(index, 0) + 1
 
-    def take(self) -> UnitRow:
-        """This tally's counts not yet written, as a row; the counts start again at 0."""
+    def take(self, closing: int = NO_WINDOW) -> UnitRow:
+        """This tally's counts not yet written, as a row; the counts start again at 0.
+
+        ``closing`` names the windows that have just closed (`FAST_WINDOW` | `SLOW_WINDOW`):
+        their latency bucket counts are written with this row, once.
+        """
+        fast_text, slow_text = self.fast_text, self.slow_text
+        self.fast_text = self.slow_text = ""
+        if closing & FAST_WINDOW and self.buckets_fast is not None:
+            fast_text = encode_buckets(self.buckets_fast)
+            self.buckets_fast = None
+        if closing & SLOW_WINDOW and self.buckets_slow is not None:
+            slow_text = encode_buckets(self.buckets_slow)
+            self.buckets_slow = None
         row = (
             self.experiment_id,
             self.unit,
@@ -126,6 +192,8 @@ class UnitTally:
             self.latency_sum,
             self.latency_sum_sq,
             self.latency_count,
+            fast_text,
+            slow_text,
         )
         self.requests_fast = self.errors_fast = 0
         self.requests_slow = self.errors_slow = 0
@@ -234,7 +302,9 @@ class UnitOutcomeBook:
                 else:
                     tally.stage = 2
             elif everything or first + self.fast_s < now:
-                rows.append(tally.take())
+                # Both windows may close at once (a late drain, shutdown): one write.
+                both = everything or first + self.slow_s < now
+                rows.append(tally.take(FAST_WINDOW | SLOW_WINDOW if both else FAST_WINDOW))
                 tally.stage = 1
                 closed.append(tally)
             else:
@@ -246,8 +316,8 @@ class UnitOutcomeBook:
         while slow and (everything or slow[0].first_seen + self.slow_s < now):
             tally = slow.popleft()
             tally.stage = 2
-            if tally.requests_slow:
-                rows.append(tally.take())
+            if tally.requests_slow or tally.buckets_slow:
+                rows.append(tally.take(SLOW_WINDOW))
         return rows
 
     def restore(self, rows: Sequence[UnitRow]) -> None:
@@ -263,6 +333,8 @@ class UnitOutcomeBook:
             tally.latency_sum += row[10]
             tally.latency_sum_sq += row[11]
             tally.latency_count += row[12]
+            tally.fast_text = row[13] or tally.fast_text
+            tally.slow_text = row[14] or tally.slow_text
             if not tally.retry:
                 tally.retry = True
                 self._retry.append(tally)
@@ -282,9 +354,13 @@ _COLUMNS = (
     "latency_sum",
     "latency_sum_sq",
     "latency_count",
+    "latency_buckets_fast",
+    "latency_buckets_slow",
 )
 _KEPT = ("variant_key", "share", "control_share")
-_COUNTS = _COLUMNS[6:]
+_COUNTS = _COLUMNS[6:13]
+# Written once per process and window: replaced, not added (an empty value keeps the row's).
+_WRITTEN_ONCE = _COLUMNS[13:]
 
 
 def _upsert_sql(table: str) -> str:
@@ -302,6 +378,12 @@ def _upsert_sql(table: str) -> str:
         f"{column} = CASE WHEN {earlier} THEN excluded.{column} "
         f"WHEN {same} THEN {table}.{column} + excluded.{column} ELSE {table}.{column} END"
         for column in _COUNTS
+    ]
+    updates += [
+        f"{column} = CASE WHEN {earlier} THEN excluded.{column} "
+        f"WHEN {same} AND excluded.{column} <> '' THEN excluded.{column} "
+        f"ELSE {table}.{column} END"
+        for column in _WRITTEN_ONCE
     ]
     placeholders = ", ".join(["%s"] * len(_COLUMNS))
     return (

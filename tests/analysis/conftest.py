@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -14,6 +15,7 @@ from django.utils import timezone
 from experiments import services
 from routing.models import Event, Exposure, ObservationBucket, UnitOutcome
 from routing.observe.histogram import LogHistogram
+from routing.observe.unit_outcomes import encode_buckets
 from tests.factories import experiment_payload
 
 
@@ -113,8 +115,10 @@ def add_user_latencies(
     """UnitOutcome rows as the edge writes them: one user per entry of `latencies` (its one
     request's latency, or the latencies of its requests), all first seen at `first_seen`."""
     rows = []
+    index = LogHistogram().bucket_index
     for i, values in enumerate(latencies):
         array = np.atleast_1d(np.asarray(values, dtype=float))
+        buckets = encode_buckets(Counter(index(float(value)) for value in array))
         rows.append(
             UnitOutcome(
                 experiment_id=experiment_id,
@@ -128,6 +132,8 @@ def add_user_latencies(
                 latency_sum=float(array.sum()),
                 latency_sum_sq=float(array @ array),
                 latency_count=array.size,
+                latency_buckets_fast=buckets,
+                latency_buckets_slow=buckets,
             )
         )
     UnitOutcome.objects.bulk_create(rows)
@@ -150,23 +156,60 @@ def traffic(
     at: datetime,
     seed: int = 1,
     unit_prefix: str = "u",
+    users: bool = False,
 ) -> None:
-    """Exposures (one per request, new units) and one observation bucket per arm."""
+    """Exposures (one per request, new units) and one observation bucket per arm.
+
+    ``users`` also writes the per-user rows the proxy writes (`add_unit_latencies`).
+    """
     add_exposures(experiment.pk, "v1", (f"{unit_prefix}c{i}" for i in range(control_n)), at)
     add_exposures(experiment.pk, "v2", (f"{unit_prefix}t{i}" for i in range(canary_n)), at)
+    control = lognormal_latencies(control_n, 100.0, seed=seed)
+    canary = lognormal_latencies(canary_n, 100.0 * canary_slowdown, seed=seed + 1)
     add_bucket(
-        experiment.pk,
-        "v1",
-        lognormal_latencies(control_n, 100.0, seed=seed),
-        errors=math.floor(control_n * control_error_rate),
-        at=at,
+        experiment.pk, "v1", control, errors=math.floor(control_n * control_error_rate), at=at
     )
-    add_bucket(
-        experiment.pk,
-        "v2",
-        lognormal_latencies(canary_n, 100.0 * canary_slowdown, seed=seed + 1),
-        errors=math.floor(canary_n * canary_error_rate),
-        at=at,
+    add_bucket(experiment.pk, "v2", canary, errors=math.floor(canary_n * canary_error_rate), at=at)
+    if users:
+        share = canary_n / (control_n + canary_n)
+        add_unit_latencies(
+            experiment.pk, "v1", control, at=at, canary_share=share, prefix=unit_prefix
+        )
+        add_unit_latencies(
+            experiment.pk, "v2", canary, at=at, canary_share=share, prefix=unit_prefix
+        )
+
+
+def add_unit_latencies(
+    experiment_id: int,
+    variant: str,
+    latencies: Sequence[float],
+    *,
+    at: datetime,
+    canary_share: float,
+    prefix: str = "u",
+) -> None:
+    """One `UnitOutcome` per latency, as the proxy writes them: a user with one request,
+    first seen within the 10-second bucket starting at ``at`` (quantile guardrails)."""
+    start = at.timestamp()
+    index = LogHistogram().bucket_index
+    UnitOutcome.objects.bulk_create(
+        UnitOutcome(
+            experiment_id=experiment_id,
+            unit_id=f"{prefix}{'c' if variant == 'v1' else 't'}{i}",
+            variant_key=variant,
+            first_seen=start + 9.0 * i / len(latencies),
+            share=canary_share if variant != "v1" else 1 - canary_share,
+            control_share=1 - canary_share,
+            requests_fast=1,
+            requests_slow=1,
+            latency_sum=value,
+            latency_sum_sq=value * value,
+            latency_count=1,
+            latency_buckets_fast=f"{index(value)}:1",
+            latency_buckets_slow=f"{index(value)}:1",
+        )
+        for i, value in enumerate(latencies)
     )
 
 

@@ -57,8 +57,17 @@ def test_three_units_per_arm_show_the_reason_in_api_and_page(api: APIClient, met
 def test_enough_data_is_shown_and_a_breach_always_is(metrics: Any) -> None:
     experiment = start_experiment("enough", ramp=[(0.5, 3600, 10), (1.0, 0, 0)])
     at = experiment.step_started_at + timedelta(seconds=30)
-    traffic(experiment, control_n=2000, canary_n=2000, canary_slowdown=1.4, at=at)
-    # 15 s later, so the latency buckets the quantile guardrail bets on have closed.
+    traffic(experiment, control_n=500, canary_n=500, at=at - timedelta(seconds=10), users=True)
+    traffic(
+        experiment,
+        control_n=2000,
+        canary_n=2000,
+        canary_slowdown=1.4,
+        at=at,
+        unit_prefix="n",
+        users=True,
+    )
+    # 15 s later, so the users the quantile guardrail bets on have their windows closed.
     result = services.analysis_run(experiment_id=experiment.pk, now=at + timedelta(seconds=15))
     assert result is not None
     p95 = next(m for m in result.snapshot.metrics if m["metric"] == "latency-p95")

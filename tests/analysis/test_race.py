@@ -24,7 +24,8 @@ def test_racing_workers_roll_back_once_with_one_alert(
     monkeypatch.setattr(alerts, "schedule_delivery", lambda: scheduled.append(1))
     experiment = start_experiment("race", ramp=[(0.5, 3600, 10), (1.0, 0, 0)])
     at = later(experiment.step_started_at, 30)
-    traffic(experiment, control_n=2000, canary_n=2000, canary_slowdown=1.4, at=at)
+    traffic(experiment, control_n=500, canary_n=500, at=later(at, -10), unit_prefix="w", users=True)
+    traffic(experiment, control_n=2000, canary_n=2000, canary_slowdown=1.4, at=at, users=True)
     barrier = threading.Barrier(WORKERS)
     outcomes: list[Any] = []
     failures: list[BaseException] = []

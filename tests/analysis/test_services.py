@@ -55,14 +55,17 @@ def _experiment(key: str) -> Experiment:
 def test_slow_canary_is_rolled_back_once_with_evidence(metrics: Any, slack_url: str) -> None:
     experiment = start_experiment("slow", ramp=[(0.5, 3600, 10), (1.0, 0, 0)])
     at = later(experiment.step_started_at, 30)
-    traffic(experiment, control_n=2000, canary_n=2000, canary_slowdown=1.4, at=at)
+    # The p95 guardrail bets on users, each against control's p95 before its first request:
+    # a first bucket gives the users of the second one their thresholds.
+    traffic(experiment, control_n=500, canary_n=500, at=later(at, -10), unit_prefix="w", users=True)
+    traffic(experiment, control_n=2000, canary_n=2000, canary_slowdown=1.4, at=at, users=True)
 
-    # The quantile guardrail compares the arms within closed time buckets only: the bucket
-    # at `at` closes after OBSERVATION_BUCKET_S plus two recorder flushes.
+    # A user is bet on once its fast window has closed and settled.
     waiting = services.analysis_run(experiment_id=experiment.pk, now=later(at, 5))
     assert waiting is not None and not waiting.action_taken
     row = next(m for m in waiting.snapshot.metrics if m["metric"] == "latency-p95")
-    assert row["status"] == "insufficient" and "no closed time window" in row["summary"]
+    assert row["status"] == "insufficient" and "not enough data" in row["summary"]
+    assert (row["n_control"], row["n_treatment"]) == (0, 0)  # the first bucket's users: none
 
     result = services.analysis_run(experiment_id=experiment.pk, now=later(at, 15))
 
@@ -74,10 +77,10 @@ def test_slow_canary_is_rolled_back_once_with_evidence(metrics: Any, slack_url: 
     evidence = entries.get().after["evidence"]
     assert evidence["metric"] == "latency-p95" and evidence["arm"] == "v2"
     assert evidence["n"] == {"v1": 2000, "v2": 2000}
-    # The p95 of the canary is 40% higher; the always-valid interval must contain it and
-    # exclude the 10% margin.
+    # The p95 of the canary is 40% higher (in the second bucket); the always-valid bound is
+    # above the margin (quantile_users.bound_levels).
     lower, upper = evidence["interval"]
-    assert 0.1 < lower < 0.4 < upper
+    assert 0.1 < lower < 0.4 and upper is None and 0.2 < evidence["rel_effect"] < 0.5
     assert entries.get().actor == "rampart:analysis"
     alert = AlertOutbox.objects.get(experiment=experiment)
     assert alert.kind == "rollback" and alert.destination == "slack"
@@ -87,7 +90,7 @@ def test_slow_canary_is_rolled_back_once_with_evidence(metrics: Any, slack_url: 
     assert set(row) == SNAPSHOT_METRIC_FIELDS
     assert row["status"] == "breach"
     assert "p95 latency is" in row["summary"] and "higher on v2" in row["summary"]
-    assert row["method"] == "exceedance e-process, per time window"
+    assert row["method"].startswith("betting e-process on users")
     assert row["p_always_valid"] is not None and row["p_always_valid"] < 1e-6
     assert evidence["p_value"] == row["p_always_valid"] and evidence["method"] == row["method"]
 

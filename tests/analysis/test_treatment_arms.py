@@ -163,13 +163,15 @@ def test_every_guardrail_kind_compares_each_of_two_treatment_arms_with_control(
             experiment.pk,
             arm,
             latencies,
-            first_seen=at.timestamp(),
+            # After the observation bucket at `at` has closed: the p95 guardrail's threshold
+            # comes from control's buckets that ended before a user's first request.
+            first_seen=at.timestamp() + 30,
             share=1 / 3,
             control_share=1 / 3,
             prefix="lat-",
         )
         _users(experiment, arm, 600, failed=0.0, at=at.timestamp())
-    now = later(at, windows_s()[1] + settle_s() + 1)
+    now = later(at, 30 + windows_s()[1] + settle_s() + 1)
 
     result = services.analysis_run(experiment_id=experiment.pk, now=now)
 

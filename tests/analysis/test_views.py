@@ -188,14 +188,15 @@ def test_health_warnings_are_explained(web: Client, metrics: Any) -> None:
 def test_real_analysis_run_feeds_the_page(web: Client, metrics: Any) -> None:
     experiment = start_experiment("slow", ramp=[(0.5, 3600, 10), (1.0, 0, 0)])
     at = later(experiment.step_started_at, 30)
-    traffic(experiment, control_n=2000, canary_n=2000, canary_slowdown=1.4, at=at)
+    traffic(experiment, control_n=500, canary_n=500, at=later(at, -10), unit_prefix="w", users=True)
+    traffic(experiment, control_n=2000, canary_n=2000, canary_slowdown=1.4, at=at, users=True)
     result = services.analysis_run(experiment_id=experiment.pk, now=later(at, 15))
     assert result is not None and result.snapshot.decision == "rollback"
     html = web.get(reverse("analysis:results", args=["slow"])).content.decode()
     row = next(m for m in result.snapshot.metrics if m["metric"] == "latency-p95")
     assert row["summary"] in html
     assert "Guardrail breached" in html
-    assert "exceedance e-process, per time window" in html  # the method behind the p-value
+    assert "betting e-process on users" in html  # the method behind the p-value
     data = web.get(reverse("analysis:chart-data", args=["slow"])).json()
     series = next(s for s in data["lift"] if s["metric"] == "latency-p95")
     assert series["lift"] == [row["rel_effect"]]

@@ -67,7 +67,10 @@ def test_the_slow_canary_is_rolled_back_with_evidence_and_one_slack_message(
     evidence = summary["evidence"]
     assert evidence["metric"] == "latency-p95"
     assert evidence["arm"] == "v2" and evidence["control_arm"] == "v1"
-    assert evidence["harm_bound"] > evidence["margin"] == 0.1
+    # The p95 guardrail stops at the first look where its bet at the margin wins, so the
+    # always-valid bound is at least the margin (higher once the nested bets win too).
+    assert evidence["harm_bound"] >= evidence["margin"] == 0.1
+    assert evidence["p_value"] < 0.05 and evidence["rel_effect"] > 0.1
     # The Slack stand-in printed exactly one rollback message. The platform also announces
     # each ramp step before it (and, depending on its policy, changes made by hand).
     kinds = Counter(message["kind"] for message in summary["slack_messages"])
