@@ -15,6 +15,16 @@ class VariantView:
     is_shadow: bool
     upstream_url: str
     weight: float
+    # Prices per million input / output tokens of a generative model (both or neither).
+    price_input_per_m: float | None = None
+    price_output_per_m: float | None = None
+
+    @property
+    def prices(self) -> tuple[float, float] | None:
+        """(input, output) prices per million tokens, or None when the variant has none."""
+        if self.price_input_per_m is None or self.price_output_per_m is None:
+            return None
+        return (self.price_input_per_m, self.price_output_per_m)
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,6 +102,10 @@ class Variant(models.Model):
     upstream_url = models.URLField(max_length=500)
     weight = models.FloatField()
     position = models.PositiveSmallIntegerField()
+    # Prices per million input / output tokens of a generative model (both or neither): the
+    # proxy derives each answer's cost from them (routing.proxy.streaming).
+    price_input_per_m = models.FloatField(null=True, blank=True)
+    price_output_per_m = models.FloatField(null=True, blank=True)
 
     class Meta:
         ordering = ["experiment_id", "position"]

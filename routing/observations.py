@@ -31,6 +31,9 @@ What a cell's fields mean (the contract analysis reads):
   paired comparison with control's answer to the same request: ``compared_count`` pairs were
   compared, ``disagreement_count`` of them differed, and for a numeric comparison field
   ``abs_diff_sum`` / ``abs_diff_sum_sq`` sum |shadow - control| and its square.
+* ``llm``: for answers the proxy measured further (streamed answers, completion endpoints),
+  their TTFB, TTFT, chunks, tokens, rates and cost (``routing.llm_stats`` says what each
+  counts); recorded for the assigned arm's own answers, like latency (not for fallbacks).
 
 A flush that fails keeps its cells: they are merged back into the buffer (the statistics are
 sums, so merging is exact) and written by the next flush. The buffer is capped at
@@ -55,6 +58,7 @@ from datetime import UTC, datetime
 from routing import metrics, proxy_metrics
 from routing.backoff import Backoff, FailureLog
 from routing.histogram import LogHistogram
+from routing.llm_stats import LLMCell, LLMRecord
 from routing.unit_outcomes import UnitOutcomeBook, UnitRow, UnitTally, write_unit_rows
 
 logger = logging.getLogger(__name__)
@@ -76,6 +80,7 @@ class ObservationCell:
         "error_count",
         "fallback_count",
         "histogram",
+        "llm",
     )
 
     def __init__(self) -> None:
@@ -88,6 +93,8 @@ class ObservationCell:
         self.abs_diff_sum = 0.0
         self.abs_diff_sum_sq = 0.0
         self.histogram = LogHistogram()
+        # Generative answers' statistics (routing.llm_stats), made on the first such answer.
+        self.llm: LLMCell | None = None
 
     def merge(self, other: ObservationCell) -> None:
         self.count += other.count
@@ -99,6 +106,10 @@ class ObservationCell:
         self.abs_diff_sum += other.abs_diff_sum
         self.abs_diff_sum_sq += other.abs_diff_sum_sq
         self.histogram.merge(other.histogram)
+        if other.llm is not None:
+            if self.llm is None:
+                self.llm = LLMCell()
+            self.llm.merge(other.llm)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +212,13 @@ class ObservationAggregator:
             cell.histogram.add(latency_ms)
         self._observed += 1
 
+    def observe_llm(self, experiment_id: int, variant_key: str, record: LLMRecord) -> None:
+        """Add what was measured of one answer (``routing.proxy.streaming``) to its cell."""
+        cell = self._cell(experiment_id, variant_key, False)
+        if cell.llm is None:
+            cell.llm = LLMCell()
+        cell.llm.add(record)
+
     def count_cache_hit(self, experiment_id: int, variant_key: str) -> None:
         """Record a request answered from the prediction cache (kept out of latency stats)."""
         self._cell(experiment_id, variant_key, False).cache_hits += 1
@@ -261,7 +279,7 @@ class ObservationAggregator:
         """The ObservationBucket field values of drained cells (empty cells are skipped)."""
         rows: list[dict[str, object]] = []
         for (experiment_id, variant_key, is_shadow, bucket), cell in cells.items():
-            if not (cell.count or cell.cache_hits or cell.compared_count):
+            if not (cell.count or cell.cache_hits or cell.compared_count or cell.llm is not None):
                 continue
             histogram = cell.histogram
             rows.append(
@@ -281,6 +299,7 @@ class ObservationAggregator:
                     "disagreement_count": cell.disagreement_count,
                     "abs_diff_sum": cell.abs_diff_sum,
                     "abs_diff_sum_sq": cell.abs_diff_sum_sq,
+                    "llm": cell.llm.to_json() if cell.llm is not None else "",
                 }
             )
         return rows

@@ -212,6 +212,8 @@ class LLMServer:
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
             await send({"type": "http.response.body", "body": b""})
             return True
+        except OSError:  # uvicorn's ClientDisconnected: the client left between two checks
+            return False
         finally:
             gone.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

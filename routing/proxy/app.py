@@ -56,6 +56,7 @@ from routing.proxy.headers import (
 )
 from routing.proxy.plan import Arm, Plan, PlanBook
 from routing.proxy.shadow import Shadows
+from routing.proxy.streaming import StreamMeter, answer_record, is_event_stream, is_llm_target
 from routing.proxy.watch import DISCONNECT_WATCH_AFTER_S, DisconnectWatch, WatchSweep
 from routing.unit_outcomes import UnitOutcomeBook, UnitTally
 from routing.upstream import UpstreamClient
@@ -440,6 +441,7 @@ class ProxyApp:
         assert loop is not None
         deadline = loop.time() + self.deadline_s
         fallback = False
+        llm = is_llm_target(target)
         if not arm.is_control:
             if arm.breaker.allow():
                 watch.begin(arm.key)
@@ -448,7 +450,7 @@ class ProxyApp:
                 )
                 if attempt.failure is None:
                     await self._respond(
-                        plan, arm, arm, attempt, send, watch, cache_key, None, tally=tally
+                        plan, arm, arm, attempt, send, watch, cache_key, None, tally=tally, llm=llm
                     )
                     return
                 count_failure(arm, attempt.failure)
@@ -522,6 +524,7 @@ class ProxyApp:
             control_answer,
             fallback=fallback,
             tally=tally,
+            llm=llm,
         )
 
     async def _respond(
@@ -537,6 +540,7 @@ class ProxyApp:
         *,
         fallback: bool = False,
         tally: UnitTally | None = None,
+        llm: bool = False,
     ) -> None:
         """Send a successful (non-5xx) upstream answer to the client and record it."""
         headers = passed_on(attempt.headers)
@@ -545,9 +549,11 @@ class ProxyApp:
             response_headers.append(plan.fallback_header)
         status = attempt.status
         body = attempt.body
+        meter = None
         if body is None:
+            meter = StreamMeter(attempt.started, sse=is_event_stream(attempt.headers), llm=llm)
             try:
-                await self._stream(attempt, response_headers, send, watch)
+                await self._stream(attempt, response_headers, send, watch, meter)
             except (TimeoutError, aiohttp.ClientError, OSError) as error:
                 # Headers are already sent, so neither a fallback nor an error status is
                 # possible: count the failure and let the server abort the connection, which
@@ -587,6 +593,9 @@ class ProxyApp:
             self.observations.observe(
                 plan.experiment_id, assigned.key, latency_ms, error=False, unit=tally
             )
+            if meter is not None or llm:
+                record = answer_record(meter, attempt, assigned.prices)
+                self.observations.observe_llm(plan.experiment_id, assigned.key, record)
         if body is None:
             return
         if cache_key is not None and plan.cache is not None and 200 <= status < 300:
@@ -602,6 +611,7 @@ class ProxyApp:
         response_headers: list[tuple[bytes, bytes]],
         send: Send,
         watch: DisconnectWatch,
+        meter: StreamMeter | None = None,
     ) -> None:
         """Relay a large or unsized answer chunk by chunk; sets ``attempt.latency_ms``."""
         answer = attempt.answer
@@ -616,6 +626,8 @@ class ProxyApp:
                 }
             )
             async for chunk in answer.chunks():
+                if meter is not None:
+                    meter.feed(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             attempt.latency_ms = (time.perf_counter() - attempt.started) * 1000.0
             watch.stop()
