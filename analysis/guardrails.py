@@ -39,6 +39,7 @@ from analysis.cohorts import annotate_rows
 from analysis.evidence import GUARDRAIL, ArmState, finite, guardrail_row, latency, metric_row
 from analysis.health import Health, HealthSettings, arms, check_health
 from analysis.latency_windows import WindowedLogHistogram
+from analysis.llm_metrics import LLM_SOURCES, llm_metric_stats, llm_summary
 from analysis.reporting import withhold_small_samples
 from analysis.stats.guardrails import (
     ExperimentSnapshot,
@@ -109,6 +110,8 @@ class ExperimentAnalysis:
 
 def metric_stats(metric: MetricView, aggregates: Aggregates, arm: str) -> object | None:
     """The statistic of one metric for one arm, of the kind `analysis.stats` expects."""
+    if metric.source in LLM_SOURCES and metric.kind != "ratio":
+        return llm_metric_stats(metric, aggregates.llm.get(arm))
     if metric.source in (BUILTIN_LATENCY, BUILTIN_ERROR) and metric.kind != "ratio":
         totals = aggregates.observations.get(arm)
         if totals is None or totals.count == 0:
@@ -275,13 +278,20 @@ def analyse(
         health=health,
         exposures=exposures,
         metrics=rows,
-        latency=latency(aggregates),
+        latency=_with_llm(latency(aggregates), aggregates),
         states=new_states,
         breach=breach,
         ramp_ready=ready,
         guardrail_decision=decision,
         notes=notes,
     )
+
+
+def _with_llm(table: dict[str, dict[str, Any]], aggregates: Aggregates) -> dict[str, Any]:
+    """The per-arm latency table, with each arm's LLM figures under "llm" when it has some."""
+    for variant, figures in llm_summary(aggregates.llm).items():
+        table.setdefault(variant, {})["llm"] = figures
+    return table
 
 
 def _breach(

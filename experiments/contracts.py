@@ -6,6 +6,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
+# Generative models' answers, measured by the proxy (routing.llm_stats): time to first token
+# (mean or quantile), output tokens per request, output tokens per second (the mean of each
+# request's rate) and cost per request (mean).
+BUILTIN_TTFT = "ttft_ms"
+BUILTIN_OUTPUT_TOKENS = "output_tokens"
+BUILTIN_TOKENS_PER_S = "output_tokens_per_s"
+BUILTIN_COST = "cost"
+LLM_SOURCES = (BUILTIN_TTFT, BUILTIN_OUTPUT_TOKENS, BUILTIN_TOKENS_PER_S, BUILTIN_COST)
+
 
 @dataclass(frozen=True, slots=True)
 class VariantView:

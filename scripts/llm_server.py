@@ -96,10 +96,12 @@ class LLMServer:
         self.completed = 0
         self.disconnects = 0
         self.bodies: list[dict[str, Any]] = []
+        self.authorizations: list[str | None] = []
 
     def reset_counts(self) -> None:
         self.requests = self.completed = self.disconnects = 0
         self.bodies = []
+        self.authorizations = []
 
     # ----------------------------------------------------------------- ASGI
 
@@ -136,6 +138,7 @@ class LLMServer:
             await _json(send, 400, _error("the body is not a JSON object", "invalid_request"))
             return
         self.bodies.append(body)
+        self.authorizations.append(headers.get("authorization"))
         status = int(headers.get("x-llm-status", self.status))
         if status >= 400:
             await _json(send, status, _error(f"{self.name} refused the request", "server_error"))
@@ -210,7 +213,6 @@ class LLMServer:
             if include_usage:
                 await _event(send, answer.usage_chunk())
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
-            await send({"type": "http.response.body", "body": b""})
             return True
         except OSError:  # uvicorn's ClientDisconnected: the client left between two checks
             return False

@@ -554,6 +554,14 @@ class ProxyApp:
             meter = StreamMeter(attempt.started, sse=is_event_stream(attempt.headers), llm=llm)
             try:
                 await self._stream(attempt, response_headers, send, watch, meter)
+            except asyncio.CancelledError:
+                if watch.disconnected and not fallback:
+                    # The client left mid-stream (clients often hang up at the last event):
+                    # what was measured until then still describes the arm.
+                    duration_ms = (time.perf_counter() - attempt.started) * 1000.0
+                    record = meter.record(duration_ms, assigned.prices)
+                    self.observations.observe_llm(plan.experiment_id, assigned.key, record)
+                raise
             except (TimeoutError, aiohttp.ClientError, OSError) as error:
                 # Headers are already sent, so neither a fallback nor an error status is
                 # possible: count the failure and let the server abort the connection, which

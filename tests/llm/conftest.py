@@ -60,6 +60,7 @@ def start_llm_edge(
     *,
     large_weight: float = 0.5,
     extra: dict[str, object] | None = None,
+    unit_source: tuple[str, str] = ("json_field", "user"),
 ) -> LLMEdge:
     small, large = llms
     key = make_key("decide")
@@ -68,8 +69,8 @@ def start_llm_edge(
         key="chat",
         name="chat",
         kind="ab",
-        unit_source="json_field",
-        unit_attribute="user",
+        unit_source=unit_source[0],
+        unit_attribute=unit_source[1],
         variants=[
             services.VariantInput(
                 key="small",
@@ -141,3 +142,33 @@ def users_for(experiment: str, variant: str, count: int) -> list[str]:
     users = [f"user-{i}" for i in range(500) if route.decide(f"user-{i}").variant == variant]
     assert len(users) >= count
     return users[:count]
+
+
+LLM_METRICS = (
+    ("ttft-p95", "p95 time to first token", "quantile", "ttft_ms", 0.95, "lower"),
+    ("ttft-mean", "Mean time to first token", "mean", "ttft_ms", None, "lower"),
+    ("tokens-per-s", "Output tokens per second", "mean", "output_tokens_per_s", None, "higher"),
+    ("output-tokens", "Output tokens per request", "mean", "output_tokens", None, "lower"),
+    ("cost-per-request", "Cost per request", "mean", "cost", None, "lower"),
+)
+
+
+@pytest.fixture
+def llm_metrics(db: None) -> list[str]:
+    """The generative-model metrics in the catalogue, as an operator would define them."""
+    return create_llm_metrics()
+
+
+def create_llm_metrics() -> list[str]:
+    """Create the generative-model metrics of ``LLM_METRICS``; returns their keys."""
+    for key, name, kind, source, quantile, direction in LLM_METRICS:
+        services.metric_create(
+            actor="test",
+            key=key,
+            name=name,
+            kind=kind,
+            source=source,
+            quantile=quantile,
+            direction=direction,
+        )
+    return [m[0] for m in LLM_METRICS]

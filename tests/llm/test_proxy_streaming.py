@@ -114,3 +114,8 @@ def test_a_client_that_leaves_mid_stream_cancels_the_upstream_call(llm_edge: LLM
         time.sleep(0.02)
     assert large.disconnects == 1
     assert large.completed == 0
+    # What was measured before the client left counts: its TTFT, the tokens seen (counted).
+    llm_edge.stop()
+    cell = llm_edge.cells()["large"]
+    assert (cell.streams, cell.ttft.count, cell.approx_requests) == (1, 1, 1)
+    assert 1 <= cell.output_tokens < 200
