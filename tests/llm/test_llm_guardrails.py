@@ -161,3 +161,37 @@ def test_a_canary_within_its_margins_is_not_rolled_back(
     llm = result.snapshot.latency["v2"]["llm"]
     assert llm["ttft_n"] == 900 and 80 < llm["ttft_p50"] < 120
     assert llm["approx_requests"] == 0 and llm["streams"] == 900
+
+
+def test_the_experiment_page_shows_ttft_tokens_and_cost_per_version(
+    metrics: Any, llm_metrics: list[str]
+) -> None:
+    from django.contrib.auth.models import User
+    from django.test import Client
+    from django.urls import reverse
+
+    experiment = start_experiment(
+        "page",
+        ramp=[(0.5, 3600, 10), (1.0, 0, 0)],
+        metrics=[{"metric": "cost-per-request", "role": "guardrail", "margin": 0.5}],
+    )
+    at = later(experiment.step_started_at, 30)
+    _traffic(experiment, at, canary_ttft=100.0, canary_tokens=80, seed=4)
+    analysis_services.analysis_run(experiment_id=experiment.pk, now=later(at, 35))
+    web = Client()
+    web.force_login(User.objects.create_user("viewer", password="pw-for-tests-only"))
+
+    page = web.get(reverse("analysis:results", args=["page"]))
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert 'id="llm-table"' in html and "Generative answers per version" in html
+    # v1: 10 input tokens at $1 and 20 output tokens at $2 per million: $0.000050 an answer.
+    assert "$0.000050" in html and "$0.000170" in html
+    assert "from usage" in html
+
+    data = web.get(reverse("analysis:chart-data", args=["page"])).json()
+    v2 = data["llm"]["v2"]
+    assert len(v2["cost_mean"]) == len(data["times"]) == 1
+    assert v2["cost_mean"][0] == pytest.approx(170 / 1e6)
+    assert v2["ttft_p95"][0] > v2["ttft_p50"][0] > 0
+    assert v2["tokens_per_s_mean"][0] == pytest.approx(88, rel=0.05)
