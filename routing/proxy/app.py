@@ -441,7 +441,8 @@ class ProxyApp:
         assert loop is not None
         deadline = loop.time() + self.deadline_s
         fallback = False
-        llm = is_llm_target(target)
+        # Completion endpoints (token usage, cost): two substring tests on other paths.
+        llm = ("/completions" in target or "/responses" in target) and is_llm_target(target)
         if not arm.is_control:
             if arm.breaker.allow():
                 watch.begin(arm.key)
