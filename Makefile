@@ -35,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
-	$(BIN)/mypy analysis/stats routing/histogram.py routing/split.py routing/breaker.py \
+	$(BIN)/mypy analysis/stats routing/histogram.py routing/llm_stats.py routing/split.py routing/breaker.py \
 		routing/upstream.py sdk/python/rampart_sdk experiments/contracts.py analysis/verdict.py
 
 # The SDK alone: build its wheel, install it with its test needs into a fresh virtualenv

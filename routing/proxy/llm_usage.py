@@ -15,7 +15,8 @@ Shapes read (OpenAI API reference):
 
 from __future__ import annotations
 
-from typing import Any, Final
+from collections.abc import Iterable
+from typing import Any, Final, TypeGuard
 
 import orjson
 
@@ -30,7 +31,7 @@ def is_llm_target(target: str) -> bool:
     return path.endswith(_LLM_PATHS)
 
 
-def is_event_stream(headers: Any) -> bool:
+def is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     """Whether an answer's headers say ``Content-Type: text/event-stream``."""
     for name, value in headers:
         if name.lower() == b"content-type":
@@ -50,12 +51,12 @@ def usage_of(data: Any) -> tuple[int, int] | None:
             return None
     prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
     output = usage.get("completion_tokens", usage.get("output_tokens"))
-    if not _count(prompt) or not _count(output):
+    if not (_count(prompt) and _count(output)):
         return None
-    return int(prompt), int(output)
+    return prompt, output
 
 
-def _count(value: Any) -> bool:
+def _count(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 

@@ -18,6 +18,7 @@ streams, a split and one small JSON parse per event.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Final
 
 import orjson
@@ -125,7 +126,7 @@ def answer_record(
 
 def whole_record(
     body: bytes,
-    headers: object,
+    headers: Iterable[tuple[bytes, bytes]],
     duration_ms: float,
     prices: tuple[float, float] | None,
 ) -> LLMRecord:
