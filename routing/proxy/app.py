@@ -561,7 +561,8 @@ class ProxyApp:
                     # what was measured until then still describes the arm.
                     duration_ms = (time.perf_counter() - attempt.started) * 1000.0
                     record = meter.record(duration_ms, assigned.prices)
-                    self.observations.observe_llm(plan.experiment_id, assigned.key, record)
+                    unit = tally.unit if tally is not None else None
+                    self.observations.observe_llm(plan.experiment_id, assigned.key, record, unit)
                 raise
             except (TimeoutError, aiohttp.ClientError, OSError) as error:
                 # Headers are already sent, so neither a fallback nor an error status is
@@ -604,7 +605,8 @@ class ProxyApp:
             )
             if meter is not None or llm:
                 record = answer_record(meter, attempt, assigned.prices)
-                self.observations.observe_llm(plan.experiment_id, assigned.key, record)
+                unit = tally.unit if tally is not None else None
+                self.observations.observe_llm(plan.experiment_id, assigned.key, record, unit)
         if body is None:
             return
         if cache_key is not None and plan.cache is not None and 200 <= status < 300:

@@ -15,7 +15,7 @@ from experiments.errors import InvalidInput
 from experiments.models import Experiment
 from routing.llm_stats import LLMCell, LLMRecord
 from routing.models import ObservationBucket
-from tests.analysis.conftest import add_bucket, add_exposures, later, start_experiment
+from tests.analysis.conftest import add_bucket, add_events, add_exposures, later, start_experiment
 
 pytestmark = pytest.mark.django_db
 
@@ -195,3 +195,42 @@ def test_the_experiment_page_shows_ttft_tokens_and_cost_per_version(
     assert v2["cost_mean"][0] == pytest.approx(170 / 1e6)
     assert v2["ttft_p95"][0] > v2["ttft_p50"][0] > 0
     assert v2["tokens_per_s_mean"][0] == pytest.approx(88, rel=0.05)
+
+
+def test_cost_per_conversion_is_a_ratio_of_the_proxys_cost_events_to_purchases(
+    metrics: Any, llm_metrics: list[str]
+) -> None:
+    services.metric_create(
+        actor="test",
+        key="cost-per-conversion",
+        name="Cost per conversion",
+        kind="ratio",
+        numerator_event="llm_cost",
+        denominator_event="purchase",
+        direction="lower",
+    )
+    experiment = start_experiment(
+        "per-conversion",
+        ramp=[(0.5, 3600, 10), (1.0, 0, 0)],
+        metrics=[{"metric": "cost-per-conversion", "role": "guardrail", "margin": 0.5}],
+    )
+    at = later(experiment.step_started_at, 30)
+    control = add_exposures(experiment.pk, "v1", (f"c{i}" for i in range(300)), at)
+    canary = add_exposures(experiment.pk, "v2", (f"t{i}" for i in range(300)), at)
+    rng = np.random.default_rng(5)
+    rows = []
+    for units, cost, buy in ((control, 1e-4, 0.2), (canary, 8e-4, 0.25)):
+        for unit in units:
+            rows.append((unit, "llm_cost", float(cost * rng.uniform(0.5, 1.5)), later(at, 5)))
+            if rng.random() < buy:
+                rows.append((unit, "purchase", 1.0, later(at, 20)))
+    add_events(rows)
+
+    # After the 10-minute exposure window of the users has closed.
+    result = analysis_services.analysis_run(experiment_id=experiment.pk, now=later(at, 700))
+
+    assert result is not None and result.snapshot.decision == "rollback"
+    row = _row(result, "cost-per-conversion")
+    assert row["status"] == "breach"
+    # Eight times the cost for a quarter more conversions: about 6.4 times the cost per sale.
+    assert 4.5 < row["rel_effect"] + 1 < 9

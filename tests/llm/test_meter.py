@@ -110,3 +110,20 @@ def test_cells_merge_and_round_trip() -> None:
     assert back.ttft.count == 1 and back.ttfb.count == 1
     with pytest.raises(ValueError):
         LLMCell.from_json('{"v":2}')
+
+
+def test_unit_costs_sum_per_user_and_restore() -> None:
+    from routing.llm_costs import COST_EVENT, UnitCosts
+
+    costs = UnitCosts()
+    costs.add("u1", 0.5, 1000.0)
+    costs.add("u1", 0.25, 1003.0)
+    costs.add("u2", 1.0, 1001.0)
+    rows = costs.drain()
+    assert len(costs) == 0
+    by_unit = {unit: (name, value, at.timestamp()) for _, unit, name, value, at in rows}
+    assert by_unit == {"u1": (COST_EVENT, 0.75, 1000.0), "u2": (COST_EVENT, 1.0, 1001.0)}
+    assert len({row[0] for row in rows}) == 2  # unique event ids
+    costs.restore(rows)
+    again = {unit: value for _, unit, _, value, _ in costs.drain()}
+    assert again == {"u1": 0.75, "u2": 1.0}

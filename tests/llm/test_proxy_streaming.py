@@ -9,6 +9,7 @@ import httpx
 import orjson
 import pytest
 
+from routing.models import Event
 from tests.llm.conftest import LARGE_PRICES, SMALL_PRICES, LLMEdge, users_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -92,6 +93,19 @@ def test_streams_are_relayed_unbuffered_and_measured(llm_edge: LLMEdge) -> None:
     expected = (8 * SMALL_PRICES[1] + 5 * SMALL_PRICES[0] + 8 * SMALL_PRICES[1]) / 1e6
     assert small.cost_sum == pytest.approx(expected)
     assert small.cost_n == 2
+
+    # Each user's cost, as llm_cost events for cost per conversion (one per user and flush).
+    costs = {
+        unit: sum(values)
+        for unit in (small_user, large_user)
+        if (
+            values := list(
+                Event.objects.filter(unit_id=unit, name="llm_cost").values_list("value", flat=True)
+            )
+        )
+    }
+    assert costs[large_user] == pytest.approx(large.cost_sum)
+    assert costs[small_user] == pytest.approx(small.cost_sum)
 
 
 def test_a_client_that_leaves_mid_stream_cancels_the_upstream_call(llm_edge: LLMEdge) -> None:

@@ -74,6 +74,15 @@ DEMO_METRICS: list[dict[str, Any]] = [
         "direction": "lower",
         "description": "Tokens times the version's prices, per answer.",
     },
+    {
+        "key": "cost-per-conversion",
+        "name": "Cost per conversion",
+        "kind": "ratio",
+        "numerator_event": "llm_cost",
+        "denominator_event": "purchase",
+        "direction": "lower",
+        "description": "Users' LLM cost (llm_cost events from the proxy) per purchase.",
+    },
 ]
 # The LLM scenario's prices per million (input, output) tokens: a small and a large model.
 LLM_PRICES = {"v1": (0.15, 0.60), "v2": (2.50, 10.00)}
@@ -175,6 +184,7 @@ class Command(BaseCommand):
                 services.MetricUseInput("error-rate", "guardrail", 0.0),
                 services.MetricUseInput("conversion", "primary"),
                 services.MetricUseInput("tokens-per-s", "secondary"),
+                services.MetricUseInput("cost-per-conversion", "secondary"),
             ],
             ramp_steps=[
                 services.RampStepInput(share, options["step_seconds"], options["step_exposures"])
