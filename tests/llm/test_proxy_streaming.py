@@ -24,7 +24,9 @@ def chat(user: str, *, stream: bool, usage: bool = False, words: str = "one two 
     return body
 
 
-def stream_arrivals(edge: LLMEdge, body: dict) -> tuple[httpx.Headers, list[tuple[float, bytes]]]:
+def stream_arrivals(
+    edge: LLMEdge, body: dict, **extra: str
+) -> tuple[httpx.Headers, list[tuple[float, bytes]]]:
     """POST a streamed chat through the proxy; each SSE data line with its arrival time."""
     arrivals: list[tuple[float, bytes]] = []
     started = time.perf_counter()
@@ -32,7 +34,7 @@ def stream_arrivals(edge: LLMEdge, body: dict) -> tuple[httpx.Headers, list[tupl
         "POST",
         f"{edge.proxy()}/chat/completions",
         json=body,
-        headers={"X-Rampart-Key": edge.key},
+        headers={"X-Rampart-Key": edge.key, **extra},
         timeout=10,
     ) as response:
         assert response.status_code == 200
@@ -45,8 +47,10 @@ def stream_arrivals(edge: LLMEdge, body: dict) -> tuple[httpx.Headers, list[tupl
 def test_streams_are_relayed_unbuffered_and_measured(llm_edge: LLMEdge) -> None:
     [small_user] = users_for("chat", "small", 1)
     [large_user] = users_for("chat", "large", 1)
-    # The large model: TTFT 150 ms, 12 tokens at 100/s, so the last token is ~110 ms later.
-    headers, arrivals = stream_arrivals(llm_edge, chat(large_user, stream=True, usage=True))
+    # The large model: TTFT 150 ms, then 12 tokens at 10/s: the last one 1.1 s after the first.
+    headers, arrivals = stream_arrivals(
+        llm_edge, chat(large_user, stream=True, usage=True), **{"x-llm-tokens-per-s": "10"}
+    )
     assert headers["x-rampart-variant"] == "large"
     assert headers["content-type"].startswith("text/event-stream")
     assert arrivals[-1][1] == b"[DONE]"
@@ -57,9 +61,9 @@ def test_streams_are_relayed_unbuffered_and_measured(llm_edge: LLMEdge) -> None:
         if c["choices"] and c["choices"][0]["delta"].get("content")
     )
     last_token = arrivals[-1][0]
-    assert 0.15 <= first_token < 0.5
+    assert first_token >= 0.15
     # Unbuffered: the first token reached the client well before the answer ended.
-    assert last_token - first_token >= 0.08
+    assert last_token - first_token >= 0.6
     assert chunks[-1]["usage"]["completion_tokens"] == 12
 
     # The small model, streamed without usage: tokens are counted, flagged approximate.
@@ -77,13 +81,14 @@ def test_streams_are_relayed_unbuffered_and_measured(llm_edge: LLMEdge) -> None:
     cells = llm_edge.cells()
     large = cells["large"]
     assert (large.streams, large.ttft.count, large.ttfb.count) == (1, 1, 1)
-    assert 150 <= large.ttft.quantile(0.5) <= 450
+    assert large.ttft.quantile(0.5) >= 150 * 0.99  # the histogram's 1% relative accuracy
     assert large.ttfb.quantile(0.5) <= large.ttft.quantile(0.5)
     assert large.chunks >= 1
     assert (large.token_requests, large.approx_requests) == (1, 0)
     assert (large.input_tokens, large.output_tokens) == (3, 12)
     assert large.cost_sum == pytest.approx((3 * LARGE_PRICES[0] + 12 * LARGE_PRICES[1]) / 1e6)
-    assert large.rate_n == 1 and 12 / 0.6 < large.rate_sum < 12 / 0.2
+    # 12 tokens in at least 150 ms + 11 / 10 s.
+    assert large.rate_n == 1 and 0 < large.rate_sum < 12 / 1.25
 
     small = cells["small"]
     assert (small.streams, small.ttft.count) == (1, 1)
@@ -116,14 +121,14 @@ def test_a_client_that_leaves_mid_stream_cancels_the_upstream_call(llm_edge: LLM
         "POST",
         f"{llm_edge.proxy()}/chat/completions",
         json=body,
-        headers={"X-Rampart-Key": llm_edge.key, "x-llm-output-tokens": "200"},
+        headers={"X-Rampart-Key": llm_edge.key, "x-llm-output-tokens": "2000"},
         timeout=10,
     ) as response:
         for line in response.iter_lines():
             if '"content":"the"' in line:
                 break
-    # 200 tokens at 100/s would take 2 s: the stand-in must see the proxy hang up long before.
-    deadline = time.monotonic() + 1.5
+    # 2,000 tokens at 100/s would take 20 s: the stand-in must see the proxy hang up before.
+    deadline = time.monotonic() + 10
     while large.disconnects == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert large.disconnects == 1
@@ -132,4 +137,4 @@ def test_a_client_that_leaves_mid_stream_cancels_the_upstream_call(llm_edge: LLM
     llm_edge.stop()
     cell = llm_edge.cells()["large"]
     assert (cell.streams, cell.ttft.count, cell.approx_requests) == (1, 1, 1)
-    assert 1 <= cell.output_tokens < 200
+    assert 1 <= cell.output_tokens < 2000
