@@ -55,6 +55,7 @@ from django.utils import timezone
 
 from analysis.cohorts import unit_metric_aggregates
 from analysis.latency_windows import latency_windows
+from analysis.llm_metrics import LLMTotals, llm_aggregates
 from analysis.models import AnalysisState, ObservationRollup
 from analysis.sql import db_datetime, fetch, table
 from analysis.stats.moments import MeanStats, MetricStats, ProportionStats
@@ -150,6 +151,8 @@ class Aggregates:
     # Closed per-bucket latency histograms per variant, read only for quantile metrics
     # (analysis.latency_windows).
     latency_windows: Mapping[str, Mapping[datetime, LogHistogram]] = field(default_factory=dict)
+    # Generative answers' statistics per variant (analysis.llm_metrics).
+    llm: Mapping[str, LLMTotals] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -349,4 +352,5 @@ def aggregate(
         business=business,
         business_construction=constructions,
         latency_windows=latency_windows(experiment=experiment, now=now),
+        llm=llm_aggregates(experiment=experiment, now=now),
     )

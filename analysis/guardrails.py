@@ -41,6 +41,7 @@ from analysis.cohorts import annotate_rows
 from analysis.evidence import GUARDRAIL, ArmState, finite, guardrail_row, latency, metric_row
 from analysis.health import Health, HealthSettings, arms, check_health
 from analysis.latency_windows import WindowedLogHistogram
+from analysis.llm_metrics import LLM_SOURCES, llm_metric_stats, llm_summary
 from analysis.reporting import withhold_small_samples
 from analysis.stats.guardrails import (
     ExperimentSnapshot,
@@ -130,6 +131,8 @@ def metric_stats(
     """
     if is_latency_mean(metric):
         return user_latency.stats.get(arm) if user_latency is not None else None
+    if metric.source in LLM_SOURCES and metric.kind != "ratio":
+        return llm_metric_stats(metric, aggregates.llm.get(arm))
     if metric.source in (BUILTIN_LATENCY, BUILTIN_ERROR) and metric.kind != "ratio":
         totals = aggregates.observations.get(arm)
         if totals is None or totals.count == 0:
@@ -320,13 +323,20 @@ def analyse(
         health=health,
         exposures=exposures,
         metrics=rows,
-        latency=latency(aggregates),
+        latency=_with_llm(latency(aggregates), aggregates),
         states=new_states,
         breach=breach,
         ramp_ready=ready,
         guardrail_decision=decision,
         notes=notes,
     )
+
+
+def _with_llm(table: dict[str, dict[str, Any]], aggregates: Aggregates) -> dict[str, Any]:
+    """The per-arm latency table, with each arm's LLM figures under "llm" when it has some."""
+    for variant, figures in llm_summary(aggregates.llm).items():
+        table.setdefault(variant, {})["llm"] = figures
+    return table
 
 
 def _breach(

@@ -162,7 +162,9 @@ class ResultSnapshot(models.Model):
         "summary" (a plain-words sentence) and "not_enough_data" (null, or why the row's
         numbers are withheld: fewer than 100 units in an arm, `analysis.reporting`).
         Unknown or unbounded numbers are null.
-      * latency: {variant_key: {"n", "mean", "p50", "p95", "p99", "error_rate"}}
+      * latency: {variant_key: {"n", "mean", "p50", "p95", "p99", "error_rate"}}, plus
+        "llm" for variants with generative answers (``analysis.llm_metrics.llm_summary``:
+        TTFB p50, TTFT n/p50/p95/p99, streams, chunks, tokens, tokens/s and cost means)
     """
 
     experiment = models.ForeignKey(

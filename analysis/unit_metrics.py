@@ -33,11 +33,13 @@ from django.utils import timezone
 from analysis.models import AnalysisState, UnitEventRollup
 from analysis.sql import db_datetime, fetch, table
 from analysis.stats.moments import MeanStats, MetricStats, ProportionStats, RatioStats
-from experiments.contracts import MetricView
+from experiments.contracts import LLM_SOURCES, MetricView
 from routing.models import Event, Exposure
 
 BUILTIN_LATENCY = "latency_ms"
 BUILTIN_ERROR = "error"
+# Sources the proxy measures: never business events.
+PROXY_SOURCES = (BUILTIN_LATENCY, BUILTIN_ERROR, *LLM_SOURCES)
 # Larger than any id: the open end of the raw tail.
 _MAX_ID = 2**62
 
@@ -49,7 +51,7 @@ def is_unit_metric(metric: MetricView) -> bool:
     """Whether a metric is computed per unit from business events (not by the proxy)."""
     return (
         metric.kind in ("binomial", "mean", "ratio")
-        and (metric.kind == "ratio" or metric.source not in (BUILTIN_LATENCY, BUILTIN_ERROR))
+        and (metric.kind == "ratio" or metric.source not in PROXY_SOURCES)
         and not metric.is_quality
     )
 

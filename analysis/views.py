@@ -25,6 +25,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_http_methods, require_POST
 
 from analysis import selectors, services
+from analysis.llm_presentation import llm_lines, llm_series
 from analysis.presentation import (
     ALERT_STATUSES,
     DECISIONS,
@@ -83,6 +84,7 @@ def results(request: HttpRequest, key: str) -> HttpResponse:
         "view": view,
         "snapshot": snapshot,
         "arms": arm_lines(view, exposures, snapshot.latency if snapshot else {}),
+        "llm": llm_lines(view, snapshot.latency if snapshot else {}),
         "analysis_interval_s": int(settings.ANALYSIS_INTERVAL_S),
     }
     if snapshot is not None:
@@ -107,7 +109,9 @@ def chart_data(request: HttpRequest, key: str) -> JsonResponse:
     and treatment arm, and latency percentiles per arm, one point per analysis run."""
     view = _view_or_404(key)
     history = selectors.result_history(experiment_id=view.id, limit=HISTORY_POINTS)
-    return JsonResponse(chart_series(view, history))
+    series = chart_series(view, history)
+    series["llm"] = llm_series(series["arms"], history)
+    return JsonResponse(series)
 
 
 @role_required(READ_RESULTS)

@@ -18,6 +18,15 @@ QUALITY_SOURCES: Final = {
     "quality:brier": "lower",
 }
 
+# Generative models' answers, measured by the proxy (routing.observe.llm_stats): time to first token
+# (mean or quantile), output tokens per request, output tokens per second (the mean of each
+# request's rate) and cost per request (mean).
+BUILTIN_TTFT = "ttft_ms"
+BUILTIN_OUTPUT_TOKENS = "output_tokens"
+BUILTIN_TOKENS_PER_S = "output_tokens_per_s"
+BUILTIN_COST = "cost"
+LLM_SOURCES = (BUILTIN_TTFT, BUILTIN_OUTPUT_TOKENS, BUILTIN_TOKENS_PER_S, BUILTIN_COST)
+
 
 @dataclass(frozen=True, slots=True)
 class VariantView:
@@ -27,6 +36,16 @@ class VariantView:
     is_shadow: bool
     upstream_url: str
     weight: float
+    # Prices per million input / output tokens of a generative model (both or neither).
+    price_input_per_m: float | None = None
+    price_output_per_m: float | None = None
+
+    @property
+    def prices(self) -> tuple[float, float] | None:
+        """(input, output) prices per million tokens, or None when the variant has none."""
+        if self.price_input_per_m is None or self.price_output_per_m is None:
+            return None
+        return (self.price_input_per_m, self.price_output_per_m)
 
 
 @dataclass(frozen=True, slots=True)

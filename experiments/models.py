@@ -7,6 +7,22 @@ Models hold data and database constraints only. Every state change goes through
 from django.db import models
 from django.db.models import Q
 
+from experiments.contracts import (
+    BUILTIN_COST,
+    BUILTIN_OUTPUT_TOKENS,
+    BUILTIN_TOKENS_PER_S,
+    BUILTIN_TTFT,
+    LLM_SOURCES,
+)
+
+__all__ = [
+    "BUILTIN_COST",
+    "BUILTIN_OUTPUT_TOKENS",
+    "BUILTIN_TOKENS_PER_S",
+    "BUILTIN_TTFT",
+    "LLM_SOURCES",
+]
+
 
 class ExperimentKind(models.TextChoices):
     AB = "ab", "A/B test"
@@ -120,6 +136,10 @@ class Variant(models.Model):
     upstream_url = models.URLField(max_length=500)
     weight = models.FloatField()
     position = models.PositiveSmallIntegerField()
+    # Prices per million input / output tokens of a generative model (both or neither): the
+    # proxy derives each answer's cost from them (routing.proxy.streaming).
+    price_input_per_m = models.FloatField(null=True, blank=True)
+    price_output_per_m = models.FloatField(null=True, blank=True)
 
     class Meta:
         ordering = ["experiment_id", "position"]
@@ -151,7 +171,7 @@ class MetricDirection(models.TextChoices):
 
 BUILTIN_LATENCY = "latency_ms"
 BUILTIN_ERROR = "error"
-BUILTIN_SOURCES = (BUILTIN_LATENCY, BUILTIN_ERROR)
+BUILTIN_SOURCES = (BUILTIN_LATENCY, BUILTIN_ERROR, *LLM_SOURCES)
 # Exposure window of per-unit metrics (STATS.md 12.3): a unit's events count only within
 # [first exposure, first exposure + window_s), and the unit waits until its window closes.
 # 10 minutes fits a canary whose steps last about 10 minutes.

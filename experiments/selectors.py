@@ -128,6 +128,8 @@ def experiment_view(experiment: Experiment) -> ExperimentView:
                 is_shadow=v.is_shadow,
                 upstream_url=v.upstream_url,
                 weight=v.weight,
+                price_input_per_m=v.price_input_per_m,
+                price_output_per_m=v.price_output_per_m,
             )
             for v in experiment.variants.all()
         ),

@@ -59,6 +59,9 @@ class ObservationBucket(models.Model):
     disagreement_count = models.BigIntegerField(default=0)
     abs_diff_sum = models.FloatField(default=0.0)
     abs_diff_sum_sq = models.FloatField(default=0.0)
+    # Generative answers (TTFB, TTFT, chunks, tokens, cost): routing.observe.llm_stats.LLMCell
+    # as JSON, empty when the bucket had none.
+    llm = models.TextField(default="", blank=True)
 
     class Meta:
         indexes = [

@@ -8,7 +8,9 @@ under the data directory, unless DATABASE_URL / CELERY_BROKER_URL say otherwise)
 * a Celery worker and Celery beat (analysis every ``--interval`` seconds, rollback, ramp,
   alerts through the outbox);
 * two model versions (``scripts.demo_models``): v1, the control, and v2, the canary: 40%
-  slower at p95 in the ``bad`` scenario, 10% faster and converting better in ``healthy``;
+  slower at p95 in the ``bad`` scenario, 10% faster and converting better in ``healthy``; in
+  ``llm``, two OpenAI-compatible stand-ins (``scripts.llm_server``): a small model (v1) and a
+  large one (v2) that converts better but is slower to its first token and costs more;
 * a Slack stand-in (``scripts.demo_slack``) that SLACK_WEBHOOK_URL points at;
 * simulated users (``scripts.demo_traffic``) sending predictions through the proxy and
   purchases to the events API.
@@ -66,6 +68,10 @@ MARKER = ".rampart-demo"
 # Inference-like latencies, large enough that scheduling noise on a busy 2-core laptop (tens
 # of milliseconds at the tail) stays small next to a 40% difference at p95.
 V1_MEDIAN_MS = 150.0
+# The llm scenario's stand-ins: median time to first token (ms) and output tokens per second.
+LLM_TTFT_MS = {CONTROL: 150.0, CANARY: 240.0}
+LLM_TOKENS_PER_S = {CONTROL: 300.0, CANARY: 120.0}
+LLM_OUTPUT_TOKENS = 24
 # After a decision: keep the users coming this long, to show where traffic goes now.
 AFTER_DECISION_S = 4.0
 SLACK_WAIT_S = 30.0
@@ -108,6 +114,8 @@ class Scenario:
     # Real models (scripts.onnx_models) for v1 and v2, with quality tracking; None: the
     # simulated latency-only model servers of scripts.demo_models.
     models: tuple[str, str] | None = None
+    # Generative models: streamed chat completions, TTFT and cost guardrails.
+    llm: bool = False
 
 
 SCENARIOS = {
@@ -142,6 +150,18 @@ SCENARIOS = {
         conversion={CONTROL: 0.10, CANARY: 0.10},
         expected_status="rolled_back",
         models=("fp32", "degraded"),
+    ),
+    "llm": Scenario(
+        name="llm",
+        summary=(
+            "a large chat model (v2) converts better than the small one (v1) but is about 60% "
+            "slower to its first token and costs 15 times as much per answer (guardrails: p95 "
+            "TTFT at most 20% worse, cost per request at most 50% higher)"
+        ),
+        canary_median_ms=LLM_TTFT_MS[CANARY],
+        conversion={CONTROL: 0.10, CANARY: 0.13},
+        expected_status="rolled_back",
+        llm=True,
     ),
 }
 
@@ -399,6 +419,7 @@ class Demo:
                 str(options.step_seconds),
                 "--step-exposures",
                 str(options.step_exposures),
+                *(("--llm",) if options.scenario.llm else ()),
             )
         except DemoError as error:
             raise DemoError(f"could not create the demo experiment: {error}") from None
@@ -430,8 +451,10 @@ class Demo:
                 f"v2 ({scenario.models[1]}) on :{ports[CANARY]}; accuracy guardrail (may fall at "
                 "most 1%), labels sent 2 s after each answer"
             )
+        if scenario.llm:
+            self.start_llms(ports)
         for name, median in ((CONTROL, V1_MEDIAN_MS), (CANARY, scenario.canary_median_ms)):
-            if scenario.models is not None:
+            if scenario.models is not None or scenario.llm:
                 break
             self.processes.start(
                 f"model-{name}",
@@ -448,7 +471,7 @@ class Demo:
                     str(ports[name]),
                 ],
             )
-        if scenario.models is None:
+        if scenario.models is None and not scenario.llm:
             self.step(
                 f"model servers: v1 (median {V1_MEDIAN_MS:g} ms) on :{ports[CONTROL]}, "
                 f"v2 (median {scenario.canary_median_ms:g} ms) on :{ports[CANARY]}"
@@ -466,7 +489,8 @@ class Demo:
             [*BEAT_ARGS, "--schedule", str(options.data_dir / "celerybeat-schedule")],
         )
         for name in (CONTROL, CANARY):
-            wait_until_answers(f"http://127.0.0.1:{ports[name]}/", self.processes)
+            path = "/v1/models" if scenario.llm else "/"
+            wait_until_answers(f"http://127.0.0.1:{ports[name]}{path}", self.processes)
         wait_until_answers(f"{self.base}/readyz", self.processes)
         self.check_edge(traffic_key)
         self.warm_up(admin_key)
@@ -477,6 +501,26 @@ class Demo:
         )
         return traffic_key, admin_key
 
+    def start_llms(self, ports: Mapping[str, int]) -> None:
+        """The llm scenario's two OpenAI-compatible stand-ins (``scripts.llm_server``)."""
+        for name in (CONTROL, CANARY):
+            self.processes.start(
+                f"model-{name}",
+                [
+                    *("-m", "scripts.llm_server", "--name", name, "--port", str(ports[name])),
+                    *("--ttft-ms", str(LLM_TTFT_MS[name]), "--ttft-sigma", "0.25"),
+                    *("--tokens-per-s", str(LLM_TOKENS_PER_S[name])),
+                    *("--output-tokens", str(LLM_OUTPUT_TOKENS), "--seed", str(ports[name])),
+                ],
+            )
+        self.step(
+            "LLM stand-ins (OpenAI-compatible, streaming): v1 small model (TTFT median "
+            f"{LLM_TTFT_MS[CONTROL]:g} ms, {LLM_TOKENS_PER_S[CONTROL]:g} tokens/s) on "
+            f":{ports[CONTROL]}, v2 large model (TTFT median {LLM_TTFT_MS[CANARY]:g} ms, "
+            f"{LLM_TOKENS_PER_S[CANARY]:g} tokens/s) on :{ports[CANARY]}; prices per million "
+            "tokens v1 $0.15 in / $0.60 out, v2 $2.50 / $10.00"
+        )
+
     def check_edge(self, key: str) -> None:
         """Fail loudly when a part the story needs is not mounted on the edge."""
         headers = {"X-Rampart-Key": key}
@@ -484,9 +528,14 @@ class Demo:
             events = httpx.post(
                 f"{self.base}/v1/events", json={"events": []}, headers=headers, timeout=30
             )
-            proxied = httpx.post(
-                f"{self.base}/proxy/{EXPERIMENT}/predict", headers=headers, timeout=30
-            )
+            if self.options.scenario.llm:
+                proxied = httpx.get(
+                    f"{self.base}/proxy/{EXPERIMENT}/v1/models", headers=headers, timeout=30
+                )
+            else:
+                proxied = httpx.post(
+                    f"{self.base}/proxy/{EXPERIMENT}/predict", headers=headers, timeout=30
+                )
         except httpx.HTTPError as error:
             raise DemoError(f"the edge did not answer: {error!r}") from None
         if events.status_code == 404:
@@ -529,6 +578,7 @@ class Demo:
             conversion=scenario.conversion,
             control=CONTROL,
             digits=self.models.held_out() if self.models is not None else None,
+            llm=scenario.llm,
         )
         self.narrator = Narrator(
             console=self.console,
@@ -665,6 +715,7 @@ class Demo:
             f"v1 → v2 as the ramp widened, {len(stats.to_control_at):,} v2 → v1 after the "
             f"decision, {stats.other_switches} other switches"
         )
+        llm_figures = self.explain_llm(observed) if scenario.llm else None
         metrics_text = ""
         with contextlib.suppress(httpx.HTTPError):
             metrics_text = httpx.get(f"{self.base}/metrics", timeout=5).text
@@ -709,6 +760,7 @@ class Demo:
             "label_batches_failed": stats.label_batches_failed,
             "metrics": counters,
             "story": self.narrator.lines,
+            "llm": llm_figures,
         }
         ok = observed.status == scenario.expected_status
         if scenario.expected_status == "completed":
@@ -721,6 +773,27 @@ class Demo:
             style=style,
         )
         return ok
+
+    def explain_llm(self, observed: Any) -> dict[str, Any] | None:
+        """The llm scenario's trade-off in plain words, from the last analysis result."""
+        assert self.narrator is not None and self.traffic is not None
+        figures = {
+            arm: (row or {}).get("llm") or {}
+            for arm, row in ((observed.result or {}).get("latency") or {}).items()
+        }
+        small, large = figures.get(CONTROL, {}), figures.get(CANARY, {})
+        if not (small.get("ttft_p95") and large.get("ttft_p95") and small.get("cost_mean")):
+            return None
+        conversions = self.traffic.conversion_rates()
+        self.narrator.say(
+            f"the large model converted {conversions.get(CANARY, 0.0):.1%} of its users "
+            f"against {conversions.get(CONTROL, 0.0):.1%}, but its p95 time to first "
+            f"token was {large['ttft_p95']:.0f} ms against {small['ttft_p95']:.0f} ms and an "
+            f"answer cost ${large['cost_mean'] * 1000:.3f} per thousand against "
+            f"${small['cost_mean'] * 1000:.3f}: the guardrails on TTFT (at most +20%) and cost "
+            "(at most +50%) decide, so the small model keeps the traffic"
+        )
+        return {CONTROL: small, CANARY: large, "conversion": conversions}
 
     def write_summary(self) -> None:
         if self.options.summary is not None:

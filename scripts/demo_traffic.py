@@ -2,7 +2,8 @@
 
 Visits arrive as a Poisson process at ``rate`` per second. A quarter of them come from
 returning users (drawn from the last few thousand), the rest from new ones. Each visit makes
-one to three predictions through ``POST /proxy/<experiment>/predict`` with the user id in
+one to three predictions through ``POST /proxy/<experiment>/predict`` (with ``llm``, streamed
+chat completions through ``/proxy/<experiment>/v1/chat/completions``) with the user id in
 ``X-Rampart-Unit`` and reads which version answered (``X-Rampart-Variant``). A new user
 buys with the probability of the version that served the first visit (one decision per user,
 so that users exposed early, who return more often, do not convert more for that reason
@@ -39,6 +40,12 @@ RETURNING_SHARE = 0.25
 RETURNING_POOL = 5000
 EVENT_FLUSH_S = 0.5
 MAX_IN_FLIGHT = 256
+QUESTIONS = (
+    "Which running shoes suit a beginner?",
+    "Suggest a gift for someone who likes hiking and photography",
+    "Compare these two laptops for video editing on a budget",
+    "What should I pack for a weekend by the sea?",
+)
 
 
 @dataclass
@@ -86,6 +93,7 @@ class SimulatedUsers:
         seed: int = 7,
         digits: tuple[Any, Any] | None = None,
         label_delay_s: float = 2.0,
+        llm: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.experiment = experiment
@@ -103,6 +111,18 @@ class SimulatedUsers:
         self.label_delay_s = label_delay_s
         # (due at, monotonic; label) of answers whose truth is not sent yet.
         self._labels: deque[tuple[float, dict[str, Any]]] = deque()
+        # LLM traffic: streamed chat completions with the user in the OpenAI "user" field.
+        self.llm = llm
+        self._first_served: Counter[str] = Counter()
+        self._converted: Counter[str] = Counter()
+
+    def conversion_rates(self) -> dict[str, float]:
+        """Share of new users who bought, by the version that served their first visit."""
+        return {
+            variant: self._converted[variant] / users
+            for variant, users in self._first_served.items()
+            if users
+        }
 
     def served_since(self, since: float) -> Counter[str]:
         """Versions that answered predictions sent at or after ``since`` (monotonic time)."""
@@ -156,14 +176,13 @@ class SimulatedUsers:
                 features, labels = self.digits
                 row = self.random.randrange(len(labels))
                 truth = int(labels[row])
+                path = "predict"
                 body = orjson.dumps({"features": [float(x) for x in features[row]]})
             else:
-                body = orjson.dumps(
-                    {"user": user, "features": [self.random.random() for _ in (1, 2, 3)]}
-                )
+                path, body = self._request(user)
             try:
                 async with session.post(
-                    f"{self.base_url}/proxy/{self.experiment}/predict",
+                    f"{self.base_url}/proxy/{self.experiment}/{path}",
                     data=body,
                     headers={"X-Rampart-Unit": user, "Content-Type": "application/json"},
                 ) as response:
@@ -183,7 +202,10 @@ class SimulatedUsers:
                 label = {"request_id": request_id, "label": truth, "timestamp": time.time()}
                 self._labels.append((time.monotonic() + self.label_delay_s, label))
             await asyncio.sleep(self.random.uniform(0.05, 0.3))
+        if first and variant:
+            self._first_served[variant] += 1
         if first and variant and self.random.random() < self.conversion.get(variant, 0.0):
+            self._converted[variant] += 1
             self.stats.conversions += 1
             now = time.time()
             self._events.append(
@@ -204,6 +226,23 @@ class SimulatedUsers:
                     "timestamp": now,
                 }
             )
+
+    def _request(self, user: str) -> tuple[str, bytes]:
+        """The path and body of one prediction (or one streamed chat completion)."""
+        if self.llm:
+            question = self.random.choice(QUESTIONS)
+            return "v1/chat/completions", orjson.dumps(
+                {
+                    "model": "assistant",
+                    "user": user,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                    "messages": [{"role": "user", "content": question}],
+                }
+            )
+        return "predict", orjson.dumps(
+            {"user": user, "features": [self.random.random() for _ in (1, 2, 3)]}
+        )
 
     def _check_sticky(self, user: str, variant: str) -> None:
         previous = self.last_variant.get(user)

@@ -45,6 +45,12 @@ class VariantSerializer(StrictSerializer):
     weight = serializers.FloatField(min_value=0.0, max_value=1.0)
     is_control = serializers.BooleanField(required=False, default=False)
     is_shadow = serializers.BooleanField(required=False, default=False)
+    price_input_per_m = serializers.FloatField(
+        required=False, allow_null=True, default=None, min_value=0.0
+    )
+    price_output_per_m = serializers.FloatField(
+        required=False, allow_null=True, default=None, min_value=0.0
+    )
 
     def to_service(self, data: dict[str, Any]) -> services.VariantInput:
         return services.VariantInput(**data)
@@ -210,6 +216,8 @@ class ExperimentSerializer(serializers.ModelSerializer):
                 "is_shadow": v.is_shadow,
                 "upstream_url": v.upstream_url,
                 "weight": v.weight,
+                "price_input_per_m": v.price_input_per_m,
+                "price_output_per_m": v.price_output_per_m,
             }
             for v in obj.variants.all()
         ]

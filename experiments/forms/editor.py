@@ -222,6 +222,8 @@ class ExperimentEditor:
                     "name": "" if v.name == v.key else v.name,
                     "upstream_url": v.upstream_url,
                     "weight_pct": _percent(v.weight),
+                    "price_input_per_m": v.price_input_per_m,
+                    "price_output_per_m": v.price_output_per_m,
                     "is_shadow": v.is_shadow,
                     "is_control": v.is_control,
                 }
@@ -303,6 +305,8 @@ class ExperimentEditor:
                 weight=fraction(form.cleaned_data.get("weight_pct")),
                 is_control=form.prefix == self.control_row,
                 is_shadow=bool(form.cleaned_data.get("is_shadow")),
+                price_input_per_m=form.cleaned_data.get("price_input_per_m"),
+                price_output_per_m=form.cleaned_data.get("price_output_per_m"),
             )
             for form in _kept_forms(self.variants)
         ]
@@ -426,6 +430,8 @@ class ExperimentEditor:
                 weight=v.weight,
                 is_control=v.is_control,
                 is_shadow=v.is_shadow,
+                price_input_per_m=v.price_input_per_m,
+                price_output_per_m=v.price_output_per_m,
             )
             for v in experiment.variants.all()
         ]

@@ -235,12 +235,32 @@ class VariantForm(forms.Form):
         widget=forms.URLInput(attrs={"placeholder": "http://model-v2:8080"}),
     )
     weight_pct = _percent_field("Weight (%)")
+    # Generative models: prices per million input / output tokens (both or neither).
+    price_input_per_m = forms.FloatField(
+        label="$ / M input tokens",
+        required=False,
+        min_value=0.0,
+        widget=forms.NumberInput(attrs={"step": "any", "inputmode": "decimal"}),
+    )
+    price_output_per_m = forms.FloatField(
+        label="$ / M output tokens",
+        required=False,
+        min_value=0.0,
+        widget=forms.NumberInput(attrs={"step": "any", "inputmode": "decimal"}),
+    )
     is_shadow = forms.BooleanField(label="Shadow", required=False)
 
     def __init__(self, *args: Any, locked: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if locked:
-            for name in ("key", "name", "upstream_url", "is_shadow"):
+            for name in (
+                "key",
+                "name",
+                "upstream_url",
+                "is_shadow",
+                "price_input_per_m",
+                "price_output_per_m",
+            ):
                 self.fields[name].disabled = True
 
 

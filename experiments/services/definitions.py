@@ -67,6 +67,9 @@ class VariantInput:
     is_control: bool = False
     is_shadow: bool = False
     name: str = ""
+    # Prices per million input / output tokens (generative models): both or neither.
+    price_input_per_m: float | None = None
+    price_output_per_m: float | None = None
 
 
 @dataclass(frozen=True)
@@ -116,9 +119,27 @@ def validate_variants(variants: Sequence[VariantInput], errors: Errors) -> None:
             errors.add(f"variants[{index}].weight", "Must be between 0 and 1.")
         if variant.is_shadow and variant.weight != 0:
             errors.add(f"variants[{index}].weight", "A shadow variant gets no traffic: use 0.")
+        validate_prices(variant, f"variants[{index}]", errors)
     total = sum(v.weight for v in variants if not v.is_shadow)
     if abs(total - 1.0) > WEIGHT_TOLERANCE:
         errors.add("variants", f"Weights must sum to 1 (got {total:.6g}).")
+
+
+def validate_prices(variant: VariantInput, prefix: str, errors: Errors) -> None:
+    """Token prices: finite, not negative, and both set or both left out."""
+    prices = {
+        "price_input_per_m": variant.price_input_per_m,
+        "price_output_per_m": variant.price_output_per_m,
+    }
+    for name, price in prices.items():
+        if price is not None and (not math.isfinite(price) or price < 0):
+            errors.add(f"{prefix}.{name}", "Must be a price per million tokens, 0 or more.")
+    missing = [name for name, price in prices.items() if price is None]
+    if len(missing) == 1:
+        errors.add(
+            f"{prefix}.{missing[0]}",
+            "Set both prices per million tokens (input and output), or neither.",
+        )
 
 
 def validate_ramp(kind: str, steps: Sequence[RampStepInput], errors: Errors) -> None:
@@ -214,6 +235,8 @@ def _replace_variants(experiment: Experiment, variants: Sequence[VariantInput]) 
             upstream_url=v.upstream_url,
             weight=v.weight,
             position=i,
+            price_input_per_m=v.price_input_per_m,
+            price_output_per_m=v.price_output_per_m,
         )
         for i, v in enumerate(variants)
     )
@@ -379,6 +402,8 @@ def experiment_update(
                 is_control=v.is_control,
                 is_shadow=v.is_shadow,
                 name=v.name,
+                price_input_per_m=v.price_input_per_m,
+                price_output_per_m=v.price_output_per_m,
             )
             for v in experiment.variants.all()
         ]

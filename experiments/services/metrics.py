@@ -12,6 +12,8 @@ from experiments.errors import InUse, NotFound
 from experiments.models import (
     BUILTIN_ERROR,
     BUILTIN_LATENCY,
+    BUILTIN_TTFT,
+    LLM_SOURCES,
     MAX_WINDOW_S,
     ExperimentStatus,
     Metric,
@@ -37,19 +39,27 @@ def validate_metric(values: Mapping[str, Any], errors: Errors) -> None:
         if not values.get("denominator_event"):
             errors.add("denominator_event", "A ratio metric needs a denominator event.")
     elif kind in MetricKind.values and not source:
-        errors.add("source", f"Name an event, or {BUILTIN_LATENCY} or {BUILTIN_ERROR}.")
+        builtins = ", ".join((BUILTIN_LATENCY, BUILTIN_ERROR, *LLM_SOURCES))
+        errors.add("source", f"Name an event, or a built-in: {builtins}.")
     if kind == MetricKind.QUANTILE:
         q = values.get("quantile")
         if q is None or not (0.0 < float(q) < 1.0):
             errors.add("quantile", "A quantile metric needs a level in (0, 1), e.g. 0.95.")
-        if source != BUILTIN_LATENCY:
-            errors.add("source", f"Quantile metrics are computed from {BUILTIN_LATENCY}.")
+        if source not in (BUILTIN_LATENCY, BUILTIN_TTFT):
+            errors.add(
+                "source", f"Quantile metrics are computed from {BUILTIN_LATENCY} or {BUILTIN_TTFT}."
+            )
     elif values.get("quantile") is not None:
         errors.add("quantile", "Only quantile metrics have a quantile level.")
     if source == BUILTIN_ERROR and kind != MetricKind.BINOMIAL:
         errors.add("source", f"{BUILTIN_ERROR} is a binomial metric.")
-    if source == BUILTIN_LATENCY and kind not in (MetricKind.MEAN, MetricKind.QUANTILE):
-        errors.add("source", f"{BUILTIN_LATENCY} is a mean or quantile metric.")
+    if source in (BUILTIN_LATENCY, BUILTIN_TTFT) and kind not in (
+        MetricKind.MEAN,
+        MetricKind.QUANTILE,
+    ):
+        errors.add("source", f"{source} is a mean or quantile metric.")
+    if source in LLM_SOURCES and source != BUILTIN_TTFT and kind != MetricKind.MEAN:
+        errors.add("source", f"{source} is a mean metric (per request).")
     cap = values.get("winsorize_cap")
     if cap is not None and not float(cap) > 0:
         errors.add("winsorize_cap", "Must be positive.")

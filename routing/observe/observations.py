@@ -31,6 +31,9 @@ What a cell's fields mean (the contract analysis reads):
   paired comparison with control's answer to the same request: ``compared_count`` pairs were
   compared, ``disagreement_count`` of them differed, and for a numeric comparison field
   ``abs_diff_sum`` / ``abs_diff_sum_sq`` sum |shadow - control| and its square.
+* ``llm``: for answers the proxy measured further (streamed answers, completion endpoints),
+  their TTFB, TTFT, chunks, tokens, rates and cost (``routing.observe.llm_stats`` says what each
+  counts); recorded for the assigned arm's own answers, like latency (not for fallbacks).
 
 A flush that fails keeps its cells: they are merged back into the buffer (the statistics are
 sums, so merging is exact) and written by the next flush. The buffer is capped at
@@ -55,6 +58,8 @@ from datetime import UTC, datetime
 from routing.observe import metrics
 from routing.observe.backoff import Backoff, FailureLog
 from routing.observe.histogram import LogHistogram
+from routing.observe.llm_costs import CostRow, UnitCosts
+from routing.observe.llm_stats import LLMCell, LLMRecord
 from routing.observe.unit_outcomes import UnitOutcomeBook, UnitRow, UnitTally, write_unit_rows
 
 logger = logging.getLogger(__name__)
@@ -76,6 +81,7 @@ class ObservationCell:
         "error_count",
         "fallback_count",
         "histogram",
+        "llm",
     )
 
     def __init__(self) -> None:
@@ -88,6 +94,8 @@ class ObservationCell:
         self.abs_diff_sum = 0.0
         self.abs_diff_sum_sq = 0.0
         self.histogram = LogHistogram()
+        # Generative answers' statistics (routing.observe.llm_stats), made on the first such answer.
+        self.llm: LLMCell | None = None
 
     def merge(self, other: ObservationCell) -> None:
         self.count += other.count
@@ -99,6 +107,10 @@ class ObservationCell:
         self.abs_diff_sum += other.abs_diff_sum
         self.abs_diff_sum_sq += other.abs_diff_sum_sq
         self.histogram.merge(other.histogram)
+        if other.llm is not None:
+            if self.llm is None:
+                self.llm = LLMCell()
+            self.llm.merge(other.llm)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +156,8 @@ class ObservationAggregator:
         self._clock = clock
         # Per-user windows for the rate guardrails, flushed with the cells.
         self.units = units
+        # Users' cost of generative answers, written as llm_cost events (routing.observe.llm_costs).
+        self.costs = UnitCosts()
         self._cells: dict[CellKey, ObservationCell] = {}
         self._observed = 0
         self._cache_hits = 0
@@ -200,6 +214,18 @@ class ObservationAggregator:
         if latency_ms is not None:
             cell.histogram.add(latency_ms)
         self._observed += 1
+
+    def observe_llm(
+        self, experiment_id: int, variant_key: str, record: LLMRecord, unit: str | None = None
+    ) -> None:
+        """Add what was measured of one answer (``routing.proxy.streaming``) to its cell, and
+        its cost to its user's (``unit``: a user in the experiment) for cost per conversion."""
+        cell = self._cell(experiment_id, variant_key, False)
+        if cell.llm is None:
+            cell.llm = LLMCell()
+        cell.llm.add(record)
+        if unit is not None and record.cost is not None:
+            self.costs.add(unit, record.cost, self._clock())
 
     def count_cache_hit(self, experiment_id: int, variant_key: str) -> None:
         """Record a request answered from the prediction cache (kept out of latency stats)."""
@@ -261,7 +287,7 @@ class ObservationAggregator:
         """The ObservationBucket field values of drained cells (empty cells are skipped)."""
         rows: list[dict[str, object]] = []
         for (experiment_id, variant_key, is_shadow, bucket), cell in cells.items():
-            if not (cell.count or cell.cache_hits or cell.compared_count):
+            if not (cell.count or cell.cache_hits or cell.compared_count or cell.llm is not None):
                 continue
             histogram = cell.histogram
             rows.append(
@@ -281,6 +307,7 @@ class ObservationAggregator:
                     "disagreement_count": cell.disagreement_count,
                     "abs_diff_sum": cell.abs_diff_sum,
                     "abs_diff_sum_sq": cell.abs_diff_sum_sq,
+                    "llm": cell.llm.to_json() if cell.llm is not None else "",
                 }
             )
         return rows
@@ -292,14 +319,19 @@ class ObservationAggregator:
         """
         cells = self.drain()
         unit_rows = self.units.drain(everything=True) if self.units is not None else []
-        if not cells and not unit_rows:
+        cost_rows = self.costs.drain()
+        if not cells and not unit_rows and not cost_rows:
             return 0
         try:
-            written = _write_all(self.rows(cells), unit_rows, batch_rows=self._batch_rows)
+            written = _write_all(
+                self.rows(cells), unit_rows, batch_rows=self._batch_rows, cost_rows=cost_rows
+            )
         except Exception as exc:
             self.restore(cells)
             if self.units is not None and isinstance(exc, UnitsUnwritten):
                 self.units.restore(unit_rows)
+            if isinstance(exc, CostsUnwritten):
+                self.costs.restore(cost_rows)
             self._failed_flushes += 1
             metrics.OBSERVATION_FLUSHES.labels("failed").inc()
             raise
@@ -317,7 +349,8 @@ class ObservationAggregator:
         """
         cells = self.drain()
         unit_rows = self.units.drain(everything=final) if self.units is not None else []
-        if not cells and not unit_rows:
+        cost_rows = self.costs.drain()
+        if not cells and not unit_rows and not cost_rows:
             return 0
         rows = self.rows(cells)
         if self._executor is None:
@@ -326,12 +359,16 @@ class ObservationAggregator:
         try:
             written = await loop.run_in_executor(
                 self._executor,
-                functools.partial(_write_all, rows, unit_rows, batch_rows=self._batch_rows),
+                functools.partial(
+                    _write_all, rows, unit_rows, batch_rows=self._batch_rows, cost_rows=cost_rows
+                ),
             )
         except Exception as error:
             self.restore(cells)
             if self.units is not None and isinstance(error, UnitsUnwritten):
                 self.units.restore(unit_rows)
+            if isinstance(error, CostsUnwritten):
+                self.costs.restore(cost_rows)
             self._failed_flushes += 1
             metrics.OBSERVATION_FLUSHES.labels("failed").inc()
             metrics.OBSERVATION_BUFFERED_CELLS.set(len(self._cells))
@@ -381,16 +418,28 @@ class ObservationAggregator:
 
 
 def _write_all(
-    rows: Sequence[dict[str, object]], unit_rows: Sequence[UnitRow], *, batch_rows: int
+    rows: Sequence[dict[str, object]],
+    unit_rows: Sequence[UnitRow],
+    *,
+    batch_rows: int,
+    cost_rows: Sequence[CostRow] = (),
 ) -> int:
-    """Write the users' window counts, then the cells; returns the cell rows written.
+    """Write the users' cost events and window counts, then the cells; returns cell rows.
 
-    Two transactions (PostgreSQL checks the foreign keys at commit, where each writer's
-    fallback for deleted experiments catches the error): if the users' write fails, nothing
-    was written and `UnitsUnwritten` says so; a failure after it concerns the cells only.
+    Separate transactions (PostgreSQL checks the foreign keys at commit, where each writer's
+    fallback for deleted experiments catches the error): if the users' writes fail, nothing
+    was written and `UnitsUnwritten` says so; a failure after them concerns the cells only.
     """
     from django.db import close_old_connections
 
+    if cost_rows:
+        from routing.observe.event_store import events_insert
+
+        close_old_connections()
+        try:
+            events_insert(rows=cost_rows, received_at=datetime.now(tz=UTC))
+        except Exception as exc:
+            raise CostsUnwritten from exc
     if unit_rows:
         close_old_connections()
         try:
@@ -402,6 +451,10 @@ def _write_all(
 
 class UnitsUnwritten(Exception):
     """The users' window counts of a flush were not written (the cells neither)."""
+
+
+class CostsUnwritten(UnitsUnwritten):
+    """The users' cost events were not written (nor anything after them)."""
 
 
 def _write_rows(rows: Sequence[dict[str, object]], *, batch_rows: int) -> int:

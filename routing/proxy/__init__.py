@@ -69,6 +69,11 @@ Measurement
     Latency is the time from sending the request upstream to receiving the last byte of the
     answer, in ms, for every attempt (failed ones included); see
     ``routing.observe.observations`` for exactly what each statistic counts.
+    Streamed answers are also measured as they pass (``routing.proxy.streaming``): time to
+    the first byte, chunks, and for server-sent events the time to the first event with
+    content (TTFT); answers of completion endpoints (``/completions``, ``/responses``) give
+    their tokens (``usage``, or counted content events as an approximation) and, with the
+    variant's prices, their cost (``routing.observe.llm_stats``).
 
 Limits and resources
     One ``aiohttp.ClientSession`` per process, created at start-up, with a TCP connector

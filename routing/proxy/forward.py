@@ -28,6 +28,7 @@ from routing.proxy.attempt import (
 from routing.proxy.headers import content_encoding, passed_on
 from routing.proxy.plan import Arm, Plan
 from routing.proxy.predictions import ProxyPredictions, Ticket
+from routing.proxy.streaming import StreamMeter, answer_record, is_event_stream, is_llm_target
 from routing.proxy.upstream import UpstreamClient
 from routing.proxy.watch import DisconnectWatch
 
@@ -69,6 +70,8 @@ class Forwarding:
         assert loop is not None
         deadline = loop.time() + self.deadline_s
         fallback = False
+        # Completion endpoints (token usage, cost): two substring tests on other paths.
+        llm = ("/completions" in target or "/responses" in target) and is_llm_target(target)
         if not arm.is_control:
             if arm.breaker.allow():
                 watch.begin(arm.key)
@@ -87,6 +90,7 @@ class Forwarding:
                         None,
                         tally=tally,
                         ticket=ticket,
+                        llm=llm,
                     )
                     return
                 count_failure(arm, attempt.failure)
@@ -161,6 +165,7 @@ class Forwarding:
             fallback=fallback,
             tally=tally,
             ticket=ticket,
+            llm=llm,
         )
 
     async def _respond(
@@ -177,6 +182,7 @@ class Forwarding:
         fallback: bool = False,
         tally: UnitTally | None = None,
         ticket: Ticket | None = None,
+        llm: bool = False,
     ) -> None:
         """Send a successful (non-5xx) upstream answer to the client and record it."""
         headers = passed_on(attempt.headers)
@@ -189,9 +195,20 @@ class Forwarding:
             self.predictions.answer(
                 ticket, assigned.key, status, body, headers, response_headers, fallback=fallback
             )
+        meter = None
         if body is None:
+            meter = StreamMeter(attempt.started, sse=is_event_stream(attempt.headers), llm=llm)
             try:
-                await self._stream(attempt, response_headers, send, watch)
+                await self._stream(attempt, response_headers, send, watch, meter)
+            except asyncio.CancelledError:
+                if watch.disconnected and not fallback:
+                    # The client left mid-stream (clients often hang up at the last event):
+                    # what was measured until then still describes the arm.
+                    duration_ms = (time.perf_counter() - attempt.started) * 1000.0
+                    record = meter.record(duration_ms, assigned.prices)
+                    unit = tally.unit if tally is not None else None
+                    self.observations.observe_llm(plan.experiment_id, assigned.key, record, unit)
+                raise
             except (TimeoutError, aiohttp.ClientError, OSError) as error:
                 # Headers are already sent, so neither a fallback nor an error status is
                 # possible: count the failure and let the server abort the connection, which
@@ -231,6 +248,10 @@ class Forwarding:
             self.observations.observe(
                 plan.experiment_id, assigned.key, latency_ms, error=False, unit=tally
             )
+            if meter is not None or llm:
+                record = answer_record(meter, attempt, assigned.prices)
+                unit = tally.unit if tally is not None else None
+                self.observations.observe_llm(plan.experiment_id, assigned.key, record, unit)
         if body is None:
             return
         if cache_key is not None and plan.cache is not None and 200 <= status < 300:
@@ -246,6 +267,7 @@ class Forwarding:
         response_headers: list[tuple[bytes, bytes]],
         send: Send,
         watch: DisconnectWatch,
+        meter: StreamMeter | None = None,
     ) -> None:
         """Relay a large or unsized answer chunk by chunk; sets ``attempt.latency_ms``."""
         answer = attempt.answer
@@ -260,6 +282,8 @@ class Forwarding:
                 }
             )
             async for chunk in answer.chunks():
+                if meter is not None:
+                    meter.feed(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             attempt.latency_ms = (time.perf_counter() - attempt.started) * 1000.0
             watch.stop()

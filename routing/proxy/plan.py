@@ -34,6 +34,8 @@ class Arm:
     breaker: CircuitBreaker
     metrics: proxy_metrics.ArmMetrics
     response_headers: tuple[tuple[bytes, bytes], ...]
+    # Prices per million (input, output) tokens, for the cost of generative answers.
+    prices: tuple[float, float] | None = None
 
     @property
     def base_url(self) -> str:
@@ -164,6 +166,7 @@ class PlanBook:
                     (b"x-rampart-experiment", key_bytes),
                     (b"x-rampart-variant", variant.key.encode()),
                 ),
+                prices=variant.prices,
             )
         cache = None
         if view.cache_ttl_s > 0:

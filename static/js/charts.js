@@ -78,6 +78,32 @@
     return sets;
   }
 
+  // Generative answers (data.llm[arm][field]): TTFT percentiles, tokens per second, cost.
+  function llmDatasets(data, fields) {
+    var sets = [];
+    data.arms.forEach(function (arm, index) {
+      var colour = ARM_COLOURS[index % ARM_COLOURS.length];
+      fields.forEach(function (field) {
+        var q = field.slice(-3);
+        sets.push({
+          label: arm + (fields.length > 1 ? " " + q : ""),
+          data: ((data.llm || {})[arm] || {})[field] || [],
+          borderColor: colour,
+          backgroundColor: colour,
+          borderDash: QUANTILE_DASH[q] || [],
+          spanGaps: true
+        });
+      });
+    });
+    return sets;
+  }
+
+  function hasValues(sets) {
+    return sets.some(function (set) {
+      return set.data.some(function (v) { return v !== null && v !== undefined; });
+    });
+  }
+
   function liftDatasets(series, colour) {
     var n = series.lift.length;
     var sets = [
@@ -105,11 +131,28 @@
     return (v >= 100 ? v.toFixed(0) : v.toFixed(1)) + " ms";
   }
 
+  function perSecond(v) {
+    return v.toFixed(0) + "/s";
+  }
+
+  function dollars(v) {
+    return "$" + (v < 0.01 ? v.toPrecision(2) : v.toFixed(4));
+  }
+
+  var LLM_CHARTS = [
+    { id: "ttft", fields: ["ttft_p50", "ttft_p95", "ttft_p99"], title: "time to first token",
+      format: ms },
+    { id: "tps", fields: ["tokens_per_s_mean"], title: "output tokens per second",
+      format: perSecond },
+    { id: "cost", fields: ["cost_mean"], title: "cost per request", format: dollars }
+  ];
+
   function Charts(root) {
     this.root = root;
     this.url = root.getAttribute("data-chart-source");
     this.live = root.getAttribute("data-live") === "true";
     this.latency = null;
+    this.llm = {};
     this.lift = {};
     this.liftBox = root.querySelector("#lift-charts");
     this.empty = root.querySelector("[data-chart-empty]");
@@ -141,6 +184,24 @@
       }
     }
     var self = this;
+    LLM_CHARTS.forEach(function (spec) {
+      var box = self.root.querySelector("#" + spec.id + "-chart");
+      var sets = llmDatasets(data, spec.fields);
+      if (!box || !hasValues(sets)) return;
+      self.root.querySelector("#" + spec.id + "-chart-card").hidden = false;
+      var chart = self.llm[spec.id];
+      if (!chart) {
+        self.llm[spec.id] = new window.Chart(box, {
+          type: "line",
+          data: { labels: labels, datasets: sets },
+          options: baseOptions(spec.title, spec.format)
+        });
+      } else {
+        chart.data.labels = labels;
+        chart.data.datasets = sets;
+        chart.update("none");
+      }
+    });
     data.lift.forEach(function (series) {
       var id = series.metric + ":" + series.arm;
       var colour = ARM_COLOURS[Math.max(1, data.arms.indexOf(series.arm)) % ARM_COLOURS.length];

@@ -16,9 +16,10 @@ from prometheus_client import REGISTRY
 
 from routing.edge.app import Edge, build_edge
 from routing.edge.context import EdgeContext
-from routing.edge.ingest import EventsApp, events_insert, parse_events
+from routing.edge.ingest import EventsApp, parse_events
 from routing.edge.problems import EdgeError
 from routing.models import Event
+from routing.observe.event_store import events_insert
 from routing.observe.recorder import ExposureRecorder
 from routing.snapshot import SnapshotHolder
 from tests.processes import free_port, start_process, stop_process, wait_for_http
