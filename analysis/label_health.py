@@ -3,9 +3,11 @@
 For experiments with a quality metric, the result snapshot's ``health`` gets a ``labels``
 entry (``label_health_json``): per arm the predictions, unreadable answers, labelled ones,
 those waiting in their window and those whose window passed without a label, the labelled
-share and the mean label delay, for the first quality metric's window; and the
-``analysis.stats.label_balance`` test across the routed arms. A flagged test is a warning
-on the experiment page (the comparison may be biased); it never holds or rolls back.
+share and the mean label delay, for the first quality metric's window; and two anytime-valid
+``analysis.stats.label_balance`` tests across the routed arms, on predictions whose window has
+closed: ``balance`` (labelled in the window or not) and ``delay`` (among labelled ones,
+labelled within half the window or not). A flagged test is a warning on the experiment page
+(the comparison may be biased); it never holds or rolls back.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from analysis.quality_metrics import quality_cohort_stats
+from analysis.quality_metrics import QualityCoverage, quality_cohort_stats
 from analysis.stats.label_balance import label_balance
 from experiments.contracts import ExperimentView
 
@@ -28,23 +30,34 @@ def label_health_json(view: ExperimentView, *, now: datetime) -> dict[str, Any]:
     by_arm = coverage.get(metric.key, {})
     routed = [variant.key for variant in view.routed_variants]
     arms = {key: by_arm[key].as_json() for key in routed if key in by_arm}
-    balance: dict[str, Any] | None = None
-    if len(arms) >= 2:
-        result = label_balance(
-            [by_arm[key].labelled for key in routed if key in by_arm],
-            [by_arm[key].decided for key in routed if key in by_arm],
-        )
-        balance = {
-            "p": result.p_value,
-            "flagged": result.flagged,
-            "enough_data": result.enough_data,
-            "threshold": result.threshold,
-        }
+    seen = [by_arm[key] for key in routed if key in by_arm]
+    balance = delay = None
+    if len(seen) >= 2:
+        balance = _test_json([arm.settled_labelled for arm in seen], [arm.settled for arm in seen])
+        delay = _test_json([arm.early for arm in seen], [arm.settled_labelled for arm in seen])
+        delay["early_shares"] = dict(zip(arms, _early_shares(seen), strict=True))
     return {
         "labels": {
             "metric": metric.key,
             "window_s": metric.window_s,
             "arms": arms,
             "balance": balance,
+            "delay": delay,
         }
+    }
+
+
+def _early_shares(seen: list[QualityCoverage]) -> list[float | None]:
+    """Per arm, the share of settled labelled predictions labelled within half the window."""
+    return [arm.early / arm.settled_labelled if arm.settled_labelled else None for arm in seen]
+
+
+def _test_json(hits: list[int], totals: list[int]) -> dict[str, Any]:
+    result = label_balance(hits, totals)
+    return {
+        "p": result.p_value,
+        "e_value_log": result.log_e_value,
+        "flagged": result.flagged,
+        "enough_data": result.enough_data,
+        "threshold": result.threshold,
     }

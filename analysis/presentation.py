@@ -210,23 +210,36 @@ class HealthWarning:
 
 
 def label_warnings(health: Mapping[str, Any]) -> list[HealthWarning]:
-    """The label-balance warning of quality guardrails (``analysis.label_health``)."""
+    """Label-balance and label-delay warnings of quality guardrails (``analysis.label_health``)."""
     labels = health.get("labels") or {}
+    found = []
     balance = labels.get("balance") or {}
-    if not balance.get("flagged"):
-        return []
-    shares = ", ".join(
-        f"{arm} {_pct(entry.get('labelled_share'))}"
-        for arm, entry in (labels.get("arms") or {}).items()
-    )
-    return [
-        HealthWarning(
-            "Arms get labels at different rates",
-            f"Labelled share of predictions: {shares} (p = {format_p(balance.get('p'))}). "
-            "Quality metrics compare labelled predictions only, so the comparison may be "
-            "biased; check how labels are collected for each version.",
+    if balance.get("flagged"):
+        shares = ", ".join(
+            f"{arm} {_pct(entry.get('labelled_share'))}"
+            for arm, entry in (labels.get("arms") or {}).items()
         )
-    ]
+        found.append(
+            HealthWarning(
+                "Arms get labels at different rates",
+                f"Labelled share of predictions: {shares} (p = {format_p(balance.get('p'))}). "
+                "Quality metrics compare labelled predictions only, so the comparison may be "
+                "biased; check how labels are collected for each version.",
+            )
+        )
+    delay = labels.get("delay") or {}
+    if delay.get("flagged"):
+        early = ", ".join(
+            f"{arm} {_pct(share)}" for arm, share in (delay.get("early_shares") or {}).items()
+        )
+        found.append(
+            HealthWarning(
+                "Arms get labels at different speeds",
+                f"Labels within half the window: {early} (p = {format_p(delay.get('p'))}). "
+                "Late labels may be missed by the window, so the comparison may be biased.",
+            )
+        )
+    return found
 
 
 def health_warnings(health: Mapping[str, Any], status: str) -> list[HealthWarning]:

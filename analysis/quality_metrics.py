@@ -52,11 +52,18 @@ class QualityCoverage:
     waiting: int = 0
     missing: int = 0
     delay_sum_s: float = 0.0
+    settled_labelled: int = 0  # labelled, and the window has closed
+    early: int = 0  # of those, labelled within half the window
 
     @property
     def decided(self) -> int:
         """Predictions whose outcome is known: labelled, or their window passed."""
         return self.labelled + self.missing
+
+    @property
+    def settled(self) -> int:
+        """Predictions whose window has closed, labelled in it or not (label-balance input)."""
+        return self.settled_labelled + self.missing
 
     @property
     def labelled_share(self) -> float | None:
@@ -153,7 +160,11 @@ def quality_cohort_stats(
             closes = row.predicted_at + window
             if row.labelled_at is not None and row.labelled_at < closes:
                 arm.labelled += 1
-                arm.delay_sum_s += max(row.labelled_at - row.predicted_at, 0.0)
+                delay = max(row.labelled_at - row.predicted_at, 0.0)
+                arm.delay_sum_s += delay
+                if closes <= now_s:
+                    arm.settled_labelled += 1
+                    arm.early += int(delay < window / 2)
                 label = row.label
             elif closes <= now_s:
                 arm.missing += 1

@@ -373,6 +373,8 @@ class Demo:
         self.narrator: Narrator | None = None
         self.outcome: dict[str, Any] = {}
         self.models: Any = None
+        # Per model version, the in-process per-prediction latency (onnx_models.measure_latency).
+        self.model_latency: dict[str, dict[str, float]] = {}
 
     def step(self, text: str) -> None:
         self.console.print(f"[dim]•[/dim] {text}")
@@ -397,13 +399,19 @@ class Demo:
         ports = {CONTROL: free_port(), CANARY: free_port()}
         scenario = options.scenario
         if scenario.models is not None:
-            from scripts.onnx_models import build_models
+            from scripts.onnx_models import build_models, measure_latency
 
             self.models = build_models()
             accuracy = self.models.accuracy
+            self.model_latency = measure_latency(self.models, scenario.models)
             self.step(
-                "models: digits classifier (scikit-learn MLP → skl2onnx → onnxruntime), "
-                + ", ".join(f"{v} {accuracy[v]:.1%} held-out accuracy" for v in scenario.models)
+                "models: digits classifier (scikit-learn MLP 2048x2048 → skl2onnx → "
+                "onnxruntime), "
+                + ", ".join(
+                    f"{v} {accuracy[v]:.1%} held-out accuracy, "
+                    f"p95 {self.model_latency[v]['p95_us']:.0f} µs per prediction in-process"
+                    for v in scenario.models
+                )
             )
         try:
             seeded = manage(
@@ -756,6 +764,11 @@ class Demo:
             "purchases": stats.conversions,
             "events_sent": stats.events_sent,
             "event_batches_failed": stats.event_batches_failed,
+            "latency_p95_ms": {
+                arm: row.get("p95")
+                for arm, row in sorted(((observed.result or {}).get("latency") or {}).items())
+            },
+            "model_latency_us": self.model_latency,
             "labels_sent": stats.labels_sent,
             "label_batches_failed": stats.label_batches_failed,
             "metrics": counters,

@@ -1,12 +1,17 @@
 """Real model versions for the quality demo: a digits classifier in fp32, int8 and degraded.
 
-``build_models`` trains a small scikit-learn MLP on ``load_digits`` (1,797 8x8 images, shipped
-with scikit-learn), exports it with skl2onnx, and quantises the export to int8 with
-``onnxruntime.quantization.quantize_dynamic`` (weights of the MatMul nodes in int8). A third
+``build_models`` trains a scikit-learn MLP with two wide hidden layers (2,048 units each) on
+``load_digits`` (1,797 8x8 images, shipped with scikit-learn), exports it with skl2onnx, and
+quantises the export to int8 with ``onnxruntime.quantization.quantize_dynamic`` (weights of the
+MatMul nodes in int8, activations quantised at run time: MatMulInteger). The layers are wide
+so that the int8 matrix products pay for the run-time quantisation: with one 128-unit layer
+int8 was slower (32 µs against 19 µs per prediction); at 2,048 x 2,048 it is about 2.6
+times faster at p95 (``measure_latency``: 780 µs against 300 µs on the 2-core development
+machine), with the same held-out accuracy (98.7%) and a quarter of the file size. A third
 version is the same network trained on partly corrupted labels (a share of the 3s, 5s, 8s and
 9s relabelled as another digit): it runs as fast as the others and is clearly less accurate.
 The held-out split (25%, stratified) is saved next to the models for the simulated users.
-Everything is cached under ``var/models/`` keyed by the settings, and builds in seconds.
+Everything is cached under ``var/models/`` keyed by the settings, and builds in about 30 s.
 
 ``OnnxModelServer`` serves one version with onnxruntime behind plain ASGI (uvicorn):
 ``POST {"features": [64 numbers]}`` answers ``{"label": int, "scores": [10 floats],
@@ -18,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -31,7 +38,9 @@ ROOT: Final = Path(__file__).resolve().parents[1]
 CACHE_DIR: Final = ROOT / "var" / "models"
 VERSIONS: Final = ("fp32", "int8", "degraded")
 SEED: Final = 20261204
-HIDDEN: Final = (128,)
+HIDDEN: Final = (2048, 2048)
+# Enough epochs for about 99% held-out accuracy; training two networks takes about 25 s.
+MAX_ITER: Final = 25
 CORRUPTED_CLASSES: Final = {3: 5, 5: 3, 8: 1, 9: 7}
 CORRUPTED_SHARE: Final = 0.6
 N_FEATURES: Final = 64
@@ -55,7 +64,8 @@ class ModelSet:
 
 
 def _cache_key() -> str:
-    return f"digits-mlp{'x'.join(map(str, HIDDEN))}-seed{SEED}-corrupt{CORRUPTED_SHARE}"
+    hidden = "x".join(map(str, HIDDEN))
+    return f"digits-mlp{hidden}-iter{MAX_ITER}-seed{SEED}-corrupt{CORRUPTED_SHARE}"
 
 
 def _export(model: Any, path: Path) -> None:
@@ -95,6 +105,7 @@ def build_models(directory: Path | None = None) -> ModelSet:
         return ModelSet(directory, json.loads(report.read_text()))
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from sklearn.datasets import load_digits
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import train_test_split
     from sklearn.neural_network import MLPClassifier
 
@@ -104,15 +115,20 @@ def build_models(directory: Path | None = None) -> ModelSet:
     train_x, test_x, train_y, test_y = train_test_split(
         features, digits.target, test_size=0.25, stratify=digits.target, random_state=SEED
     )
-    good = MLPClassifier(hidden_layer_sizes=HIDDEN, max_iter=400, random_state=SEED)
-    good.fit(train_x, train_y)
+    good = MLPClassifier(hidden_layer_sizes=HIDDEN, max_iter=MAX_ITER, random_state=SEED)
+    with warnings.catch_warnings():
+        # A fixed, small number of epochs is the point: it stops before converging.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        good.fit(train_x, train_y)
     rng = np.random.default_rng(SEED)
     noisy_y = train_y.copy()
     for source, target in CORRUPTED_CLASSES.items():
         picked = (train_y == source) & (rng.random(len(train_y)) < CORRUPTED_SHARE)
         noisy_y[picked] = target
-    degraded = MLPClassifier(hidden_layer_sizes=HIDDEN, max_iter=400, random_state=SEED)
-    degraded.fit(train_x, noisy_y)
+    degraded = MLPClassifier(hidden_layer_sizes=HIDDEN, max_iter=MAX_ITER, random_state=SEED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        degraded.fit(train_x, noisy_y)
     _export(good, directory / "fp32.onnx")
     _export(degraded, directory / "degraded.onnx")
     quantize_dynamic(
@@ -125,6 +141,33 @@ def build_models(directory: Path | None = None) -> ModelSet:
         accuracy[version] = float(np.mean(np.asarray(labels) == test_y))
     report.write_text(json.dumps(accuracy, indent=2))
     return ModelSet(directory, accuracy)
+
+
+def measure_latency(
+    models: ModelSet, versions: tuple[str, ...] = ("fp32", "int8"), *, rows: int = 400
+) -> dict[str, dict[str, float]]:
+    """Per version, the median and p95 in µs of one-row predictions, measured in this process.
+
+    The versions take turns row by row, so a busy machine slows them alike.
+    """
+    features, _ = models.held_out()
+    sessions = {version: session(models.path(version)) for version in versions}
+    names = {version: model.get_inputs()[0].name for version, model in sessions.items()}
+    timings: dict[str, list[float]] = {version: [] for version in versions}
+    for index in range(rows + 50):
+        row = features[index % len(features)].reshape(1, N_FEATURES)
+        for version, model in sessions.items():
+            started = time.perf_counter()
+            model.run(None, {names[version]: row})
+            if index >= 50:  # the first runs warm the caches up
+                timings[version].append((time.perf_counter() - started) * 1e6)
+    return {
+        version: {
+            "median_us": round(float(np.median(values)), 1),
+            "p95_us": round(float(np.percentile(values, 95)), 1),
+        }
+        for version, values in timings.items()
+    }
 
 
 class OnnxModelServer:

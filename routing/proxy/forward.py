@@ -99,7 +99,7 @@ class Forwarding:
                     observations.observe(
                         experiment_id, arm.key, attempt.latency_ms, error=True, unit=tally
                     )
-                    await self._answer_failure(plan, arm, arm, attempt, send, watch)
+                    await self._answer_failure(plan, arm, arm, attempt, send, watch, ticket)
                     return
                 observations.observe(
                     experiment_id,
@@ -115,7 +115,7 @@ class Forwarding:
                 arm.metrics.errors_breaker_open.inc()
                 if not plan.fallback_to_control:
                     observations.observe(experiment_id, arm.key, None, error=True, unit=tally)
-                    await self._circuit_open(arm, arm, send, watch)
+                    await self._circuit_open(arm, arm, send, watch, ticket)
                     return
                 observations.observe(
                     experiment_id, arm.key, None, error=True, fallback=True, unit=tally
@@ -133,13 +133,14 @@ class Forwarding:
                 504,
                 "upstream_timeout",
                 f"variant {arm.key!r} failed and no time was left to ask control",
+                headers=() if ticket is None else (ticket.header,),
             )
             return
         if not control.breaker.allow():
             control.metrics.errors_breaker_open.inc()
             if not fallback:
                 observations.observe(experiment_id, control.key, None, error=True, unit=tally)
-            await self._circuit_open(arm, control, send, watch)
+            await self._circuit_open(arm, control, send, watch, ticket)
             return
         if not fallback:
             watch.begin(control.key)
@@ -151,7 +152,7 @@ class Forwarding:
                 observations.observe(
                     experiment_id, control.key, attempt.latency_ms, error=True, unit=tally
                 )
-            await self._answer_failure(plan, arm, control, attempt, send, watch)
+            await self._answer_failure(plan, arm, control, attempt, send, watch, ticket)
             return
         await self._respond(
             plan,
@@ -299,8 +300,13 @@ class Forwarding:
         attempt: Attempt,
         send: Send,
         watch: DisconnectWatch,
+        ticket: Ticket | None = None,
     ) -> None:
-        """Pass on a 5xx answer, or send a JSON 502/504 for a timeout or connection failure."""
+        """Pass on a 5xx answer, or send a JSON 502/504 for a timeout or connection failure.
+
+        With quality tracking on, the answer carries the request id (``ticket.header``) too.
+        """
+        extra = () if ticket is None else (ticket.header,)
         if attempt.latency_ms is not None:
             answering.metrics.observe_latency(attempt.latency_ms / 1000.0)
         if attempt.failure == STATUS_5XX:
@@ -308,6 +314,7 @@ class Forwarding:
             response_headers = [*headers, *assigned.response_headers]
             if answering is not assigned:
                 response_headers.append(plan.fallback_header)
+            response_headers.extend(extra)
             assigned.metrics.count_response(attempt.status)
             if attempt.body is None:
                 await self._stream(attempt, response_headers, send, watch)
@@ -326,16 +333,29 @@ class Forwarding:
         if attempt.failure == TIMEOUT:
             assigned.metrics.count_response(504)
             await send_error(
-                send, 504, "upstream_timeout", f"variant {answering.key!r} did not answer in time"
+                send,
+                504,
+                "upstream_timeout",
+                f"variant {answering.key!r} did not answer in time",
+                headers=extra,
             )
         else:
             assigned.metrics.count_response(502)
             await send_error(
-                send, 502, "upstream_unavailable", f"variant {answering.key!r} is unreachable"
+                send,
+                502,
+                "upstream_unavailable",
+                f"variant {answering.key!r} is unreachable",
+                headers=extra,
             )
 
     async def _circuit_open(
-        self, assigned: Arm, answering: Arm, send: Send, watch: DisconnectWatch
+        self,
+        assigned: Arm,
+        answering: Arm,
+        send: Send,
+        watch: DisconnectWatch,
+        ticket: Ticket | None = None,
     ) -> None:
         watch.stop()
         assigned.metrics.count_response(502)
@@ -344,4 +364,5 @@ class Forwarding:
             502,
             "upstream_unavailable",
             f"variant {answering.key!r} is failing; its circuit breaker is open",
+            headers=() if ticket is None else (ticket.header,),
         )

@@ -223,3 +223,31 @@ def test_arms_labelled_at_different_rates_get_a_warning(metrics: Any) -> None:
     html = web.get(reverse("analysis:results", args=["unbalanced"])).content.decode()
     assert "Arms get labels at different rates" in html
     assert "v1 100.0%, v2 33.3%" in html
+
+
+def test_arms_labelled_at_different_speeds_get_a_warning(metrics: Any) -> None:
+    _accuracy_metric()
+    experiment = start_experiment(
+        "slow-labels", "ab", metrics=[{"metric": "accuracy", "role": "guardrail"}], **QUALITY
+    )
+    at = later(experiment.started_at, 1)
+    # Every prediction is labelled in its 600 s window; v2's labels mostly after 300 s.
+    for variant, slow_every in (("v1", 10), ("v2", 2)):
+        for index in range(300):
+            unit = f"{variant}-u{index}"
+            after = 400.0 if index % slow_every == 0 else 20.0
+            _predict(experiment.pk, variant, unit, f"{unit}-0", at, "cat", "cat", after)
+    result = services.analysis_run(experiment_id=experiment.pk, now=later(at, 700))
+    assert result is not None
+    labels = result.snapshot.health["labels"]
+    assert labels["balance"]["flagged"] is False and labels["balance"]["p"] == 1.0
+    delay = labels["delay"]
+    assert delay["flagged"] is True and delay["p"] < 1e-6
+    assert delay["early_shares"] == {"v1": 0.9, "v2": 0.5}
+    web = Client()
+    web.force_login(User.objects.create_user("ann", password="pw-for-tests-only"))
+    experiment_services.user_role_assign(actor="test", username="ann", role="admin")
+    html = web.get(reverse("analysis:results", args=["slow-labels"])).content.decode()
+    assert "Arms get labels at different speeds" in html
+    assert "v1 90.0%, v2 50.0%" in html
+    assert "Arms get labels at different rates" not in html
