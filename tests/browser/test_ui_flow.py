@@ -86,9 +86,15 @@ def _feed(experiment: Experiment, start: datetime) -> int:
             ab_test, control_n=400, canary_n=400, at=later(start, step), unit_prefix=f"ab{step}"
         )
         analysis_services.analysis_run(experiment_id=ab_test.pk, now=later(start, step + 1))
+    # The p95 guardrail bets on users (per-user rows) against control's p95 in buckets that
+    # closed before each user's first request: a first bucket sets it, and each look comes
+    # once the users' fast windows have closed.
+    traffic(
+        experiment, control_n=600, canary_n=200, at=later(start, 1), unit_prefix="w", users=True
+    )
     runs = 0
     for step in range(6):
-        at = later(start, 4 * step + 1)
+        at = later(start, 20 * step + 21)
         traffic(
             experiment,
             control_n=600,
@@ -97,8 +103,9 @@ def _feed(experiment: Experiment, start: datetime) -> int:
             at=at,
             seed=10 + step,
             unit_prefix=f"r{step}",
+            users=True,
         )
-        result = analysis_services.analysis_run(experiment_id=experiment.pk, now=later(at, 2))
+        result = analysis_services.analysis_run(experiment_id=experiment.pk, now=later(at, 15))
         runs += result is not None
     return runs
 
