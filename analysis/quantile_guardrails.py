@@ -27,7 +27,7 @@ from scipy.special import logsumexp
 
 from analysis.aggregation import BUILTIN_LATENCY
 from analysis.models import RateBetState
-from analysis.rate_guardrails import FOLD_BATCH, settle_s, windows_s
+from analysis.rate_guardrails import FOLD_BATCH, page_end, settle_s, windows_s
 from analysis.stats.betting import RateBet, fold_users, log_mean_exp
 from analysis.stats.quantile_exceedance import dense_windows, standardised_effect
 from analysis.stats.quantile_users import (
@@ -127,13 +127,7 @@ def _fold_window(
         if not rows:
             cursor = horizon
             break
-        if len(rows) == FOLD_BATCH:
-            # Stop before the last first-seen time, so users sharing it are folded together.
-            last = rows[-1][4]
-            rows = [row for row in rows if row[4] < last] or rows
-            next_cursor = last if rows[-1][4] < last else np.nextafter(last, np.inf)
-        else:
-            next_cursor = horizon
+        rows, next_cursor = page_end(rows, batch=FOLD_BATCH, first_seen_at=4, horizon=horizon)
         treated = np.array([row[0] == arm for row in rows], dtype=bool)
         share = np.array([row[1] for row in rows], dtype=float)
         control_share = np.array([row[2] for row in rows], dtype=float)

@@ -31,6 +31,7 @@ never shows non-inferiority.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from django.conf import settings
@@ -57,6 +58,21 @@ def settle_s() -> float:
 
 def windows_s() -> tuple[float, float]:
     return float(settings.RATE_WINDOW_FAST_S), float(settings.RATE_WINDOW_SLOW_S)
+
+
+def page_end(
+    rows: list[tuple[Any, ...]], *, batch: int, first_seen_at: int, horizon: float
+) -> tuple[list[tuple[Any, ...]], float]:
+    """The users of one fold page and the cursor after them.
+
+    A full page (`batch` rows, ordered by first-seen time) stops before its last
+    first-seen time, so users sharing it are folded together in the next page.
+    """
+    if len(rows) < batch:
+        return rows, horizon
+    last = rows[-1][first_seen_at]
+    rows = [row for row in rows if row[first_seen_at] < last] or rows
+    return rows, last if rows[-1][first_seen_at] < last else float(np.nextafter(last, np.inf))
 
 
 def is_rate_guardrail(use: ExperimentMetricView) -> bool:
@@ -103,13 +119,7 @@ def _fold_window(
         if not rows:
             cursor = horizon
             break
-        if len(rows) == FOLD_BATCH:
-            # Stop before the last first-seen time, so users sharing it are folded together.
-            last = rows[-1][5]
-            rows = [row for row in rows if row[5] < last] or rows
-            next_cursor = last if rows[-1][5] < last else np.nextafter(last, np.inf)
-        else:
-            next_cursor = horizon
+        rows, next_cursor = page_end(rows, batch=FOLD_BATCH, first_seen_at=5, horizon=horizon)
         treated = np.array([row[0] == arm for row in rows], dtype=bool)
         share = np.array([row[1] for row in rows], dtype=float)
         control_share = np.array([row[2] for row in rows], dtype=float)
