@@ -1,0 +1,70 @@
+"""The embedded broker delivers each message whole while a producer is still writing others."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from kombu import Connection
+
+TRANSPORT = "config.broker:Transport"
+MESSAGES = 200
+# Large enough that writing one takes many write() calls' worth of time.
+PAYLOAD_BYTES = 1024 * 1024
+
+
+def _connection(folder: Path) -> Connection:
+    for sub in ("out", "processed", "control"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    return Connection(
+        "filesystem://",
+        transport=TRANSPORT,
+        transport_options={
+            "data_folder_in": str(folder / "out"),
+            "data_folder_out": str(folder / "out"),
+            "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
+            "store_processed": False,
+            # The consumer polls without pause, as a busy worker does.
+            "polling_interval": 0.0,
+        },
+    )
+
+
+def test_a_consumer_polling_during_writes_reads_every_message_whole(tmp_path: Path) -> None:
+    received: list[dict[str, object]] = []
+    failures: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            with _connection(tmp_path) as connection:
+                queue = connection.SimpleQueue("race")
+                while len(received) < MESSAGES:
+                    message = queue.get(block=True, timeout=30)
+                    received.append(message.payload)
+                    message.ack()
+                queue.close()
+        except BaseException as error:  # reported by the main thread
+            failures.append(error)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    with _connection(tmp_path) as connection:
+        queue = connection.SimpleQueue("race")
+        for index in range(MESSAGES):
+            queue.put({"index": index, "filler": "x" * PAYLOAD_BYTES})
+        queue.close()
+    consumer.join(60)
+
+    assert not failures, failures
+    assert sorted(int(str(m["index"])) for m in received) == list(range(MESSAGES))
+    assert all(len(str(m["filler"])) == PAYLOAD_BYTES for m in received)
+    assert not list((tmp_path / "out").glob("*.partial"))
+
+
+def test_the_embedded_settings_use_the_whole_message_transport() -> None:
+    if settings.CELERY_BROKER_URL != "filesystem://":
+        pytest.skip("this run uses a broker server")
+    assert settings.CELERY_BROKER_TRANSPORT == "config.broker:Transport"
