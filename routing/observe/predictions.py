@@ -22,22 +22,15 @@ What reading each answer gave (``ok``, ``not_json``, ``missing``, ``wrong_type``
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import threading
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from django.conf import settings
 from django.db import DatabaseError, DataError, IntegrityError, connection, transaction
 
-from routing.db import close_thread_connections, run_with_db
 from routing.models import Prediction
-from routing.observe import metrics, quality_metrics
-from routing.observe.backoff import Backoff, FailureLog
+from routing.observe import quality_metrics
+from routing.observe.buffered import BufferedRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +38,6 @@ logger = logging.getLogger(__name__)
 PredictionRow = tuple[int, str, str, str, float, str, str, str]
 # Rows per INSERT statement; see routing.services.EXPOSURE_INSERT_BATCH for the reasoning.
 PREDICTION_INSERT_BATCH = 250
-_DROP_LOG_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +94,7 @@ def _insert_salvaging(rows: Sequence[PredictionRow]) -> tuple[int, int, int]:
     return written, gone, refused
 
 
-class PredictionRecorder:
+class PredictionRecorder(BufferedRecorder[PredictionRow]):
     """Buffers prediction rows and writes them in bulk from a background thread."""
 
     def __init__(
@@ -113,32 +105,20 @@ class PredictionRecorder:
         max_buffer: int | None = None,
         insert: Callable[[Sequence[PredictionRow]], tuple[int, int, int]] | None = None,
     ) -> None:
-        self.flush_s = float(settings.RECORDER_FLUSH_S if flush_s is None else flush_s)
-        self.batch_rows = int(settings.RECORDER_BATCH_ROWS if batch_rows is None else batch_rows)
-        self.max_buffer = int(settings.RECORDER_MAX_BUFFER if max_buffer is None else max_buffer)
+        super().__init__(
+            noun="prediction",
+            kind="predictions",
+            logger=logger,
+            flush_errors=quality_metrics.PREDICTIONS_FLUSH_ERRORS,
+            dropped=quality_metrics.PREDICTIONS_DROPPED,
+            flush_s=flush_s,
+            batch_rows=batch_rows,
+            max_buffer=max_buffer,
+        )
         self._insert = insert or _insert_salvaging
-        self._backoff = Backoff(
-            base_s=float(settings.RECORDER_BACKOFF_BASE_S),
-            max_s=float(settings.RECORDER_BACKOFF_MAX_S),
-        )
-        self._failure_log = FailureLog(
-            logger, "writing predictions", interval_s=float(settings.RECORDER_FAILURE_LOG_S)
-        )
-        self._backoff_gauge = metrics.FLUSH_BACKOFF.labels("predictions")
-        self._lock = threading.Lock()
-        self._flush_lock = threading.Lock()
-        self._buffer: list[PredictionRow] = []
         # What reading answers gave, counted here and added to the counter at each flush.
         self.read: dict[str, int] = {}
         self._published_read: dict[str, int] = {}
-        self._written = 0
-        self._dropped = 0
-        self._failed_flushes = 0
-        self._last_drop_log = 0.0
-        self._executor: ThreadPoolExecutor | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wakeup: asyncio.Event | None = None
 
     @property
     def stats(self) -> PredictionStats:
@@ -165,19 +145,12 @@ class PredictionRecorder:
         status = row[6]
         read[status] = read.get(status, 0) + 1
         with self._lock:
-            buffer = self._buffer
-            if len(buffer) >= self.max_buffer:
-                self._drop_locked(1, "buffer_full")
-                return False
-            buffer.append(row)
-            due = len(buffer) >= self.batch_rows
-        if due and self._wakeup is not None and not self._backoff.current_s:
-            self._wakeup.set()
+            due = self._buffer_locked(row)
+        if due is None:
+            return False
+        if due:
+            self._wake()
         return True
-
-    def flush_now(self) -> int:
-        """Write everything buffered, in the calling thread; returns rows inserted."""
-        return self._flush()[0]
 
     def _flush(self) -> tuple[int, DatabaseError | None]:
         with self._flush_lock:
@@ -207,28 +180,6 @@ class PredictionRecorder:
             self._publish_metrics()
             return written, error
 
-    def _requeue(self, rows: list[PredictionRow]) -> None:
-        with self._lock:
-            room = max(self.max_buffer - len(self._buffer), 0)
-            self._buffer[:0] = rows[:room]
-            if len(rows) > room:
-                self._drop_locked(len(rows) - room, "buffer_full")
-
-    def _drop_locked(self, count: int, cause: str) -> None:
-        """Count dropped rows (the caller holds ``_lock``) and log, at most every 10 s."""
-        self._dropped += count
-        quality_metrics.PREDICTIONS_DROPPED.labels(cause).inc(count)
-        now = time.monotonic()
-        if cause != "buffer_full" or now - self._last_drop_log >= _DROP_LOG_INTERVAL_S:
-            self._last_drop_log = now
-            logger.error(
-                "dropped %d prediction row(s) (%s); %d dropped in total, %d buffered",
-                count,
-                cause,
-                self._dropped,
-                len(self._buffer),
-            )
-
     def _publish_metrics(self) -> None:
         # A copy: the event loop may add a key while this thread iterates.
         read = dict(self.read)
@@ -238,70 +189,3 @@ class PredictionRecorder:
                 quality_metrics.PREDICTIONS_READ.labels(outcome).inc(delta)
         self._published_read = read
         quality_metrics.PREDICTIONS_BUFFERED.set(self.stats.buffered)
-
-    async def start(self) -> None:
-        """Start flushing in the background (at least every ``flush_s`` seconds)."""
-        if self._task is not None:
-            return
-        self._loop = asyncio.get_running_loop()
-        self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rampart-predictions")
-        self._task = asyncio.create_task(self._run(), name="rampart-prediction-flush")
-
-    async def stop(self) -> None:
-        """Stop the background task and flush what is left."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        executor, self._executor = self._executor, None
-        if executor is None:
-            return
-        loop = asyncio.get_running_loop()
-        try:
-            _, error = await loop.run_in_executor(executor, run_with_db, self._flush)
-            self._after_flush(error)
-        finally:
-            await loop.run_in_executor(executor, close_thread_connections)
-            executor.shutdown(wait=True)
-            self._wakeup = None
-            self._loop = None
-        left = self.stats.buffered
-        if left:
-            logger.error("stopped with %d prediction row(s) unwritten", left)
-
-    async def _run(self) -> None:
-        wakeup = self._wakeup
-        assert wakeup is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            delay = self._backoff.current_s
-            if delay:
-                # Backing off: a full buffer does not wake the flush early.
-                await asyncio.sleep(delay)
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wakeup.wait(), timeout=self.flush_s)
-            wakeup.clear()
-            error: Exception | None
-            try:
-                _, error = await loop.run_in_executor(self._executor, run_with_db, self._flush)
-            except Exception as exc:  # e.g. closing a broken connection
-                quality_metrics.PREDICTIONS_FLUSH_ERRORS.inc()
-                error = exc
-            self._after_flush(error)
-
-    def _after_flush(self, error: Exception | None) -> None:
-        waiting = self.stats.buffered
-        if error is None:
-            if self._backoff.failures:
-                self._backoff.succeeded()
-                self._backoff_gauge.set(0.0)
-                self._failure_log.succeeded(f"{waiting} row(s) still waiting")
-            return
-        delay = self._backoff.failed()
-        self._backoff_gauge.set(delay)
-        self._failure_log.failed(
-            error, f"{waiting} row(s) kept for the next attempt, in {delay:.1f} s"
-        )
