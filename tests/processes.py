@@ -6,9 +6,13 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 from django.db import connection
@@ -102,3 +106,84 @@ def start_app_server(
         log=log,
     )
     return process, f"http://127.0.0.1:{port}"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return False
+
+
+@dataclass(frozen=True)
+class Platform:
+    """A running edge, worker and beat: the edge's base URL and where their logs go."""
+
+    url: str
+    logs: Path
+
+    def log_tail(self, name: str, chars: int = 3000) -> str:
+        """The end of one process's log ("edge", "worker" or "beat")."""
+        return (self.logs / f"{name}.log").read_text(errors="replace")[-chars:]
+
+
+@contextmanager
+def running_platform(logs: Path, env: Mapping[str, str]) -> Iterator[Platform]:
+    """The edge (uvicorn, as in production), a Celery worker and Celery beat as children on
+    the test database and broker, with ``env`` added; stopped when the block ends."""
+    port = free_port()
+    processes = [
+        start_process(
+            [
+                *("-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1"),
+                *("--port", str(port), "--no-access-log", "--log-level", "warning"),
+            ],
+            env=env,
+            log=logs / "edge.log",
+        ),
+        start_process(
+            [
+                *("-m", "celery", "-A", "config", "worker", "--pool=solo", "-l", "warning"),
+                *("--without-heartbeat", "--without-gossip", "--without-mingle"),
+            ],
+            env=env,
+            log=logs / "worker.log",
+        ),
+        start_process(
+            [
+                *("-m", "celery", "-A", "config", "beat", "-l", "warning"),
+                *("-s", str(logs / "beat-schedule")),
+            ],
+            env=env,
+            log=logs / "beat.log",
+        ),
+    ]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        # Generous: on a loaded two-core machine the edge's imports alone can take 20 s.
+        wait_for_http(url + "/proxy/", timeout=90.0)
+        yield Platform(url=url, logs=logs)
+    finally:
+        for process in reversed(processes):
+            stop_process(process)
+
+
+class TrafficSource(Protocol):
+    stop: threading.Event
+
+    def run(self) -> None: ...
+
+
+@contextmanager
+def sending(traffic: TrafficSource) -> Iterator[None]:
+    """Run ``traffic.run()`` in a thread for the block; then set ``traffic.stop`` and join."""
+    sender = threading.Thread(target=traffic.run, daemon=True)
+    sender.start()
+    try:
+        yield
+    finally:
+        traffic.stop.set()
+        sender.join(15)

@@ -34,7 +34,14 @@ from analysis import selectors
 from analysis.models import ResultSnapshot
 from experiments import services
 from experiments.models import AuditEntry, Experiment
-from tests.processes import free_port, start_process, stop_process, wait_for_http
+from tests.processes import (
+    free_port,
+    running_platform,
+    sending,
+    start_process,
+    stop_process,
+    wait_for_http,
+)
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -156,52 +163,18 @@ def test_an_aa_ramp_slowing_down_together_is_not_rolled_back(
         ramp_steps=[services.RampStepInput(s, d, e) for s, d, e in STEPS],
     )
     key = make_key("decide")
-    port = free_port()
-    edge = start_process(
-        [
-            *("-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1"),
-            *("--port", str(port), "--no-access-log", "--log-level", "warning"),
-        ],
-        env=CHILD_ENV,
-        log=tmp_path / "edge.log",
-    )
-    worker = start_process(
-        [
-            *("-m", "celery", "-A", "config", "worker", "--pool=solo", "-l", "warning"),
-            *("--without-heartbeat", "--without-gossip", "--without-mingle"),
-        ],
-        env=CHILD_ENV,
-        log=tmp_path / "worker.log",
-    )
-    beat = start_process(
-        [
-            *("-m", "celery", "-A", "config", "beat", "-l", "warning"),
-            *("-s", str(tmp_path / "beat-schedule")),
-        ],
-        env=CHILD_ENV,
-        log=tmp_path / "beat.log",
-    )
-    url = f"http://127.0.0.1:{port}"
-    traffic = SlowingTraffic(url, key)
-    sender = threading.Thread(target=traffic.run, daemon=True)
     statuses: set[str] = set()
-    try:
-        wait_for_http(url + "/proxy/")
+    with running_platform(tmp_path, CHILD_ENV) as platform:
         services.experiment_start(actor="test", key="drift")
-        sender.start()
-        deadline = time.monotonic() + RUN_S
-        while time.monotonic() < deadline and statuses <= {"running"}:
+        traffic = SlowingTraffic(platform.url, key)
+        with sending(traffic):
+            deadline = time.monotonic() + RUN_S
+            while time.monotonic() < deadline and statuses <= {"running"}:
+                statuses.add(_status())
+                time.sleep(0.2)
+            # One more analysis interval on the slowest data, then stop.
+            time.sleep(1.5)
             statuses.add(_status())
-            time.sleep(0.2)
-        # One more analysis interval on the slowest data, then stop.
-        time.sleep(1.5)
-        statuses.add(_status())
-    finally:
-        traffic.stop.set()
-        if sender.is_alive():  # not started when the edge never came up
-            sender.join(15)
-        for process in (beat, worker, edge):
-            stop_process(process)
 
     experiment = Experiment.objects.get(key="drift")
     history = selectors.result_history(experiment_id=experiment.pk)

@@ -26,7 +26,15 @@ import pytest
 from analysis.models import AlertOutbox
 from experiments import services
 from experiments.models import AuditEntry, Experiment
-from tests.processes import free_port, start_process, stop_process, wait_for_http
+from tests.processes import (
+    free_port,
+    running_platform,
+    sending,
+    start_process,
+    stop_process,
+    wait_for_http,
+    wait_until,
+)
 from tests.slack_sink import SlackSink
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -115,22 +123,6 @@ def models(tmp_path: Path) -> Iterator[dict[str, str]]:
             stop_process(process)
 
 
-@pytest.fixture
-def slack() -> Iterator[SlackSink]:
-    sink = SlackSink().start()
-    yield sink
-    sink.stop()
-
-
-def _wait(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_a_canary_failing_every_request_is_rolled_back_within_two_intervals(
     metrics: Any,
     make_key: Callable[..., str],
@@ -157,60 +149,25 @@ def test_a_canary_failing_every_request_is_rolled_back_within_two_intervals(
         slack_webhook_url=slack.url("/dead"),
     )
     key = make_key("decide")
-    port = free_port()
-    edge = start_process(
-        [
-            *("-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1"),
-            *("--port", str(port), "--no-access-log", "--log-level", "warning"),
-        ],
-        env=CHILD_ENV,
-        log=tmp_path / "edge.log",
-    )
-    worker = start_process(
-        [
-            *("-m", "celery", "-A", "config", "worker", "--pool=solo", "-l", "warning"),
-            *("--without-heartbeat", "--without-gossip", "--without-mingle"),
-        ],
-        env=CHILD_ENV,
-        log=tmp_path / "worker.log",
-    )
-    beat = start_process(
-        [
-            *("-m", "celery", "-A", "config", "beat", "-l", "warning"),
-            *("-s", str(tmp_path / "beat-schedule")),
-        ],
-        env=CHILD_ENV,
-        log=tmp_path / "beat.log",
-    )
-    url = f"http://127.0.0.1:{port}"
-    traffic = Traffic(url, key)
-    sender = threading.Thread(target=traffic.run, daemon=True)
-    try:
-        wait_for_http(url + "/proxy/")
+    with running_platform(tmp_path, CHILD_ENV) as platform:
         services.experiment_start(actor="test", key="dead")
-        sender.start()
-        rolled_back = _wait(
-            lambda: Experiment.objects.filter(key="dead", status="rolled_back").exists(),
-            DEADLINE_S,
-        )
-        if not rolled_back:
-            pytest.fail(
-                "the dead canary was not rolled back: "
-                + (tmp_path / "worker.log").read_text()[-3000:]
+        traffic = Traffic(platform.url, key)
+        with sending(traffic):
+            rolled_back = wait_until(
+                lambda: Experiment.objects.filter(key="dead", status="rolled_back").exists(),
+                DEADLINE_S,
             )
-        # Time for a duplicate alert to show up, if there were one.
-        delivered = _wait(
-            lambda: AlertOutbox.objects.filter(experiment__key="dead", status="delivered").exists(),
-            30,
-        )
-        assert delivered, list(AlertOutbox.objects.values("status", "attempts", "last_error"))
-        time.sleep(2 * INTERVAL_S)
-    finally:
-        traffic.stop.set()
-        if sender.is_alive():  # not started when the edge never came up
-            sender.join(15)
-        for process in (beat, worker, edge):
-            stop_process(process)
+            if not rolled_back:
+                pytest.fail("the dead canary was not rolled back: " + platform.log_tail("worker"))
+            # Time for a duplicate alert to show up, if there were one.
+            delivered = wait_until(
+                lambda: AlertOutbox.objects.filter(
+                    experiment__key="dead", status="delivered"
+                ).exists(),
+                30,
+            )
+            assert delivered, list(AlertOutbox.objects.values("status", "attempts", "last_error"))
+            time.sleep(2 * INTERVAL_S)
 
     audit = AuditEntry.objects.get(experiment__key="dead", action="rollback")
     assert audit.after["evidence"]["metric"] == "error-rate", audit.after["evidence"]
@@ -226,7 +183,7 @@ def test_a_canary_failing_every_request_is_rolled_back_within_two_intervals(
     )
     assert elapsed <= 2 * INTERVAL_S, (
         f"rolled back {elapsed:.2f} s after the first canary request",
-        (tmp_path / "worker.log").read_text()[-3000:],
+        platform.log_tail("worker"),
     )
     messages = slack.messages("/dead")
     assert len({m.headers["x-rampart-delivery"] for m in messages}) == 1

@@ -31,7 +31,15 @@ from analysis import selectors
 from analysis.models import AlertOutbox
 from experiments import services
 from experiments.models import AuditEntry, Experiment
-from tests.processes import free_port, start_process, stop_process, wait_for_http
+from tests.processes import (
+    free_port,
+    running_platform,
+    sending,
+    start_process,
+    stop_process,
+    wait_for_http,
+    wait_until,
+)
 from tests.slack_sink import SlackSink
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -111,15 +119,6 @@ class Traffic:
             await asyncio.gather(*(loop(i) for i in range(CONCURRENCY)))
 
 
-def _wait(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def _latest(key: str) -> str:
     """The last analysis result as JSON, to explain a failure."""
     snapshot = selectors.latest_result(experiment_id=Experiment.objects.get(key=key).pk)
@@ -178,13 +177,6 @@ def models(tmp_path: Path) -> Iterator[dict[str, Model]]:
             stop_process(process)
 
 
-@pytest.fixture
-def slack() -> Iterator[SlackSink]:
-    sink = SlackSink().start()
-    yield sink
-    sink.stop()
-
-
 def _canary(
     key: str, canary_url: str, control_url: str, slack_url: str, steps: list[tuple[float, int, int]]
 ) -> None:
@@ -223,60 +215,25 @@ def test_bad_canary_rolls_back_and_good_canary_completes(
         [(0.2, 2, 20), (0.5, 2, 20), (1.0, 2, 20)],
     )
     key = make_key("decide")
-    port = free_port()
-    edge = start_process(
-        [
-            *("-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1"),
-            *("--port", str(port), "--no-access-log", "--log-level", "warning"),
-        ],
-        env=CHILD_ENV,
-        log=tmp_path / "edge.log",
-    )
-    worker = start_process(
-        [
-            *("-m", "celery", "-A", "config", "worker", "--pool=solo", "-l", "warning"),
-            *("--without-heartbeat", "--without-gossip", "--without-mingle"),
-        ],
-        env=CHILD_ENV,
-        log=tmp_path / "worker.log",
-    )
-    beat = start_process(
-        [
-            *("-m", "celery", "-A", "config", "beat", "-l", "warning"),
-            *("-s", str(tmp_path / "beat-schedule")),
-        ],
-        env=CHILD_ENV,
-        log=tmp_path / "beat.log",
-    )
-    url = f"http://127.0.0.1:{port}"
-    traffic = Traffic(url=url, key=key, experiments=("slow", "steady"))
-    sender = threading.Thread(target=traffic.run, daemon=True)
-    try:
-        wait_for_http(url + "/proxy/")
+    with running_platform(tmp_path, CHILD_ENV) as platform:
         for key_ in ("slow", "steady"):
             services.experiment_start(actor="test", key=key_)
+        traffic = Traffic(url=platform.url, key=key, experiments=("slow", "steady"))
         started = time.monotonic()
-        sender.start()
-
-        if not _wait(lambda: _status("slow") == "rolled_back", ROLLBACK_DEADLINE_S):
-            print("last analysis of slow:", _latest("slow"))
-            print((tmp_path / "worker.log").read_text()[-3000:])
-            pytest.fail("the slow canary was not rolled back in time")
-        rolled_back_at = time.monotonic()
-        assert _wait(lambda: _status("steady") == "completed", COMPLETE_DEADLINE_S), (
-            "steady canary did not complete",
-            (tmp_path / "worker.log").read_text()[-3000:],
-        )
-        # Give the edges a few snapshot refreshes, and any duplicate alert time to arrive.
-        time.sleep(3.0)
-        after = time.monotonic()
-        time.sleep(1.0)
-    finally:
-        traffic.stop.set()
-        if sender.is_alive():  # not started when the edge never came up
-            sender.join(15)
-        for process in (beat, worker, edge):
-            stop_process(process)
+        with sending(traffic):
+            if not wait_until(lambda: _status("slow") == "rolled_back", ROLLBACK_DEADLINE_S):
+                print("last analysis of slow:", _latest("slow"))
+                print(platform.log_tail("worker"))
+                pytest.fail("the slow canary was not rolled back in time")
+            rolled_back_at = time.monotonic()
+            assert wait_until(lambda: _status("steady") == "completed", COMPLETE_DEADLINE_S), (
+                "steady canary did not complete",
+                platform.log_tail("worker"),
+            )
+            # Give the edges a few snapshot refreshes, and any duplicate alert time to arrive.
+            time.sleep(3.0)
+            after = time.monotonic()
+            time.sleep(1.0)
 
     slow = traffic.served["slow"]
     canary_served = [s.at for s in slow if s.variant == "v2"]
