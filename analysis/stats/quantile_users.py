@@ -228,6 +228,8 @@ class UserQuantileBets:
     control's reweighted to the canary's time profile, minus one); ``threshold_ms`` the upper
     edge of the latest control threshold bucket. ``bounds`` holds, per extra harm bet of
     `bound_levels`, the harm ``h`` it bounds and its log e-value (windows averaged).
+    ``outcome`` names what a user's share is taken of (its requests' latencies, or its
+    generative answers' TTFTs: the same test on another histogram).
     """
 
     bets: UserRateBets
@@ -236,6 +238,7 @@ class UserQuantileBets:
     threshold_ms: float = math.nan
     relative_effect: float = math.nan
     bounds: tuple[tuple[float, float], ...] = ()
+    outcome: str = "requests"
 
 
 def quantile_user_evidence(
@@ -252,7 +255,7 @@ def quantile_user_evidence(
         else f"control's recent p{bets.quantile * 100:g} (latest {bets.threshold_ms:.1f} ms)"
     )
     method = (
-        f"{METHOD}; user outcome = share of its requests within {windows} slower than "
+        f"{METHOD}; user outcome = share of its {bets.outcome} within {windows} slower than "
         f"{threshold}, x (1 + margin) for the canary"
     )
     effect = bets.relative_effect
