@@ -47,6 +47,7 @@ def add_llm_bucket(
                 input_tokens=10,
                 output_tokens=output_tokens,
                 cost=(10 * prices[0] + output_tokens * prices[1]) / 1e6,
+                streamed=True,
             )
         )
     bucket = add_bucket(experiment_id, variant, durations, at=at)
