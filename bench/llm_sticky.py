@@ -24,8 +24,9 @@ Guardrails on the same data, margin 0, alpha 5%:
 
 Reported: A/A false rollbacks with Wilson 95% intervals (target: the shipped guardrails' upper
 bound at most alpha), then detection of a slow and expensive candidate (TTFT x 1.5, cost x 2
-at every answer) at margins 0.2 (TTFT) and 0.5 (cost): the share of runs rolled back and the
-median number of canary users and answers (and seconds) when each guardrail fired.
+at every answer) at margins 0.2 (TTFT) and 0.5 (cost), during the ramp, at a fixed 10% step
+and at a 50% split: the share of runs rolled back and the median number of canary users and
+answers (and seconds) when each guardrail fired.
 
 Run from the repository root: `.venv/bin/python -m bench.llm_sticky` (`--runs 500`; a few
 minutes).
@@ -216,7 +217,11 @@ def main() -> None:
             f"[{low:.1%}, {high:.1%}]"
         )
     print(f"  ({time.perf_counter() - start:.0f} s)")
-    for label, ramp in (("ramp 1 -> 50%", RAMP), ("fixed 10% canary", (0.10,) * len(RAMP))):
+    for label, ramp in (
+        ("ramp 1 -> 50%", RAMP),
+        ("fixed 10% canary", (0.10,) * len(RAMP)),
+        ("50% split", (0.50,) * len(RAMP)),
+    ):
         start = time.perf_counter()
         found = detection(args.detection_runs, seed=SEED + 1, ramp=ramp)
         for key, name in (("ttft", "p95 TTFT (margin 20%)"), ("cost", "cost/request (50%)")):
