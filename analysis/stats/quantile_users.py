@@ -6,6 +6,8 @@ Why (STATS.md 12.1, Rampart issue 12 item 1)
     (`analysis.stats.quantile_exceedance`) then over-counts evidence: in seeded A/A ramps with
     sticky users whose latency factor is exp(N(0, 0.5^2)) it rolled back 16-29% of the runs at
     alpha = 5% (README, `bench/quantile_power.py`). This module takes the user as the unit.
+    The same test serves any histogram the edge counts per user: the generative models' time
+    to first token too (`bench/llm_sticky.py`), with "request" read as "streamed answer".
 
 The test, for a lower-is-better p-quantile with relative margin m
     1. *Threshold, predictable.* For a user first seen at ``t``, ``k`` is the log-histogram

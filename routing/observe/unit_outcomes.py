@@ -37,6 +37,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from routing.observe.histogram import DEFAULT_RELATIVE_ACCURACY, MAX_VALUE_MS, MIN_VALUE_MS
 
@@ -406,7 +407,7 @@ def write_unit_rows(rows: Sequence[UnitRow], *, batch_rows: int = 1000) -> int:
 
 def upsert_unit_rows(
     model: type,
-    rows: Sequence[tuple[object, ...]],
+    rows: Sequence[tuple[Any, ...]],
     *,
     columns: Sequence[str] = _COLUMNS,
     counts: Sequence[str] = _COUNTS,
@@ -425,7 +426,7 @@ def upsert_unit_rows(
     table = connection.ops.quote_name(model._meta.db_table)  # type: ignore[attr-defined]
     sql = _upsert_sql(table, columns, counts, written_once)
 
-    def write(batch: Sequence[tuple[object, ...]]) -> None:
+    def write(batch: Sequence[tuple[Any, ...]]) -> None:
         with transaction.atomic(), connection.cursor() as cursor:
             for start in range(0, len(batch), batch_rows):
                 cursor.executemany(sql, list(batch[start : start + batch_rows]))
