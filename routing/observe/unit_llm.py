@@ -30,7 +30,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 
-from routing.observe.histogram import MAX_VALUE_MS, MIN_VALUE_MS, LogHistogram
+from routing.observe.histogram import DEFAULT_RELATIVE_ACCURACY, MAX_VALUE_MS, MIN_VALUE_MS
 from routing.observe.llm_stats import LLMRecord
 from routing.observe.unit_outcomes import UnitTally, encode_buckets, upsert_unit_rows
 
@@ -64,12 +64,18 @@ COLUMNS = (
 )
 _COUNTS = COLUMNS[6:16]
 _WRITTEN_ONCE = COLUMNS[16:]
-_REFERENCE = LogHistogram()
+# routing.observe.histogram's bucket rule (i = ceil(log(x) / log(gamma))) at its default accuracy.
+_INVERSE_LOG_GAMMA = 1.0 / math.log(
+    (1.0 + DEFAULT_RELATIVE_ACCURACY) / (1.0 - DEFAULT_RELATIVE_ACCURACY)
+)
+_log, _ceil = math.log, math.ceil
 
 
 def ttft_bucket(ttft_ms: float) -> int:
     """The ``routing.observe.histogram`` bucket of a TTFT (clamped to the recordable range)."""
-    return _REFERENCE.bucket_index(min(max(ttft_ms, MIN_VALUE_MS), MAX_VALUE_MS))
+    if not MIN_VALUE_MS <= ttft_ms <= MAX_VALUE_MS:
+        ttft_ms = min(max(ttft_ms, MIN_VALUE_MS), MAX_VALUE_MS)
+    return _ceil(_log(ttft_ms) * _INVERSE_LOG_GAMMA)
 
 
 class LLMUnitTally:
@@ -116,7 +122,11 @@ class LLMUnitTally:
             self.ttft_sum += ttft
             self.ttft_count += 1
             index = ttft_bucket(ttft)
-            for buckets in (self.buckets_slow, self.buckets_fast if fast else None):
+            buckets = self.buckets_slow
+            if buckets is not None:
+                buckets[index] = buckets.get(index, 0) + 1
+            if fast:
+                buckets = self.buckets_fast
                 if buckets is not None:
                     buckets[index] = buckets.get(index, 0) + 1
         output = record.output_tokens
