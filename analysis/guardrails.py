@@ -18,7 +18,10 @@ Statistics used
       The error rate is tested with the user as the unit by an exact betting e-process
       (`analysis.stats.rate_guardrail`, fed by `analysis.rate_guardrails`), the mean latency
       on per-user latency sums standardised over ramp steps (`analysis.stats.latency_mean`,
-      fed by `analysis.latency_means`; its result rows and reports too).
+      fed by `analysis.latency_means`; its result rows and reports too). The generative
+      models' TTFT quantiles are bet on users like latency quantiles, and their means (TTFT,
+      tokens, tokens per second, cost) compared on per-user sums like mean latency
+      (`analysis.llm_means`).
       It is not run on data with a sample ratio mismatch.
     * Other metrics: relative lift with GrowthBook's asymptotic confidence sequence
       (Waudby-Smith et al. 2023, eq. (9) and (155)) for the always-valid interval and
@@ -41,6 +44,7 @@ from analysis.cohorts import annotate_rows
 from analysis.evidence import GUARDRAIL, ArmState, finite, guardrail_row, latency, metric_row
 from analysis.health import Health, HealthSettings, arms, check_health
 from analysis.latency_windows import WindowedLogHistogram
+from analysis.llm_means import is_llm_mean, llm_comparison
 from analysis.llm_metrics import LLM_SOURCES, llm_metric_stats, llm_summary
 from analysis.reporting import withhold_small_samples
 from analysis.stats.guardrails import (
@@ -123,14 +127,19 @@ def metric_stats(
     aggregates: Aggregates,
     arm: str,
     user_latency: Standardized | None = None,
+    user_llm: Mapping[str, Standardized] | None = None,
 ) -> object | None:
     """The statistic of one metric for one arm, of the kind `analysis.stats` expects.
 
     The mean latency is the arm's standardised per-user latency sums (`user_latency`), never
-    the requests pooled over the run.
+    the requests pooled over the run; so are the generative models' means (`user_llm`, by
+    source).
     """
     if is_latency_mean(metric):
         return user_latency.stats.get(arm) if user_latency is not None else None
+    if is_llm_mean(metric):
+        combined = (user_llm or {}).get(metric.source)
+        return combined.stats.get(arm) if combined is not None else None
     if metric.source in LLM_SOURCES and metric.kind != "ratio":
         return llm_metric_stats(metric, aggregates.llm.get(arm))
     if metric.source in (BUILTIN_LATENCY, BUILTIN_ERROR) and metric.kind != "ratio":
@@ -196,6 +205,7 @@ def analyse(
     health_settings: HealthSettings | None = None,
     rate_bets: Mapping[tuple[str, str], UserRateBets | UserQuantileBets] | None = None,
     user_latency: Standardized | None = None,
+    user_llm: Mapping[str, Standardized] | None = None,
 ) -> ExperimentAnalysis:
     """Evaluate health, guardrails and metrics of one experiment at one look.
 
@@ -205,14 +215,15 @@ def analyse(
     user as the unit, instead of on the per-request counts and histograms. `user_latency`
     holds the arms' per-user latency sums standardised over ramp steps
     (`analysis.latency_means`), on which mean-latency metrics are compared; without it they
-    wait for data.
+    wait for data. `user_llm` does the same for the generative models' means, by source
+    (`analysis.llm_means`).
     """
     rate_bets = rate_bets or {}
     health_settings = health_settings or HealthSettings()
     control, treatments = arms(experiment)
 
     def stats_of(metric: MetricView, arm: str) -> object | None:
-        return metric_stats(metric, aggregates, arm, user_latency)
+        return metric_stats(metric, aggregates, arm, user_latency, user_llm)
 
     def guardrail_stats(metric: MetricView, arm: str) -> object | None:
         """What the guardrail test of one arm takes: users' bets or latency comparisons
@@ -221,6 +232,8 @@ def analyse(
             return rate_bets[(metric.key, arm)]
         if is_latency_mean(metric) and user_latency is not None and arm != control:
             return comparison(user_latency, control=control, arm=arm)
+        if is_llm_mean(metric) and user_llm and metric.source in user_llm and arm != control:
+            return llm_comparison(user_llm[metric.source], metric, control=control, arm=arm)
         return stats_of(metric, arm)
 
     alpha = float(experiment.alpha)
@@ -297,6 +310,12 @@ def analyse(
             (use.metric.key, user_latency)
             for use in experiment.metrics
             if is_latency_mean(use.metric)
+        )
+    if user_llm:
+        constructions.update(
+            (use.metric.key, user_llm[use.metric.source])
+            for use in experiment.metrics
+            if is_llm_mean(use.metric) and use.metric.source in user_llm
         )
     annotate_rows(rows, constructions)
     ready, ramp_note = ramp_ready(experiment, aggregates, now=now)

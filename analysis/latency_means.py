@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from django.db.models import Model
+
 from analysis.aggregation import BUILTIN_LATENCY
 from analysis.rate_guardrails import settle_s, windows_s
 from analysis.sql import fetch, table
@@ -47,10 +49,31 @@ def horizon(now: float) -> float:
 def user_latency_strata(
     *, experiment_id: int, now: float, periods: Sequence[StepPeriod]
 ) -> dict[str, dict[int, RatioStats]]:
-    """Per variant and stratum, the ratio statistics of latency sum over latency count.
+    """Per variant and stratum, the ratio statistics of latency sum over latency count."""
+    return user_ratio_strata(
+        experiment_id=experiment_id,
+        now=now,
+        periods=periods,
+        model=UnitOutcome,
+        sum_column="latency_sum",
+        count_column="latency_count",
+    )
+
+
+def user_ratio_strata(
+    *,
+    experiment_id: int,
+    now: float,
+    periods: Sequence[StepPeriod],
+    model: type[Model],
+    sum_column: str,
+    count_column: str,
+) -> dict[str, dict[int, RatioStats]]:
+    """Per variant and stratum, the ratio statistics of the users' ``sum_column`` over their
+    ``count_column`` in ``model``'s per-user rows (users with a zero count left out).
 
     Strata are numbered in (period, control share) order, the same numbering for every
-    variant.
+    variant. The column names are the caller's constants, never input.
     """
     starts = [period.start.timestamp() for period in periods[1:]]
     if starts:
@@ -58,13 +81,13 @@ def user_latency_strata(
         period_sql = f"CASE {cases} ELSE {len(starts)} END"
     else:
         period_sql = "0"
+    num, den = sum_column, count_column
     sql = f"""
         SELECT variant_key, control_share, {period_sql} AS period, COUNT(*),
-               SUM(latency_sum), SUM(latency_sum * latency_sum),
-               SUM(latency_count), SUM(latency_count * latency_count),
-               SUM(latency_sum * latency_count)
-        FROM {table(UnitOutcome)}
-        WHERE experiment_id = %s AND first_seen < %s AND latency_count > 0
+               SUM({num}), SUM({num} * {num}), SUM({den}), SUM({den} * {den}),
+               SUM({num} * {den})
+        FROM {table(model)}
+        WHERE experiment_id = %s AND first_seen < %s AND {den} > 0
         GROUP BY 1, 2, 3
     """
     params = [*starts, experiment_id, horizon(now)]

@@ -3,15 +3,15 @@
 The proxy stores what it measured of generative answers in ``ObservationBucket.llm``
 (``routing.observe.llm_stats.LLMCell`` as JSON: TTFB, TTFT, chunks, tokens, per-request
 rates, cost). This module merges them per variant and turns them into the statistics the
-guardrails and reports already take, mirroring the latency metrics:
+reports take, mirroring the latency metrics:
 
 * ``ttft_ms`` as a quantile: the merged TTFT histogram with its closed per-bucket parts
-  (``analysis.latency_windows.WindowedLogHistogram``), so the p95 TTFT guardrail is the same
-  contemporaneous exceedance e-process as the p95 latency guardrail; as a mean, the
-  histogram's count, sum and sum of squares, like mean latency;
-* ``output_tokens``, ``output_tokens_per_s`` and ``cost`` as per-request means
-  (``MeanStats`` from n, sum and sum of squares), tested like mean latency (requests pooled,
-  not per user: the proxy keeps no per-user sums of these).
+  (``analysis.latency_windows.WindowedLogHistogram``) for the rows of quantile metrics; the
+  closed parts are also control's history behind the p95 TTFT guardrail, which bets on users
+  (``analysis.quantile_guardrails``, the per-user TTFT buckets of ``UnitLLMOutcome``);
+* the means (TTFT, ``output_tokens``, ``output_tokens_per_s``, ``cost``) are not read here:
+  they are compared on per-user sums (``analysis.llm_means``), like mean latency. The cells'
+  pooled figures below are what the page shows per version.
 
 Rows are read only for experiments that use one of these metrics or give a variant token
 prices: one row per (variant, bucket, flush) that saw such answers, as for quantile metrics.
@@ -27,16 +27,7 @@ from typing import Any
 from django.utils import timezone
 
 from analysis.latency_windows import WindowedLogHistogram, closed_before
-from analysis.stats.moments import MeanStats
-from experiments.contracts import (
-    BUILTIN_COST,
-    BUILTIN_OUTPUT_TOKENS,
-    BUILTIN_TOKENS_PER_S,
-    BUILTIN_TTFT,
-    LLM_SOURCES,
-    ExperimentView,
-    MetricView,
-)
+from experiments.contracts import BUILTIN_TTFT, LLM_SOURCES, ExperimentView, MetricView
 from routing.models import ObservationBucket
 from routing.observe.histogram import LogHistogram
 from routing.observe.llm_stats import LLMCell
@@ -87,30 +78,13 @@ def llm_aggregates(
     return totals
 
 
-def _mean(n: int, total: float, squares: float) -> MeanStats | None:
-    return MeanStats(n=n, sum=total, sum_squares=squares) if n else None
-
-
 def llm_metric_stats(metric: MetricView, totals: LLMTotals | None) -> object | None:
-    """The statistic of an LLM metric for one arm, of the kind ``analysis.stats`` expects."""
-    if totals is None:
+    """The TTFT histogram of one arm for a TTFT quantile metric (None for anything else:
+    the means are per-user sums, ``analysis.llm_means``)."""
+    if totals is None or metric.source != BUILTIN_TTFT or metric.kind != "quantile":
         return None
-    cell = totals.cell
-    source = metric.source
-    if source == BUILTIN_TTFT:
-        ttft = cell.ttft
-        if not ttft.count:
-            return None
-        if metric.kind == "quantile":
-            return WindowedLogHistogram(ttft, totals.ttft_windows)
-        return _mean(int(ttft.count), ttft.sum, ttft.sum_of_squares)
-    if source == BUILTIN_OUTPUT_TOKENS:
-        return _mean(cell.token_requests, cell.output_tokens, cell.output_sq)
-    if source == BUILTIN_TOKENS_PER_S:
-        return _mean(cell.rate_n, cell.rate_sum, cell.rate_sq)
-    if source == BUILTIN_COST:
-        return _mean(cell.cost_n, cell.cost_sum, cell.cost_sq)
-    return None
+    ttft = totals.cell.ttft
+    return WindowedLogHistogram(ttft, totals.ttft_windows) if ttft.count else None
 
 
 def llm_summary(totals: Mapping[str, LLMTotals]) -> dict[str, dict[str, Any]]:

@@ -1,13 +1,15 @@
-"""Folding users into the quantile latency guardrails' betting e-processes, run by run.
+"""Folding users into the quantile guardrails' betting e-processes, run by run.
 
-Latency quantile guardrails (p95 / p99 of the proxy's latency, lower is better) take the user
-as the unit (`analysis.stats.quantile_users`): the edge writes, per user, its latencies per
-histogram bucket within RATE_WINDOW_FAST_S and RATE_WINDOW_SLOW_S of its first request
-(`routing.models.UnitOutcome.latency_buckets_fast` / `_slow`), and every analysis run bets on
-the users whose window has closed since the last run, in the order of their first requests,
-for each (quantile guardrail, treatment arm, window). A user's threshold is control's
-p-quantile over control's closed 10-second buckets that ended before the user's first
-request (`Aggregates.latency_windows`). The states live in `analysis.models.RateBetState`
+Quantile guardrails on the proxy's histograms (p95 / p99 of latency or of TTFT, lower is
+better) take the user as the unit (`analysis.stats.quantile_users`): the edge writes, per
+user, its values per histogram bucket within RATE_WINDOW_FAST_S and RATE_WINDOW_SLOW_S of its
+first request (`UserHistograms`: latency in `routing.models.UnitOutcome.latency_buckets_fast`
+/ `_slow`, TTFT in `routing.models.UnitLLMOutcome.ttft_buckets_fast` / `_slow`), and every
+analysis run bets on the users whose window has closed since the last run, in the order of
+their first requests, for each (quantile guardrail, treatment arm, window). A user's threshold
+is control's p-quantile over control's closed 10-second buckets of the same histogram that
+ended before the user's first request (`Aggregates.latency_windows`, or the TTFT windows of
+`Aggregates.llm`). The states live in `analysis.models.RateBetState`
 (keyed by the metric), and the cursor, settle time and ordering rules are those of
 `analysis.rate_guardrails`: each user is bet on once, when its window has closed, and which
 users are bet on never depends on their outcomes.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 import numpy as np
@@ -39,12 +41,33 @@ from analysis.stats.quantile_users import (
     thresholds,
 )
 from analysis.stats.rate_guardrail import UserRateBets
-from experiments.contracts import ExperimentMetricView, ExperimentView
-from routing.models import UnitOutcome
+from experiments.contracts import BUILTIN_TTFT, ExperimentMetricView, ExperimentView
+from routing.models import UnitLLMOutcome, UnitOutcome
 from routing.observe.histogram import LogHistogram
 from routing.observe.unit_outcomes import decode_buckets
 
-_COLUMNS = (("requests_fast", "latency_buckets_fast"), ("requests_slow", "latency_buckets_slow"))
+
+@dataclass(frozen=True, slots=True)
+class UserHistograms:
+    """Where the users' bucket counts of one histogram are: the table, and per window (fast,
+    slow) the column that says the user had requests in it and the bucket-count column."""
+
+    model: type[UnitOutcome] | type[UnitLLMOutcome]
+    columns: tuple[tuple[str, str], tuple[str, str]]
+    outcome: str
+
+
+LATENCY = UserHistograms(
+    UnitOutcome,
+    (("requests_fast", "latency_buckets_fast"), ("requests_slow", "latency_buckets_slow")),
+    "requests",
+)
+TTFT = UserHistograms(
+    UnitLLMOutcome,
+    (("answers_fast", "ttft_buckets_fast"), ("answers_slow", "ttft_buckets_slow")),
+    "generative answers' TTFTs",
+)
+SOURCES = {BUILTIN_LATENCY: LATENCY, BUILTIN_TTFT: TTFT}
 _REFERENCE = LogHistogram()
 _LOG_RATIO = float(np.log(_REFERENCE.upper_edge(1) / _REFERENCE.upper_edge(0)))
 
@@ -52,11 +75,11 @@ Windows = Mapping[str, Mapping[datetime, LogHistogram]]
 
 
 def is_user_quantile_guardrail(use: ExperimentMetricView) -> bool:
-    """Latency quantile guardrails (lower is better), tested with users as the unit."""
+    """Latency and TTFT quantile guardrails (lower is better), tested with users as the unit."""
     metric = use.metric
     return (
         use.role == "guardrail"
-        and metric.source == BUILTIN_LATENCY
+        and metric.source in SOURCES
         and metric.kind == "quantile"
         and metric.lower_is_better
         and metric.quantile is not None
@@ -87,6 +110,7 @@ def _fold_window(
     *,
     control: str,
     arm: str,
+    model: type[UnitOutcome] | type[UnitLLMOutcome],
     columns: tuple[str, str],
     horizon: float,
     history: ControlHistory,
@@ -112,7 +136,7 @@ def _fold_window(
     last_threshold = float("nan")
     while cursor < horizon:
         rows = list(
-            UnitOutcome.objects.filter(
+            model.objects.filter(  # type: ignore[attr-defined]
                 experiment_id=state.experiment_id,
                 variant_key__in=(control, arm),
                 first_seen__gte=cursor,
@@ -183,8 +207,9 @@ def quantile_bets_update(
     treatments: Sequence[str],
     latency_windows: Windows,
     now: float | None = None,
+    ttft_windows: Windows | None = None,
 ) -> dict[tuple[str, str], UserQuantileBets]:
-    """Fold the users whose windows closed into every latency quantile guardrail.
+    """Fold the users whose windows closed into every latency and TTFT quantile guardrail.
 
     Runs inside the analysis run's transaction (under its lock). Returns, per (metric key,
     treatment arm), the states to evaluate.
@@ -194,9 +219,15 @@ def quantile_bets_update(
         return {}
     now = timezone.now().timestamp() if now is None else now
     windows = windows_s()
-    history = control_history(latency_windows, control)
+    by_source = {BUILTIN_LATENCY: latency_windows, BUILTIN_TTFT: ttft_windows or {}}
+    histories = {
+        source: control_history(by_source[source], control)
+        for source in {use.metric.source for use in uses}
+    }
     result: dict[tuple[str, str], UserQuantileBets] = {}
     for use in uses:
+        source = SOURCES[use.metric.source]
+        history = histories[use.metric.source]
         margin = float(use.margin)
         p = float(use.metric.quantile)  # type: ignore[arg-type]
         shifts = (
@@ -209,7 +240,7 @@ def quantile_bets_update(
             bets = []
             bound_log_e: dict[str, list[float]] = {level: [] for level in bound_shifts}
             threshold_ms = float("nan")
-            for window, columns in zip(windows, _COLUMNS, strict=True):
+            for window, columns in zip(windows, source.columns, strict=True):
                 state, _ = RateBetState.objects.get_or_create(
                     experiment_id=view.id,
                     metric_key=use.metric.key,
@@ -223,6 +254,7 @@ def quantile_bets_update(
                     state,
                     control=control,
                     arm=arm,
+                    model=source.model,
                     columns=columns,
                     horizon=now - window - settle_s(),
                     history=history,
@@ -242,7 +274,8 @@ def quantile_bets_update(
                 quantile=p,
                 shift=shifts[0],
                 threshold_ms=threshold_ms,
-                relative_effect=_effect(latency_windows, control, arm, p),
+                relative_effect=_effect(by_source[use.metric.source], control, arm, p),
+                outcome=source.outcome,
                 bounds=tuple(
                     (levels[level][1], float(logsumexp(values)) - math.log(len(values)))
                     for level, values in bound_log_e.items()

@@ -33,6 +33,7 @@ from analysis.guardrails import ExperimentAnalysis, analyse
 from analysis.health import HealthSettings, arms
 from analysis.label_health import label_health_json
 from analysis.latency_means import user_latency
+from analysis.llm_means import user_llm_means
 from analysis.models import AnalysisState, ResultSnapshot, SequentialState, WebhookEndpoint
 from analysis.quantile_guardrails import quantile_bets_update
 from analysis.rate_guardrails import rate_bets_update
@@ -284,6 +285,7 @@ def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> Ru
             treatments=treatments,
             latency_windows=aggregates.latency_windows,
             now=now.timestamp(),
+            ttft_windows={arm: totals.ttft_windows for arm, totals in aggregates.llm.items()},
         )
     )
     result = analyse(
@@ -295,6 +297,7 @@ def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> Ru
         health_settings=health_settings(),
         rate_bets=rate_bets,
         user_latency=user_latency(view, now=now.timestamp()),
+        user_llm=user_llm_means(view, now=now.timestamp()),
     )
     _save_states(view.id, old_states, result.states)
     state.srm_max_log_e_value = result.health.srm_max_log_e_value

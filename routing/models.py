@@ -178,3 +178,49 @@ class Label(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id}={self.value}"
+
+
+class UnitLLMOutcome(models.Model):
+    """One user's generative answers within the windows of its `UnitOutcome` (sibling table).
+
+    Written by the proxy (``routing.observe.unit_llm``) for users that got at least one answer
+    the proxy measured as generative (streamed or a completion path), so the TTFT, token and
+    cost guardrails take the user as the unit like latency. ``first_seen``, ``share`` and
+    ``control_share`` are those of the user's tally (its first request on the process that
+    served it); the windows are RATE_WINDOW_FAST_S and RATE_WINDOW_SLOW_S after ``first_seen``.
+    A sibling table rather than columns of `UnitOutcome`: plain users' rows and their upserts
+    stay as they were, and rows exist only for users of generative answers.
+    """
+
+    experiment = models.ForeignKey(
+        "experiments.Experiment", on_delete=models.CASCADE, related_name="+", db_index=False
+    )
+    unit_id = models.CharField(max_length=200)
+    variant_key = models.CharField(max_length=64)
+    first_seen = models.FloatField()
+    share = models.FloatField()
+    control_share = models.FloatField()
+    # Generative answers recorded in the fast and slow windows.
+    answers_fast = models.BigIntegerField(default=0)
+    answers_slow = models.BigIntegerField(default=0)
+    # Slow window sums and counts: TTFT (ms), output tokens, output tokens per second, cost.
+    ttft_sum = models.FloatField(default=0.0)
+    ttft_count = models.BigIntegerField(default=0)
+    output_tokens_sum = models.FloatField(default=0.0)
+    output_tokens_count = models.BigIntegerField(default=0)
+    rate_sum = models.FloatField(default=0.0)
+    rate_count = models.BigIntegerField(default=0)
+    cost_sum = models.FloatField(default=0.0)
+    cost_count = models.BigIntegerField(default=0)
+    # The window's TTFTs per routing.observe.histogram bucket, "index:count,...".
+    ttft_buckets_fast = models.TextField(default="", blank=True)
+    ttft_buckets_slow = models.TextField(default="", blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["experiment", "unit_id"], name="unit_llm_outcome_once")
+        ]
+        indexes = [models.Index(fields=["experiment", "first_seen"], name="unit_llm_outcome_seen")]
+
+    def __str__(self) -> str:
+        return f"{self.experiment_id}:{self.unit_id}@{self.first_seen:.3f} (llm)"

@@ -159,7 +159,9 @@ class Narrator:
             f"{low} to {high}",
         )
         counts = evidence.get("n") or {}
-        table.add_row("requests per arm", ", ".join(f"{k}: {v:,}" for k, v in counts.items()))
+        table.add_row(
+            "n per arm (the test's units)", ", ".join(f"{k}: {v:,}" for k, v in counts.items())
+        )
         latency = (self.observed.result or {}).get("latency") or {}
         for arm, row in sorted(latency.items()):
             table.add_row(

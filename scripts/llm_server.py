@@ -2,7 +2,9 @@
 
 It serves ``POST /v1/chat/completions`` and ``POST /v1/completions`` the way OpenAI's API does,
 as one JSON answer or, with ``"stream": true``, as server-sent events (``data: {chunk}``
-lines, then ``data: [DONE]``), and ``GET /v1/models``. Timing is configurable:
+lines, then ``data: [DONE]``), ``POST /v1/responses`` (the Responses API: a ``response``
+object, or typed events from ``response.created`` to ``response.completed`` with the usage;
+``scripts.llm_responses``), and ``GET /v1/models``. Timing is configurable:
 
 * time to first token (``ttft_ms``; with ``ttft_sigma`` > 0 it is drawn from
   LogNormal(ln(ttft_ms), ttft_sigma), so TTFT has a right tail);
@@ -36,6 +38,8 @@ from typing import Any
 
 import orjson
 import uvicorn
+
+from scripts.llm_responses import ResponsesAnswer, input_tokens
 
 Scope = dict[str, Any]
 
@@ -127,7 +131,8 @@ class LLMServer:
             self.completed += 1
             return
         chat = path.endswith("/chat/completions")
-        if scope["method"] != "POST" or not (chat or path.endswith("/completions")):
+        responses = path.endswith("/responses")
+        if scope["method"] != "POST" or not (chat or responses or path.endswith("/completions")):
             await _json(send, 404, _error(f"no route {scope['method']} {path}", "not_found"))
             return
         try:
@@ -146,12 +151,19 @@ class LLMServer:
             return
         ttft_s = self._ttft_s(headers)
         tokens_per_s = float(headers.get("x-llm-tokens-per-s", self.tokens_per_s))
-        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        limit = (
+            body.get("max_completion_tokens")
+            or body.get("max_tokens")
+            or body.get("max_output_tokens")
+        )
         count = int(headers.get("x-llm-output-tokens", self.output_tokens))
         if isinstance(limit, int) and 0 < limit < count:
             count = limit
-        prompt_tokens = _prompt_tokens(body, chat)
-        answer = Answer(self.name, chat, prompt_tokens, count)
+        answer: Answer | ResponsesAnswer
+        if responses:
+            answer = ResponsesAnswer(self.name, input_tokens(body), count, _token)
+        else:
+            answer = Answer(self.name, chat, _prompt_tokens(body, chat), count)
         if body.get("stream"):
             options = body.get("stream_options") or {}
             usage = isinstance(options, dict) and bool(options.get("include_usage"))
@@ -184,12 +196,13 @@ class LLMServer:
         include_usage: bool,
     ) -> bool:
         """Send the answer as SSE, one token per event; False if the client hung up."""
+        sse = b"text/event-stream; charset=utf-8"
         await send(
             {
                 "type": "http.response.start",
                 "status": 200,
                 "headers": [
-                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"content-type", sse),
                     (b"cache-control", b"no-cache"),
                     (b"x-model", self.name.encode()),
                 ],
@@ -197,8 +210,8 @@ class LLMServer:
         )
         gone = asyncio.ensure_future(_disconnected(receive))
         try:
-            if answer.chat:
-                await _event(send, answer.role_chunk())
+            for event in answer.opening():
+                await _send(send, event)
             started = time.perf_counter()
             for index in range(answer.output_tokens):
                 # Token i is due at TTFT + i / rate after the start: no drift from send times.
@@ -208,11 +221,10 @@ class LLMServer:
                     await asyncio.wait({gone}, timeout=wait)
                 if gone.done():
                     return False
-                await _event(send, answer.token_chunk(index))
-            await _event(send, answer.finish_chunk())
-            if include_usage:
-                await _event(send, answer.usage_chunk())
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+                await _send(send, answer.token_event(index))
+            for event in answer.closing(include_usage):
+                await _send(send, event)
+            await send({"type": "http.response.body", "body": b""})
             return True
         except OSError:  # uvicorn's ClientDisconnected: the client left between two checks
             return False
@@ -248,8 +260,7 @@ class Answer:
         self.created = int(time.time())
 
     def token(self, index: int) -> str:
-        word = _WORDS[index % len(_WORDS)]
-        return word if index == 0 else f" {word}"
+        return _token(index)
 
     def usage(self) -> dict[str, int]:
         return {
@@ -281,19 +292,26 @@ class Answer:
         choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
         return {**self._head("text_completion"), "choices": [choice]}
 
-    def role_chunk(self) -> dict[str, Any]:
-        return self._chunk({"role": "assistant", "content": ""}, None)
+    def opening(self) -> list[bytes]:
+        """The events before the first token: a chat answer's role chunk."""
+        return [_data(self._chunk({"role": "assistant", "content": ""}, None))] if self.chat else []
 
-    def token_chunk(self, index: int) -> dict[str, Any]:
+    def token_event(self, index: int) -> bytes:
         text = self.token(index)
-        return self._chunk({"content": text} if self.chat else text, None)
+        return _data(self._chunk({"content": text} if self.chat else text, None))
 
-    def finish_chunk(self) -> dict[str, Any]:
-        return self._chunk({} if self.chat else "", "stop")
+    def closing(self, include_usage: bool) -> list[bytes]:
+        """The finish chunk, the usage chunk if asked for, and ``[DONE]``."""
+        events = [_data(self._chunk({} if self.chat else "", "stop"))]
+        if include_usage:
+            head = self._head("chat.completion.chunk" if self.chat else "text_completion")
+            events.append(_data({**head, "choices": [], "usage": self.usage()}))
+        return [*events, b"data: [DONE]\n\n"]
 
-    def usage_chunk(self) -> dict[str, Any]:
-        head = self._head("chat.completion.chunk" if self.chat else "text_completion")
-        return {**head, "choices": [], "usage": self.usage()}
+
+def _token(index: int) -> str:
+    word = _WORDS[index % len(_WORDS)]
+    return word if index == 0 else f" {word}"
 
 
 def _prompt_tokens(body: dict[str, Any], chat: bool) -> int:
@@ -342,14 +360,12 @@ async def _json(send: Any, status: int, payload: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
-async def _event(send: Any, chunk: dict[str, Any]) -> None:
-    await send(
-        {
-            "type": "http.response.body",
-            "body": b"data: %s\n\n" % orjson.dumps(chunk),
-            "more_body": True,
-        }
-    )
+def _data(chunk: dict[str, Any]) -> bytes:
+    return b"data: %s\n\n" % orjson.dumps(chunk)
+
+
+async def _send(send: Any, event: bytes) -> None:
+    await send({"type": "http.response.body", "body": event, "more_body": True})
 
 
 async def _disconnected(receive: Any) -> None:

@@ -21,10 +21,11 @@ False-rollback guarantee
     Per-request rate guardrails given as `UserRateBets` (the worker does this for the error
     rate) use the exact betting e-process of `analysis.stats.rate_guardrail` instead, with
     the user as the unit and no burn-in; quantile guardrails given as `UserQuantileBets` (the
-    worker does this for latency quantiles) the same bet on each user's share of requests
-    slower than control's recent quantile (`analysis.stats.quantile_users`). Mean latency
-    given as `UserLatencyMeans` (the worker does this) runs the same harm test on per-user
-    latency sums standardised over ramp steps (`analysis.stats.latency_mean`).
+    worker does this for latency and TTFT quantiles) the same bet on each user's share of
+    requests slower than control's recent quantile (`analysis.stats.quantile_users`). Mean
+    latency given as `UserLatencyMeans` (the worker does this, and for the generative models'
+    means: TTFT, tokens, tokens per second, cost) runs the same harm test on per-user sums
+    standardised over ramp steps (`analysis.stats.latency_mean`).
     The guarantee is asymptotic for mean, rate and ratio guardrails (plug-in variances, CLT),
     hence the burn-in (`GuardrailSettings.min_units_per_arm`, `min_events_per_arm`), and
     requires N* (`n_star`) and the specs to be fixed before the first look. Zero variance is

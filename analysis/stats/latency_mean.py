@@ -81,10 +81,12 @@ __all__ = [
     "user_latency_means",
 ]
 
-METHOD = (
-    "users as the unit (latency sum / requests per user, delta method), one-sided "
+LATENCY_QUANTITY = "latency sum / requests per user"
+_METHOD = (
+    "users as the unit ({quantity}, delta method), one-sided "
     "sequential harm test (GrowthBook eq. 134 boundary), asymptotic"
 )
+METHOD = _METHOD.format(quantity=LATENCY_QUANTITY)
 _CONSTRUCTION_TEXT = {
     STRATIFIED: "stratified by ramp step (Mantel-Haenszel weights)",
     POOLED: "one stratum (the split never changed)",
@@ -99,7 +101,9 @@ MomentTest = Callable[..., GuardrailEvidence]
 class UserLatencyMeans:
     """Control and one treatment arm, standardised to the same stratum weights.
 
-    `control` / `treatment` are None while no stratum holds users of both arms.
+    `control` / `treatment` are None while no stratum holds users of both arms. `quantity`
+    names the per-user ratio (the same construction serves the generative models' means:
+    TTFT, output tokens, tokens per second and cost, each a per-user sum over a count).
     """
 
     control: RatioStats | None
@@ -107,11 +111,12 @@ class UserLatencyMeans:
     construction: Construction
     strata_used: int = 0
     strata_seen: int = 0
+    quantity: str = LATENCY_QUANTITY
 
 
-def method_text(construction: Construction) -> str:
+def method_text(construction: Construction, quantity: str = LATENCY_QUANTITY) -> str:
     """The words a result row and an alert carry for the guardrail's test."""
-    return f"{METHOD}; {_CONSTRUCTION_TEXT[construction]}"
+    return f"{_METHOD.format(quantity=quantity)}; {_CONSTRUCTION_TEXT[construction]}"
 
 
 def user_latency_means(
@@ -128,7 +133,9 @@ def user_latency_means(
     return standardize(typed, arms=arms, construction=construction)
 
 
-def comparison(combined: Standardized, *, control: str, arm: str) -> UserLatencyMeans:
+def comparison(
+    combined: Standardized, *, control: str, arm: str, quantity: str = LATENCY_QUANTITY
+) -> UserLatencyMeans:
     """The pair (control, arm) out of a standardisation over the experiment's arms."""
     a, b = combined.stats.get(control), combined.stats.get(arm)
     return UserLatencyMeans(
@@ -137,6 +144,7 @@ def comparison(combined: Standardized, *, control: str, arm: str) -> UserLatency
         construction=combined.construction,
         strata_used=combined.cohorts_used,
         strata_seen=combined.cohorts_seen,
+        quantity=quantity,
     )
 
 
@@ -150,7 +158,7 @@ def latency_mean_evidence(
     moment_test: MomentTest,
 ) -> GuardrailEvidence:
     """Harm / non-inferiority of a mean-latency guardrail on standardised user sums."""
-    method = method_text(means.construction)
+    method = method_text(means.construction, means.quantity)
     if means.control is None or means.treatment is None:
         return GuardrailEvidence(
             metric_key=spec.metric_key,
@@ -162,7 +170,10 @@ def latency_mean_evidence(
             alpha=alpha,
             n_control=means.control.n if means.control is not None else 0,
             n_treatment=means.treatment.n if means.treatment is not None else 0,
-            note="no ramp step has users of both arms whose latency window has closed",
+            note=(
+                "no ramp step has users of both arms whose "
+                f"{'latency ' if means.quantity == LATENCY_QUANTITY else ''}window has closed"
+            ),
             method=method,
         )
     evidence = moment_test(

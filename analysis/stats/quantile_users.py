@@ -6,6 +6,8 @@ Why (STATS.md 12.1, Rampart issue 12 item 1)
     (`analysis.stats.quantile_exceedance`) then over-counts evidence: in seeded A/A ramps with
     sticky users whose latency factor is exp(N(0, 0.5^2)) it rolled back 16-29% of the runs at
     alpha = 5% (README, `bench/quantile_power.py`). This module takes the user as the unit.
+    The same test serves any histogram the edge counts per user: the generative models' time
+    to first token too (`bench/llm_sticky.py`), with "request" read as "streamed answer".
 
 The test, for a lower-is-better p-quantile with relative margin m
     1. *Threshold, predictable.* For a user first seen at ``t``, ``k`` is the log-histogram
@@ -228,6 +230,8 @@ class UserQuantileBets:
     control's reweighted to the canary's time profile, minus one); ``threshold_ms`` the upper
     edge of the latest control threshold bucket. ``bounds`` holds, per extra harm bet of
     `bound_levels`, the harm ``h`` it bounds and its log e-value (windows averaged).
+    ``outcome`` names what a user's share is taken of (its requests' latencies, or its
+    generative answers' TTFTs: the same test on another histogram).
     """
 
     bets: UserRateBets
@@ -236,6 +240,7 @@ class UserQuantileBets:
     threshold_ms: float = math.nan
     relative_effect: float = math.nan
     bounds: tuple[tuple[float, float], ...] = ()
+    outcome: str = "requests"
 
 
 def quantile_user_evidence(
@@ -252,7 +257,7 @@ def quantile_user_evidence(
         else f"control's recent p{bets.quantile * 100:g} (latest {bets.threshold_ms:.1f} ms)"
     )
     method = (
-        f"{METHOD}; user outcome = share of its requests within {windows} slower than "
+        f"{METHOD}; user outcome = share of its {bets.outcome} within {windows} slower than "
         f"{threshold}, x (1 + margin) for the canary"
     )
     effect = bets.relative_effect

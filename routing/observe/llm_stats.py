@@ -8,9 +8,10 @@ arm merge exactly (flushes, edge processes, buckets) and storage grows with time
 
 What each part counts
     * ``ttfb`` (``routing.observe.histogram.LogHistogram``, ms): time from sending the request
-      upstream to receiving the answer's head, for answers relayed chunk by chunk (``streams``
-      of them, with ``chunks`` body chunks in all). An answer read whole has no separate first byte:
-      its head and body arrived together, and its latency is in the latency histogram.
+      upstream to receiving the answer's head, for every measured answer. For answers relayed
+      chunk by chunk (``streams`` of them, with ``chunks`` body chunks in all) the head's
+      arrival is stamped; a completion read whole (head and body together, the usual case for
+      a non-streamed answer) records its latency (``routing.proxy.streaming.whole_record``).
     * ``ttft`` (ms): time to the first server-sent event that carries content (a non-empty
       ``delta.content`` or ``text`` of a choice, a Responses API ``output_text`` delta, or
       any non-JSON data other than ``[DONE]``), for ``text/event-stream`` answers; an SSE answer
@@ -60,6 +61,7 @@ class LLMRecord:
     output_tokens: int | None = None
     approximate: bool = False
     cost: float | None = None
+    streamed: bool = False
 
 
 class LLMCell:
@@ -103,6 +105,7 @@ class LLMCell:
     def add(self, record: LLMRecord) -> None:
         if record.ttfb_ms is not None:
             self.ttfb.add(record.ttfb_ms)
+        if record.streamed:
             self.streams += 1
             self.chunks += record.chunks
         if record.ttft_ms is not None:

@@ -60,6 +60,7 @@ from routing.observe.backoff import Backoff, FailureLog
 from routing.observe.histogram import LogHistogram
 from routing.observe.llm_costs import CostRow, UnitCosts
 from routing.observe.llm_stats import LLMCell, LLMRecord
+from routing.observe.unit_llm import LLMUnitRow, UnitLLMBook, write_llm_unit_rows
 from routing.observe.unit_outcomes import UnitOutcomeBook, UnitRow, UnitTally, write_unit_rows
 
 logger = logging.getLogger(__name__)
@@ -158,6 +159,8 @@ class ObservationAggregator:
         self.units = units
         # Users' cost of generative answers, written as llm_cost events (routing.observe.llm_costs).
         self.costs = UnitCosts()
+        # Users' generative answers in their windows (routing.observe.unit_llm), with ``units``.
+        self.llm_units = UnitLLMBook(clock=clock)
         self._cells: dict[CellKey, ObservationCell] = {}
         self._observed = 0
         self._cache_hits = 0
@@ -216,16 +219,24 @@ class ObservationAggregator:
         self._observed += 1
 
     def observe_llm(
-        self, experiment_id: int, variant_key: str, record: LLMRecord, unit: str | None = None
+        self,
+        experiment_id: int,
+        variant_key: str,
+        record: LLMRecord,
+        unit: UnitTally | None = None,
     ) -> None:
-        """Add what was measured of one answer (``routing.proxy.streaming``) to its cell, and
-        its cost to its user's (``unit``: a user in the experiment) for cost per conversion."""
+        """Add what was measured of one answer (``routing.proxy.streaming``) to its cell, to
+        its user's windows (``unit``: the user's tally, for the per-user LLM guardrails) and
+        its cost to the user's cost events (cost per conversion)."""
         cell = self._cell(experiment_id, variant_key, False)
         if cell.llm is None:
             cell.llm = LLMCell()
         cell.llm.add(record)
-        if unit is not None and record.cost is not None:
-            self.costs.add(unit, record.cost, self._clock())
+        if unit is not None:
+            now = self._clock()
+            self.llm_units.add(unit, record, now)
+            if record.cost is not None:
+                self.costs.add(unit.unit, record.cost, now)
 
     def count_cache_hit(self, experiment_id: int, variant_key: str) -> None:
         """Record a request answered from the prediction cache (kept out of latency stats)."""
@@ -320,14 +331,21 @@ class ObservationAggregator:
         cells = self.drain()
         unit_rows = self.units.drain(everything=True) if self.units is not None else []
         cost_rows = self.costs.drain()
-        if not cells and not unit_rows and not cost_rows:
+        llm_rows = self.llm_units.drain(everything=True)
+        if not cells and not unit_rows and not cost_rows and not llm_rows:
             return 0
         try:
             written = _write_all(
-                self.rows(cells), unit_rows, batch_rows=self._batch_rows, cost_rows=cost_rows
+                self.rows(cells),
+                unit_rows,
+                batch_rows=self._batch_rows,
+                cost_rows=cost_rows,
+                llm_rows=llm_rows,
             )
         except Exception as exc:
             self.restore(cells)
+            if isinstance(exc, LLMUnitsUnwritten):
+                self.llm_units.restore(llm_rows)
             if self.units is not None and isinstance(exc, UnitsUnwritten):
                 self.units.restore(unit_rows)
             if isinstance(exc, CostsUnwritten):
@@ -350,7 +368,8 @@ class ObservationAggregator:
         cells = self.drain()
         unit_rows = self.units.drain(everything=final) if self.units is not None else []
         cost_rows = self.costs.drain()
-        if not cells and not unit_rows and not cost_rows:
+        llm_rows = self.llm_units.drain(everything=final)
+        if not cells and not unit_rows and not cost_rows and not llm_rows:
             return 0
         rows = self.rows(cells)
         if self._executor is None:
@@ -360,11 +379,18 @@ class ObservationAggregator:
             written = await loop.run_in_executor(
                 self._executor,
                 functools.partial(
-                    _write_all, rows, unit_rows, batch_rows=self._batch_rows, cost_rows=cost_rows
+                    _write_all,
+                    rows,
+                    unit_rows,
+                    batch_rows=self._batch_rows,
+                    cost_rows=cost_rows,
+                    llm_rows=llm_rows,
                 ),
             )
         except Exception as error:
             self.restore(cells)
+            if isinstance(error, LLMUnitsUnwritten):
+                self.llm_units.restore(llm_rows)
             if self.units is not None and isinstance(error, UnitsUnwritten):
                 self.units.restore(unit_rows)
             if isinstance(error, CostsUnwritten):
@@ -423,12 +449,15 @@ def _write_all(
     *,
     batch_rows: int,
     cost_rows: Sequence[CostRow] = (),
+    llm_rows: Sequence[LLMUnitRow] = (),
 ) -> int:
-    """Write the users' cost events and window counts, then the cells; returns cell rows.
+    """Write the users' cost events, window counts and LLM sums, then the cells; returns cell
+    rows.
 
     Separate transactions (PostgreSQL checks the foreign keys at commit, where each writer's
-    fallback for deleted experiments catches the error): if the users' writes fail, nothing
-    was written and `UnitsUnwritten` says so; a failure after them concerns the cells only.
+    fallback for deleted experiments catches the error): the exception says from which write
+    on nothing was written (`CostsUnwritten`, `UnitsUnwritten`, `LLMUnitsUnwritten`); a failure
+    after them concerns the cells only.
     """
     from django.db import close_old_connections
 
@@ -446,11 +475,21 @@ def _write_all(
             write_unit_rows(unit_rows)
         except Exception as exc:
             raise UnitsUnwritten from exc
+    if llm_rows:
+        close_old_connections()
+        try:
+            write_llm_unit_rows(llm_rows)
+        except Exception as exc:
+            raise LLMUnitsUnwritten from exc
     return _write_rows(rows, batch_rows=batch_rows)
 
 
-class UnitsUnwritten(Exception):
-    """The users' window counts of a flush were not written (the cells neither)."""
+class LLMUnitsUnwritten(Exception):
+    """The users' LLM sums of a flush were not written (the cells neither)."""
+
+
+class UnitsUnwritten(LLMUnitsUnwritten):
+    """The users' window counts of a flush were not written (nor the LLM sums, nor the cells)."""
 
 
 class CostsUnwritten(UnitsUnwritten):

@@ -37,6 +37,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from routing.observe.histogram import DEFAULT_RELATIVE_ACCURACY, MAX_VALUE_MS, MIN_VALUE_MS
 
@@ -363,7 +364,12 @@ _COUNTS = _COLUMNS[6:13]
 _WRITTEN_ONCE = _COLUMNS[13:]
 
 
-def _upsert_sql(table: str) -> str:
+def _upsert_sql(
+    table: str,
+    columns: Sequence[str] = _COLUMNS,
+    counts: Sequence[str] = _COUNTS,
+    written_once: Sequence[str] = _WRITTEN_ONCE,
+) -> str:
     """INSERT ... ON CONFLICT DO UPDATE keeping the earliest start (SQLite >= 3.24 and PG)."""
     earlier = f"excluded.first_seen < {table}.first_seen"
     same = f"excluded.first_seen = {table}.first_seen"
@@ -377,33 +383,50 @@ def _upsert_sql(table: str) -> str:
     updates += [
         f"{column} = CASE WHEN {earlier} THEN excluded.{column} "
         f"WHEN {same} THEN {table}.{column} + excluded.{column} ELSE {table}.{column} END"
-        for column in _COUNTS
+        for column in counts
     ]
     updates += [
         f"{column} = CASE WHEN {earlier} THEN excluded.{column} "
         f"WHEN {same} AND excluded.{column} <> '' THEN excluded.{column} "
         f"ELSE {table}.{column} END"
-        for column in _WRITTEN_ONCE
+        for column in written_once
     ]
-    placeholders = ", ".join(["%s"] * len(_COLUMNS))
+    placeholders = ", ".join(["%s"] * len(columns))
     return (
-        f"INSERT INTO {table} ({', '.join(_COLUMNS)}) VALUES ({placeholders}) "
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders}) "
         f"ON CONFLICT (experiment_id, unit_id) DO UPDATE SET {', '.join(updates)}"
     )
 
 
 def write_unit_rows(rows: Sequence[UnitRow], *, batch_rows: int = 1000) -> int:
     """Upsert drained tallies into UnitOutcome; rows of deleted experiments are skipped."""
+    from routing.models import UnitOutcome
+
+    return upsert_unit_rows(UnitOutcome, rows, batch_rows=batch_rows)
+
+
+def upsert_unit_rows(
+    model: type,
+    rows: Sequence[tuple[Any, ...]],
+    *,
+    columns: Sequence[str] = _COLUMNS,
+    counts: Sequence[str] = _COUNTS,
+    written_once: Sequence[str] = _WRITTEN_ONCE,
+    batch_rows: int = 1000,
+) -> int:
+    """Upsert per-user rows (``columns`` in order: experiment, unit, variant, first_seen,
+    share, control_share, then ``counts`` added and ``written_once`` texts) into ``model``'s
+    table with the earliest-start rule; rows of deleted experiments are skipped."""
     from django.db import IntegrityError, connection, transaction
 
     from experiments.selectors import experiment_view_by_id
-    from routing.models import UnitOutcome
 
     if not rows:
         return 0
-    sql = _upsert_sql(connection.ops.quote_name(UnitOutcome._meta.db_table))
+    table = connection.ops.quote_name(model._meta.db_table)  # type: ignore[attr-defined]
+    sql = _upsert_sql(table, columns, counts, written_once)
 
-    def write(batch: Sequence[UnitRow]) -> None:
+    def write(batch: Sequence[tuple[Any, ...]]) -> None:
         with transaction.atomic(), connection.cursor() as cursor:
             for start in range(0, len(batch), batch_rows):
                 cursor.executemany(sql, list(batch[start : start + batch_rows]))

@@ -207,8 +207,7 @@ class Forwarding:
                     # what was measured until then still describes the arm.
                     duration_ms = (time.perf_counter() - attempt.started) * 1000.0
                     record = meter.record(duration_ms, assigned.prices)
-                    unit = tally.unit if tally is not None else None
-                    self.observations.observe_llm(plan.experiment_id, assigned.key, record, unit)
+                    self.observations.observe_llm(plan.experiment_id, assigned.key, record, tally)
                 raise
             except (TimeoutError, aiohttp.ClientError, OSError) as error:
                 # Headers are already sent, so neither a fallback nor an error status is
@@ -251,8 +250,7 @@ class Forwarding:
             )
             if meter is not None or llm:
                 record = answer_record(meter, attempt, assigned.prices)
-                unit = tally.unit if tally is not None else None
-                self.observations.observe_llm(plan.experiment_id, assigned.key, record, unit)
+                self.observations.observe_llm(plan.experiment_id, assigned.key, record, tally)
         if body is None:
             return
         if cache_key is not None and plan.cache is not None and 200 <= status < 300:

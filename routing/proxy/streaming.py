@@ -107,7 +107,11 @@ class StreamMeter:
     def record(self, duration_ms: float, prices: tuple[float, float] | None) -> LLMRecord:
         """The answer's record once it has been relayed whole in ``duration_ms``."""
         record = LLMRecord(
-            duration_ms=duration_ms, ttfb_ms=self.ttfb_ms, ttft_ms=self.ttft_ms, chunks=self.chunks
+            duration_ms=duration_ms,
+            ttfb_ms=self.ttfb_ms,
+            ttft_ms=self.ttft_ms,
+            chunks=self.chunks,
+            streamed=True,
         )
         if self.llm:
             _tokens(record, self.usage, self.content_events if self.sse else None, prices)
@@ -130,8 +134,14 @@ def whole_record(
     duration_ms: float,
     prices: tuple[float, float] | None,
 ) -> LLMRecord:
-    """The record of a completion answer read whole (JSON, or an event stream that came at once)."""
-    record = LLMRecord(duration_ms=duration_ms)
+    """The record of a completion answer read whole (JSON, or an event stream that came at once).
+
+    Its TTFB is its latency: the upstream client reads the head and a body that came with it
+    in one step (the usual case: a model server sends a non-streamed answer's head once the
+    answer is ready), so the head's arrival is not stamped separately; for a body that came
+    later the figure exceeds the true TTFB by the body's transfer time.
+    """
+    record = LLMRecord(duration_ms=duration_ms, ttfb_ms=duration_ms)
     if is_event_stream(headers):
         meter = StreamMeter(time.perf_counter(), sse=True, llm=True)
         meter.feed(body if body.endswith(b"\n\n") else body + b"\n\n")

@@ -4,15 +4,18 @@ Processes: the edge (uvicorn, Django behind it), a Celery worker and Celery beat
 on the test database and broker, and two OpenAI-compatible stand-ins (``scripts.llm_server``):
 "small" (control: TTFT about 30 ms, cheap) and "large" (the canary: TTFT about 120 ms and five
 to ten times the price per token). In this process, the official ``openai`` client streams chat
-completions through ``/proxy/chat/v1`` with ``stream_options.include_usage``, each request
-from a new user named in the ``user`` field. The guardrails: p95 TTFT may rise at most 20%,
-cost per request at most 50%. The canary must be rolled back, once, with one of them as the
-evidence, and the experiment page must show the TTFT and cost figures per version.
+completions through ``/proxy/chat/v1`` with ``stream_options.include_usage``, for users named
+in the ``user`` field: half the requests from a new user, half from one of the last 30 (sticky
+users with several answers each). The guardrails: p95 TTFT may rise at most 20%, cost per
+request at most 50%, both with the user as the unit (the users' windows are 1 s and 5 s
+here). The canary must be rolled back, once, with one of them as the evidence, and the
+experiment page must show the TTFT and cost figures per version.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 import uuid
@@ -37,6 +40,8 @@ CHILD_ENV = {
     "SNAPSHOT_REFRESH_S": "0.2",
     "RECORDER_FLUSH_S": "0.2",
     "OBSERVATION_BUCKET_S": "1",
+    "RATE_WINDOW_FAST_S": "1",
+    "RATE_WINDOW_SLOW_S": "5",
     "EDGE_REQUIRE_KEY": "true",
 }
 DEADLINE_S = 90.0
@@ -48,7 +53,8 @@ LARGE = {"ttft": "120", "prices": (3.0, 15.0)}
 
 
 class Traffic:
-    """New users, one streamed chat completion each, through the proxy with the openai client."""
+    """Streamed chat completions through the proxy with the openai client, half from new
+    users and half from recent ones."""
 
     def __init__(self, base_url: str, key: str) -> None:
         self.base_url, self.key = base_url, key
@@ -56,6 +62,14 @@ class Traffic:
         self.served: dict[str, int] = {}
         self.failures = 0
         self.errors: list[str] = []
+        self.users: list[str] = []
+        self.random = random.Random(17)
+
+    def user(self) -> str:
+        if self.users and self.random.random() < 0.5:
+            return self.random.choice(self.users[-30:])
+        self.users.append(uuid.uuid4().hex)
+        return self.users[-1]
 
     def run(self) -> None:
         asyncio.run(self._run())
@@ -70,7 +84,7 @@ class Traffic:
                     raw = await client.chat.completions.with_raw_response.create(
                         model="any",
                         messages=[{"role": "user", "content": "suggest a product"}],
-                        user=uuid.uuid4().hex,
+                        user=self.user(),
                         stream=True,
                         stream_options={"include_usage": True},
                     )
@@ -221,6 +235,7 @@ def test_a_slow_expensive_llm_canary_is_rolled_back_on_ttft_and_cost(
         f"{elapsed:.1f} s after the start; served {traffic.served}, failures {traffic.failures}"
     )
     assert traffic.failures == 0, traffic.errors[:5]
+    assert sum(traffic.served.values()) > len(traffic.users)  # users came back
     snapshot = ResultSnapshot.objects.filter(experiment__key="chat").latest("id")
     small, large = snapshot.latency["small"]["llm"], snapshot.latency["large"]["llm"]
     assert large["ttft_p50"] > small["ttft_p50"]

@@ -1,5 +1,9 @@
 """TTFT, tokens and cost as guarded metrics, on the database: the catalogue rules, rollbacks of a
-slow or expensive canary, a canary within its margins, and the per-arm LLM figures."""
+slow or expensive canary, a canary within its margins, and the per-arm LLM figures.
+
+The guardrails take the user as the unit: the rows below are what the edge writes, per
+10-second bucket (``ObservationBucket.llm``: control's TTFT history and the page's figures) and
+per user (``UnitLLMOutcome``: one user per answer here, first seen within the bucket)."""
 
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ from analysis import services as analysis_services
 from experiments import services
 from experiments.errors import InvalidInput
 from experiments.models import Experiment
-from routing.models import ObservationBucket
+from routing.models import ObservationBucket, UnitLLMOutcome
 from routing.observe.llm_stats import LLMCell, LLMRecord
+from routing.observe.unit_llm import ttft_bucket
 from tests.analysis.conftest import add_bucket, add_events, add_exposures, later, start_experiment
 
 pytestmark = pytest.mark.django_db
@@ -42,11 +47,36 @@ def add_llm_bucket(
                 input_tokens=10,
                 output_tokens=output_tokens,
                 cost=(10 * prices[0] + output_tokens * prices[1]) / 1e6,
+                streamed=True,
             )
         )
     bucket = add_bucket(experiment_id, variant, durations, at=at)
     bucket.llm = cell.to_json()
     bucket.save(update_fields=["llm"])
+    start, cost = at.timestamp(), (10 * prices[0] + output_tokens * prices[1]) / 1e6
+    UnitLLMOutcome.objects.bulk_create(
+        UnitLLMOutcome(
+            experiment_id=experiment_id,
+            unit_id=f"{variant}-{start}-{i}",
+            variant_key=variant,
+            first_seen=start + 9.0 * i / len(ttft_ms),
+            share=0.5,
+            control_share=0.5,
+            answers_fast=1,
+            answers_slow=1,
+            ttft_sum=ttft,
+            ttft_count=1,
+            output_tokens_sum=output_tokens,
+            output_tokens_count=1,
+            rate_sum=output_tokens * 1000.0 / duration,
+            rate_count=1,
+            cost_sum=cost,
+            cost_count=1,
+            ttft_buckets_fast=f"{ttft_bucket(ttft)}:1",
+            ttft_buckets_slow=f"{ttft_bucket(ttft)}:1",
+        )
+        for i, (ttft, duration) in enumerate(zip(ttft_ms, durations, strict=True))
+    )
     return bucket
 
 
@@ -99,13 +129,14 @@ def test_slow_ttft_canary_is_rolled_back_on_the_p95_ttft_guardrail(
     at = later(experiment.step_started_at, 30)
     _traffic(experiment, at, canary_ttft=200.0, canary_tokens=20, seed=1)
 
-    result = analysis_services.analysis_run(experiment_id=experiment.pk, now=later(at, 35))
+    result = analysis_services.analysis_run(experiment_id=experiment.pk, now=later(at, 100))
 
     assert result is not None and result.snapshot.decision == "rollback"
     assert Experiment.objects.get(pk=experiment.pk).status == "rolled_back"
     row = _row(result, "ttft-p95")
     assert row["status"] == "breach"
-    assert row["method"] == "exceedance e-process, per time window"
+    assert row["method"].startswith("betting e-process on users")
+    assert "generative answers' TTFTs" in row["method"]
     assert row["rel_effect"] == pytest.approx(1.0, abs=0.15)  # 200 ms against 100 ms
 
 
@@ -124,12 +155,13 @@ def test_expensive_canary_is_rolled_back_on_cost_per_request(
     # Same TTFT, but 80 output tokens instead of 20: cost (10 + 2·80) vs (10 + 2·20), +240%.
     _traffic(experiment, at, canary_ttft=100.0, canary_tokens=80, seed=2)
 
-    result = analysis_services.analysis_run(experiment_id=experiment.pk, now=later(at, 35))
+    result = analysis_services.analysis_run(experiment_id=experiment.pk, now=later(at, 100))
 
     assert result is not None and result.snapshot.decision == "rollback"
     row = _row(result, "cost-per-request")
     assert row["status"] == "breach"
     assert row["rel_effect"] == pytest.approx(170 / 50 - 1, rel=1e-6)
+    assert row["method"].startswith("users as the unit (cost / priced answers per user")
     figures = result.snapshot.latency
     assert figures["v1"]["llm"]["cost_mean"] == pytest.approx(50 / 1e6)
     assert figures["v2"]["llm"]["output_tokens_mean"] == 80
@@ -153,7 +185,7 @@ def test_a_canary_within_its_margins_is_not_rolled_back(
     at = later(experiment.step_started_at, 30)
     _traffic(experiment, at, canary_ttft=100.0, canary_tokens=20, seed=3)
 
-    result = analysis_services.analysis_run(experiment_id=experiment.pk, now=later(at, 35))
+    result = analysis_services.analysis_run(experiment_id=experiment.pk, now=later(at, 100))
 
     assert result is not None and result.snapshot.decision != "rollback"
     assert Experiment.objects.get(pk=experiment.pk).status == "running"
@@ -177,7 +209,7 @@ def test_the_experiment_page_shows_ttft_tokens_and_cost_per_version(
     )
     at = later(experiment.step_started_at, 30)
     _traffic(experiment, at, canary_ttft=100.0, canary_tokens=80, seed=4)
-    analysis_services.analysis_run(experiment_id=experiment.pk, now=later(at, 35))
+    analysis_services.analysis_run(experiment_id=experiment.pk, now=later(at, 100))
     web = Client()
     web.force_login(User.objects.create_user("viewer", password="pw-for-tests-only"))
 

@@ -80,6 +80,8 @@ def test_whole_answers() -> None:
     body = b'{"usage":{"prompt_tokens":2,"completion_tokens":3}}'
     record = whole_record(body, [(b"content-type", b"application/json")], 40.0, (1.0, 1.0))
     assert (record.input_tokens, record.output_tokens, record.ttft_ms) == (2, 3, None)
+    # Head and body came together: the answer's TTFB is its latency; not a stream.
+    assert (record.ttfb_ms, record.streamed) == (40.0, False)
     sse = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: [DONE]'
     record = whole_record(sse, SSE, 40.0, None)
     assert (record.ttft_ms, record.output_tokens, record.approximate) == (40.0, 1, True)
@@ -98,6 +100,7 @@ def test_cells_merge_and_round_trip() -> None:
             input_tokens=3,
             output_tokens=10,
             cost=0.5,
+            streamed=True,
         )
     )
     b.add(LLMRecord(duration_ms=250.0, input_tokens=1, output_tokens=5, approximate=True))

@@ -121,3 +121,37 @@ def test_the_openai_client_talks_to_it(llm: ServedLLM) -> None:
     )
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert "".join(pieces) == "the model answers in short plain"
+
+
+def test_responses_api_whole_and_as_typed_events(llm: ServedLLM) -> None:
+    whole = httpx.post(f"{llm.url}/v1/responses", json={"input": "a b c", "max_output_tokens": 2})
+    assert whole.status_code == 200
+    data = whole.json()
+    assert (data["object"], data["status"]) == ("response", "completed")
+    assert data["output"][0]["content"][0] == {
+        "type": "output_text",
+        "text": "the model",
+        "annotations": [],
+    }
+    assert (data["usage"]["input_tokens"], data["usage"]["output_tokens"]) == (3, 2)
+
+    started = time.perf_counter()
+    with httpx.stream(
+        "POST", f"{llm.url}/v1/responses", json={"input": "hi", "stream": True}
+    ) as answer:
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        lines = answer.read().decode().split("\n")
+    assert time.perf_counter() - started >= 0.12 + 5 / 100.0 - 0.01  # TTFT, then 5 more tokens
+    kinds = [line[7:] for line in lines if line.startswith("event: ")]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds.count("response.output_text.delta") == 6 and kinds[-1] == "response.completed"
+    payloads = [orjson.loads(event) for event in sse_events("\n".join(lines))]
+    assert [p["type"] for p in payloads] == kinds  # each data line names its event's type
+    assert [p["sequence_number"] for p in payloads] == list(range(len(payloads)))
+    assert payloads[-1]["response"]["usage"]["output_tokens"] == 6
+    assert "[DONE]" not in "\n".join(lines)
