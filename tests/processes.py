@@ -140,6 +140,7 @@ def running_platform(logs: Path, env: Mapping[str, str]) -> Iterator[Platform]:
             [
                 *("-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1"),
                 *("--port", str(port), "--no-access-log", "--log-level", "warning"),
+                *("--http", "routing.edge.server:EdgeHttpProtocol"),
             ],
             env=env,
             log=logs / "edge.log",

@@ -30,7 +30,15 @@ from analysis.models import ResultSnapshot
 from experiments import services
 from experiments.models import AuditEntry, Experiment
 from tests.llm.conftest import create_llm_metrics
-from tests.processes import free_port, start_process, stop_process, wait_for_http
+from tests.processes import (
+    free_port,
+    running_platform,
+    sending,
+    start_process,
+    stop_process,
+    wait_for_http,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -126,15 +134,6 @@ def llms(tmp_path: Path) -> Iterator[dict[str, str]]:
             stop_process(process)
 
 
-def _wait(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_a_slow_expensive_llm_canary_is_rolled_back_on_ttft_and_cost(
     metrics: Any,
     make_key: Callable[..., str],
@@ -174,56 +173,23 @@ def test_a_slow_expensive_llm_canary_is_rolled_back_on_ttft_and_cost(
         ramp_steps=[services.RampStepInput(0.5, 3600, 10), services.RampStepInput(1.0, 0, 0)],
     )
     key = make_key("decide")
-    port = free_port()
-    edge = start_process(
-        [
-            *("-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1"),
-            *("--port", str(port), "--no-access-log", "--log-level", "warning"),
-            *("--http", "routing.edge.server:EdgeHttpProtocol"),
-        ],
-        env=CHILD_ENV,
-        log=tmp_path / "edge.log",
-    )
-    worker = start_process(
-        [
-            *("-m", "celery", "-A", "config", "worker", "--pool=solo", "-l", "warning"),
-            *("--without-heartbeat", "--without-gossip", "--without-mingle"),
-        ],
-        env=CHILD_ENV,
-        log=tmp_path / "worker.log",
-    )
-    beat = start_process(
-        [
-            *("-m", "celery", "-A", "config", "beat", "-l", "warning"),
-            *("-s", str(tmp_path / "beat-schedule")),
-        ],
-        env=CHILD_ENV,
-        log=tmp_path / "beat.log",
-    )
-    url = f"http://127.0.0.1:{port}"
-    traffic = Traffic(f"{url}/proxy/chat/v1", key)
-    sender = threading.Thread(target=traffic.run, daemon=True)
     started = time.monotonic()
-    try:
-        wait_for_http(url + "/proxy/")
+    with running_platform(tmp_path, CHILD_ENV) as platform:
         services.experiment_start(actor="test", key="chat")
-        sender.start()
-        rolled_back = _wait(
-            lambda: Experiment.objects.filter(key="chat", status="rolled_back").exists(),
-            DEADLINE_S,
-        )
-        if not rolled_back:
-            pytest.fail(
-                f"not rolled back; served {traffic.served}, failures {traffic.failures}: "
-                + (tmp_path / "worker.log").read_text()[-3000:]
+        traffic = Traffic(f"{platform.url}/proxy/chat/v1", key)
+        with sending(traffic):
+            rolled_back = wait_until(
+                lambda: Experiment.objects.filter(key="chat", status="rolled_back").exists(),
+                DEADLINE_S,
+                interval=0.1,
             )
-        elapsed = time.monotonic() - started
-        time.sleep(2 * INTERVAL_S)  # time for a second rollback to show up, if there were one
-    finally:
-        traffic.stop.set()
-        sender.join(15)
-        for process in (beat, worker, edge):
-            stop_process(process)
+            if not rolled_back:
+                pytest.fail(
+                    f"not rolled back; served {traffic.served}, failures {traffic.failures}: "
+                    + platform.log_tail("worker")
+                )
+            elapsed = time.monotonic() - started
+            time.sleep(2 * INTERVAL_S)  # time for a second rollback to show up, if there were one
 
     audit = AuditEntry.objects.get(experiment__key="chat", action="rollback")
     evidence = audit.after["evidence"]
