@@ -62,6 +62,9 @@ class ObservationBucket(models.Model):
     # Generative answers (TTFB, TTFT, chunks, tokens, cost): routing.observe.llm_stats.LLMCell
     # as JSON, empty when the bucket had none.
     llm = models.TextField(default="", blank=True)
+    # Shadow rows: the shadow's and control's latencies on the same requests
+    # (routing.observe.shadow_pairs.PairCell as JSON), empty when the bucket had no pair.
+    pairs = models.TextField(default="", blank=True)
 
     class Meta:
         indexes = [

@@ -60,6 +60,7 @@ from routing.observe.backoff import Backoff, FailureLog
 from routing.observe.histogram import LogHistogram
 from routing.observe.llm_costs import CostRow, UnitCosts
 from routing.observe.llm_stats import LLMCell, LLMRecord
+from routing.observe.shadow_pairs import PairCell
 from routing.observe.unit_outcomes import UnitOutcomeBook, UnitRow, UnitTally, write_unit_rows
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class ObservationCell:
         "fallback_count",
         "histogram",
         "llm",
+        "pairs",
     )
 
     def __init__(self) -> None:
@@ -96,6 +98,9 @@ class ObservationCell:
         self.histogram = LogHistogram()
         # Generative answers' statistics (routing.observe.llm_stats), made on the first such answer.
         self.llm: LLMCell | None = None
+        # A shadow's latencies paired with control's (routing.observe.shadow_pairs), made on the
+        # first pair.
+        self.pairs: PairCell | None = None
 
     def merge(self, other: ObservationCell) -> None:
         self.count += other.count
@@ -111,6 +116,10 @@ class ObservationCell:
             if self.llm is None:
                 self.llm = LLMCell()
             self.llm.merge(other.llm)
+        if other.pairs is not None:
+            if self.pairs is None:
+                self.pairs = PairCell()
+            self.pairs.merge(other.pairs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,9 +248,18 @@ class ObservationAggregator:
         *,
         disagreed: bool,
         abs_diff: float | None = None,
+        control_ms: float | None = None,
+        shadow_ms: float | None = None,
     ) -> None:
-        """Record one paired comparison of a shadow's answer with control's."""
+        """Record one paired comparison of a shadow's answer with control's.
+
+        With both latencies given, the pair also goes into the cell's ``pairs``.
+        """
         cell = self._cell(experiment_id, variant_key, True)
+        if control_ms is not None and shadow_ms is not None:
+            if cell.pairs is None:
+                cell.pairs = PairCell()
+            cell.pairs.add(control_ms, shadow_ms)
         cell.compared_count += 1
         if disagreed:
             cell.disagreement_count += 1
@@ -308,6 +326,7 @@ class ObservationAggregator:
                     "abs_diff_sum": cell.abs_diff_sum,
                     "abs_diff_sum_sq": cell.abs_diff_sum_sq,
                     "llm": cell.llm.to_json() if cell.llm is not None else "",
+                    "pairs": cell.pairs.to_json() if cell.pairs is not None else "",
                 }
             )
         return rows

@@ -29,6 +29,7 @@ from routing.observe.observations import ObservationAggregator
 from routing.observe.unit_outcomes import UnitOutcomeBook
 from routing.proxy import metrics as proxy_metrics
 from routing.proxy.breaker import CircuitBreaker
+from routing.proxy.compare import ControlAnswer
 from routing.proxy.forward import Forwarding
 from routing.proxy.headers import (
     ACTION_AUTHORIZATION,
@@ -330,7 +331,7 @@ class ProxyApp(Forwarding):
                 await send({"type": "http.response.body", "body": hit.body})
                 return
 
-        control_answer: asyncio.Future[tuple[bytes, bytes] | None] | None = None
+        control_answer: ControlAnswer | None = None
         if plan.shadows:
             control_answer = asyncio.get_running_loop().create_future()
             self.shadows.mirror(plan, method, target, forwarded, body, control_answer)

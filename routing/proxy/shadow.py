@@ -9,7 +9,7 @@ import aiohttp
 
 from routing.observe.observations import ObservationAggregator
 from routing.proxy.attempt import CONNECT, TIMEOUT, call_upstream, count_failure
-from routing.proxy.compare import compare_answers
+from routing.proxy.compare import ControlAnswer, compare_answers
 from routing.proxy.headers import SHADOW_HEADER, content_encoding
 from routing.proxy.plan import Arm, Plan
 from routing.proxy.upstream import UpstreamClient
@@ -43,7 +43,7 @@ class Shadows:
         target: str,
         headers: list[bytes],
         body: bytes,
-        control_answer: asyncio.Future[tuple[bytes, bytes] | None],
+        control_answer: ControlAnswer,
     ) -> None:
         """Start one background copy per shadow, within the concurrency budget."""
         loop = asyncio.get_running_loop()
@@ -69,7 +69,7 @@ class Shadows:
         target: str,
         headers: list[bytes],
         body: bytes,
-        control_answer: asyncio.Future[tuple[bytes, bytes] | None],
+        control_answer: ControlAnswer,
     ) -> None:
         attempt = await call_upstream(self.client, shadow, method, target, headers, body)
         shadow_body = attempt.body
@@ -101,7 +101,7 @@ class Shadows:
         answer = await control_answer
         if answer is None:
             return
-        control_body, control_encoding = answer
+        control_body, control_encoding, control_ms = answer
         shadow_encoding = content_encoding(attempt.headers)
         disagreed, abs_diff = compare_answers(
             control_body,
@@ -111,5 +111,10 @@ class Shadows:
             shadow_encoding=shadow_encoding,
         )
         self.observations.compare(
-            plan.experiment_id, shadow.key, disagreed=disagreed, abs_diff=abs_diff
+            plan.experiment_id,
+            shadow.key,
+            disagreed=disagreed,
+            abs_diff=abs_diff,
+            control_ms=control_ms,
+            shadow_ms=attempt.latency_ms,
         )

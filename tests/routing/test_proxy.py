@@ -19,6 +19,7 @@ from routing.edge.app import Edge, build_edge
 from routing.edge.context import EdgeContext
 from routing.models import Exposure, ObservationBucket
 from routing.observe.histogram import LogHistogram
+from routing.observe.shadow_pairs import PairCell
 from routing.proxy.app import ProxyApp
 from tests.model_server import ModelServer, closed_url
 from tests.routing.problems import assert_problem
@@ -545,6 +546,16 @@ def test_shadow_gets_a_copy_in_the_background_and_is_compared_with_control(
     assert mirrored.abs_diff_sum == pytest.approx(requests * 0.125)
     assert mirrored.abs_diff_sum_sq == pytest.approx(requests * 0.125**2)
     assert totals(experiment_id, "v1").count == requests
+    # Each shadow answer is paired with control's latency on the same request.
+    pairs = PairCell()
+    for text in ObservationBucket.objects.filter(
+        experiment_id=experiment_id, variant_key="v3", is_shadow=True
+    ).values_list("pairs", flat=True):
+        if text:
+            pairs.merge(PairCell.from_json(text))
+    assert pairs.n == pairs.control.count == pairs.shadow.count == requests
+    assert pairs.s >= requests * 300 > pairs.c
+    assert pairs.s == pytest.approx(mirrored.latency_sum, rel=0.01)
 
 
 def test_shadow_whole_body_comparison_and_saturation(
