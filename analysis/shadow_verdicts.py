@@ -92,7 +92,8 @@ def _fold(totals: _Totals, experiment_id: int, variant_key: str, low: int, high:
     return int(sums["top"])
 
 
-def _inputs(totals: _Totals, *, numeric: bool) -> ShadowInputs:
+def _inputs(totals: _Totals) -> ShadowInputs:
+    """The users' pairs (one per user, STATS.md 12.1) as the statistics' inputs."""
     cell = totals.pairs
     return ShadowInputs(
         pairs=PairedLatency(
@@ -105,11 +106,11 @@ def _inputs(totals: _Totals, *, numeric: bool) -> ShadowInputs:
         ),
         control_histogram=cell.control,
         shadow_histogram=cell.shadow,
-        compared=totals.compared,
-        disagreements=totals.disagreements,
-        abs_diff_sum=totals.abs_diff_sum,
-        abs_diff_sum_sq=totals.abs_diff_sum_sq,
-        numeric=numeric,
+        compared=cell.n,
+        disagreements=cell.d,
+        abs_diff_sum=cell.a,
+        abs_diff_sum_sq=cell.aa,
+        numeric=cell.a > 0.0,
     )
 
 
@@ -128,11 +129,15 @@ def _shadow_update(view: ExperimentView, variant_key: str, now: datetime) -> Sha
     totals = _Totals()
     totals.add_row(row)
     row.horizon = _fold(totals, view.id, variant_key, row.cursor, None)
-    numeric = totals.abs_diff_sum > 0.0
-    result = shadow_verdict(
-        _inputs(totals, numeric=numeric), tolerances(), alpha=view.alpha, n_star=SHADOW_N_STAR
-    )
-    row.result = result.as_json()
+    result = shadow_verdict(_inputs(totals), tolerances(), alpha=view.alpha, n_star=SHADOW_N_STAR)
+    # Every compared request (not only the users' pairs), for context on the page.
+    requests: dict[str, float] = {
+        "compared": totals.compared,
+        "disagreements": totals.disagreements,
+    }
+    if totals.abs_diff_sum > 0.0 and totals.compared:
+        requests["mean_abs_diff"] = totals.abs_diff_sum / totals.compared
+    row.result = {**result.as_json(), "requests": requests}
     row.updated_at = now
     if row.verdict == "collecting" and result.verdict != "collecting":
         row.verdict = result.verdict

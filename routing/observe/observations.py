@@ -250,16 +250,19 @@ class ObservationAggregator:
         abs_diff: float | None = None,
         control_ms: float | None = None,
         shadow_ms: float | None = None,
+        user_pair: bool = False,
     ) -> None:
         """Record one paired comparison of a shadow's answer with control's.
 
-        With both latencies given, the pair also goes into the cell's ``pairs``.
+        ``user_pair``: the request is its user's one pair (``routing.observe.shadow_pairs``);
+        with both latencies given it also goes into the cell's ``pairs``.
         """
         cell = self._cell(experiment_id, variant_key, True)
-        if control_ms is not None and shadow_ms is not None:
+        if user_pair and control_ms is not None and shadow_ms is not None:
             if cell.pairs is None:
                 cell.pairs = PairCell()
-            cell.pairs.add(control_ms, shadow_ms)
+            finite = abs_diff if abs_diff is not None and math.isfinite(abs_diff) else None
+            cell.pairs.add(control_ms, shadow_ms, disagreed=disagreed, abs_diff=finite)
         cell.compared_count += 1
         if disagreed:
             cell.disagreement_count += 1

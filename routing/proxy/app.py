@@ -334,7 +334,7 @@ class ProxyApp(Forwarding):
         control_answer: ControlAnswer | None = None
         if plan.shadows:
             control_answer = asyncio.get_running_loop().create_future()
-            self.shadows.mirror(plan, method, target, forwarded, body, control_answer)
+            self.shadows.mirror(plan, method, target, forwarded, body, control_answer, unit)
 
         # With the loop given, current_task() skips get_running_loop(), which costs a getpid()
         # system call on Python 3.11.

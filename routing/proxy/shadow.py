@@ -14,13 +14,26 @@ from routing.proxy.headers import SHADOW_HEADER, content_encoding
 from routing.proxy.plan import Arm, Plan
 from routing.proxy.upstream import UpstreamClient
 
+# Users whose one pair (routing.observe.shadow_pairs) is taken, per process. Past the cap new
+# users give no pair: which users count never depends on their answers, so the test stays valid.
+MAX_PAIRED_USERS = 200_000
+
 
 class Shadows:
     """Sends the mirrored copies in the background, at most ``concurrency`` at a time."""
 
-    def __init__(self, observations: ObservationAggregator, *, concurrency: int) -> None:
+    def __init__(
+        self,
+        observations: ObservationAggregator,
+        *,
+        concurrency: int,
+        max_paired_users: int = MAX_PAIRED_USERS,
+    ) -> None:
         self.observations = observations
         self.concurrency = concurrency
+        self.max_paired_users = max_paired_users
+        # (experiment id, unit) of every user whose first mirrored request this process has seen.
+        self._paired_users: set[tuple[int, str]] = set()
         # Set by ProxyApp.startup(), with the session it creates.
         self.client: UpstreamClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -44,10 +57,22 @@ class Shadows:
         headers: list[bytes],
         body: bytes,
         control_answer: ControlAnswer,
+        unit: str | None = None,
     ) -> None:
-        """Start one background copy per shadow, within the concurrency budget."""
+        """Start one background copy per shadow, within the concurrency budget.
+
+        The first mirrored request of each user (``unit``) is the user's pair for the paired
+        statistics; the choice is made here, before any answer exists.
+        """
         loop = asyncio.get_running_loop()
         shadow_headers = [*headers, SHADOW_HEADER]
+        user_pair = False
+        if unit is not None:
+            user = (plan.experiment_id, unit)
+            paired = self._paired_users
+            if user not in paired and len(paired) < self.max_paired_users:
+                paired.add(user)
+                user_pair = True
         for shadow in plan.shadows:
             if len(self._tasks) >= self.concurrency:
                 shadow.metrics.shadow_saturated.inc()
@@ -56,7 +81,9 @@ class Shadows:
                 shadow.metrics.shadow_breaker_open.inc()
                 continue
             task = loop.create_task(
-                self._shadow(plan, shadow, method, target, shadow_headers, body, control_answer)
+                self._shadow(
+                    plan, shadow, method, target, shadow_headers, body, control_answer, user_pair
+                )
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -70,6 +97,7 @@ class Shadows:
         headers: list[bytes],
         body: bytes,
         control_answer: ControlAnswer,
+        user_pair: bool,
     ) -> None:
         attempt = await call_upstream(self.client, shadow, method, target, headers, body)
         shadow_body = attempt.body
@@ -117,4 +145,5 @@ class Shadows:
             abs_diff=abs_diff,
             control_ms=control_ms,
             shadow_ms=attempt.latency_ms,
+            user_pair=user_pair,
         )

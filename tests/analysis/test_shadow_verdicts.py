@@ -47,8 +47,9 @@ def _add_pairs(
     cell = PairCell()
     control = rng.lognormal(3.0, 0.5, n)
     shadow = control * slowdown * rng.lognormal(0.0, 0.05, n)
-    for c, s in zip(control, shadow, strict=True):
-        cell.add(float(c), float(s))
+    differs = rng.permutation(n) < round(disagree * n)
+    for c, s, d in zip(control, shadow, differs, strict=True):
+        cell.add(float(c), float(s), disagreed=bool(d), abs_diff=None)
     ObservationBucket.objects.create(
         experiment_id=experiment_id,
         variant_key="s1",
