@@ -76,7 +76,7 @@ class ExperimentViewSet(viewsets.ViewSet):
         **dict.fromkeys(LIFECYCLE_ACTIONS, roles.RUN_EXPERIMENTS),
         "audit": roles.READ,
         # Creates an experiment: the same permission as creating one.
-        "shadow_canary": "experiments.add_experiment",
+        "shadow_canary": roles.CREATE_EXPERIMENTS,
     }
     # Actions that answer 409 when the experiment's state does not allow them (schema).
     conflict_actions = (

@@ -7,14 +7,18 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
+from django.test import Client
+from django.urls import reverse
 from django.utils import timezone
 from rest_framework.test import APIClient
 
 from analysis.models import AlertOutbox, ShadowAnalysis
 from analysis.services import analysis_run
-from experiments import services
+from experiments import roles, services
+from experiments.models import Experiment
 from routing.models import ObservationBucket
 from routing.observe.shadow_pairs import PairCell
+from tests.experiments.test_roles import user_with_role
 
 pytestmark = pytest.mark.django_db
 
@@ -131,3 +135,44 @@ def test_a_slower_shadow_is_worse_on_latency() -> None:
     assert row.verdict == "worse"
     assert "mean latency at least +" in row.reason
     assert row.result["latency_ratio"]["lower"] > 1.1
+
+
+def _web(role: str) -> Client:
+    client = Client()
+    client.force_login(user_with_role(role, f"web-{role}"))
+    return client
+
+
+def test_the_page_shows_each_shadows_intervals_verdict_and_a_start_button() -> None:
+    experiment_id = _experiment("shadow-page")
+    for bucket in range(3):
+        _add_pairs(experiment_id, n=300, disagree=0.2, slowdown=1.0, seed=bucket, bucket=bucket)
+    analysis_run(experiment_id=experiment_id)
+    page = _web(roles.EXPERIMENTER).get(reverse("analysis:results", args=["shadow-page"]))
+    html = page.content.decode()
+    table = html[html.index('id="shadows-table"') :]
+    assert "Worse than control" in table
+    assert "20.0% (" in table  # the disagreement estimate with its interval
+    assert "disagrees with control on at least" in table
+    assert "900" in table
+    start = reverse("experiments:shadow-canary", args=["shadow-page", "s1"])
+    assert f'action="{start}"' in table
+    # Viewers see the verdict but no button.
+    viewer = _web(roles.VIEWER).get(reverse("analysis:results", args=["shadow-page"]))
+    assert "Worse than control" in viewer.content.decode()
+    assert start not in viewer.content.decode()
+
+
+def test_the_start_button_creates_the_canary_once_and_opens_it() -> None:
+    _experiment("shadow-click")
+    client = _web(roles.EXPERIMENTER)
+    start = reverse("experiments:shadow-canary", args=["shadow-click", "s1"])
+    first = client.post(start)
+    assert first.status_code == 302
+    assert first["location"] == reverse("experiments:detail", args=["shadow-click-s1-canary"])
+    second = client.post(start)
+    assert second["location"] == first["location"]
+    assert Experiment.objects.filter(key="shadow-click-s1-canary").count() == 1
+    assert _web(roles.VIEWER).post(start).status_code == 403
+    wrong = client.post(reverse("experiments:shadow-canary", args=["shadow-click", "v2"]))
+    assert wrong["location"] == reverse("experiments:detail", args=["shadow-click"])
