@@ -31,6 +31,8 @@ class ShadowLine:
     abs_diff: str
     requests: str
     ready: bool
+    # Per quality metric, paired on the same requests' labels: "Accuracy −0.5% (…), 600 users".
+    quality: tuple[str, ...] = ()
 
 
 def _number(value: Any) -> float | None:
@@ -87,6 +89,11 @@ def shadow_lines(view: ExperimentView) -> list[ShadowLine]:
                 abs_diff=_ms_free(latest.get("abs_diff")),
                 requests=f"{differing:,} of {compared:,} requests differed" if compared else "",
                 ready=row["verdict"] == "ready",
+                quality=tuple(
+                    f"{q['name']} {_percent_interval(q['ratio'], shift=-1.0)} on "
+                    f"{int(q['pairs']):,} users' labels"
+                    for q in latest.get("quality") or []
+                ),
             )
         )
     return lines

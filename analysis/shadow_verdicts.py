@@ -23,8 +23,10 @@ from django.db.models import Max, Sum
 
 from analysis import alerts
 from analysis.models import ShadowAnalysis
+from analysis.shadow_quality import shadow_quality_pairs
 from analysis.stats.shadow_pairs import (
     PairedLatency,
+    QualityPairs,
     ShadowInputs,
     ShadowResult,
     Tolerances,
@@ -92,7 +94,7 @@ def _fold(totals: _Totals, experiment_id: int, variant_key: str, low: int, high:
     return int(sums["top"])
 
 
-def _inputs(totals: _Totals) -> ShadowInputs:
+def _inputs(totals: _Totals, quality: tuple[QualityPairs, ...] = ()) -> ShadowInputs:
     """The users' pairs (one per user, STATS.md 12.1) as the statistics' inputs."""
     cell = totals.pairs
     return ShadowInputs(
@@ -111,6 +113,7 @@ def _inputs(totals: _Totals) -> ShadowInputs:
         abs_diff_sum=cell.a,
         abs_diff_sum_sq=cell.aa,
         numeric=cell.a > 0.0,
+        quality=quality,
     )
 
 
@@ -129,7 +132,10 @@ def _shadow_update(view: ExperimentView, variant_key: str, now: datetime) -> Sha
     totals = _Totals()
     totals.add_row(row)
     row.horizon = _fold(totals, view.id, variant_key, row.cursor, None)
-    result = shadow_verdict(_inputs(totals), tolerances(), alpha=view.alpha, n_star=SHADOW_N_STAR)
+    quality = shadow_quality_pairs(view, variant_key, now=now)
+    result = shadow_verdict(
+        _inputs(totals, quality), tolerances(), alpha=view.alpha, n_star=SHADOW_N_STAR
+    )
     # Every compared request (not only the users' pairs), for context on the page.
     requests: dict[str, float] = {
         "compared": totals.compared,

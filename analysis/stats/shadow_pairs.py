@@ -227,6 +227,17 @@ class Tolerances:
 
 
 @dataclass(frozen=True, slots=True)
+class QualityPairs:
+    """A quality metric's per-user (control score, shadow score) sums, with its guardrail."""
+
+    metric: str
+    name: str
+    higher_is_better: bool
+    margin: float  # tolerated relative harm, as the metric's guardrail margin
+    pairs: PairedLatency
+
+
+@dataclass(frozen=True, slots=True)
 class ShadowInputs:
     """Everything the verdict reads: the pairs, both paired histograms and the comparisons."""
 
@@ -238,6 +249,7 @@ class ShadowInputs:
     abs_diff_sum: float
     abs_diff_sum_sq: float
     numeric: bool
+    quality: tuple[QualityPairs, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +266,8 @@ class ShadowResult:
     disagreement: Interval
     abs_diff: Interval | None
     alpha: float
+    # Per quality metric: (metric key, name, users' pairs, CS of E shadow / E control).
+    quality: tuple[tuple[str, str, int, Interval], ...] = ()
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -267,6 +281,10 @@ class ShadowResult:
             "p95_ratio": self.p95_ratio.as_json(),
             "disagreement": self.disagreement.as_json(),
             "abs_diff": None if self.abs_diff is None else self.abs_diff.as_json(),
+            "quality": [
+                {"metric": key, "name": name, "pairs": n, "ratio": interval.as_json()}
+                for key, name, n, interval in self.quality
+            ],
         }
 
 
@@ -279,10 +297,13 @@ def shadow_verdict(
 ) -> ShadowResult:
     """ "worse" when a CS lies beyond a tolerance, "ready" when all lie within, else "collecting".
 
-    The three families share alpha (Bonferroni, alpha / 3 each), so the chance that any of the
-    reported intervals ever misses its value, and hence of a wrong verdict, is at most alpha.
+    The families (mean and p95 latency, disagreement, and each quality metric paired on its
+    labels) share alpha (Bonferroni), so the chance that any of the reported intervals ever
+    misses its value, and hence of a wrong verdict, is at most alpha. A quality metric's
+    tolerance is its guardrail margin, relative to control (accuracy may fall to
+    ``(1 - margin)`` times control's; a loss may rise to ``(1 + margin)`` times).
     """
-    level = alpha / 3.0
+    level = alpha / (3.0 + len(inputs.quality))
     pairs = inputs.pairs
     difference = latency_difference_cs(pairs, alpha=level, n_star=n_star)
     ratio = latency_ratio_cs(pairs, alpha=level, n_star=n_star)
@@ -306,6 +327,8 @@ def shadow_verdict(
         low, high = mean_cs(inputs.compared, mean, variance, alpha=level, n_star=n_star)
         abs_diff = Interval(mean, max(low, 0.0), high)
 
+    quality = [(q, latency_ratio_cs(q.pairs, alpha=level, n_star=n_star)) for q in inputs.quality]
+
     def result(verdict: Verdict, reason: str) -> ShadowResult:
         return ShadowResult(
             verdict=verdict,
@@ -318,13 +341,14 @@ def shadow_verdict(
             disagreement=disagreement,
             abs_diff=abs_diff,
             alpha=alpha,
+            quality=tuple((q.metric, q.name, q.pairs.n, ratio) for q, ratio in quality),
         )
 
-    if pairs.n < tolerances.min_pairs or inputs.compared < tolerances.min_pairs:
+    fewest = min([pairs.n, inputs.compared, *(q.pairs.n for q in inputs.quality)])
+    if fewest < tolerances.min_pairs:
         return result(
             "collecting",
-            f"{min(pairs.n, inputs.compared)} of the {tolerances.min_pairs} pairs needed "
-            "before a verdict",
+            f"{fewest} of the {tolerances.min_pairs} pairs needed before a verdict",
         )
     worse: list[str] = []
     if disagreement.lower > tolerances.disagreement:
@@ -342,10 +366,29 @@ def shadow_verdict(
             f"p95 latency at least +{_percent(p95.lower - 1.0)} "
             f"(tolerance +{_percent(tolerances.p95_increase)})"
         )
+    quality_ok = True
+    for q, interval in quality:
+        if q.higher_is_better:
+            floor = 1.0 - q.margin
+            if interval.upper < floor:
+                worse.append(
+                    f"{q.name} at most {_signed(interval.upper - 1.0)} "
+                    f"(tolerance {_signed(-q.margin)})"
+                )
+            quality_ok = quality_ok and interval.lower > floor
+        else:
+            ceiling = 1.0 + q.margin
+            if interval.lower > ceiling:
+                worse.append(
+                    f"{q.name} at least {_signed(interval.lower - 1.0)} "
+                    f"(tolerance {_signed(q.margin)})"
+                )
+            quality_ok = quality_ok and interval.upper < ceiling
     if worse:
         return result("worse", "worse than control: " + "; ".join(worse))
     if (
-        disagreement.upper < tolerances.disagreement
+        quality_ok
+        and disagreement.upper < tolerances.disagreement
         and ratio.upper < 1.0 + tolerances.latency_increase
         and p95.upper < 1.0 + tolerances.p95_increase
     ):

@@ -98,6 +98,7 @@ class ProxyApp(Forwarding):
         )
         self._watches = WatchSweep(DISCONNECT_WATCH_AFTER_S)
         self.predictions = ProxyPredictions()
+        self.shadows.predictions = self.predictions
         self._loop: asyncio.AbstractEventLoop | None = None
         self._publisher: asyncio.Task[None] | None = None
 
@@ -334,7 +335,7 @@ class ProxyApp(Forwarding):
         control_answer: ControlAnswer | None = None
         if plan.shadows:
             control_answer = asyncio.get_running_loop().create_future()
-            self.shadows.mirror(plan, method, target, forwarded, body, control_answer, unit)
+            self.shadows.mirror(plan, method, target, forwarded, body, control_answer, unit, ticket)
 
         # With the loop given, current_task() skips get_running_loop(), which costs a getpid()
         # system call on Python 3.11.

@@ -12,6 +12,7 @@ from routing.proxy.attempt import CONNECT, TIMEOUT, call_upstream, count_failure
 from routing.proxy.compare import ControlAnswer, compare_answers
 from routing.proxy.headers import SHADOW_HEADER, content_encoding
 from routing.proxy.plan import Arm, Plan
+from routing.proxy.predictions import ProxyPredictions, Ticket
 from routing.proxy.upstream import UpstreamClient
 
 # Users whose one pair (routing.observe.shadow_pairs) is taken, per process. Past the cap new
@@ -36,6 +37,8 @@ class Shadows:
         self._paired_users: set[tuple[int, str]] = set()
         # Set by ProxyApp.startup(), with the session it creates.
         self.client: UpstreamClient | None = None
+        # Set by ProxyApp: records shadows' predictions of sampled requests (quality on).
+        self.predictions: ProxyPredictions | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -58,6 +61,7 @@ class Shadows:
         body: bytes,
         control_answer: ControlAnswer,
         unit: str | None = None,
+        ticket: Ticket | None = None,
     ) -> None:
         """Start one background copy per shadow, within the concurrency budget.
 
@@ -82,7 +86,15 @@ class Shadows:
                 continue
             task = loop.create_task(
                 self._shadow(
-                    plan, shadow, method, target, shadow_headers, body, control_answer, user_pair
+                    plan,
+                    shadow,
+                    method,
+                    target,
+                    shadow_headers,
+                    body,
+                    control_answer,
+                    user_pair,
+                    ticket,
                 )
             )
             self._tasks.add(task)
@@ -98,6 +110,7 @@ class Shadows:
         body: bytes,
         control_answer: ControlAnswer,
         user_pair: bool,
+        ticket: Ticket | None,
     ) -> None:
         attempt = await call_upstream(self.client, shadow, method, target, headers, body)
         shadow_body = attempt.body
@@ -130,6 +143,10 @@ class Shadows:
         if answer is None:
             return
         control_body, control_encoding, control_ms = answer
+        if ticket is not None and self.predictions is not None:
+            self.predictions.shadow_answer(
+                ticket, shadow.key, attempt.status, shadow_body, attempt.headers
+            )
         shadow_encoding = content_encoding(attempt.headers)
         disagreed, abs_diff = compare_answers(
             control_body,
