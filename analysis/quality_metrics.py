@@ -102,11 +102,9 @@ def _rows(experiment_id: int, variants: Sequence[str] | None = None) -> Iterator
     only = ""
     params: list[Any] = [experiment_id]
     if variants is not None:
-        only = (
-            f"AND p.variant_key IN ({', '.join(['%s'] * len(variants))})"
-            if variants
-            else ("AND 1 = 0")
-        )
+        # An empty list selects nothing ("IN ()" is not SQL).
+        marks = ", ".join(["%s"] * len(variants)) or "NULL"
+        only = f"AND p.variant_key IN ({marks})"
         params.extend(variants)
     sql = f"""
         SELECT p.variant_key, p.unit_id, p.predicted_at, p.status, p.value,
