@@ -270,6 +270,23 @@ class ObservationAggregator:
             cell.abs_diff_sum += abs_diff
             cell.abs_diff_sum_sq += abs_diff * abs_diff
 
+    def pair_failure(
+        self,
+        experiment_id: int,
+        variant_key: str,
+        *,
+        control_ms: float | None,
+        shadow_ms: float | None,
+    ) -> None:
+        """A user's pair whose shadow failed (5xx, timeout) where control answered: it counts
+        as an answer that differs, with the time the shadow took to fail."""
+        if control_ms is None or shadow_ms is None:
+            return
+        cell = self._cell(experiment_id, variant_key, True)
+        if cell.pairs is None:
+            cell.pairs = PairCell()
+        cell.pairs.add(control_ms, shadow_ms, disagreed=True, abs_diff=None)
+
     # ----------------------------------------------------------------- reading and flushing
 
     @property

@@ -138,6 +138,16 @@ class Shadows:
             plan.experiment_id, shadow.key, attempt.latency_ms, error=failed, is_shadow=True
         )
         if failed or shadow_body is None:
+            if user_pair:
+                # The user's pair still counts: a failed answer differs from control's.
+                failed_against = await control_answer
+                if failed_against is not None:
+                    self.observations.pair_failure(
+                        plan.experiment_id,
+                        shadow.key,
+                        control_ms=failed_against[2],
+                        shadow_ms=attempt.latency_ms,
+                    )
             return
         answer = await control_answer
         if answer is None:

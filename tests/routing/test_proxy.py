@@ -594,6 +594,37 @@ def test_a_user_gives_one_pair_its_first_mirrored_request(
     assert pairs.a == pytest.approx(2 * 0.125)
 
 
+def test_a_failing_shadow_gives_its_users_pairs_that_differ(
+    proxy_settings: Any, make_key: Callable[..., str], servers: dict[str, ModelServer]
+) -> None:
+    key = make_key("decide")
+    failing = ModelServer(name="failing", status=503).start()
+    try:
+        experiment_id = make_experiment(
+            "failing-shadow",
+            [("v1", servers["control"].url, 1.0), ("v2", servers["canary"].url, 0.0)],
+            shadows=(("v3", failing.url),),
+        )
+
+        async def scenario() -> None:
+            async with running_edge(key) as running:
+                for unit in ("u1", "u1", "u2"):
+                    response = await running.client.get(
+                        "/proxy/failing-shadow/p", headers={"X-Rampart-Unit": unit}
+                    )
+                    assert response.status_code == 200
+                while running.proxy.shadows_in_flight:
+                    await asyncio.sleep(0.02)
+
+        run(scenario)
+    finally:
+        failing.stop()
+    mirrored = totals(experiment_id, "v3", is_shadow=True)
+    assert (mirrored.count, mirrored.error_count, mirrored.compared_count) == (3, 3, 0)
+    pairs = _pairs(experiment_id, "v3")
+    assert (pairs.n, pairs.d) == (2, 2)
+
+
 def test_shadow_whole_body_comparison_and_saturation(
     proxy_settings: Any, make_key: Callable[..., str], servers: dict[str, ModelServer]
 ) -> None:
