@@ -35,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
-	$(BIN)/mypy analysis/stats routing/observe/histogram.py routing/observe/llm_stats.py routing/split.py \
+	$(BIN)/mypy analysis/stats routing/observe/histogram.py routing/observe/llm_stats.py routing/observe/shadow_pairs.py routing/split.py \
 		routing/proxy/breaker.py routing/proxy/upstream.py sdk/python/rampart_sdk experiments/contracts.py \
 		analysis/verdict.py experiments/prediction_path.py
 

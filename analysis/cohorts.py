@@ -54,11 +54,15 @@ def unit_metric_aggregates(
         cohort_starts=starts,
     )
     # Model-quality metrics: per unit too, from predictions and their labels.
+    routed = [variant.key for variant in experiment.routed_variants]
     quality, _ = quality_cohort_stats(
-        experiment_id=experiment.id, metrics=metrics, now=now, cohort_starts=starts
+        experiment_id=experiment.id,
+        metrics=metrics,
+        now=now,
+        cohort_starts=starts,
+        variants=routed,
     )
     by_cohort.update(quality)
-    routed = [variant.key for variant in experiment.routed_variants]
     business: dict[str, dict[str, MetricStats]] = {}
     constructions: dict[str, Standardized] = {}
     for metric in metrics:

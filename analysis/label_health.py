@@ -26,9 +26,11 @@ def label_health_json(view: ExperimentView, *, now: datetime) -> dict[str, Any]:
     if not quality:
         return {}
     metric = quality[0]
-    _, coverage = quality_cohort_stats(experiment_id=view.id, metrics=[metric], now=now)
-    by_arm = coverage.get(metric.key, {})
     routed = [variant.key for variant in view.routed_variants]
+    _, coverage = quality_cohort_stats(
+        experiment_id=view.id, metrics=[metric], now=now, variants=routed
+    )
+    by_arm = coverage.get(metric.key, {})
     arms = {key: by_arm[key].as_json() for key in routed if key in by_arm}
     seen = [by_arm[key] for key in routed if key in by_arm]
     balance = delay = None

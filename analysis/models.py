@@ -280,3 +280,39 @@ class RateBetState(models.Model):
 
     def __str__(self) -> str:
         return f"{self.experiment_id}:{self.metric_key}/{self.arm} ({self.window_s:g} s)"
+
+
+class ShadowAnalysis(models.Model):
+    """The paired comparison of one shadow with control, folded, and its verdict.
+
+    ``pairs`` is the merged ``routing.observe.shadow_pairs.PairCell`` JSON of every settled
+    shadow bucket (``cursor < id <= horizon``, the lag of ``analysis.aggregation``); the
+    comparison counts sit beside it. ``verdict`` is the first verdict reached ("collecting"
+    until then) and never changes after, so its alert goes out once; ``result`` is the latest
+    look (``analysis.stats.shadow_pairs.ShadowResult.as_json``), shown on the page and in the API.
+    """
+
+    experiment = models.ForeignKey(
+        "experiments.Experiment", on_delete=models.CASCADE, related_name="+", db_index=False
+    )
+    variant_key = models.CharField(max_length=64)
+    cursor = models.BigIntegerField(default=0)
+    horizon = models.BigIntegerField(default=0)
+    pairs = models.TextField(default="", blank=True)
+    compared = models.BigIntegerField(default=0)
+    disagreements = models.BigIntegerField(default=0)
+    abs_diff_sum = models.FloatField(default=0.0)
+    abs_diff_sum_sq = models.FloatField(default=0.0)
+    verdict = models.CharField(max_length=16, default="collecting")
+    reason = models.TextField(blank=True, default="")
+    reached_at = models.DateTimeField(null=True, blank=True)
+    result = models.JSONField(default=dict)
+    updated_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["experiment", "variant_key"], name="shadow_once")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.experiment_id}:{self.variant_key} {self.verdict}"

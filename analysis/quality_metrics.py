@@ -96,17 +96,24 @@ class _Row:
     labelled_at: float | None
 
 
-def _rows(experiment_id: int) -> Iterator[_Row]:
+def _rows(experiment_id: int, variants: Sequence[str] | None = None) -> Iterator[_Row]:
+    """Predictions with their labels; only those of ``variants`` when given (routed arms:
+    shadows' predictions of the same requests are compared in ``analysis.shadow_quality``)."""
+    only = ""
+    params: list[Any] = [experiment_id]
+    if variants is not None:
+        # An empty list selects nothing ("IN ()" is not SQL).
+        marks = ", ".join(["%s"] * len(variants)) or "NULL"
+        only = f"AND p.variant_key IN ({marks})"
+        params.extend(variants)
     sql = f"""
         SELECT p.variant_key, p.unit_id, p.predicted_at, p.status, p.value,
                l.value, l.labelled_at
         FROM {table(Prediction)} p
         LEFT JOIN {table(Label)} l ON l.request_id = p.request_id
-        WHERE p.experiment_id = %s
+        WHERE p.experiment_id = %s {only}
     """
-    for variant, unit, predicted_at, status, value, label, labelled_at in fetch(
-        sql, [experiment_id]
-    ):
+    for variant, unit, predicted_at, status, value, label, labelled_at in fetch(sql, params):
         yield _Row(
             variant=variant,
             unit=unit,
@@ -124,15 +131,17 @@ def quality_cohort_stats(
     metrics: Sequence[MetricView],
     now: datetime,
     cohort_starts: Sequence[datetime] = (),
+    variants: Sequence[str] | None = None,
 ) -> tuple[CohortStats, dict[str, dict[str, QualityCoverage]]]:
     """Per quality metric, variant and cohort, the per-unit statistics; and label coverage.
 
-    Coverage is per metric (its window decides what is missing) and variant.
+    Coverage is per metric (its window decides what is missing) and variant. ``variants``:
+    only these (the routed arms; None: every variant with predictions).
     """
     quality = [metric for metric in metrics if metric.is_quality]
     if not quality:
         return {}, {}
-    rows = list(_rows(experiment_id))
+    rows = list(_rows(experiment_id, variants))
     now_s = now.timestamp()
     starts = [start.timestamp() for start in cohort_starts]
     first_seen: dict[tuple[str, str], float] = {}

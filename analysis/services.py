@@ -37,6 +37,7 @@ from analysis.llm_means import user_llm_means
 from analysis.models import AnalysisState, ResultSnapshot, SequentialState, WebhookEndpoint
 from analysis.quantile_guardrails import quantile_bets_update
 from analysis.rate_guardrails import rate_bets_update
+from analysis.shadow_verdicts import shadow_analyses_update
 from analysis.stats.quantile_users import UserQuantileBets
 from analysis.stats.rate_guardrail import UserRateBets
 from experiments import selectors as experiment_selectors
@@ -310,6 +311,8 @@ def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> Ru
         acted = taken is not None
         decision = taken or "continue"
     _health_alerts(view, state, result)
+    if any(variant.is_shadow for variant in view.variants):
+        shadow_analyses_update(view=view, now=now)
     state.runs += 1
     state.last_run_at = now
     state.save()

@@ -41,10 +41,11 @@ from analysis.presentation import (
     time_ago,
     tone_for,
 )
+from analysis.shadow_presentation import shadow_lines, tolerance_text
 from experiments import selectors as experiment_selectors
 from experiments.contracts import ExperimentView
 from experiments.errors import InvalidInput, NotFound
-from experiments.roles import role_required
+from experiments.roles import CREATE_EXPERIMENTS, role_required
 from routing import selectors as routing_selectors
 
 ENDED_STATUSES = ("completed", "rolled_back")
@@ -87,6 +88,10 @@ def results(request: HttpRequest, key: str) -> HttpResponse:
         "llm": llm_lines(view, snapshot.latency if snapshot else {}),
         "analysis_interval_s": int(settings.ANALYSIS_INTERVAL_S),
     }
+    if any(variant.is_shadow for variant in view.variants):
+        context["shadows"] = shadow_lines(view)
+        context["shadow_tolerances"] = tolerance_text()
+        context["may_start_canary"] = request.user.has_perm(CREATE_EXPERIMENTS)
     if snapshot is not None:
         decision = tone_for(DECISIONS, snapshot.decision)
         if view.status in ENDED_STATUSES and snapshot.decision not in FINAL_DECISIONS:

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from experiments import views
+from experiments import shadow_views, views
 
 app_name = "experiments"
 
@@ -17,6 +17,11 @@ urlpatterns = [
         "experiments/<slug:key>/actions/<slug:action>/",
         views.experiment_action,
         name="action",
+    ),
+    path(
+        "experiments/<slug:key>/shadows/<slug:shadow>/canary/",
+        shadow_views.shadow_canary,
+        name="shadow-canary",
     ),
     # Not /metrics/: the edge serves Prometheus metrics under that prefix.
     path("catalogue/", views.metric_list, name="metric-list"),

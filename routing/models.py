@@ -62,6 +62,9 @@ class ObservationBucket(models.Model):
     # Generative answers (TTFB, TTFT, chunks, tokens, cost): routing.observe.llm_stats.LLMCell
     # as JSON, empty when the bucket had none.
     llm = models.TextField(default="", blank=True)
+    # Shadow rows: the shadow's and control's latencies on the same requests
+    # (routing.observe.shadow_pairs.PairCell as JSON), empty when the bucket had no pair.
+    pairs = models.TextField(default="", blank=True)
 
     class Meta:
         indexes = [
@@ -154,9 +157,12 @@ class Prediction(models.Model):
 
     class Meta:
         # Request id first: the same index finds a label's prediction (one index less to
-        # update per row, which the proxy writes for every sampled request).
+        # update per row, which the proxy writes for every sampled request). Per variant: a
+        # shadow's prediction of the same request sits beside the answering arm's.
         constraints = [
-            models.UniqueConstraint(fields=["request_id", "experiment"], name="prediction_once")
+            models.UniqueConstraint(
+                fields=["request_id", "experiment", "variant_key"], name="prediction_once"
+            )
         ]
         indexes = [models.Index(fields=["experiment", "id"], name="prediction_exp_id")]
 

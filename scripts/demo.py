@@ -304,7 +304,8 @@ class Options:
 
 def parse_args(argv: Sequence[str] | None) -> Options:
     parser = argparse.ArgumentParser(description="Run Rampart locally and watch a canary.")
-    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="bad")
+    # "shadow" is scripts.demo_shadow's story; main() hands it over before parsing.
+    parser.add_argument("--scenario", choices=sorted([*SCENARIOS, "shadow"]), default="bad")
     parser.add_argument("--exit", action="store_true", help="exit after the decision")
     parser.add_argument("--port", type=int, default=8000, help="UI and edge port (0: any)")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "var" / "demo")
@@ -845,6 +846,13 @@ def sum_samples(text: str, name: str) -> float:
     return total
 
 
+def _scenario_values(args: Sequence[str]) -> list[str]:
+    """The values given to --scenario (``--scenario x`` or ``--scenario=x``)."""
+    values = [arg.split("=", 1)[1] for arg in args if arg.startswith("--scenario=")]
+    values += [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "--scenario"]
+    return values
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -854,6 +862,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # that started it made SIGINT ignored (a background job).
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "shadow" in _scenario_values(args):
+        # Its own story (two shadows, paired verdicts, a canary started from one).
+        from scripts.demo_shadow import main as shadow_main
+
+        return shadow_main(args)
     options = parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 120)
     scenario = options.scenario

@@ -29,6 +29,7 @@ _KINDS = (
     ("Ramp held", "hold"),
     ("Health warning", "health_warning"),
     ("Test alert", "test"),
+    ("Shadow verdict", "shadow_verdict"),
 )
 
 

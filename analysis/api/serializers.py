@@ -26,6 +26,14 @@ class ResultSnapshotSerializer(serializers.Serializer[ResultSnapshot]):
     exposures = serializers.JSONField()
     metrics = serializers.JSONField()
     latency = serializers.JSONField()
+    shadows = serializers.SerializerMethodField(
+        help_text="Per shadow variant: its verdict (collecting | ready | worse), the reason, and "
+        "the latest paired intervals (`analysis.shadow_verdicts`). Only the latest result "
+        "carries them; history entries have an empty list."
+    )
+
+    def get_shadows(self, snapshot: ResultSnapshot) -> list[dict[str, Any]]:
+        return list(self.context.get("shadows", []))
 
     def get_experiment(self, snapshot: ResultSnapshot) -> str:
         return str(self.context.get("experiment_key", ""))
@@ -51,8 +59,14 @@ class ResultHistorySerializer(serializers.Serializer[Any]):
     results = ResultSnapshotSerializer(many=True)
 
 
-def snapshot_data(snapshot: ResultSnapshot, *, experiment_key: str) -> dict[str, Any]:
-    return dict(ResultSnapshotSerializer(snapshot, context={"experiment_key": experiment_key}).data)
+def snapshot_data(
+    snapshot: ResultSnapshot,
+    *,
+    experiment_key: str,
+    shadows: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    context = {"experiment_key": experiment_key, "shadows": shadows or []}
+    return dict(ResultSnapshotSerializer(snapshot, context=context).data)
 
 
 class WebhookSerializer(StrictSerializer):

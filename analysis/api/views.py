@@ -22,6 +22,7 @@ from analysis.api.serializers import (
     WebhookSerializer,
     snapshot_data,
 )
+from analysis.shadow_verdicts import shadow_analyses_list
 from experiments import selectors as experiment_selectors
 from experiments.errors import InvalidInput
 from experiments.strict import EmptyBodySerializer
@@ -72,7 +73,8 @@ class ResultView(APIView):
                 "analysis_interval_s": interval,
             }
             return Response(pending)
-        return Response(snapshot_data(snapshot, experiment_key=key))
+        shadows = shadow_analyses_list(experiment_id=view.id)
+        return Response(snapshot_data(snapshot, experiment_key=key, shadows=shadows))
 
 
 class ResultHistoryView(APIView):

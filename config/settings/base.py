@@ -241,6 +241,14 @@ SLACK_WEBHOOK_URL = env("SLACK_WEBHOOK_URL", default="")
 ALERT_MAX_ATTEMPTS = env.int("ALERT_MAX_ATTEMPTS", default=12)
 ALERT_BACKOFF_BASE_S = env.float("ALERT_BACKOFF_BASE_S", default=2.0)
 ALERT_BACKOFF_MAX_S = env.float("ALERT_BACKOFF_MAX_S", default=300.0)
+# Shadow verdicts (analysis.shadow_verdicts): a shadow is "ready to canary" when, paired with
+# control on the same requests, its mean latency rises by less than SHADOW_MAX_LATENCY_INCREASE,
+# its p95 by less than SHADOW_MAX_P95_INCREASE and its answers differ on less than
+# SHADOW_MAX_DISAGREEMENT of requests (each with confidence); "worse" when one is surely beyond.
+SHADOW_MAX_LATENCY_INCREASE = env.float("SHADOW_MAX_LATENCY_INCREASE", default=0.10)
+SHADOW_MAX_P95_INCREASE = env.float("SHADOW_MAX_P95_INCREASE", default=0.20)
+SHADOW_MAX_DISAGREEMENT = env.float("SHADOW_MAX_DISAGREEMENT", default=0.05)
+SHADOW_MIN_PAIRS = env.int("SHADOW_MIN_PAIRS", default=200)
 # Beat: analyse every running experiment and sweep due alerts every ANALYSIS_INTERVAL_S.
 CELERY_BEAT_SCHEDULE = {
     name: {

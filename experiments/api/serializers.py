@@ -273,6 +273,13 @@ class TransitionSerializer(serializers.Serializer):
     experiment = ExperimentSerializer()
 
 
+class ShadowCanarySerializer(serializers.Serializer):
+    """The shadow's canary (a draft): ``created`` is false when it existed already."""
+
+    created = serializers.BooleanField()
+    experiment = ExperimentSerializer()
+
+
 class MetricSerializer(StrictModelSerializer):
     key = slug_field()
     kind = serializers.ChoiceField(choices=MetricKind.choices)

@@ -24,6 +24,7 @@ from experiments.api.serializers import (
     MetricSerializer,
     ReasonSerializer,
     RollbackSerializer,
+    ShadowCanarySerializer,
     TransitionSerializer,
 )
 from experiments.errors import InvalidInput, LockoutRisk
@@ -74,6 +75,8 @@ class ExperimentViewSet(viewsets.ViewSet):
     action_permissions = {
         **dict.fromkeys(LIFECYCLE_ACTIONS, roles.RUN_EXPERIMENTS),
         "audit": roles.READ,
+        # Creates an experiment: the same permission as creating one.
+        "shadow_canary": roles.CREATE_EXPERIMENTS,
     }
     # Actions that answer 409 when the experiment's state does not allow them (schema).
     conflict_actions = (
@@ -197,6 +200,32 @@ class ExperimentViewSet(viewsets.ViewSet):
                 actor=actor_of(request), key=key, reason=body.validated_data["reason"]
             )
         )
+
+    @extend_schema(
+        request=None,
+        parameters=[
+            OpenApiParameter(
+                "shadow",
+                {"type": "string", "pattern": "^[-a-zA-Z0-9_]+$"},
+                OpenApiParameter.PATH,
+                description="the key of one of the experiment's shadow variants",
+            )
+        ],
+        responses={200: ShadowCanarySerializer, 201: ShadowCanarySerializer},
+    )
+    @action(
+        detail=True,
+        methods=["post"],
+        url_path=r"shadows/(?P<shadow>[-a-zA-Z0-9_]+)/canary",
+        url_name="shadow-canary",
+    )
+    def shadow_canary(self, request: Request, key: str, shadow: str) -> Response:
+        """Create a draft canary of control and this shadow (once; 200 with it afterwards)."""
+        _refuse_body(request)
+        result = services.canary_from_shadow(actor=actor_of(request), key=key, shadow_key=shadow)
+        experiment = selectors.experiment_get(key=result.experiment.key)
+        body = {"created": result.created, "experiment": ExperimentSerializer(experiment).data}
+        return Response(body, status=status.HTTP_201_CREATED if result.created else 200)
 
     @extend_schema(responses=AuditEntrySerializer(many=True))
     @action(detail=True, methods=["get"])

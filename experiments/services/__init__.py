@@ -55,6 +55,7 @@ from experiments.services.metrics import (
     validate_metric,
 )
 from experiments.services.roles import RoleChange, user_role_assign
+from experiments.services.shadow_canary import ShadowCanary, canary_from_shadow
 
 __all__ = [
     "ALLOWED_TRANSITIONS",
@@ -69,6 +70,7 @@ __all__ = [
     "MetricUseInput",
     "RampStepInput",
     "RoleChange",
+    "ShadowCanary",
     "TransitionResult",
     "VariantInput",
     "api_key_create",
@@ -76,6 +78,7 @@ __all__ = [
     "api_key_matches",
     "api_key_revoke",
     "api_key_touch",
+    "canary_from_shadow",
     "config_version_bump",
     "default_ramp",
     "experiment_advance_ramp",

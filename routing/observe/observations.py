@@ -60,6 +60,7 @@ from routing.observe.backoff import Backoff, FailureLog
 from routing.observe.histogram import LogHistogram
 from routing.observe.llm_costs import CostRow, UnitCosts
 from routing.observe.llm_stats import LLMCell, LLMRecord
+from routing.observe.shadow_pairs import PairCell
 from routing.observe.unit_llm import LLMUnitRow, UnitLLMBook, write_llm_unit_rows
 from routing.observe.unit_outcomes import UnitOutcomeBook, UnitRow, UnitTally, write_unit_rows
 
@@ -83,6 +84,7 @@ class ObservationCell:
         "fallback_count",
         "histogram",
         "llm",
+        "pairs",
     )
 
     def __init__(self) -> None:
@@ -97,6 +99,9 @@ class ObservationCell:
         self.histogram = LogHistogram()
         # Generative answers' statistics (routing.observe.llm_stats), made on the first such answer.
         self.llm: LLMCell | None = None
+        # A shadow's latencies paired with control's (routing.observe.shadow_pairs), made on the
+        # first pair.
+        self.pairs: PairCell | None = None
 
     def merge(self, other: ObservationCell) -> None:
         self.count += other.count
@@ -112,6 +117,10 @@ class ObservationCell:
             if self.llm is None:
                 self.llm = LLMCell()
             self.llm.merge(other.llm)
+        if other.pairs is not None:
+            if self.pairs is None:
+                self.pairs = PairCell()
+            self.pairs.merge(other.pairs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,15 +259,44 @@ class ObservationAggregator:
         *,
         disagreed: bool,
         abs_diff: float | None = None,
+        control_ms: float | None = None,
+        shadow_ms: float | None = None,
+        user_pair: bool = False,
     ) -> None:
-        """Record one paired comparison of a shadow's answer with control's."""
+        """Record one paired comparison of a shadow's answer with control's.
+
+        ``user_pair``: the request is its user's one pair (``routing.observe.shadow_pairs``);
+        with both latencies given it also goes into the cell's ``pairs``.
+        """
         cell = self._cell(experiment_id, variant_key, True)
+        if user_pair and control_ms is not None and shadow_ms is not None:
+            if cell.pairs is None:
+                cell.pairs = PairCell()
+            finite = abs_diff if abs_diff is not None and math.isfinite(abs_diff) else None
+            cell.pairs.add(control_ms, shadow_ms, disagreed=disagreed, abs_diff=finite)
         cell.compared_count += 1
         if disagreed:
             cell.disagreement_count += 1
         if abs_diff is not None and math.isfinite(abs_diff):
             cell.abs_diff_sum += abs_diff
             cell.abs_diff_sum_sq += abs_diff * abs_diff
+
+    def pair_failure(
+        self,
+        experiment_id: int,
+        variant_key: str,
+        *,
+        control_ms: float | None,
+        shadow_ms: float | None,
+    ) -> None:
+        """A user's pair whose shadow failed (5xx, timeout) where control answered: it counts
+        as an answer that differs, with the time the shadow took to fail."""
+        if control_ms is None or shadow_ms is None:
+            return
+        cell = self._cell(experiment_id, variant_key, True)
+        if cell.pairs is None:
+            cell.pairs = PairCell()
+        cell.pairs.add(control_ms, shadow_ms, disagreed=True, abs_diff=None)
 
     # ----------------------------------------------------------------- reading and flushing
 
@@ -319,6 +357,7 @@ class ObservationAggregator:
                     "abs_diff_sum": cell.abs_diff_sum,
                     "abs_diff_sum_sq": cell.abs_diff_sum_sq,
                     "llm": cell.llm.to_json() if cell.llm is not None else "",
+                    "pairs": cell.pairs.to_json() if cell.pairs is not None else "",
                 }
             )
         return rows

@@ -52,7 +52,7 @@ class PredictionStats:
 
 
 def predictions_insert(*, rows: Sequence[PredictionRow]) -> int:
-    """Insert prediction rows, skipping (experiment, request id) pairs already stored.
+    """Insert prediction rows, skipping (experiment, request id, variant) rows already stored.
 
     Raises IntegrityError when a row names an experiment that no longer exists.
     """

@@ -19,7 +19,7 @@ PREDICTIONS_READ = Counter(
 )
 PREDICTIONS_WRITTEN = Counter(
     "rampart_predictions_written_total",
-    "Prediction rows inserted (a request id already stored for the experiment not counted).",
+    "Prediction rows inserted (a request id already stored for the variant not counted).",
 )
 PREDICTIONS_DROPPED = Counter(
     "rampart_predictions_dropped_total",

@@ -29,6 +29,7 @@ from routing.observe.observations import ObservationAggregator
 from routing.observe.unit_outcomes import UnitOutcomeBook
 from routing.proxy import metrics as proxy_metrics
 from routing.proxy.breaker import CircuitBreaker
+from routing.proxy.compare import ControlAnswer
 from routing.proxy.forward import Forwarding
 from routing.proxy.headers import (
     ACTION_AUTHORIZATION,
@@ -97,6 +98,7 @@ class ProxyApp(Forwarding):
         )
         self._watches = WatchSweep(DISCONNECT_WATCH_AFTER_S)
         self.predictions = ProxyPredictions()
+        self.shadows.predictions = self.predictions
         self._loop: asyncio.AbstractEventLoop | None = None
         self._publisher: asyncio.Task[None] | None = None
 
@@ -330,10 +332,10 @@ class ProxyApp(Forwarding):
                 await send({"type": "http.response.body", "body": hit.body})
                 return
 
-        control_answer: asyncio.Future[tuple[bytes, bytes] | None] | None = None
+        control_answer: ControlAnswer | None = None
         if plan.shadows:
             control_answer = asyncio.get_running_loop().create_future()
-            self.shadows.mirror(plan, method, target, forwarded, body, control_answer)
+            self.shadows.mirror(plan, method, target, forwarded, body, control_answer, unit, ticket)
 
         # With the loop given, current_task() skips get_running_loop(), which costs a getpid()
         # system call on Python 3.11.

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from typing import Any, TypeGuard
 
 import orjson
+
+# What control's answer to a mirrored request resolves to: (body, content encoding, latency in
+# ms), or None when control gave no body to compare (failure, stream, another arm answered).
+ControlAnswer = asyncio.Future[tuple[bytes, bytes, float | None] | None]
 
 
 def compare_answers(

@@ -25,6 +25,7 @@ from routing.proxy.attempt import (
     call_upstream,
     count_failure,
 )
+from routing.proxy.compare import ControlAnswer
 from routing.proxy.headers import content_encoding, passed_on
 from routing.proxy.plan import Arm, Plan
 from routing.proxy.predictions import ProxyPredictions, Ticket
@@ -55,7 +56,7 @@ class Forwarding:
         send: Send,
         watch: DisconnectWatch,
         cache_key: tuple[str, str, str, bytes] | None,
-        control_answer: asyncio.Future[tuple[bytes, bytes] | None] | None,
+        control_answer: ControlAnswer | None,
         tally: UnitTally | None = None,
         ticket: Ticket | None = None,
     ) -> None:
@@ -178,7 +179,7 @@ class Forwarding:
         send: Send,
         watch: DisconnectWatch,
         cache_key: tuple[str, str, str, bytes] | None,
-        control_answer: asyncio.Future[tuple[bytes, bytes] | None] | None,
+        control_answer: ControlAnswer | None,
         *,
         fallback: bool = False,
         tally: UnitTally | None = None,
@@ -258,7 +259,7 @@ class Forwarding:
                 cache_key, now=time.monotonic(), status=status, headers=headers, body=body
             )
         if control_answer is not None and answering.is_control and not control_answer.done():
-            control_answer.set_result((body, content_encoding(headers)))
+            control_answer.set_result((body, content_encoding(headers), latency_ms))
 
     async def _stream(
         self,

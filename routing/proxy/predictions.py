@@ -13,7 +13,10 @@ has its prediction read from a successful (2xx) answer at ``quality_prediction_p
 value of the wrong kind is recorded with that status and counted: never an error for the
 user, whose answer is passed on unchanged. Answers streamed in chunks (over 1 MiB, or
 without a length) are counted as ``streamed`` and not read. Control's answer to a fallback
-is not recorded: it is not the assigned arm's prediction.
+is not recorded: it is not the assigned arm's prediction. A shadow's answer to a sampled
+request that control answered is recorded too, under the shadow's key and the same request
+id (``shadow_answer``), so the shadow's quality can be compared with control's on the same
+requests when the label arrives (``analysis.shadow_quality``).
 """
 
 from __future__ import annotations
@@ -176,6 +179,35 @@ class ProxyPredictions:
 
     async def stop(self) -> None:
         await self.recorder.stop()
+
+    def shadow_answer(
+        self,
+        ticket: Ticket,
+        shadow_key: str,
+        status: int,
+        body: bytes,
+        upstream_headers: Sequence[tuple[bytes, bytes]],
+    ) -> None:
+        """Record a shadow's prediction for a sampled request (off the user's path)."""
+        unit = ticket.unit
+        if unit is None or not 200 <= status < 300:
+            return
+        plan = ticket.plan
+        outcome, value = read_prediction(
+            body, plan.steps, plan.kind, content_encoding(upstream_headers)
+        )
+        self.recorder.record(
+            (
+                plan.experiment_id,
+                ticket.request_id,
+                shadow_key,
+                unit,
+                time.time(),
+                plan.kind,
+                outcome,
+                value,
+            )
+        )
 
     def answer(
         self,

@@ -9,20 +9,36 @@ import aiohttp
 
 from routing.observe.observations import ObservationAggregator
 from routing.proxy.attempt import CONNECT, TIMEOUT, call_upstream, count_failure
-from routing.proxy.compare import compare_answers
+from routing.proxy.compare import ControlAnswer, compare_answers
 from routing.proxy.headers import SHADOW_HEADER, content_encoding
 from routing.proxy.plan import Arm, Plan
+from routing.proxy.predictions import ProxyPredictions, Ticket
 from routing.proxy.upstream import UpstreamClient
+
+# Users whose one pair (routing.observe.shadow_pairs) is taken, per process. Past the cap new
+# users give no pair: which users count never depends on their answers, so the test stays valid.
+MAX_PAIRED_USERS = 200_000
 
 
 class Shadows:
     """Sends the mirrored copies in the background, at most ``concurrency`` at a time."""
 
-    def __init__(self, observations: ObservationAggregator, *, concurrency: int) -> None:
+    def __init__(
+        self,
+        observations: ObservationAggregator,
+        *,
+        concurrency: int,
+        max_paired_users: int = MAX_PAIRED_USERS,
+    ) -> None:
         self.observations = observations
         self.concurrency = concurrency
+        self.max_paired_users = max_paired_users
+        # (experiment id, unit) of every user whose first mirrored request this process has seen.
+        self._paired_users: set[tuple[int, str]] = set()
         # Set by ProxyApp.startup(), with the session it creates.
         self.client: UpstreamClient | None = None
+        # Set by ProxyApp: records shadows' predictions of sampled requests (quality on).
+        self.predictions: ProxyPredictions | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -43,11 +59,24 @@ class Shadows:
         target: str,
         headers: list[bytes],
         body: bytes,
-        control_answer: asyncio.Future[tuple[bytes, bytes] | None],
+        control_answer: ControlAnswer,
+        unit: str | None = None,
+        ticket: Ticket | None = None,
     ) -> None:
-        """Start one background copy per shadow, within the concurrency budget."""
+        """Start one background copy per shadow, within the concurrency budget.
+
+        The first mirrored request of each user (``unit``) is the user's pair for the paired
+        statistics; the choice is made here, before any answer exists.
+        """
         loop = asyncio.get_running_loop()
         shadow_headers = [*headers, SHADOW_HEADER]
+        user_pair = False
+        if unit is not None:
+            user = (plan.experiment_id, unit)
+            paired = self._paired_users
+            if user not in paired and len(paired) < self.max_paired_users:
+                paired.add(user)
+                user_pair = True
         for shadow in plan.shadows:
             if len(self._tasks) >= self.concurrency:
                 shadow.metrics.shadow_saturated.inc()
@@ -56,7 +85,17 @@ class Shadows:
                 shadow.metrics.shadow_breaker_open.inc()
                 continue
             task = loop.create_task(
-                self._shadow(plan, shadow, method, target, shadow_headers, body, control_answer)
+                self._shadow(
+                    plan,
+                    shadow,
+                    method,
+                    target,
+                    shadow_headers,
+                    body,
+                    control_answer,
+                    user_pair,
+                    ticket,
+                )
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -69,7 +108,9 @@ class Shadows:
         target: str,
         headers: list[bytes],
         body: bytes,
-        control_answer: asyncio.Future[tuple[bytes, bytes] | None],
+        control_answer: ControlAnswer,
+        user_pair: bool,
+        ticket: Ticket | None,
     ) -> None:
         attempt = await call_upstream(self.client, shadow, method, target, headers, body)
         shadow_body = attempt.body
@@ -97,11 +138,25 @@ class Shadows:
             plan.experiment_id, shadow.key, attempt.latency_ms, error=failed, is_shadow=True
         )
         if failed or shadow_body is None:
+            if user_pair:
+                # The user's pair still counts: a failed answer differs from control's.
+                failed_against = await control_answer
+                if failed_against is not None:
+                    self.observations.pair_failure(
+                        plan.experiment_id,
+                        shadow.key,
+                        control_ms=failed_against[2],
+                        shadow_ms=attempt.latency_ms,
+                    )
             return
         answer = await control_answer
         if answer is None:
             return
-        control_body, control_encoding = answer
+        control_body, control_encoding, control_ms = answer
+        if ticket is not None and self.predictions is not None:
+            self.predictions.shadow_answer(
+                ticket, shadow.key, attempt.status, shadow_body, attempt.headers
+            )
         shadow_encoding = content_encoding(attempt.headers)
         disagreed, abs_diff = compare_answers(
             control_body,
@@ -111,5 +166,11 @@ class Shadows:
             shadow_encoding=shadow_encoding,
         )
         self.observations.compare(
-            plan.experiment_id, shadow.key, disagreed=disagreed, abs_diff=abs_diff
+            plan.experiment_id,
+            shadow.key,
+            disagreed=disagreed,
+            abs_diff=abs_diff,
+            control_ms=control_ms,
+            shadow_ms=attempt.latency_ms,
+            user_pair=user_pair,
         )

@@ -56,7 +56,9 @@ def test_results_and_history_need_the_read_scope(
         "exposures",
         "metrics",
         "latency",
+        "shadows",
     }
+    assert body["shadows"] == []
     assert set(body["health"]) == {"srm", "multiple_exposure", "no_traffic"}
     history = reader.get("/api/v1/experiments/api-exp/results/history?limit=2").json()
     assert [r["created_at"] for r in history["results"]] == sorted(

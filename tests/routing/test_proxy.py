@@ -19,6 +19,7 @@ from routing.edge.app import Edge, build_edge
 from routing.edge.context import EdgeContext
 from routing.models import Exposure, ObservationBucket
 from routing.observe.histogram import LogHistogram
+from routing.observe.shadow_pairs import PairCell
 from routing.proxy.app import ProxyApp
 from tests.model_server import ModelServer, closed_url
 from tests.routing.problems import assert_problem
@@ -545,6 +546,83 @@ def test_shadow_gets_a_copy_in_the_background_and_is_compared_with_control(
     assert mirrored.abs_diff_sum == pytest.approx(requests * 0.125)
     assert mirrored.abs_diff_sum_sq == pytest.approx(requests * 0.125**2)
     assert totals(experiment_id, "v1").count == requests
+    # Each user's shadow answer is paired with control's latency on the same request.
+    pairs = _pairs(experiment_id, "v3")
+    assert pairs.n == pairs.control.count == pairs.shadow.count == requests
+    assert pairs.s >= requests * 300 > pairs.c
+    assert pairs.s == pytest.approx(mirrored.latency_sum, rel=0.01)
+
+
+def _pairs(experiment_id: int, variant: str) -> PairCell:
+    pairs = PairCell()
+    for text in ObservationBucket.objects.filter(
+        experiment_id=experiment_id, variant_key=variant, is_shadow=True
+    ).values_list("pairs", flat=True):
+        if text:
+            pairs.merge(PairCell.from_json(text))
+    return pairs
+
+
+def test_a_user_gives_one_pair_its_first_mirrored_request(
+    proxy_settings: Any, make_key: Callable[..., str], servers: dict[str, ModelServer]
+) -> None:
+    key = make_key("decide")
+    shadow = servers["shadow"]
+    shadow.score = 0.625
+    experiment_id = make_experiment(
+        "one-pair",
+        [("v1", servers["control"].url, 1.0), ("v2", servers["canary"].url, 0.0)],
+        shadows=(("v3", shadow.url),),
+        shadow_compare_field="score",
+    )
+
+    async def scenario() -> None:
+        async with running_edge(key) as running:
+            for unit in ("u1", "u1", "u1", "u2", "u2"):
+                response = await running.client.post(
+                    "/proxy/one-pair/p", headers={"X-Rampart-Unit": unit}
+                )
+                assert response.status_code == 200
+            while running.proxy.shadows_in_flight:
+                await asyncio.sleep(0.02)
+
+    run(scenario)
+    mirrored = totals(experiment_id, "v3", is_shadow=True)
+    assert (mirrored.compared_count, mirrored.disagreement_count) == (5, 5)
+    pairs = _pairs(experiment_id, "v3")
+    assert (pairs.n, pairs.d) == (2, 2)
+    assert pairs.a == pytest.approx(2 * 0.125)
+
+
+def test_a_failing_shadow_gives_its_users_pairs_that_differ(
+    proxy_settings: Any, make_key: Callable[..., str], servers: dict[str, ModelServer]
+) -> None:
+    key = make_key("decide")
+    failing = ModelServer(name="failing", status=503).start()
+    try:
+        experiment_id = make_experiment(
+            "failing-shadow",
+            [("v1", servers["control"].url, 1.0), ("v2", servers["canary"].url, 0.0)],
+            shadows=(("v3", failing.url),),
+        )
+
+        async def scenario() -> None:
+            async with running_edge(key) as running:
+                for unit in ("u1", "u1", "u2"):
+                    response = await running.client.get(
+                        "/proxy/failing-shadow/p", headers={"X-Rampart-Unit": unit}
+                    )
+                    assert response.status_code == 200
+                while running.proxy.shadows_in_flight:
+                    await asyncio.sleep(0.02)
+
+        run(scenario)
+    finally:
+        failing.stop()
+    mirrored = totals(experiment_id, "v3", is_shadow=True)
+    assert (mirrored.count, mirrored.error_count, mirrored.compared_count) == (3, 3, 0)
+    pairs = _pairs(experiment_id, "v3")
+    assert (pairs.n, pairs.d) == (2, 2)
 
 
 def test_shadow_whole_body_comparison_and_saturation(

@@ -6,6 +6,7 @@ test_proxy.py); rows are read from the database after the edge shut down (final 
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -211,3 +212,46 @@ def test_request_ids_are_unique_and_short() -> None:
     ids = {new_request_id() for _ in range(10_000)}
     assert len(ids) == 10_000
     assert max(len(i) for i in ids) <= 32
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_shadows_prediction_is_recorded_under_controls_request_id(
+    proxy_settings: Any, make_key: Callable[..., str], servers: dict[str, ModelServer]
+) -> None:
+    key = make_key("decide")
+    shadow = ModelServer(name="shadow", score=0.625).start()
+    try:
+        experiment_id = make_experiment(
+            "shadow-scored",
+            [("v1", servers["control"].url, 1.0), ("v2", servers["canary"].url, 0.0)],
+            shadows=(("v3", shadow.url),),
+            quality_prediction_kind="number",
+            quality_request_id_header="X-Request-Id",
+            **QUALITY,
+        )
+
+        async def scenario() -> list[httpx.Response]:
+            async with running_edge(key) as running:
+                answers = [
+                    await running.client.post(
+                        "/proxy/shadow-scored/p",
+                        headers={"X-Rampart-Unit": f"u{i}", "X-Request-Id": f"req-{i}"},
+                    )
+                    for i in range(3)
+                ]
+                while running.proxy.shadows_in_flight:
+                    await asyncio.sleep(0.02)
+                return answers
+
+        answers = run(scenario)
+    finally:
+        shadow.stop()
+    assert [a.headers["x-rampart-request-id"] for a in answers] == ["req-0", "req-1", "req-2"]
+    rows = {
+        (row.request_id, row.variant_key): row.value
+        for row in Prediction.objects.filter(experiment_id=experiment_id)
+    }
+    assert rows == {
+        **{(f"req-{i}", "v1"): "0.5" for i in range(3)},
+        **{(f"req-{i}", "v3"): "0.625" for i in range(3)},
+    }
