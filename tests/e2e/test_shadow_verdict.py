@@ -25,7 +25,15 @@ import pytest
 
 from analysis.models import AlertOutbox, ShadowAnalysis
 from experiments import services
-from tests.processes import free_port, start_process, stop_process, wait_for_http
+from tests.processes import (
+    free_port,
+    running_platform,
+    sending,
+    start_process,
+    stop_process,
+    wait_for_http,
+    wait_until,
+)
 from tests.slack_sink import SlackSink
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -45,14 +53,23 @@ REQUESTS_PER_S = 150.0
 PACE_S = CONCURRENCY / REQUESTS_PER_S
 
 
-def _traffic(url: str, key: str, stop: threading.Event) -> None:
-    async def run() -> None:
+class Traffic:
+    """A new user per request, through the proxy, until ``stop`` is set."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self.url, self.key = url, key
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        asyncio.run(self._run())
+
+    async def _run(self) -> None:
         async with httpx.AsyncClient(
-            base_url=url, headers={"X-Rampart-Key": key}, timeout=10
+            base_url=self.url, headers={"X-Rampart-Key": self.key}, timeout=10
         ) as client:
 
             async def loop() -> None:
-                while not stop.is_set():
+                while not self.stop.is_set():
                     sent = time.time()
                     with contextlib.suppress(httpx.HTTPError):
                         await client.post(
@@ -63,8 +80,6 @@ def _traffic(url: str, key: str, stop: threading.Event) -> None:
                     await asyncio.sleep(max(0.0, PACE_S - (time.time() - sent)))
 
             await asyncio.gather(*(loop() for _ in range(CONCURRENCY)))
-
-    asyncio.run(run())
 
 
 @pytest.fixture
@@ -88,22 +103,6 @@ def models(tmp_path: Path) -> Iterator[dict[str, str]]:
     finally:
         for process in processes:
             stop_process(process)
-
-
-@pytest.fixture
-def slack() -> Iterator[SlackSink]:
-    sink = SlackSink().start()
-    yield sink
-    sink.stop()
-
-
-def _wait(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_a_differing_shadow_is_worse_and_an_identical_one_ready(
@@ -134,79 +133,46 @@ def test_a_differing_shadow_is_worse_and_an_identical_one_ready(
         slack_webhook_url=slack.url("/shadow"),
     )
     key = make_key("decide")
-    port = free_port()
-    edge = start_process(
-        [
-            *("-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1"),
-            *("--port", str(port), "--no-access-log", "--log-level", "warning"),
-        ],
-        env=CHILD_ENV,
-        log=tmp_path / "edge.log",
-    )
-    worker = start_process(
-        [
-            *("-m", "celery", "-A", "config", "worker", "--pool=solo", "-l", "warning"),
-            *("--without-heartbeat", "--without-gossip", "--without-mingle"),
-        ],
-        env=CHILD_ENV,
-        log=tmp_path / "worker.log",
-    )
-    beat = start_process(
-        [
-            *("-m", "celery", "-A", "config", "beat", "-l", "warning"),
-            *("-s", str(tmp_path / "beat-schedule")),
-        ],
-        env=CHILD_ENV,
-        log=tmp_path / "beat.log",
-    )
-    url = f"http://127.0.0.1:{port}"
-    stop = threading.Event()
-    sender = threading.Thread(target=_traffic, args=(url, key, stop), daemon=True)
-    try:
-        wait_for_http(url + "/proxy/")
+    with running_platform(tmp_path, CHILD_ENV) as platform:
         services.experiment_start(actor="test", key="shadowed")
-        sender.start()
+        traffic = Traffic(platform.url, key)
+        with sending(traffic):
 
-        def judged() -> bool:
-            verdicts = dict(
-                ShadowAnalysis.objects.filter(experiment__key="shadowed").values_list(
-                    "variant_key", "verdict"
+            def judged() -> bool:
+                verdicts = dict(
+                    ShadowAnalysis.objects.filter(experiment__key="shadowed").values_list(
+                        "variant_key", "verdict"
+                    )
                 )
+                return "collecting" not in verdicts.values() and len(verdicts) == 2
+
+            if not wait_until(judged, DEADLINE_S, interval=0.2):
+                rows = list(ShadowAnalysis.objects.values("variant_key", "verdict", "result"))
+                pytest.fail(f"no verdicts: {rows} " + platform.log_tail("worker", 2000))
+            traffic.stop.set()
+            rows = {row.variant_key: row for row in ShadowAnalysis.objects.all()}
+            differs, same = rows["differs"], rows["same"]
+            assert differs.verdict == "worse", differs.result
+            assert "disagrees with control on at least" in differs.reason
+            assert 0.05 < differs.result["disagreement"]["lower"] < 0.2
+            assert 0.15 < differs.result["disagreement"]["estimate"] < 0.25
+            assert same.verdict == "ready", same.result
+            assert same.result["disagreement"]["estimate"] == 0.0
+            # One alert per shadow, delivered to the Slack stand-in.
+            outbox = AlertOutbox.objects.filter(kind="shadow_verdict")
+            assert outbox.count() == 2
+
+            # Other alerts may arrive too (health warnings of the A/B itself); wait for the two
+            # shadow verdicts.
+            def shadow_texts() -> list[str]:
+                texts = (message.json["text"] for message in list(slack.received))
+                return sorted(text for text in texts if "Shadow verdict" in text)
+
+            assert wait_until(lambda: len(shadow_texts()) >= 2, 20.0, interval=0.2), slack.received
+            texts = shadow_texts()
+            assert len(texts) == 2, texts
+            assert "shadow `differs`" in texts[0] and "shadow `same`" in texts[1], texts
+            print(
+                f"\nshadow verdicts: differs after {differs.result['pairs']} pairs "
+                f"({differs.reason}); same after {same.result['pairs']} pairs ({same.reason})"
             )
-            return "collecting" not in verdicts.values() and len(verdicts) == 2
-
-        if not _wait(judged, DEADLINE_S):
-            rows = list(ShadowAnalysis.objects.values("variant_key", "verdict", "result"))
-            pytest.fail(f"no verdicts: {rows} " + (tmp_path / "worker.log").read_text()[-2000:])
-        stop.set()
-        sender.join(timeout=15)
-        rows = {row.variant_key: row for row in ShadowAnalysis.objects.all()}
-        differs, same = rows["differs"], rows["same"]
-        assert differs.verdict == "worse", differs.result
-        assert "disagrees with control on at least" in differs.reason
-        assert 0.05 < differs.result["disagreement"]["lower"] < 0.2
-        assert 0.15 < differs.result["disagreement"]["estimate"] < 0.25
-        assert same.verdict == "ready", same.result
-        assert same.result["disagreement"]["estimate"] == 0.0
-        # One alert per shadow, delivered to the Slack stand-in.
-        outbox = AlertOutbox.objects.filter(kind="shadow_verdict")
-        assert outbox.count() == 2
-
-        # Other alerts may arrive too (health warnings of the A/B itself); wait for the two
-        # shadow verdicts.
-        def shadow_texts() -> list[str]:
-            texts = (message.json["text"] for message in list(slack.received))
-            return sorted(text for text in texts if "Shadow verdict" in text)
-
-        assert _wait(lambda: len(shadow_texts()) >= 2, 20.0), slack.received
-        texts = shadow_texts()
-        assert len(texts) == 2, texts
-        assert "shadow `differs`" in texts[0] and "shadow `same`" in texts[1], texts
-        print(
-            f"\nshadow verdicts: differs after {differs.result['pairs']} pairs "
-            f"({differs.reason}); same after {same.result['pairs']} pairs ({same.reason})"
-        )
-    finally:
-        stop.set()
-        for process in (beat, worker, edge):
-            stop_process(process)
