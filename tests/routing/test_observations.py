@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from routing.observe import observations as observations_module
+from routing.observe import observation_store
 from routing.observe.histogram import LogHistogram
 from routing.observe.observations import ObservationAggregator
 
@@ -106,7 +106,7 @@ def test_a_failed_write_keeps_the_cells_and_the_next_flush_writes_them(
         written.extend(rows)
         return len(rows)
 
-    monkeypatch.setattr(observations_module, "_write_rows", write)
+    monkeypatch.setattr(observation_store, "write_observation_rows", write)
     agg.observe(1, "v1", 10.0, error=False)
 
     async def flushes() -> tuple[int, int]:
