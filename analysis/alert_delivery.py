@@ -79,6 +79,7 @@ _TITLES = {
     "advance": ":arrow_up: Canary advanced",
     "complete": ":white_check_mark: Canary completed",
     "test": ":wave: Test alert",
+    "prediction_drift": ":chart_with_upwards_trend: Prediction drift",
 }
 
 

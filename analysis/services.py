@@ -26,6 +26,7 @@ from django.utils import timezone
 
 from analysis import alerts, metrics
 from analysis.aggregation import aggregate, events_to_fold, fold_unit_events, note_event_horizon
+from analysis.drift_actions import drift_alert, drift_decided
 from analysis.evidence import ArmState
 from analysis.folding import event_windows
 from analysis.followup_tasks import events_fold as fold_task
@@ -34,6 +35,7 @@ from analysis.health import HealthSettings, arms
 from analysis.label_health import label_health_json
 from analysis.latency_means import user_latency
 from analysis.models import AnalysisState, ResultSnapshot, SequentialState, WebhookEndpoint
+from analysis.prediction_drift import drift_json, prediction_drift_update
 from analysis.quantile_guardrails import quantile_bets_update
 from analysis.rate_guardrails import rate_bets_update
 from analysis.stats.quantile_users import UserQuantileBets
@@ -296,6 +298,9 @@ def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> Ru
         rate_bets=rate_bets,
         user_latency=user_latency(view, now=now.timestamp()),
     )
+    drift = prediction_drift_update(view, control=control, treatments=treatments)
+    drift_report = drift_json(view, drift, control=control, treatments=treatments) if drift else {}
+    result = drift_decided(view, result, drift_report.get("prediction_drift"))
     _save_states(view.id, old_states, result.states)
     state.srm_max_log_e_value = result.health.srm_max_log_e_value
     decision = result.decision
@@ -307,6 +312,8 @@ def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> Ru
         acted = taken is not None
         decision = taken or "continue"
     _health_alerts(view, state, result)
+    if drift is not None:
+        drift_alert(view, drift, result, drift_report.get("prediction_drift"))
     state.runs += 1
     state.last_run_at = now
     state.save()
@@ -315,7 +322,7 @@ def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> Ru
         created_at=now,
         decision=decision,
         reason=result.reason,
-        health={**result.health.as_json(), **label_health_json(view, now=now)},
+        health={**result.health.as_json(), **label_health_json(view, now=now), **drift_report},
         exposures=result.exposures,
         metrics=result.metrics,
         latency=result.latency,

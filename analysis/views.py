@@ -25,6 +25,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_http_methods, require_POST
 
 from analysis import selectors, services
+from analysis.drift_presentation import drift_panel
 from analysis.llm_presentation import llm_lines, llm_series
 from analysis.presentation import (
     ALERT_STATUSES,
@@ -99,6 +100,7 @@ def results(request: HttpRequest, key: str) -> HttpResponse:
             warnings=health_warnings(snapshot.health or {}, view.status),
             lines=metric_lines(snapshot.metrics or [], view),
             labels=label_lines(snapshot.health or {}),
+            drift=drift_panel(snapshot.health or {}),
         )
     return render(request, "analysis/_results.html", context)
 

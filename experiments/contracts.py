@@ -99,6 +99,10 @@ class QualityView:
     # The caller's own request id comes from this header ("" = the proxy makes one).
     request_id_header: str
     sample_rate: float
+    # Prediction drift between arms: the tolerated total variation (None = off) and the
+    # response to a breach (rollback, hold or warn).
+    drift_tolerance: float | None = None
+    drift_action: str = "hold"
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,6 +95,10 @@ def quality_view(experiment: Experiment) -> QualityView | None:
         prediction_kind=experiment.quality_prediction_kind,
         request_id_header=experiment.quality_request_id_header,
         sample_rate=experiment.quality_sample_rate,
+        drift_tolerance=(
+            experiment.prediction_drift_tolerance if experiment.prediction_drift_enabled else None
+        ),
+        drift_action=experiment.prediction_drift_action,
     )
 
 

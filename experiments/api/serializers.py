@@ -131,6 +131,13 @@ class ExperimentWriteSerializer(StrictSerializer):
         max_length=128, required=False, allow_blank=True
     )
     quality_sample_rate = serializers.FloatField(required=False, min_value=0.0, max_value=1.0)
+    prediction_drift_enabled = serializers.BooleanField(required=False)
+    prediction_drift_tolerance = serializers.FloatField(
+        required=False, min_value=0.0, max_value=0.5
+    )
+    prediction_drift_action = serializers.ChoiceField(
+        choices=HealthResponse.choices, required=False
+    )
     # Positions are smallint columns; these limits are far below them and above any real use.
     variants = VariantSerializer(many=True, max_length=MAX_VARIANTS)
     metrics = MetricUseSerializer(many=True, required=False, max_length=MAX_METRICS)
@@ -192,6 +199,9 @@ class ExperimentSerializer(serializers.ModelSerializer):
             "quality_prediction_kind",
             "quality_request_id_header",
             "quality_sample_rate",
+            "prediction_drift_enabled",
+            "prediction_drift_tolerance",
+            "prediction_drift_action",
             "has_slack_webhook",
             "variants",
             "metrics",

@@ -195,6 +195,9 @@ class ExperimentEditor:
                 "quality_prediction_kind",
                 "quality_request_id_header",
                 "quality_sample_rate",
+                "prediction_drift_enabled",
+                "prediction_drift_tolerance",
+                "prediction_drift_action",
             )
         }
         main["coverage_pct"] = _percent(experiment.coverage)
@@ -354,6 +357,13 @@ class ExperimentEditor:
             "quality_sample_rate": (
                 1.0 if data["quality_sample_rate"] is None else data["quality_sample_rate"]
             ),
+            "prediction_drift_enabled": data["prediction_drift_enabled"],
+            "prediction_drift_tolerance": (
+                0.02
+                if data["prediction_drift_tolerance"] is None
+                else data["prediction_drift_tolerance"]
+            ),
+            "prediction_drift_action": data["prediction_drift_action"],
         }
 
     def create_kwargs(self) -> dict[str, Any]:
