@@ -363,7 +363,7 @@ class ExperimentEditor:
                 if data["prediction_drift_tolerance"] is None
                 else data["prediction_drift_tolerance"]
             ),
-            "prediction_drift_action": data["prediction_drift_action"],
+            "prediction_drift_action": data["prediction_drift_action"] or "hold",
         }
 
     def create_kwargs(self) -> dict[str, Any]:

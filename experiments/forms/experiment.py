@@ -185,6 +185,7 @@ class ExperimentForm(forms.Form):
     prediction_drift_action = forms.ChoiceField(
         label="On prediction drift",
         choices=HealthResponse.choices,
+        required=False,
         initial=HealthResponse.HOLD,
     )
     slack_webhook_url = forms.CharField(

@@ -1,0 +1,97 @@
+"""Prediction-drift settings: the API and the form take, render and validate them by field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from rest_framework.test import APIClient
+
+from experiments.selectors import experiment_view_get
+from tests.factories import experiment_payload
+from tests.problems import assert_problem, messages_by_field
+
+pytestmark = pytest.mark.django_db
+
+DRIFT_ON = {
+    "quality_enabled": True,
+    "quality_prediction_path": "label",
+    "prediction_drift_enabled": True,
+    "prediction_drift_tolerance": 0.05,
+    "prediction_drift_action": "rollback",
+}
+
+
+def test_drift_settings_round_trip_and_reach_the_view(api: APIClient, metrics: Any) -> None:
+    response = api.post("/api/v1/experiments/", experiment_payload(**DRIFT_ON), format="json")
+    assert response.status_code == 201, response.json()
+    body = response.json()
+    assert {name: body[name] for name in DRIFT_ON} == DRIFT_ON
+    quality = experiment_view_get(key=body["key"]).quality
+    assert quality is not None
+    assert (quality.drift_tolerance, quality.drift_action) == (0.05, "rollback")
+    url = f"/api/v1/experiments/{body['key']}/"
+    off = api.patch(url, {"prediction_drift_enabled": False}, format="json")
+    assert off.status_code == 200, off.json()
+    quality = experiment_view_get(key=body["key"]).quality
+    assert quality is not None and quality.drift_tolerance is None
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"prediction_drift_enabled": True}, "prediction_drift_enabled"),
+        ({**DRIFT_ON, "prediction_drift_tolerance": 0.5}, "prediction_drift_tolerance"),
+        ({**DRIFT_ON, "prediction_drift_tolerance": -0.01}, "prediction_drift_tolerance"),
+        ({**DRIFT_ON, "prediction_drift_tolerance": "wide"}, "prediction_drift_tolerance"),
+        ({**DRIFT_ON, "prediction_drift_action": "panic"}, "prediction_drift_action"),
+    ],
+)
+def test_bad_drift_settings_name_their_field(
+    api: APIClient, metrics: Any, change: dict[str, Any], field: str
+) -> None:
+    response = api.post("/api/v1/experiments/", experiment_payload(**change), format="json")
+    assert list(messages_by_field(assert_problem(response, 400, "validation_error"))) == [field]
+
+
+def test_switching_quality_off_under_drift_is_refused(api: APIClient, metrics: Any) -> None:
+    created = api.post("/api/v1/experiments/", experiment_payload(**DRIFT_ON), format="json")
+    url = f"/api/v1/experiments/{created.json()['key']}/"
+    refused = api.patch(url, {"quality_enabled": False}, format="json")
+    errors = messages_by_field(assert_problem(refused, 400, "validation_error"))
+    assert list(errors) == ["prediction_drift_enabled"]
+
+
+def test_the_experiment_form_sets_drift_and_shows_errors_next_to_the_field(metrics: Any) -> None:
+    from django.contrib.auth.models import User
+    from django.test import Client
+    from django.urls import reverse
+
+    from experiments import services
+    from experiments.models import Experiment
+    from tests.experiments.test_views import experiment_form, field_errors
+
+    web = Client()
+    web.force_login(User.objects.create_user("eve", password="pw-for-tests-only"))
+    services.user_role_assign(actor="test", username="eve", role="admin")
+    refused = web.post(
+        reverse("experiments:create"), experiment_form(prediction_drift_enabled="on")
+    ).content.decode()
+    assert "quality tracking" in field_errors(refused, "id_prediction_drift_enabled")
+    created = web.post(
+        reverse("experiments:create"),
+        experiment_form(
+            quality_enabled="on",
+            quality_prediction_path="label",
+            prediction_drift_enabled="on",
+            prediction_drift_tolerance="0.03",
+            prediction_drift_action="warn",
+        ),
+    )
+    assert created.status_code == 302
+    experiment = Experiment.objects.get(key="ranker-v2")
+    assert experiment.prediction_drift_enabled
+    assert (experiment.prediction_drift_tolerance, experiment.prediction_drift_action) == (
+        0.03,
+        "warn",
+    )
