@@ -118,6 +118,8 @@ class _Categorizer:
 
 def _bin_label(edges: Sequence[float], value: float) -> str:
     index = int(bin_index([value], edges)[0])
+    if 0 < index < len(edges) and edges[index] == np.nextafter(edges[index - 1], np.inf):
+        return f"{edges[index - 1]:.6g}"  # the bin of one value (a constant control's)
     low = f"{edges[index - 1]:.4g}" if index > 0 else "-inf"
     high = f"{edges[index]:.4g}" if index < len(edges) else "inf"
     return f"[{low}, {high})"

@@ -57,8 +57,9 @@ Descriptive distances
 
 Binning numbers
     `quantile_edges` takes the interior edges of equal-count bins of a calibration sample
-    (control's first users); bins are then fixed for the life of the experiment, so every
-    bet uses categories defined before it is placed.
+    (control's first users), plus one just above the sample's maximum (values beyond all of
+    it get their own bin); bins are then fixed for the life of the experiment, so every bet
+    uses categories defined before it is placed.
 
 Pure: numpy only, over arrays of users; nothing here reads settings or a database.
 """
@@ -289,13 +290,16 @@ def psi(actual: ArrayLike, expected: ArrayLike, *, floor: float = PSI_FLOOR) -> 
 
 
 def quantile_edges(values: ArrayLike, *, bins: int) -> tuple[float, ...]:
-    """Interior edges of `bins` equal-count bins of `values` (ties merged), fixed afterwards."""
+    """Interior edges of `bins` equal-count bins of `values` (ties merged), and one above all."""
     data = np.asarray(values, dtype=float)
     data = data[np.isfinite(data)]
     if bins < 2 or data.size == 0:
         return ()
     cuts = np.quantile(data, np.arange(1, bins) / bins, method="higher")
-    return tuple(float(v) for v in np.unique(cuts))
+    # Values above all of the calibration sample get a bin of their own (a constant control
+    # would otherwise share its one bin with anything larger).
+    above = np.nextafter(data.max(), np.inf)
+    return tuple(float(v) for v in np.unique(np.append(cuts, above)))
 
 
 def bin_index(values: ArrayLike, edges: Sequence[float]) -> NDArray[np.int64]:

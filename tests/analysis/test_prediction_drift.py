@@ -198,7 +198,7 @@ def test_numbers_are_binned_on_control_s_first_users_and_then_bet_on(slack_url: 
     _run(experiment, at, 300)
     result = _run(experiment, at, 305)
     state = PredictionDriftState.objects.get(experiment=experiment)
-    assert state.edges is not None and len(state.edges) == 9
+    assert state.edges is not None and len(state.edges) == 10
     drift = result.snapshot.health["prediction_drift"]
     assert "(unreadable)" in drift["categories"] and drift["calibrating"] is False
     assert drift["flagged"] == ["v2"]

@@ -48,12 +48,14 @@ def test_total_variation_is_half_the_l1_distance() -> None:
 def test_quantile_edges_make_equal_count_bins_fixed_afterwards() -> None:
     values = np.arange(1000, dtype=float)
     edges = quantile_edges(values, bins=10)
-    assert len(edges) == 9
-    counts = np.bincount(bin_index(values, edges), minlength=10)
-    assert counts.tolist() == [100] * 10
+    assert len(edges) == 10
+    counts = np.bincount(bin_index(values, edges), minlength=11)
+    assert counts.tolist() == [100] * 10 + [0]
     # Ties merge edges; values beyond the calibration range fall in the end bins.
-    assert quantile_edges([1.0] * 50 + [2.0] * 50, bins=10) == (1.0, 2.0)
-    assert bin_index([-1e9, 1e9], edges).tolist() == [0, 9]
+    assert quantile_edges([1.0] * 50 + [2.0] * 50, bins=10) == (1.0, 2.0, np.nextafter(2.0, 3.0))
+    # A constant control: its value, and anything larger, in bins of their own.
+    assert bin_index([0.1, 0.2, 0.7], quantile_edges([0.2] * 100, bins=10)).tolist() == [0, 1, 2]
+    assert bin_index([-1e9, 1e9], edges).tolist() == [0, 10]
     assert quantile_edges([], bins=10) == ()
 
 
