@@ -80,6 +80,7 @@ _TITLES = {
     "complete": ":white_check_mark: Canary completed",
     "test": ":wave: Test alert",
     "prediction_drift": ":chart_with_upwards_trend: Prediction drift",
+    "input_drift": ":chart_with_downwards_trend: Input drift",
 }
 
 

@@ -75,3 +75,28 @@ class PredictionDriftCount(models.Model):
 
     def __str__(self) -> str:
         return f"{self.experiment_id}:{self.arm}@{self.bucket_start:.0f}"
+
+
+class InputDriftState(models.Model):
+    """One watched request field's alert state: drifting now, and how many episodes so far.
+
+    An episode starts when the field is flagged after not being flagged, and ends when it is
+    no longer flagged; each episode alerts once.
+    """
+
+    experiment = models.ForeignKey(
+        "experiments.Experiment", on_delete=models.CASCADE, related_name="+", db_index=False
+    )
+    field_path = models.CharField(max_length=200)
+    drifting = models.BooleanField(default=False)
+    episodes = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["experiment", "field_path"], name="input_drift_state_once"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.experiment_id}:{self.field_path} (episodes {self.episodes})"

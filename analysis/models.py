@@ -10,6 +10,7 @@ from django.db.models import Q
 # The prediction-drift tables live in their own module; importing them registers them.
 from analysis.drift_models import (  # noqa: F401
     DriftUnit,
+    InputDriftState,
     PredictionDriftCount,
     PredictionDriftState,
 )

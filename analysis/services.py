@@ -32,6 +32,7 @@ from analysis.folding import event_windows
 from analysis.followup_tasks import events_fold as fold_task
 from analysis.guardrails import ExperimentAnalysis, analyse
 from analysis.health import HealthSettings, arms
+from analysis.input_drift import input_drift_alerts, input_drift_decided, input_drift_report
 from analysis.label_health import label_health_json
 from analysis.latency_means import user_latency
 from analysis.models import AnalysisState, ResultSnapshot, SequentialState, WebhookEndpoint
@@ -301,6 +302,8 @@ def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> Ru
     drift = prediction_drift_update(view, control=control, treatments=treatments)
     drift_report = drift_json(view, drift, control=control, treatments=treatments) if drift else {}
     result = drift_decided(view, result, drift_report.get("prediction_drift"))
+    inputs_report = input_drift_report(view, now=now) or {}
+    result = input_drift_decided(result, inputs_report.get("input_drift"))
     _save_states(view.id, old_states, result.states)
     state.srm_max_log_e_value = result.health.srm_max_log_e_value
     decision = result.decision
@@ -314,6 +317,7 @@ def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> Ru
     _health_alerts(view, state, result)
     if drift is not None:
         drift_alert(view, drift, result, drift_report.get("prediction_drift"))
+    input_drift_alerts(view, result, inputs_report.get("input_drift"))
     state.runs += 1
     state.last_run_at = now
     state.save()
@@ -322,7 +326,12 @@ def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> Ru
         created_at=now,
         decision=decision,
         reason=result.reason,
-        health={**result.health.as_json(), **label_health_json(view, now=now), **drift_report},
+        health={
+            **result.health.as_json(),
+            **label_health_json(view, now=now),
+            **drift_report,
+            **inputs_report,
+        },
         exposures=result.exposures,
         metrics=result.metrics,
         latency=result.latency,

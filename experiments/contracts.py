@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 # Model-quality metrics (source of a "mean" metric): per-prediction scores against the label
 # sent later (POST /v1/labels), averaged per unit. Accuracy is higher-is-better, the losses
@@ -106,6 +106,28 @@ class QualityView:
 
 
 @dataclass(frozen=True, slots=True)
+class InputFieldView:
+    """One request field watched for input drift (experiments.services.input_drift)."""
+
+    path: str
+    kind: str  # "number" or "category"
+    threshold: float  # the PSI that counts as drift
+    edges: tuple[float, ...] | None  # numbers: the bins' edges; None: the proxy's log grid
+
+
+@dataclass(frozen=True, slots=True)
+class InputDriftView:
+    """Input drift over time: the fields, the sampling, the reference and the response."""
+
+    fields: tuple[InputFieldView, ...]
+    sample_rate: float
+    action: str
+    # {"type": "window", "start", "end"} or {"type": "training", "distributions"}; None: the
+    # experiment's first INPUT_DRIFT_REFERENCE_S seconds.
+    reference: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
 class ExperimentView:
     id: int
     key: str
@@ -137,6 +159,8 @@ class ExperimentView:
     has_slack_webhook: bool = False
     # None when quality tracking is off.
     quality: QualityView | None = None
+    # None when input drift is off.
+    input_drift: InputDriftView | None = None
 
     @property
     def control(self) -> VariantView:

@@ -100,6 +100,8 @@ class Experiment(models.Model):
     prediction_drift_action = models.CharField(
         max_length=16, choices=HealthResponse.choices, default=HealthResponse.HOLD
     )
+    # Input drift over time (experiments.services.input_drift): {} = off.
+    input_drift = models.JSONField(default=dict, blank=True)
     ramp_position = models.IntegerField(null=True, blank=True)
     step_started_at = models.DateTimeField(null=True, blank=True)
     winner = models.ForeignKey(

@@ -10,6 +10,8 @@ from experiments.contracts import (
     ApiKeyView,
     ExperimentMetricView,
     ExperimentView,
+    InputDriftView,
+    InputFieldView,
     MetricView,
     QualityView,
     RampStepView,
@@ -102,6 +104,27 @@ def quality_view(experiment: Experiment) -> QualityView | None:
     )
 
 
+def input_drift_view(experiment: Experiment) -> InputDriftView | None:
+    """The experiment's input-drift check, or None when it is off."""
+    setting = experiment.input_drift or {}
+    if not setting.get("fields"):
+        return None
+    return InputDriftView(
+        fields=tuple(
+            InputFieldView(
+                path=field["path"],
+                kind=field["kind"],
+                threshold=float(field["threshold"]),
+                edges=None if field.get("edges") is None else tuple(field["edges"]),
+            )
+            for field in setting["fields"]
+        ),
+        sample_rate=float(setting.get("sample_rate", 0.1)),
+        action=str(setting.get("action", "warn")),
+        reference=setting.get("reference"),
+    )
+
+
 def experiment_view(experiment: Experiment) -> ExperimentView:
     """Map one experiment (with prefetched relations) to its frozen view."""
     namespace = None
@@ -164,6 +187,7 @@ def experiment_view(experiment: Experiment) -> ExperimentView:
         cache_max_entries=experiment.cache_max_entries,
         has_slack_webhook=bool(experiment.slack_webhook_url),
         quality=quality_view(experiment),
+        input_drift=input_drift_view(experiment),
     )
 
 

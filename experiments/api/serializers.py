@@ -138,6 +138,8 @@ class ExperimentWriteSerializer(StrictSerializer):
     prediction_drift_action = serializers.ChoiceField(
         choices=HealthResponse.choices, required=False
     )
+    # Validated whole by the service (experiments.services.input_drift), errors by place.
+    input_drift = serializers.JSONField(required=False)
     # Positions are smallint columns; these limits are far below them and above any real use.
     variants = VariantSerializer(many=True, max_length=MAX_VARIANTS)
     metrics = MetricUseSerializer(many=True, required=False, max_length=MAX_METRICS)
@@ -202,6 +204,7 @@ class ExperimentSerializer(serializers.ModelSerializer):
             "prediction_drift_enabled",
             "prediction_drift_tolerance",
             "prediction_drift_action",
+            "input_drift",
             "has_slack_webhook",
             "variants",
             "metrics",

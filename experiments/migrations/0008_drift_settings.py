@@ -4,25 +4,37 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('experiments', '0007_llm_variant_prices'),
+        ("experiments", "0007_llm_variant_prices"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='experiment',
-            name='prediction_drift_action',
-            field=models.CharField(choices=[('hold', 'Hold the ramp and alert'), ('rollback', 'Roll back'), ('warn', 'Alert only')], default='hold', max_length=16),
+            model_name="experiment",
+            name="prediction_drift_action",
+            field=models.CharField(
+                choices=[
+                    ("hold", "Hold the ramp and alert"),
+                    ("rollback", "Roll back"),
+                    ("warn", "Alert only"),
+                ],
+                default="hold",
+                max_length=16,
+            ),
         ),
         migrations.AddField(
-            model_name='experiment',
-            name='prediction_drift_enabled',
+            model_name="experiment",
+            name="prediction_drift_enabled",
             field=models.BooleanField(default=False),
         ),
         migrations.AddField(
-            model_name='experiment',
-            name='prediction_drift_tolerance',
+            model_name="experiment",
+            name="prediction_drift_tolerance",
             field=models.FloatField(default=0.02),
+        ),
+        migrations.AddField(
+            model_name="experiment",
+            name="input_drift",
+            field=models.JSONField(blank=True, default=dict),
         ),
     ]

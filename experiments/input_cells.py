@@ -1,0 +1,34 @@
+"""Cells of a watched number on the proxy's fixed signed log grid (input drift), pure.
+
+Shared by the proxy, which bins values (``routing.proxy.inputs``), and the analysis, which
+orders the cells to merge them (``analysis.input_drift``). Four cells per decade from 1e-3 to
+1e6 (values beyond are clamped into the end cells), zero on its own, negatives mirrored: the
+cells are fixed, so counts from any time of an experiment merge.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+# Cells of k/4 decades, k in [LOG_LOW, LOG_HIGH] (1e-3 .. 1e6), clamped.
+LOG_LOW: Final = -12
+LOG_HIGH: Final = 24
+
+
+def log_cell(value: float) -> str:
+    """The log-grid cell of a number: "0", "+k" or "-k" (|value| in [10^(k/4), 10^((k+1)/4)))."""
+    if value == 0:
+        return "0"
+    magnitude = abs(value)
+    k = min(max(math.floor(4 * math.log10(magnitude)), LOG_LOW), LOG_HIGH)
+    return f"+{k}" if value > 0 else f"-{k}"
+
+
+def cell_order(cell: str) -> float:
+    """A number cell's position on the line (its lower end), for ordering and merging."""
+    if cell == "0":
+        return 0.0
+    if cell[0] in "+-":
+        return float(cell[0] + "1") * 10 ** (int(cell[1:]) / 4)
+    return float(cell)  # a configured bin index
