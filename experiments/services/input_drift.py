@@ -146,7 +146,7 @@ def validate_input_drift(value: Any, errors: Errors) -> dict[str, Any]:
         if not _number(threshold) or threshold <= 0:
             errors.add(f"{where}.threshold", "The PSI that counts as drift: a number > 0.")
         edges = None
-        if "edges" in item:
+        if item.get("edges") is not None:
             if kind != "number":
                 errors.add(f"{where}.edges", "Only number fields have edges.")
             else:

@@ -95,3 +95,134 @@ def test_the_experiment_form_sets_drift_and_shows_errors_next_to_the_field(metri
         0.03,
         "warn",
     )
+
+
+INPUTS = {
+    "fields": [
+        {"path": "amount", "kind": "number", "threshold": 0.25},
+        {"path": "user.country", "kind": "category"},
+    ],
+    "sample_rate": 0.2,
+    "action": "hold",
+    "reference": {
+        "type": "training",
+        "distributions": {
+            "amount": {"edges": [10, 100], "counts": [5, 60, 35]},
+            "user.country": {"counts": {"DE": 40, "FR": 60}},
+        },
+    },
+}
+
+
+def test_input_drift_round_trips_and_numbers_take_the_training_edges(
+    api: APIClient, metrics: Any
+) -> None:
+    response = api.post(
+        "/api/v1/experiments/", experiment_payload(input_drift=INPUTS), format="json"
+    )
+    assert response.status_code == 201, response.json()
+    stored = response.json()["input_drift"]
+    assert stored["fields"][0] == {
+        "path": "amount",
+        "kind": "number",
+        "threshold": 0.25,
+        "edges": [10.0, 100.0],
+    }
+    assert stored["fields"][1]["threshold"] == 0.2  # the default
+    view = experiment_view_get(key=response.json()["key"]).input_drift
+    assert view is not None and view.fields[0].edges == (10.0, 100.0)
+    assert (view.sample_rate, view.action) == (0.2, "hold")
+    url = f"/api/v1/experiments/{response.json()['key']}/"
+    off = api.patch(url, {"input_drift": {}}, format="json")
+    assert off.status_code == 200 and experiment_view_get(key=off.json()["key"]).input_drift is None
+
+
+def _with(**changes: Any) -> dict[str, Any]:
+    return {**INPUTS, **changes}
+
+
+@pytest.mark.parametrize(
+    ("setting", "field"),
+    [
+        ([], "input_drift"),
+        ({"fields": []}, "input_drift.fields"),
+        ({"fields": [{"path": "a..b", "kind": "number"}]}, "input_drift.fields[0].path"),
+        ({"fields": [{"path": "a", "kind": "text"}]}, "input_drift.fields[0].kind"),
+        (
+            {"fields": [{"path": "a", "kind": "number", "threshold": 0}]},
+            "input_drift.fields[0].threshold",
+        ),
+        (
+            {"fields": [{"path": "a", "kind": "number", "edges": [3, 2]}]},
+            "input_drift.fields[0].edges",
+        ),
+        (
+            {"fields": [{"path": "a", "kind": "category", "edges": [1]}]},
+            "input_drift.fields[0].edges",
+        ),
+        ({"fields": [{"path": "a", "kind": "number", "x": 1}]}, "input_drift.fields[0].x"),
+        (
+            {"fields": [{"path": f"f{i}", "kind": "number"} for i in range(11)]},
+            "input_drift.fields",
+        ),
+        (_with(sample_rate=0), "input_drift.sample_rate"),
+        (_with(action="panic"), "input_drift.action"),
+        (_with(reference={"type": "yesterday"}), "input_drift.reference.type"),
+        (
+            _with(
+                reference={"type": "window", "start": "2026-12-01", "end": "2026-12-02T00:00:00Z"}
+            ),
+            "input_drift.reference.start",
+        ),
+        (
+            _with(
+                reference={
+                    "type": "window",
+                    "start": "2026-12-02T00:00:00Z",
+                    "end": "2026-12-01T00:00:00Z",
+                }
+            ),
+            "input_drift.reference.end",
+        ),
+        (
+            _with(
+                reference={
+                    "type": "training",
+                    "distributions": {
+                        **INPUTS["reference"]["distributions"],
+                        "amount": {"edges": [10, 100], "counts": [5, 60]},
+                    },
+                }
+            ),
+            "input_drift.reference.distributions.amount.counts",
+        ),
+        (
+            _with(
+                reference={
+                    "type": "training",
+                    "distributions": {
+                        **INPUTS["reference"]["distributions"],
+                        "user.country": {"counts": {"DE": -1}},
+                    },
+                }
+            ),
+            "input_drift.reference.distributions.user.country.counts",
+        ),
+        (
+            _with(
+                reference={
+                    "type": "training",
+                    "distributions": {"amount": INPUTS["reference"]["distributions"]["amount"]},
+                }
+            ),
+            "input_drift.reference.distributions",
+        ),
+    ],
+)
+def test_bad_input_drift_settings_name_the_place(
+    api: APIClient, metrics: Any, setting: Any, field: str
+) -> None:
+    response = api.post(
+        "/api/v1/experiments/", experiment_payload(input_drift=setting), format="json"
+    )
+    assert list(messages_by_field(assert_problem(response, 400, "validation_error"))) == [field]
