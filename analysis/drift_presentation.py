@@ -1,8 +1,8 @@
-"""The experiment page's prediction-drift panel, from the snapshot's health entry."""
+"""The experiment page's drift panels (predictions between arms, inputs over time)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,4 +83,99 @@ def drift_panel(health: Mapping[str, Any]) -> DriftPanel | None:
         tolerance=f"{float(report.get('tolerance', 0.0)):g}",
         action=str(report.get("action", "")),
         calibrating=bool(report.get("calibrating")),
+    )
+
+
+@dataclass(frozen=True)
+class InputLine:
+    path: str
+    kind: str
+    psi: str
+    threshold: str
+    p: str
+    recent_n: str
+    status: str
+    flagged: bool
+    # An SVG polyline of the PSI over the last runs, scaled to 0..CHART_H, and the
+    # threshold's height, for the sparkline with the threshold marked.
+    points: str
+    threshold_y: float
+
+
+@dataclass(frozen=True)
+class InputPanel:
+    lines: list[InputLine]
+    action: str
+    reference: str
+    window_min: str
+
+
+CHART_W = 160.0
+CHART_H = 40.0
+
+
+def _sparkline(values: list[float | None], threshold: float) -> tuple[str, float]:
+    top = max([threshold * 1.5, *(v for v in values if v is not None)])
+    step = CHART_W / max(len(values) - 1, 1)
+    points = " ".join(
+        f"{i * step:.1f},{CHART_H - CHART_H * v / top:.1f}"
+        for i, v in enumerate(values)
+        if v is not None
+    )
+    return points, round(CHART_H - CHART_H * threshold / top, 1)
+
+
+def input_panel(
+    health: Mapping[str, Any], history: Sequence[Mapping[str, Any]]
+) -> InputPanel | None:
+    """The input-drift card: per field the latest PSI, the test, and the PSI over the runs in
+    `history` (snapshots' health, oldest first) with the threshold; None when it is off."""
+    report = health.get("input_drift")
+    if not report:
+        return None
+    lines = []
+    for entry in report.get("fields") or []:
+        path = entry["path"]
+        series: list[float | None] = []
+        for past in history:
+            found = next(
+                (
+                    f
+                    for f in (past.get("input_drift") or {}).get("fields") or []
+                    if f["path"] == path
+                ),
+                None,
+            )
+            series.append(None if found is None else found.get("psi"))
+        points, threshold_y = _sparkline(series, float(entry["threshold"]))
+        if report.get("collecting_reference"):
+            status = "collecting the reference"
+        elif entry.get("flagged"):
+            status = "drifting beyond the threshold"
+        else:
+            status = "within the threshold"
+        lines.append(
+            InputLine(
+                path=path,
+                kind=entry["kind"],
+                psi=_number(entry.get("psi")),
+                threshold=f"{entry['threshold']:g}",
+                p=_number(entry.get("p"), ".2g"),
+                recent_n=f"{entry.get('recent_n', 0):,}",
+                status=status,
+                flagged=bool(entry.get("flagged")),
+                points=points,
+                threshold_y=threshold_y,
+            )
+        )
+    reference = report.get("reference")
+    if reference == "training":
+        described = "the uploaded training distribution"
+    else:
+        described = "a pinned window of the experiment's traffic"
+    return InputPanel(
+        lines=lines,
+        action=str(report.get("action", "")),
+        reference=described,
+        window_min=f"{float(report.get('window_s', 0)) / 60:g}",
     )

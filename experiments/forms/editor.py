@@ -201,6 +201,7 @@ class ExperimentEditor:
             )
         }
         main["coverage_pct"] = _percent(experiment.coverage)
+        main["input_drift"] = experiment.input_drift or None
         main["namespace_id"] = experiment.namespace_id
         main["namespace_start_pct"] = _percent(experiment.namespace_start)
         main["namespace_end_pct"] = _percent(experiment.namespace_end)
@@ -364,6 +365,7 @@ class ExperimentEditor:
                 else data["prediction_drift_tolerance"]
             ),
             "prediction_drift_action": data["prediction_drift_action"] or "hold",
+            "input_drift": data["input_drift"] or {},
         }
 
     def create_kwargs(self) -> dict[str, Any]:
@@ -492,6 +494,10 @@ class ExperimentEditor:
             "ramp_steps": _kept_forms(self.ramp),
         }
         for name, messages in errors.items():
+            if name.startswith("input_drift."):  # a place inside the JSON setting
+                for message in messages:
+                    self.form.add_error("input_drift", f"{name[len('input_drift.') :]}: {message}")
+                continue
             row = _ROW_ERROR.fullmatch(name)
             if row is not None:
                 group, index = row["group"], int(row["index"])

@@ -182,6 +182,20 @@ class ExperimentForm(forms.Form):
         initial=0.02,
         help_text="0.02 tolerates a 2-point shift of the predicted classes or bins.",
     )
+    input_drift = forms.JSONField(
+        label="Input drift (watched request fields, JSON)",
+        required=False,
+        widget=forms.Textarea(
+            attrs={
+                "rows": 5,
+                "placeholder": '{"fields": [{"path": "amount", "kind": "number"}, '
+                '{"path": "country", "kind": "category"}], "sample_rate": 0.1}',
+            }
+        ),
+        help_text="Up to 10 fields (number or category) with a PSI threshold; a reference "
+        "window or training distribution; action warn (default), hold or rollback. See the "
+        "README's input drift section.",
+    )
     prediction_drift_action = forms.ChoiceField(
         label="On prediction drift",
         choices=HealthResponse.choices,

@@ -8,6 +8,9 @@ from typing import Any
 
 import orjson
 import pytest
+from django.contrib.auth.models import User
+from django.test import Client
+from django.urls import reverse
 
 from analysis import alert_delivery, services
 from analysis.models import AlertOutbox
@@ -100,6 +103,13 @@ def test_a_field_that_moves_away_from_its_reference_window_alerts_once_per_episo
     _minutes(experiment.pk, start + timedelta(minutes=40), 10, {"DE": 0.1, "FR": 0.1, "IT": 0.8})
     services.analysis_run(experiment_id=experiment.pk, now=later(start, 50 * 60))
     assert AlertOutbox.objects.filter(experiment=experiment, kind="input_drift").count() == 2
+    # The page: the field's PSI over the runs, with its threshold marked.
+    web = Client()
+    web.force_login(User.objects.create_user("ann", password="pw-for-tests-only"))
+    experiment_services.user_role_assign(actor="test", username="ann", role="admin")
+    html = web.get(reverse("analysis:results", args=["shifting"])).content.decode()
+    assert "Input drift" in html and "<polyline" in html and "stroke-dasharray" in html
+    assert "drifting beyond the threshold" in html
 
 
 def test_nothing_is_flagged_while_the_reference_window_is_open(settings: Any) -> None:

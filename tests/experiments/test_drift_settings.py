@@ -226,3 +226,37 @@ def test_bad_input_drift_settings_name_the_place(
         "/api/v1/experiments/", experiment_payload(input_drift=setting), format="json"
     )
     assert list(messages_by_field(assert_problem(response, 400, "validation_error"))) == [field]
+
+
+def test_the_experiment_form_takes_input_drift_as_json_and_names_the_wrong_place(
+    metrics: Any,
+) -> None:
+    import json
+
+    from django.contrib.auth.models import User
+    from django.test import Client
+    from django.urls import reverse
+
+    from experiments import services
+    from experiments.models import Experiment
+    from tests.experiments.test_views import experiment_form, field_errors
+
+    web = Client()
+    web.force_login(User.objects.create_user("eve", password="pw-for-tests-only"))
+    services.user_role_assign(actor="test", username="eve", role="admin")
+    bad = {"fields": [{"path": "amount", "kind": "text"}]}
+    refused = web.post(
+        reverse("experiments:create"), experiment_form(input_drift=json.dumps(bad))
+    ).content.decode()
+    assert "fields[0].kind" in field_errors(refused, "id_input_drift")
+    not_json = web.post(
+        reverse("experiments:create"), experiment_form(input_drift="{fields")
+    ).content.decode()
+    assert "JSON" in field_errors(not_json, "id_input_drift")
+    good = {"fields": [{"path": "amount", "kind": "number"}]}
+    created = web.post(reverse("experiments:create"), experiment_form(input_drift=json.dumps(good)))
+    assert created.status_code == 302
+    stored = Experiment.objects.get(key="ranker-v2").input_drift
+    assert stored["fields"][0]["path"] == "amount" and stored["action"] == "warn"
+    edit = web.get(reverse("experiments:edit", args=["ranker-v2"])).content.decode()
+    assert "amount" in edit
