@@ -1,4 +1,5 @@
-"""End to end: a canary whose predictions differ from control's is rolled back for drift.
+"""End to end: a canary whose predictions differ from control's is rolled back for drift, and
+a watched request field that drifts from its training distribution alerts Slack once.
 
 Processes: the edge (uvicorn) with the proxy, a Celery worker and Celery beat as children on
 the test database and broker; in this process two model servers (tests/model_server.py)
@@ -49,8 +50,10 @@ PACE_S = CONCURRENCY / 100.0  # about 100 requests/s: a few new canary users per
 class Traffic:
     """New users, one request each, through the proxy."""
 
-    def __init__(self, url: str, key: str) -> None:
-        self.url, self.key = url, key
+    def __init__(
+        self, url: str, key: str, path: str = "/proxy/drifty/predict", body: bytes = b"{}"
+    ) -> None:
+        self.url, self.key, self.path, self.body = url, key, path, body
         self.stop = threading.Event()
         self.by_arm: dict[str, int] = {}
 
@@ -67,9 +70,9 @@ class Traffic:
                     sent = time.time()
                     try:
                         response = await client.post(
-                            "/proxy/drifty/predict",
+                            self.path,
                             headers={"X-Rampart-Unit": uuid.uuid4().hex},
-                            content=b'{"features": [1, 2, 3]}',
+                            content=self.body,
                         )
                     except httpx.HTTPError:
                         await asyncio.sleep(PACE_S)
@@ -111,6 +114,36 @@ def _wait(condition: Callable[[], bool], timeout: float) -> bool:
     return False
 
 
+def _processes(tmp_path: Path) -> tuple[int, list[Any]]:
+    """The edge, a worker and beat on the test database; returns the edge's port."""
+    port = free_port()
+    edge = start_process(
+        [
+            *("-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1"),
+            *("--port", str(port), "--no-access-log", "--log-level", "warning"),
+        ],
+        env=CHILD_ENV,
+        log=tmp_path / "edge.log",
+    )
+    worker = start_process(
+        [
+            *("-m", "celery", "-A", "config", "worker", "--pool=solo", "-l", "warning"),
+            *("--without-heartbeat", "--without-gossip", "--without-mingle"),
+        ],
+        env=CHILD_ENV,
+        log=tmp_path / "worker.log",
+    )
+    beat = start_process(
+        [
+            *("-m", "celery", "-A", "config", "beat", "-l", "warning"),
+            *("-s", str(tmp_path / "beat-schedule")),
+        ],
+        env=CHILD_ENV,
+        log=tmp_path / "beat.log",
+    )
+    return port, [beat, worker, edge]
+
+
 def test_a_canary_whose_predictions_drift_is_rolled_back_and_slack_hears_once(
     metrics: Any,
     make_key: Callable[..., str],
@@ -140,31 +173,7 @@ def test_a_canary_whose_predictions_drift_is_rolled_back_and_slack_hears_once(
         prediction_drift_action="rollback",
     )
     key = make_key("decide")
-    port = free_port()
-    edge = start_process(
-        [
-            *("-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1"),
-            *("--port", str(port), "--no-access-log", "--log-level", "warning"),
-        ],
-        env=CHILD_ENV,
-        log=tmp_path / "edge.log",
-    )
-    worker = start_process(
-        [
-            *("-m", "celery", "-A", "config", "worker", "--pool=solo", "-l", "warning"),
-            *("--without-heartbeat", "--without-gossip", "--without-mingle"),
-        ],
-        env=CHILD_ENV,
-        log=tmp_path / "worker.log",
-    )
-    beat = start_process(
-        [
-            *("-m", "celery", "-A", "config", "beat", "-l", "warning"),
-            *("-s", str(tmp_path / "beat-schedule")),
-        ],
-        env=CHILD_ENV,
-        log=tmp_path / "beat.log",
-    )
+    port, processes = _processes(tmp_path)
     url = f"http://127.0.0.1:{port}"
     traffic = Traffic(url, key)
     sender = threading.Thread(target=traffic.run, daemon=True)
@@ -193,7 +202,7 @@ def test_a_canary_whose_predictions_drift_is_rolled_back_and_slack_hears_once(
         traffic.stop.set()
         if sender.is_alive():
             sender.join(15)
-        for process in (beat, worker, edge):
+        for process in processes:
             stop_process(process)
 
     audit = AuditEntry.objects.get(experiment__key="drifty", action="rollback")
@@ -218,3 +227,76 @@ def test_a_canary_whose_predictions_drift_is_rolled_back_and_slack_hears_once(
         f"\nrolled back for prediction drift after {evidence['n']} users bet on "
         f"(requests per arm: {traffic.by_arm})"
     )
+
+
+def test_a_request_field_that_drifts_from_its_training_distribution_alerts_slack_once(
+    metrics: Any,
+    make_key: Callable[..., str],
+    models: dict[str, ModelServer],
+    slack: SlackSink,
+    tmp_path: Path,
+) -> None:
+    services.experiment_create(
+        actor="test",
+        key="inputs",
+        name="input drift",
+        kind="ab",
+        variants=[
+            services.VariantInput(
+                key="v1", upstream_url=models["control"].url, weight=0.5, is_control=True
+            ),
+            services.VariantInput(key="v2", upstream_url=models["control"].url, weight=0.5),
+        ],
+        metrics=[],
+        slack_webhook_url=slack.url("/inputs"),
+        input_drift={
+            "fields": [
+                {"path": "country", "kind": "category", "threshold": 0.2},
+                {"path": "amount", "kind": "number"},
+            ],
+            "sample_rate": 1.0,
+            "reference": {
+                "type": "training",
+                "distributions": {
+                    "country": {"counts": {"DE": 600, "FR": 400}},
+                    "amount": {"edges": [10, 100], "counts": [100, 800, 100]},
+                },
+            },
+        },
+    )
+    key = make_key("decide")
+    port, processes = _processes(tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    # The amounts stay as in training; the countries do not.
+    traffic = Traffic(url, key, "/proxy/inputs/predict", b'{"country": "US", "amount": 42}')
+    sender = threading.Thread(target=traffic.run, daemon=True)
+    try:
+        wait_for_http(url + "/proxy/")
+        services.experiment_start(actor="test", key="inputs")
+        sender.start()
+        delivered = _wait(
+            lambda: AlertOutbox.objects.filter(
+                experiment__key="inputs", kind="input_drift", status="delivered"
+            ).exists(),
+            DEADLINE_S,
+        )
+        if not delivered:
+            pytest.fail("no input drift alert: " + (tmp_path / "worker.log").read_text()[-3000:])
+        time.sleep(3 * INTERVAL_S)  # more runs while it drifts: still one alert
+    finally:
+        traffic.stop.set()
+        if sender.is_alive():
+            sender.join(15)
+        for process in processes:
+            stop_process(process)
+
+    assert Experiment.objects.get(key="inputs").status == "running"  # a monitor by default
+    messages = slack.messages("/inputs")
+    assert len({m.headers["x-rampart-delivery"] for m in messages}) == 1, [
+        (m.json["blocks"][1], m.headers) for m in messages
+    ] + list(AlertOutbox.objects.values("kind", "dedupe_key"))
+    assert "Input drift" in str(messages[0].json) and "country" in str(messages[0].json)
+    snapshot = ResultSnapshot.objects.filter(experiment__key="inputs").latest("created_at")
+    fields = {f["path"]: f for f in snapshot.health["input_drift"]["fields"]}
+    assert fields["country"]["flagged"] and not fields["amount"]["flagged"]
+    assert fields["amount"]["psi"] < 0.2
