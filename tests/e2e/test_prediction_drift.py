@@ -259,7 +259,7 @@ def test_a_request_field_that_drifts_from_its_training_distribution_alerts_slack
                 "type": "training",
                 "distributions": {
                     "country": {"counts": {"DE": 600, "FR": 400}},
-                    "amount": {"edges": [10, 100], "counts": [100, 800, 100]},
+                    "amount": {"edges": [10, 100], "counts": [0, 1000, 0]},
                 },
             },
         },
