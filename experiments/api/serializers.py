@@ -94,7 +94,6 @@ def _ramp(items: list[dict[str, Any]]) -> list[services.RampStepInput]:
     return [services.RampStepInput(**item) for item in items]
 
 
-
 @extend_schema_field(
     {
         "type": "object",
@@ -110,6 +109,7 @@ class InputDriftField(serializers.JSONField):
         if not isinstance(data, dict):
             raise serializers.ValidationError("An object with 'fields' (or {} to turn it off).")
         return super().to_internal_value(data)
+
 
 class ExperimentWriteSerializer(StrictSerializer):
     """Fields a client may send; the rules themselves live in the services."""

@@ -1,14 +1,16 @@
 """Per-bucket counts of watched request fields, written off the hot path (input drift).
 
-``add`` merges one sampled request's cells into in-memory counts keyed by (experiment, field,
-time bucket) under a lock and returns; a background task hands the counts to a thread that
-inserts one ``InputDriftBucket`` row per key every ``RECORDER_FLUSH_S``, and once more on
-``stop()``. Memory grows with experiments, fields and buckets between flushes, not with
-traffic (a field keeps at most ``MAX_CELLS`` distinct cells per bucket; more become
-``(other)``). While the database is unreachable the counts stay and are merged with new
-ones, retried after a capped backoff (``routing.observe.backoff``); past ``MAX_KEYS`` keys new
-ones are dropped and counted (``rampart_input_drift_dropped_total``). Rows of an experiment
-deleted meanwhile are dropped.
+The proxy counts a sampled request's cells straight into the open bucket of its experiment
+(``slot``: one dict lookup, then plain dict increments; no lock, because counting and
+``take`` both run on the event loop's thread). Every ``RECORDER_FLUSH_S`` the background task
+takes the counts on the loop and hands them to a thread that inserts one
+``InputDriftBucket`` row per (experiment, field, bucket); once more on ``stop()``. Memory
+grows with experiments, fields and buckets between flushes, not with traffic (a field keeps
+at most ``MAX_CELLS`` distinct cells per bucket; more become ``(other)``). While the database
+is unreachable the counts are merged back and retried after a capped backoff
+(``routing.observe.backoff``); past ``MAX_KEYS`` waiting keys the oldest are dropped and
+counted (``rampart_input_drift_dropped_total``). Rows of an experiment deleted meanwhile are
+dropped.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Final
 
 import orjson
@@ -35,6 +37,8 @@ MAX_CELLS: Final = 50
 MAX_KEYS: Final = 20_000
 OTHER: Final = "(other)"
 Key = tuple[int, str, float]
+# field path -> cell -> count, for one experiment and bucket
+Cells = dict[str, dict[str, int]]
 
 INPUTS_COUNTED = Counter(
     "rampart_input_drift_values_total", "Watched request-field values counted for input drift"
@@ -44,8 +48,22 @@ INPUTS_DROPPED = Counter(
 )
 
 
+def count(cells: Cells, path: str, cell: str) -> None:
+    """Add one value of field `path` to an open bucket (at most MAX_CELLS cells per field)."""
+    found = cells.get(path)
+    if found is None:
+        found = cells[path] = {}
+    n = found.get(cell)
+    if n is not None:
+        found[cell] = n + 1
+    elif len(found) < MAX_CELLS:
+        found[cell] = 1
+    else:
+        found[OTHER] = found.get(OTHER, 0) + 1
+
+
 class InputRecorder:
-    """Buffers per-bucket input counts and writes them from a background thread."""
+    """Per-bucket input counts, written in bulk from a background thread."""
 
     def __init__(self, *, flush_s: float | None = None) -> None:
         self.flush_s = float(settings.RECORDER_FLUSH_S if flush_s is None else flush_s)
@@ -56,81 +74,66 @@ class InputRecorder:
         self._failure_log = FailureLog(
             logger, "writing input counts", interval_s=float(settings.RECORDER_FAILURE_LOG_S)
         )
-        self._lock = threading.Lock()
-        self._flush_lock = threading.Lock()
-        self._counts: dict[Key, dict[str, int]] = {}
-        # Values counted since the last flush, added to the Prometheus counter there (a
-        # request never pays for the counter's own lock).
-        self._added = 0
+        # experiment -> (bucket start, its counts): the bucket requests count into now.
+        self._open: dict[int, tuple[float, Cells]] = {}
+        # Closed buckets (and counts a failed flush gave back), waiting for the next flush.
+        self._waiting: dict[Key, dict[str, int]] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
 
+    def slot(self, experiment_id: int, bucket: float) -> Cells:
+        """The counts of `experiment_id`'s bucket starting at `bucket` (event loop only)."""
+        current = self._open.get(experiment_id)
+        if current is not None:
+            if current[0] == bucket:
+                return current[1]
+            self._close(experiment_id, current)
+        cells: Cells = {}
+        self._open[experiment_id] = (bucket, cells)
+        return cells
+
+    def _close(self, experiment_id: int, current: tuple[float, Cells]) -> None:
+        bucket, cells = current
+        for path, found in cells.items():
+            self._merge((experiment_id, path, bucket), found)
+
+    def _merge(self, key: Key, found: dict[str, int]) -> None:
+        waiting = self._waiting
+        target = waiting.get(key)
+        if target is None:
+            if len(waiting) >= MAX_KEYS:
+                INPUTS_DROPPED.labels("buffer_full").inc(sum(found.values()))
+                return
+            waiting[key] = dict(found)
+            return
+        for cell, n in found.items():
+            target[cell] = target.get(cell, 0) + n
+
+    def take(self) -> dict[Key, dict[str, int]]:
+        """Everything counted so far, open buckets included (event loop only)."""
+        for experiment_id, current in self._open.items():
+            self._close(experiment_id, current)
+        self._open = {}
+        pending, self._waiting = self._waiting, {}
+        return pending
+
+    def give_back(self, pending: dict[Key, dict[str, int]]) -> None:
+        """Counts a failed flush could not write, merged with newer ones (event loop only)."""
+        for key, found in pending.items():
+            self._merge(key, found)
+
     @property
     def buffered(self) -> int:
-        with self._lock:
-            return len(self._counts)
-
-    def add(self, experiment_id: int, bucket: float, cells: list[tuple[str, str]]) -> None:
-        with self._lock:
-            counts = self._counts
-            for path, cell in cells:
-                key = (experiment_id, path, bucket)
-                found = counts.get(key)
-                if found is None:
-                    if len(counts) >= MAX_KEYS:
-                        INPUTS_DROPPED.labels("buffer_full").inc()
-                        continue
-                    found = counts[key] = {}
-                if cell not in found and len(found) >= MAX_CELLS:
-                    cell = OTHER
-                found[cell] = found.get(cell, 0) + 1
-            self._added += len(cells)
-
-    def _merge_back(self, pending: dict[Key, dict[str, int]]) -> None:
-        with self._lock:
-            for key, cells in pending.items():
-                found = self._counts.setdefault(key, {})
-                for cell, n in cells.items():
-                    found[cell] = found.get(cell, 0) + n
+        return len(self._waiting) + sum(len(cells) for _, cells in self._open.values())
 
     def flush_now(self) -> int:
-        """Write the counts in the calling thread; returns the rows written."""
-        with self._flush_lock:
-            with self._lock:
-                pending, self._counts = self._counts, {}
-                added, self._added = self._added, 0
-            INPUTS_COUNTED.inc(added)
-            if not pending:
-                return 0
-            rows = [
-                InputDriftBucket(
-                    experiment_id=experiment_id,
-                    field_path=path,
-                    bucket_start=bucket,
-                    counts=orjson.dumps(cells).decode(),
-                )
-                for (experiment_id, path, bucket), cells in pending.items()
-            ]
-            try:
-                with transaction.atomic():
-                    InputDriftBucket.objects.bulk_create(rows)
-                return len(rows)
-            except IntegrityError:
-                return self._one_by_one(rows)
-            except DatabaseError:
-                self._merge_back(pending)
-                raise
-
-    def _one_by_one(self, rows: list[InputDriftBucket]) -> int:
-        written = 0
-        for row in rows:
-            try:
-                with transaction.atomic():
-                    row.save(force_insert=True)
-                written += 1
-            except IntegrityError:
-                INPUTS_DROPPED.labels("experiment_gone").inc()
-        return written
+        """Take and write everything in the calling thread (tests; no loop running)."""
+        pending = self.take()
+        try:
+            return write(pending)
+        except DatabaseError:
+            self.give_back(pending)
+            raise
 
     async def start(self) -> None:
         if self._task is not None:
@@ -148,8 +151,9 @@ class InputRecorder:
         if executor is None:
             return
         loop = asyncio.get_running_loop()
+        pending = self.take()
         try:
-            await loop.run_in_executor(executor, run_with_db, self.flush_now)
+            await loop.run_in_executor(executor, run_with_db, partial(write, pending))
         except DatabaseError as error:
             logger.error("stopped with input counts unwritten (%s)", type(error).__name__)
         finally:
@@ -160,12 +164,47 @@ class InputRecorder:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self._backoff.current_s or self.flush_s)
+            pending = self.take()
+            if not pending:
+                continue
             try:
-                await loop.run_in_executor(self._executor, run_with_db, self.flush_now)
+                await loop.run_in_executor(self._executor, run_with_db, partial(write, pending))
             except Exception as error:  # the database being down must not stop the loop
+                self.give_back(pending)
                 delay = self._backoff.failed()
                 self._failure_log.failed(error, f"counts kept, next attempt in {delay:.1f} s")
                 continue
             if self._backoff.failures:
                 self._backoff.succeeded()
                 self._failure_log.succeeded("input counts written again")
+
+
+def write(pending: dict[Key, dict[str, int]]) -> int:
+    """Insert one row per key; returns the rows written (rows of deleted experiments dropped)."""
+    if not pending:
+        return 0
+    rows = [
+        InputDriftBucket(
+            experiment_id=experiment_id,
+            field_path=path,
+            bucket_start=bucket,
+            counts=orjson.dumps(cells).decode(),
+        )
+        for (experiment_id, path, bucket), cells in pending.items()
+    ]
+    INPUTS_COUNTED.inc(sum(sum(cells.values()) for cells in pending.values()))
+    try:
+        with transaction.atomic():
+            InputDriftBucket.objects.bulk_create(rows)
+        return len(rows)
+    except IntegrityError:
+        pass
+    written = 0
+    for row in rows:
+        try:
+            with transaction.atomic():
+                row.save(force_insert=True)
+            written += 1
+        except IntegrityError:
+            INPUTS_DROPPED.labels("experiment_gone").inc()
+    return written

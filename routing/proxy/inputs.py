@@ -8,7 +8,7 @@ index, else ``experiments.input_cells.log_cell``, a fixed signed grid of four bi
 from 1e-3 to 1e6, so bins never move during an experiment), a category's value (at most
 ``MAX_CELLS`` distinct per field and bucket, then ``(other)``), or ``(missing)``,
 ``(wrong_type)``, ``(not_json)``. The cells go to ``routing.observe.inputs.InputRecorder``,
-which adds them to counts per OBSERVATION_BUCKET_S bucket and writes them off the hot path.
+which keeps counts per OBSERVATION_BUCKET_S bucket and writes them off the hot path.
 Work per sampled request: one parse and at most 10 path reads.
 """
 
@@ -26,7 +26,7 @@ from django.conf import settings
 from experiments.contracts import ExperimentView
 from experiments.input_cells import log_cell
 from experiments.prediction_path import MISSING, PathStep, parse_prediction_path, read_path
-from routing.observe.inputs import InputRecorder
+from routing.observe.inputs import InputRecorder, count
 
 MISSING_CELL: Final = "(missing)"
 WRONG_TYPE: Final = "(wrong_type)"
@@ -77,17 +77,16 @@ class InputPlan:
         rate = self.rate
         if rate < 1.0 and random.random() >= rate:
             return
-        bucket = (time.time() // self.bucket_s) * self.bucket_s
+        bucket_s = self.bucket_s
+        cells = recorder.slot(self.experiment_id, (time.time() // bucket_s) * bucket_s)
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
-            recorder.add(self.experiment_id, bucket, [(f.path, NOT_JSON) for f in self.fields])
+            for field in self.fields:
+                count(cells, field.path, NOT_JSON)
             return
-        recorder.add(
-            self.experiment_id,
-            bucket,
-            [(field.path, field.cell(read_path(data, field.steps))) for field in self.fields],
-        )
+        for field in self.fields:
+            count(cells, field.path, field.cell(read_path(data, field.steps)))
 
 
 def input_plan(view: ExperimentView) -> InputPlan | None:

@@ -58,8 +58,9 @@ def test_a_plan_samples_and_a_field_keeps_at_most_max_cells_per_bucket() -> None
         plan.capture(orjson.dumps({"c": f"v{index}"}), recorder)
     plan.capture(b"<html>", recorder)
     plan.capture(b"{}", recorder)
-    (cells,) = recorder._counts.values()
+    (cells,) = recorder.take().values()
     assert len(cells) == MAX_CELLS + 1 and cells[OTHER] == 20 + 2
+    assert recorder.buffered == 0
     never = InputPlan(7, (InputField("c", "category", None),), 0.0, 60.0)
     never.capture(b'{"c": 1}', InputRecorder(flush_s=60))
 
