@@ -80,6 +80,8 @@ _TITLES = {
     "complete": ":white_check_mark: Canary completed",
     "test": ":wave: Test alert",
     "shadow_verdict": ":busts_in_silhouette: Shadow verdict",
+    "prediction_drift": ":chart_with_upwards_trend: Prediction drift",
+    "input_drift": ":chart_with_downwards_trend: Input drift",
 }
 
 

@@ -7,6 +7,14 @@ module does not import the experiments app's models.
 from django.db import models
 from django.db.models import Q
 
+# The prediction-drift tables live in their own module; importing them registers them.
+from analysis.drift_models import (  # noqa: F401
+    DriftUnit,
+    InputDriftState,
+    PredictionDriftCount,
+    PredictionDriftState,
+)
+
 
 class AnalysisState(models.Model):
     """Per-experiment bookkeeping that must survive between analysis runs.

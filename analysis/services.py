@@ -26,15 +26,18 @@ from django.utils import timezone
 
 from analysis import alerts, metrics
 from analysis.aggregation import aggregate, events_to_fold, fold_unit_events, note_event_horizon
+from analysis.drift_actions import drift_alert, drift_decided
 from analysis.evidence import ArmState
 from analysis.folding import event_windows
 from analysis.followup_tasks import events_fold as fold_task
 from analysis.guardrails import ExperimentAnalysis, analyse
 from analysis.health import HealthSettings, arms
+from analysis.input_drift import input_drift_alerts, input_drift_decided, input_drift_report
 from analysis.label_health import label_health_json
 from analysis.latency_means import user_latency
 from analysis.llm_means import user_llm_means
 from analysis.models import AnalysisState, ResultSnapshot, SequentialState, WebhookEndpoint
+from analysis.prediction_drift import drift_json, prediction_drift_update
 from analysis.quantile_guardrails import quantile_bets_update
 from analysis.rate_guardrails import rate_bets_update
 from analysis.shadow_verdicts import shadow_analyses_update
@@ -300,6 +303,11 @@ def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> Ru
         user_latency=user_latency(view, now=now.timestamp()),
         user_llm=user_llm_means(view, now=now.timestamp()),
     )
+    drift = prediction_drift_update(view, control=control, treatments=treatments)
+    drift_report = drift_json(view, drift, control=control, treatments=treatments) if drift else {}
+    result = drift_decided(view, result, drift_report.get("prediction_drift"))
+    inputs_report = input_drift_report(view, now=now) or {}
+    result = input_drift_decided(result, inputs_report.get("input_drift"))
     _save_states(view.id, old_states, result.states)
     state.srm_max_log_e_value = result.health.srm_max_log_e_value
     decision = result.decision
@@ -313,6 +321,9 @@ def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> Ru
     _health_alerts(view, state, result)
     if any(variant.is_shadow for variant in view.variants):
         shadow_analyses_update(view=view, now=now)
+    if drift is not None:
+        drift_alert(view, drift, result, drift_report.get("prediction_drift"))
+    input_drift_alerts(view, result, inputs_report.get("input_drift"))
     state.runs += 1
     state.last_run_at = now
     state.save()
@@ -321,7 +332,12 @@ def _run_locked(view: ExperimentView, state: AnalysisState, now: datetime) -> Ru
         created_at=now,
         decision=decision,
         reason=result.reason,
-        health={**result.health.as_json(), **label_health_json(view, now=now)},
+        health={
+            **result.health.as_json(),
+            **label_health_json(view, now=now),
+            **drift_report,
+            **inputs_report,
+        },
         exposures=result.exposures,
         metrics=result.metrics,
         latency=result.latency,

@@ -25,6 +25,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_http_methods, require_POST
 
 from analysis import selectors, services
+from analysis.drift_presentation import drift_panel, input_panel
 from analysis.llm_presentation import llm_lines, llm_series
 from analysis.presentation import (
     ALERT_STATUSES,
@@ -52,6 +53,8 @@ ENDED_STATUSES = ("completed", "rolled_back")
 # Decisions that end an experiment; any other decision is stale once it has ended.
 FINAL_DECISIONS = ("rollback", "complete")
 HISTORY_POINTS = 500
+# Analysis runs the input-drift sparklines show.
+INPUT_DRIFT_POINTS = 60
 ALERT_ROWS = 50
 
 _URL = re.compile(r"https?://\S+")
@@ -104,6 +107,18 @@ def results(request: HttpRequest, key: str) -> HttpResponse:
             warnings=health_warnings(snapshot.health or {}, view.status),
             lines=metric_lines(snapshot.metrics or [], view),
             labels=label_lines(snapshot.health or {}),
+            drift=drift_panel(snapshot.health or {}),
+            inputs=input_panel(
+                snapshot.health or {},
+                [
+                    past.health or {}
+                    for past in selectors.result_history(
+                        experiment_id=view.id, limit=INPUT_DRIFT_POINTS
+                    )
+                ]
+                if (snapshot.health or {}).get("input_drift")
+                else [],
+            ),
         )
     return render(request, "analysis/_results.html", context)
 

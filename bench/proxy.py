@@ -24,6 +24,11 @@ five ways:
   model-quality tracking on at a sampling rate of 1.0: every answer also gets a request id and
   has its prediction (``score``) read and recorded (``routing.proxy.predictions``). Target: at
   least 0.85x rampart's throughput, on the median and on the best rounds.
+* drift: the same edge at ``/proxy/bench-drift/predict``, like quality (every prediction read
+  and recorded) with prediction drift on and input drift on 5 request fields (four numbers of
+  ``features`` and the ``model_input`` category) at its default sampling rate of 0.1: one
+  request in ten also has its body parsed and its fields counted (``routing.proxy.inputs``).
+  Target: at least 0.85x rampart's throughput, on the median and on the best rounds.
 
 The three Python proxies run under uvicorn with the same flags as Rampart's edge (uvloop, the
 edge's HTTP protocol, no proxy headers), so they differ only in what they do per request.
@@ -37,7 +42,7 @@ throughput run, user plus system, all threads: on a shared machine that figure m
 than requests per second, so it shows where a proxy's cost goes even when throughput is noisy.
 
 Run: .venv/bin/python -m bench.proxy [--duration 10] [--connections 32] [--rounds 3]
-     [--setups rampart,quality] (a subset; nginx and direct are needed for their ratios)
+     [--setups rampart,quality,drift] (a subset; nginx and direct are needed for their ratios)
 """
 
 from __future__ import annotations
@@ -72,7 +77,7 @@ TARGET_THROUGHPUT_RATIO = 0.4
 TARGET_ADDED_P50_MS = 0.5
 # Reading and recording every prediction may cost at most 15% of the proxy's throughput.
 TARGET_QUALITY_RATIO = 0.85
-SETUPS = ("direct", "nginx", "aiohttp", "conn", "rampart", "quality")
+SETUPS = ("direct", "nginx", "aiohttp", "conn", "rampart", "quality", "drift")
 UVICORN_FLAGS = [
     "--host",
     "127.0.0.1",
@@ -376,6 +381,29 @@ def prepare_database(env: dict[str, str], upstream: str) -> str:
         quality_sample_rate=1.0,
     )
     services.experiment_start(actor="bench", key="bench-quality")
+    services.experiment_create(
+        actor="bench",
+        key="bench-drift",
+        name="Proxy benchmark with prediction and input drift",
+        kind="ab",
+        variants=[
+            services.VariantInput(key="v1", upstream_url=upstream, weight=0.5, is_control=True),
+            services.VariantInput(key="v2", upstream_url=upstream, weight=0.5),
+        ],
+        quality_enabled=True,
+        quality_prediction_path="score",
+        quality_prediction_kind="number",
+        quality_sample_rate=1.0,
+        prediction_drift_enabled=True,
+        input_drift={
+            "fields": [
+                *({"path": f"features[{i}]", "kind": "number"} for i in range(4)),
+                {"path": "model_input", "kind": "category"},
+            ],
+            "sample_rate": 0.1,
+        },
+    )
+    services.experiment_start(actor="bench", key="bench-drift")
     _, raw_key = services.api_key_create(actor="bench", name="bench", scopes=["decide"])
     return raw_key
 
@@ -396,6 +424,18 @@ def recorded_predictions() -> int:
     from routing.models import Prediction
 
     return Prediction.objects.filter(status="ok").count()
+
+
+def recorded_input_counts() -> int:
+    """Field values the proxy counted for bench-drift's input drift (flushed at shutdown)."""
+    import orjson
+
+    from routing.models import InputDriftBucket
+
+    return sum(
+        sum(orjson.loads(counts).values())
+        for counts in InputDriftBucket.objects.values_list("counts", flat=True)
+    )
 
 
 def main() -> int:
@@ -502,6 +542,7 @@ def main() -> int:
                 "conn": bare_pids["conn"],
                 "rampart": rampart_edge.pid,
                 "quality": rampart_edge.pid,
+                "drift": rampart_edge.pid,
             }
             targets = {
                 "direct": (model_url, "/predict"),
@@ -510,9 +551,14 @@ def main() -> int:
                 "conn": (f"http://127.0.0.1:{conn_port}", "/predict"),
                 "rampart": (f"http://127.0.0.1:{edge_port}", "/proxy/bench-ab/predict"),
                 "quality": (f"http://127.0.0.1:{edge_port}", "/proxy/bench-quality/predict"),
+                "drift": (f"http://127.0.0.1:{edge_port}", "/proxy/bench-drift/predict"),
             }
             targets = {label: targets[label] for label in SETUPS if label in chosen}
-            for edge_path in ("/proxy/bench-ab/predict", "/proxy/bench-quality/predict"):
+            for edge_path in (
+                "/proxy/bench-ab/predict",
+                "/proxy/bench-quality/predict",
+                "/proxy/bench-drift/predict",
+            ):
                 check = httpx.post(
                     f"http://127.0.0.1:{edge_port}{edge_path}",
                     content=BODY,
@@ -540,6 +586,7 @@ def main() -> int:
                 rounds.append(results)
         observed = observed_requests()
         predictions = recorded_predictions()
+        input_counts = recorded_input_counts()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -583,6 +630,8 @@ def main() -> int:
         ok = _report_proxy(rounds, best_rate, best_p50)
     if {"rampart", "quality"} <= set(best_rate):
         ok = _report_quality(rounds, best_rate, predictions) and ok
+    if {"rampart", "drift"} <= set(best_rate):
+        ok = _report_drift(rounds, best_rate, input_counts) and ok
     print("  PASS" if ok else "  FAIL")
     return 0 if ok else 1
 
@@ -641,6 +690,29 @@ def _report_quality(
     )
     errors = any(r["quality"].throughput.errors or r["quality"].latency.errors for r in rounds)
     return min(ratio_best, ratio_median) >= TARGET_QUALITY_RATIO and predictions > 0 and not errors
+
+
+def _report_drift(
+    rounds: list[dict[str, Run]], best_rate: dict[str, float], input_counts: int
+) -> bool:
+    """Print what prediction drift and 5 watched input fields cost against the plain proxy."""
+    median_rate = {
+        label: statistics.median(r[label].throughput.requests_per_s for r in rounds)
+        for label in ("rampart", "drift")
+    }
+    cpu = {
+        label: statistics.median(r[label].cpu_us_per_request for r in rounds)
+        for label in ("rampart", "drift")
+    }
+    ratio_best = best_rate["drift"] / best_rate["rampart"]
+    ratio_median = median_rate["drift"] / median_rate["rampart"]
+    print(
+        f"  drift/rampart throughput: median rounds {ratio_median:.3f}x, best rounds "
+        f"{ratio_best:.3f}x (target >= {TARGET_QUALITY_RATIO}x); server CPU {cpu['drift']:.1f} "
+        f"vs {cpu['rampart']:.1f} us/req; input field values counted: {input_counts}"
+    )
+    errors = any(r["drift"].throughput.errors or r["drift"].latency.errors for r in rounds)
+    return min(ratio_best, ratio_median) >= TARGET_QUALITY_RATIO and input_counts > 0 and not errors
 
 
 if __name__ == "__main__":

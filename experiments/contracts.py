@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 # Model-quality metrics (source of a "mean" metric): per-prediction scores against the label
 # sent later (POST /v1/labels), averaged per unit. Accuracy is higher-is-better, the losses
@@ -99,6 +99,32 @@ class QualityView:
     # The caller's own request id comes from this header ("" = the proxy makes one).
     request_id_header: str
     sample_rate: float
+    # Prediction drift between arms: the tolerated total variation (None = off) and the
+    # response to a breach (rollback, hold or warn).
+    drift_tolerance: float | None = None
+    drift_action: str = "hold"
+
+
+@dataclass(frozen=True, slots=True)
+class InputFieldView:
+    """One request field watched for input drift (experiments.services.input_drift)."""
+
+    path: str
+    kind: str  # "number" or "category"
+    threshold: float  # the PSI that counts as drift
+    edges: tuple[float, ...] | None  # numbers: the bins' edges; None: the proxy's log grid
+
+
+@dataclass(frozen=True, slots=True)
+class InputDriftView:
+    """Input drift over time: the fields, the sampling, the reference and the response."""
+
+    fields: tuple[InputFieldView, ...]
+    sample_rate: float
+    action: str
+    # {"type": "window", "start", "end"} or {"type": "training", "distributions"}; None: the
+    # experiment's first INPUT_DRIFT_REFERENCE_S seconds.
+    reference: Mapping[str, Any] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +159,8 @@ class ExperimentView:
     has_slack_webhook: bool = False
     # None when quality tracking is off.
     quality: QualityView | None = None
+    # None when input drift is off.
+    input_drift: InputDriftView | None = None
 
     @property
     def control(self) -> VariantView:

@@ -94,6 +94,14 @@ class Experiment(models.Model):
     )
     quality_request_id_header = models.CharField(max_length=128, blank=True, default="")
     quality_sample_rate = models.FloatField(default=1.0)
+    # Prediction drift between arms (analysis.prediction_drift), on the sampled predictions.
+    prediction_drift_enabled = models.BooleanField(default=False)
+    prediction_drift_tolerance = models.FloatField(default=0.02)
+    prediction_drift_action = models.CharField(
+        max_length=16, choices=HealthResponse.choices, default=HealthResponse.HOLD
+    )
+    # Input drift over time (experiments.services.input_drift): {} = off.
+    input_drift = models.JSONField(default=dict, blank=True)
     ramp_position = models.IntegerField(null=True, blank=True)
     step_started_at = models.DateTimeField(null=True, blank=True)
     winner = models.ForeignKey(

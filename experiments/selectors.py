@@ -10,6 +10,8 @@ from experiments.contracts import (
     ApiKeyView,
     ExperimentMetricView,
     ExperimentView,
+    InputDriftView,
+    InputFieldView,
     MetricView,
     QualityView,
     RampStepView,
@@ -95,6 +97,31 @@ def quality_view(experiment: Experiment) -> QualityView | None:
         prediction_kind=experiment.quality_prediction_kind,
         request_id_header=experiment.quality_request_id_header,
         sample_rate=experiment.quality_sample_rate,
+        drift_tolerance=(
+            experiment.prediction_drift_tolerance if experiment.prediction_drift_enabled else None
+        ),
+        drift_action=experiment.prediction_drift_action,
+    )
+
+
+def input_drift_view(experiment: Experiment) -> InputDriftView | None:
+    """The experiment's input-drift check, or None when it is off."""
+    setting = experiment.input_drift or {}
+    if not setting.get("fields"):
+        return None
+    return InputDriftView(
+        fields=tuple(
+            InputFieldView(
+                path=field["path"],
+                kind=field["kind"],
+                threshold=float(field["threshold"]),
+                edges=None if field.get("edges") is None else tuple(field["edges"]),
+            )
+            for field in setting["fields"]
+        ),
+        sample_rate=float(setting.get("sample_rate", 0.1)),
+        action=str(setting.get("action", "warn")),
+        reference=setting.get("reference"),
     )
 
 
@@ -160,6 +187,7 @@ def experiment_view(experiment: Experiment) -> ExperimentView:
         cache_max_entries=experiment.cache_max_entries,
         has_slack_webhook=bool(experiment.slack_webhook_url),
         quality=quality_view(experiment),
+        input_drift=input_drift_view(experiment),
     )
 
 

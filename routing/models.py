@@ -230,3 +230,26 @@ class UnitLLMOutcome(models.Model):
 
     def __str__(self) -> str:
         return f"{self.experiment_id}:{self.unit_id}@{self.first_seen:.3f} (llm)"
+
+
+class InputDriftBucket(models.Model):
+    """Counts of one request field's values in one time bucket, from one flush of one process.
+
+    ``counts`` is JSON: an object from cell to count, where a cell is a number's bin index
+    (as text; ``routing.proxy.inputs``), a category's value, ``(missing)`` or ``(other)``.
+    Buckets are OBSERVATION_BUCKET_S long. Rows are append-only and mergeable (analysis sums
+    them): storage grows with time buckets and fields, not with traffic.
+    """
+
+    experiment = models.ForeignKey(
+        "experiments.Experiment", on_delete=models.CASCADE, related_name="+", db_index=False
+    )
+    field_path = models.CharField(max_length=200)
+    bucket_start = models.FloatField()
+    counts = models.TextField()
+
+    class Meta:
+        indexes = [models.Index(fields=["experiment", "bucket_start"], name="input_drift_bucket")]
+
+    def __str__(self) -> str:
+        return f"{self.experiment_id}:{self.field_path}@{self.bucket_start:.0f}"

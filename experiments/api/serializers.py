@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from experiments import services
@@ -93,6 +94,23 @@ def _ramp(items: list[dict[str, Any]]) -> list[services.RampStepInput]:
     return [services.RampStepInput(**item) for item in items]
 
 
+@extend_schema_field(
+    {
+        "type": "object",
+        "description": "Input drift: watched request fields, sampling, reference, action "
+        "({} turns it off).",
+        "additionalProperties": True,
+    }
+)
+class InputDriftField(serializers.JSONField):
+    """A JSON object (the service validates it whole and names the wrong place)."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise serializers.ValidationError("An object with 'fields' (or {} to turn it off).")
+        return super().to_internal_value(data)
+
+
 class ExperimentWriteSerializer(StrictSerializer):
     """Fields a client may send; the rules themselves live in the services."""
 
@@ -131,6 +149,15 @@ class ExperimentWriteSerializer(StrictSerializer):
         max_length=128, required=False, allow_blank=True
     )
     quality_sample_rate = serializers.FloatField(required=False, min_value=0.0, max_value=1.0)
+    prediction_drift_enabled = serializers.BooleanField(required=False)
+    prediction_drift_tolerance = serializers.FloatField(
+        required=False, min_value=0.0, max_value=0.5
+    )
+    prediction_drift_action = serializers.ChoiceField(
+        choices=HealthResponse.choices, required=False
+    )
+    # Validated whole by the service (experiments.services.input_drift), errors by place.
+    input_drift = InputDriftField(required=False)
     # Positions are smallint columns; these limits are far below them and above any real use.
     variants = VariantSerializer(many=True, max_length=MAX_VARIANTS)
     metrics = MetricUseSerializer(many=True, required=False, max_length=MAX_METRICS)
@@ -192,6 +219,10 @@ class ExperimentSerializer(serializers.ModelSerializer):
             "quality_prediction_kind",
             "quality_request_id_header",
             "quality_sample_rate",
+            "prediction_drift_enabled",
+            "prediction_drift_tolerance",
+            "prediction_drift_action",
+            "input_drift",
             "has_slack_webhook",
             "variants",
             "metrics",

@@ -195,9 +195,13 @@ class ExperimentEditor:
                 "quality_prediction_kind",
                 "quality_request_id_header",
                 "quality_sample_rate",
+                "prediction_drift_enabled",
+                "prediction_drift_tolerance",
+                "prediction_drift_action",
             )
         }
         main["coverage_pct"] = _percent(experiment.coverage)
+        main["input_drift"] = experiment.input_drift or None
         main["namespace_id"] = experiment.namespace_id
         main["namespace_start_pct"] = _percent(experiment.namespace_start)
         main["namespace_end_pct"] = _percent(experiment.namespace_end)
@@ -354,6 +358,14 @@ class ExperimentEditor:
             "quality_sample_rate": (
                 1.0 if data["quality_sample_rate"] is None else data["quality_sample_rate"]
             ),
+            "prediction_drift_enabled": data["prediction_drift_enabled"],
+            "prediction_drift_tolerance": (
+                0.02
+                if data["prediction_drift_tolerance"] is None
+                else data["prediction_drift_tolerance"]
+            ),
+            "prediction_drift_action": data["prediction_drift_action"] or "hold",
+            "input_drift": data["input_drift"] or {},
         }
 
     def create_kwargs(self) -> dict[str, Any]:
@@ -482,6 +494,10 @@ class ExperimentEditor:
             "ramp_steps": _kept_forms(self.ramp),
         }
         for name, messages in errors.items():
+            if name.startswith("input_drift."):  # a place inside the JSON setting
+                for message in messages:
+                    self.form.add_error("input_drift", f"{name[len('input_drift.') :]}: {message}")
+                continue
             row = _ROW_ERROR.fullmatch(name)
             if row is not None:
                 group, index = row["group"], int(row["index"])

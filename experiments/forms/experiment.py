@@ -168,6 +168,40 @@ class ExperimentForm(forms.Form):
         initial=1.0,
         help_text="Share of requests whose prediction is recorded (0 to 1).",
     )
+    prediction_drift_enabled = forms.BooleanField(
+        label="Watch prediction drift between arms",
+        required=False,
+        help_text="Compares each arm's distribution of predictions with control's (needs "
+        "quality tracking).",
+    )
+    prediction_drift_tolerance = forms.FloatField(
+        label="Tolerated prediction drift (total variation)",
+        required=False,
+        min_value=0.0,
+        max_value=0.5,
+        initial=0.02,
+        help_text="0.02 tolerates a 2-point shift of the predicted classes or bins.",
+    )
+    input_drift = forms.JSONField(
+        label="Input drift (watched request fields, JSON)",
+        required=False,
+        widget=forms.Textarea(
+            attrs={
+                "rows": 5,
+                "placeholder": '{"fields": [{"path": "amount", "kind": "number"}, '
+                '{"path": "country", "kind": "category"}], "sample_rate": 0.1}',
+            }
+        ),
+        help_text="Up to 10 fields (number or category) with a PSI threshold; a reference "
+        "window or training distribution; action warn (default), hold or rollback. See the "
+        "README's input drift section.",
+    )
+    prediction_drift_action = forms.ChoiceField(
+        label="On prediction drift",
+        choices=HealthResponse.choices,
+        required=False,
+        initial=HealthResponse.HOLD,
+    )
     slack_webhook_url = forms.CharField(
         label="Slack webhook for this experiment",
         required=False,

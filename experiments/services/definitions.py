@@ -25,6 +25,7 @@ from experiments.models import (
     Variant,
 )
 from experiments.services.common import Errors, audit, config_version_bump, experiment_state, locked
+from experiments.services.input_drift import validate_input_drift
 from experiments.services.quality import QUALITY_FIELDS, quality_state, validate_quality
 
 WEIGHT_TOLERANCE = 1e-6
@@ -56,6 +57,7 @@ ALWAYS_FIELDS = (
     "cache_max_entries",
     "slack_webhook_url",
     *QUALITY_FIELDS,
+    "input_drift",
 )
 
 
@@ -311,6 +313,8 @@ def experiment_create(
         errors.add(sorted(unknown)[0], "Unknown field.")
     _validate_settings({**settings, "kind": kind, "namespace": namespace}, errors)
     validate_quality(settings, errors)
+    if "input_drift" in settings:
+        settings["input_drift"] = validate_input_drift(settings["input_drift"], errors)
     validate_variants(variants, errors)
     if ramp_steps is None:
         ramp_steps = default_ramp() if kind == ExperimentKind.CANARY else []
@@ -394,6 +398,8 @@ def experiment_update(
         )
         if requested & set(QUALITY_FIELDS):
             validate_quality({**quality_state(experiment), **changes}, errors)
+        if "input_drift" in changes:
+            changes["input_drift"] = validate_input_drift(changes["input_drift"], errors)
         current_variants = [
             VariantInput(
                 key=v.key,

@@ -9,7 +9,7 @@ from typing import Any, Final
 import orjson
 
 from experiments.contracts import QUALITY_SOURCES
-from experiments.models import Experiment, MetricKind, PredictionKind
+from experiments.models import Experiment, HealthResponse, MetricKind, PredictionKind
 from experiments.prediction_path import PathError, parse_prediction_path
 from experiments.services.common import Errors
 
@@ -19,6 +19,9 @@ QUALITY_FIELDS: Final = (
     "quality_prediction_kind",
     "quality_request_id_header",
     "quality_sample_rate",
+    "prediction_drift_enabled",
+    "prediction_drift_tolerance",
+    "prediction_drift_action",
 )
 _DEFAULTS: Final[Mapping[str, Any]] = {
     "quality_enabled": False,
@@ -26,6 +29,9 @@ _DEFAULTS: Final[Mapping[str, Any]] = {
     "quality_prediction_kind": PredictionKind.CLASS.value,
     "quality_request_id_header": "",
     "quality_sample_rate": 1.0,
+    "prediction_drift_enabled": False,
+    "prediction_drift_tolerance": 0.02,
+    "prediction_drift_action": HealthResponse.HOLD.value,
 }
 # An HTTP field name (RFC 9110 section 5.1: a token).
 _HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,128}")
@@ -78,6 +84,28 @@ def validate_quality(values: Mapping[str, Any], errors: Errors) -> None:
     if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
         # NaN fails the comparison too.
         errors.add("quality_sample_rate", "Must be between 0 and 1.")
+    _validate_drift(merged, errors)
+
+
+def _validate_drift(merged: Mapping[str, Any], errors: Errors) -> None:
+    """Prediction drift reads the predictions quality tracking records."""
+    if merged["prediction_drift_enabled"] and not merged["quality_enabled"]:
+        errors.add(
+            "prediction_drift_enabled",
+            "Prediction drift needs quality tracking on (quality_enabled and a prediction path).",
+        )
+    tolerance = merged["prediction_drift_tolerance"]
+    if (
+        isinstance(tolerance, bool)
+        or not isinstance(tolerance, int | float)
+        or not 0.0 <= tolerance < 0.5
+    ):
+        errors.add(
+            "prediction_drift_tolerance",
+            "The tolerated total variation distance: at least 0 and below 0.5.",
+        )
+    if merged["prediction_drift_action"] not in HealthResponse.values:
+        errors.add("prediction_drift_action", f"Must be one of {', '.join(HealthResponse.values)}.")
 
 
 def validate_quality_metric(values: Mapping[str, Any], errors: Errors) -> None:

@@ -25,6 +25,7 @@ from routing.edge.context import SCOPE_DECIDE, EdgeContext, resolve_route
 from routing.edge.inputs import MAX_UNIT_LENGTH
 from routing.edge.problems import EdgeError
 from routing.logcontext import set_route
+from routing.observe.inputs import InputRecorder
 from routing.observe.observations import ObservationAggregator
 from routing.observe.unit_outcomes import UnitOutcomeBook
 from routing.proxy import metrics as proxy_metrics
@@ -99,6 +100,7 @@ class ProxyApp(Forwarding):
         self._watches = WatchSweep(DISCONNECT_WATCH_AFTER_S)
         self.predictions = ProxyPredictions()
         self.shadows.predictions = self.predictions
+        self.inputs = InputRecorder()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._publisher: asyncio.Task[None] | None = None
 
@@ -123,6 +125,7 @@ class ProxyApp(Forwarding):
         self.shadows.client = self.client
         await self.observations.start()
         await self.predictions.start()
+        await self.inputs.start()
         self._publisher = loop.create_task(self._publish_metrics(), name="rampart-proxy-metrics")
 
     async def shutdown(self) -> None:
@@ -140,6 +143,7 @@ class ProxyApp(Forwarding):
         proxy_metrics.publish_pending()
         await self.observations.stop()
         await self.predictions.stop()
+        await self.inputs.stop()
 
     async def _publish_metrics(self) -> None:
         while True:
@@ -301,6 +305,8 @@ class ProxyApp(Forwarding):
             tally = self.units.tally(plan.experiment_id, unit, arm.key, plan.shares)
         quality = plan.quality
         ticket = None if quality is None else quality.ticket(headers, unit, in_experiment)
+        if plan.inputs is not None:
+            plan.inputs.capture(body, self.inputs)
 
         method: str = scope["method"]
         # The rest of the path after /proxy/{experiment}, still percent-encoded as received.

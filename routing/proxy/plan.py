@@ -14,6 +14,7 @@ from routing.proxy import metrics as proxy_metrics
 from routing.proxy.breaker import CircuitBreaker
 from routing.proxy.cache import PredictionCache
 from routing.proxy.headers import ACTION_UNIT, REQUEST_HEADER_ACTIONS
+from routing.proxy.inputs import InputPlan, input_plan
 from routing.proxy.predictions import QualityPlan, quality_plan
 from routing.proxy.upstream import Upstream
 from routing.route import Decision, ExperimentRoute
@@ -73,6 +74,8 @@ class Plan:
     shares: dict[str, float] | None = None
     # Model-quality tracking (request ids, predictions); None when it is off.
     quality: QualityPlan | None = None
+    # Input drift (watched request fields); None when it is off.
+    inputs: InputPlan | None = None
     # Decisions already made for this route, by unit: an index into ``outcomes``. The route
     # is immutable and decide() pure, so a remembered decision is exact; the plan, and with
     # it this memory, is rebuilt with every new snapshot. decide() (hashing the unit) is the
@@ -212,4 +215,5 @@ class PlanBook:
             fallback_header=(b"x-rampart-served-by", control.key.encode()),
             shares=shares,
             quality=quality_plan(view),
+            inputs=input_plan(view),
         )

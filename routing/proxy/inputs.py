@@ -1,0 +1,102 @@
+"""Input drift at the proxy: sampled request bodies' watched fields, counted per time bucket.
+
+For an experiment with input drift on (``experiments.services.input_drift``), a sampled
+request (``sample_rate``; any request of the experiment, in it or not) has its JSON body
+parsed once with ``orjson`` and each watched field read at its path
+(``experiments.prediction_path``) into a cell: a number's bin (the configured edges' bin
+index, else ``experiments.input_cells.log_cell``, a fixed signed grid of four bins per decade
+from 1e-3 to 1e6, so bins never move during an experiment), a category's value (at most
+``MAX_CELLS`` distinct per field and bucket, then ``(other)``), or ``(missing)``,
+``(wrong_type)``, ``(not_json)``. The cells go to ``routing.observe.inputs.InputRecorder``,
+which keeps counts per OBSERVATION_BUCKET_S bucket and writes them off the hot path.
+Work per sampled request: one parse and at most 10 path reads.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+import time
+from typing import Any, Final
+
+import orjson
+from django.conf import settings
+
+from experiments.contracts import ExperimentView
+from experiments.input_cells import log_cell
+from experiments.prediction_path import MISSING, PathStep, parse_prediction_path, read_path
+from routing.observe.inputs import InputRecorder, count
+
+MISSING_CELL: Final = "(missing)"
+WRONG_TYPE: Final = "(wrong_type)"
+NOT_JSON: Final = "(not_json)"
+MAX_CATEGORY_CHARS: Final = 100
+
+
+class InputField:
+    __slots__ = ("edges", "kind", "path", "steps")
+
+    def __init__(self, path: str, kind: str, edges: tuple[float, ...] | None) -> None:
+        self.path = path
+        self.steps: tuple[PathStep, ...] = parse_prediction_path(path)
+        self.kind = kind
+        self.edges = edges
+
+    def cell(self, value: Any) -> str:
+        if value is MISSING:
+            return MISSING_CELL
+        kind_of = type(value)
+        if self.kind == "number":
+            if (kind_of is not int and kind_of is not float) or not math.isfinite(value):
+                return WRONG_TYPE
+            edges = self.edges
+            return log_cell(value) if edges is None else str(bisect.bisect_right(edges, value))
+        if kind_of is str:
+            return value[:MAX_CATEGORY_CHARS]
+        if kind_of is dict or kind_of is list:
+            return WRONG_TYPE
+        return orjson.dumps(value).decode()
+
+
+class InputPlan:
+    """One experiment's watched request fields, compiled for the proxy (``Plan.inputs``)."""
+
+    __slots__ = ("bucket_s", "experiment_id", "fields", "rate")
+
+    def __init__(
+        self, experiment_id: int, fields: tuple[InputField, ...], rate: float, bucket_s: float
+    ) -> None:
+        self.experiment_id = experiment_id
+        self.fields = fields
+        self.rate = rate
+        self.bucket_s = bucket_s
+
+    def capture(self, body: bytes, recorder: InputRecorder) -> None:
+        """Count the watched fields of a sampled request body."""
+        rate = self.rate
+        if rate < 1.0 and random.random() >= rate:
+            return
+        bucket_s = self.bucket_s
+        cells = recorder.slot(self.experiment_id, (time.time() // bucket_s) * bucket_s)
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            for field in self.fields:
+                count(cells, field.path, NOT_JSON)
+            return
+        for field in self.fields:
+            count(cells, field.path, field.cell(read_path(data, field.steps)))
+
+
+def input_plan(view: ExperimentView) -> InputPlan | None:
+    """The compiled input-drift settings of ``view``, or None when the check is off."""
+    setting = view.input_drift
+    if setting is None:
+        return None
+    return InputPlan(
+        view.id,
+        tuple(InputField(f.path, f.kind, f.edges) for f in setting.fields),
+        setting.sample_rate,
+        float(settings.OBSERVATION_BUCKET_S),
+    )
