@@ -27,7 +27,7 @@ from analysis.models import AlertOutbox, ResultSnapshot
 from experiments import services
 from experiments.models import AuditEntry, Experiment
 from tests.model_server import ModelServer
-from tests.processes import free_port, start_process, stop_process, wait_for_http
+from tests.processes import running_platform, sending, wait_until
 from tests.slack_sink import SlackSink
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -98,52 +98,6 @@ def models() -> Iterator[dict[str, ModelServer]]:
         server.stop()
 
 
-@pytest.fixture
-def slack() -> Iterator[SlackSink]:
-    sink = SlackSink().start()
-    yield sink
-    sink.stop()
-
-
-def _wait(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def _processes(tmp_path: Path) -> tuple[int, list[Any]]:
-    """The edge, a worker and beat on the test database; returns the edge's port."""
-    port = free_port()
-    edge = start_process(
-        [
-            *("-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1"),
-            *("--port", str(port), "--no-access-log", "--log-level", "warning"),
-        ],
-        env=CHILD_ENV,
-        log=tmp_path / "edge.log",
-    )
-    worker = start_process(
-        [
-            *("-m", "celery", "-A", "config", "worker", "--pool=solo", "-l", "warning"),
-            *("--without-heartbeat", "--without-gossip", "--without-mingle"),
-        ],
-        env=CHILD_ENV,
-        log=tmp_path / "worker.log",
-    )
-    beat = start_process(
-        [
-            *("-m", "celery", "-A", "config", "beat", "-l", "warning"),
-            *("-s", str(tmp_path / "beat-schedule")),
-        ],
-        env=CHILD_ENV,
-        log=tmp_path / "beat.log",
-    )
-    return port, [beat, worker, edge]
-
-
 def test_a_canary_whose_predictions_drift_is_rolled_back_and_slack_hears_once(
     metrics: Any,
     make_key: Callable[..., str],
@@ -173,37 +127,26 @@ def test_a_canary_whose_predictions_drift_is_rolled_back_and_slack_hears_once(
         prediction_drift_action="rollback",
     )
     key = make_key("decide")
-    port, processes = _processes(tmp_path)
-    url = f"http://127.0.0.1:{port}"
-    traffic = Traffic(url, key)
-    sender = threading.Thread(target=traffic.run, daemon=True)
-    try:
-        wait_for_http(url + "/proxy/")
+    with running_platform(tmp_path, CHILD_ENV) as platform:
         services.experiment_start(actor="test", key="drifty")
-        sender.start()
-        rolled_back = _wait(
-            lambda: Experiment.objects.filter(key="drifty", status="rolled_back").exists(),
-            DEADLINE_S,
-        )
-        if not rolled_back:
-            pytest.fail(
-                "the drifting canary was not rolled back: "
-                + (tmp_path / "worker.log").read_text()[-3000:]
+        traffic = Traffic(platform.url, key)
+        with sending(traffic):
+            rolled_back = wait_until(
+                lambda: Experiment.objects.filter(key="drifty", status="rolled_back").exists(),
+                DEADLINE_S,
             )
-        delivered = _wait(
-            lambda: AlertOutbox.objects.filter(
-                experiment__key="drifty", status="delivered"
-            ).exists(),
-            30,
-        )
-        assert delivered, list(AlertOutbox.objects.values("status", "attempts", "last_error"))
-        time.sleep(2 * INTERVAL_S)  # time for a duplicate, if there were one
-    finally:
-        traffic.stop.set()
-        if sender.is_alive():
-            sender.join(15)
-        for process in processes:
-            stop_process(process)
+            if not rolled_back:
+                pytest.fail(
+                    "the drifting canary was not rolled back: " + platform.log_tail("worker")
+                )
+            delivered = wait_until(
+                lambda: AlertOutbox.objects.filter(
+                    experiment__key="drifty", status="delivered"
+                ).exists(),
+                30,
+            )
+            assert delivered, list(AlertOutbox.objects.values("status", "attempts", "last_error"))
+            time.sleep(2 * INTERVAL_S)  # time for a duplicate, if there were one
 
     audit = AuditEntry.objects.get(experiment__key="drifty", action="rollback")
     evidence = audit.after["evidence"]
@@ -265,30 +208,21 @@ def test_a_request_field_that_drifts_from_its_training_distribution_alerts_slack
         },
     )
     key = make_key("decide")
-    port, processes = _processes(tmp_path)
-    url = f"http://127.0.0.1:{port}"
-    # The amounts stay as in training; the countries do not.
-    traffic = Traffic(url, key, "/proxy/inputs/predict", b'{"country": "US", "amount": 42}')
-    sender = threading.Thread(target=traffic.run, daemon=True)
-    try:
-        wait_for_http(url + "/proxy/")
+    with running_platform(tmp_path, CHILD_ENV) as platform:
         services.experiment_start(actor="test", key="inputs")
-        sender.start()
-        delivered = _wait(
-            lambda: AlertOutbox.objects.filter(
-                experiment__key="inputs", kind="input_drift", status="delivered"
-            ).exists(),
-            DEADLINE_S,
+        traffic = Traffic(
+            platform.url, key, "/proxy/inputs/predict", b'{"country": "US", "amount": 42}'
         )
-        if not delivered:
-            pytest.fail("no input drift alert: " + (tmp_path / "worker.log").read_text()[-3000:])
-        time.sleep(3 * INTERVAL_S)  # more runs while it drifts: still one alert
-    finally:
-        traffic.stop.set()
-        if sender.is_alive():
-            sender.join(15)
-        for process in processes:
-            stop_process(process)
+        with sending(traffic):
+            delivered = wait_until(
+                lambda: AlertOutbox.objects.filter(
+                    experiment__key="inputs", kind="input_drift", status="delivered"
+                ).exists(),
+                DEADLINE_S,
+            )
+            if not delivered:
+                pytest.fail("no input drift alert: " + platform.log_tail("worker"))
+            time.sleep(3 * INTERVAL_S)  # more runs while it drifts: still one alert
 
     assert Experiment.objects.get(key="inputs").status == "running"  # a monitor by default
     messages = slack.messages("/inputs")
