@@ -118,6 +118,29 @@ def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 
     return False
 
 
+@contextmanager
+def running_servers(
+    commands: Mapping[str, Callable[[int], Sequence[str]]],
+    logs: Path,
+    *,
+    ready_path: str = "/",
+) -> Iterator[dict[str, str]]:
+    """Stand-in servers (model versions, LLMs), one process each: ``commands[name](port)``
+    gives a server's arguments; yields each name's base URL once all answer ``ready_path``."""
+    ports = {name: free_port() for name in commands}
+    processes = [
+        start_process(list(command(ports[name])), log=logs / f"model-{name}.log")
+        for name, command in commands.items()
+    ]
+    try:
+        for port in ports.values():
+            wait_for_http(f"http://127.0.0.1:{port}{ready_path}")
+        yield {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    finally:
+        for process in processes:
+            stop_process(process)
+
+
 @dataclass(frozen=True)
 class Platform:
     """A running edge, worker and beat: the edge's base URL and where their logs go."""

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import threading
 import time
+from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
@@ -39,7 +40,7 @@ _DROP_LOG_INTERVAL_S = 10.0
 Row = TypeVar("Row")
 
 
-class BufferedRecorder(Generic[Row]):
+class BufferedRecorder(ABC, Generic[Row]):
     """A bounded row buffer flushed by a background thread, with backoff on failures.
 
     ``noun`` names the rows in log lines ("exposure"); ``kind`` labels the backoff gauge
@@ -100,11 +101,14 @@ class BufferedRecorder(Generic[Row]):
         self._loop_thread: int | None = None
         self._wakeup: asyncio.Event | None = None
 
+    @abstractmethod
     def _flush(self) -> tuple[int, DatabaseError | None]:
-        raise NotImplementedError
+        """Write everything buffered (under ``_flush_lock``): rows inserted, and the database
+        error that stopped it."""
 
+    @abstractmethod
     def _publish_metrics(self) -> None:
-        raise NotImplementedError
+        """Publish the recorder's counters and its buffered-rows gauge."""
 
     @property
     def buffered(self) -> int:

@@ -35,12 +35,9 @@ from analysis.models import ResultSnapshot
 from experiments import services
 from experiments.models import AuditEntry, Experiment
 from tests.processes import (
-    free_port,
     running_platform,
+    running_servers,
     sending,
-    start_process,
-    stop_process,
-    wait_for_http,
 )
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -107,24 +104,17 @@ class SlowingTraffic:
 
 @pytest.fixture
 def models(tmp_path: Path) -> Iterator[dict[str, str]]:
-    ports = {name: free_port() for name in ("control", "canary")}
-    processes = [
-        start_process(
-            [
+    with running_servers(
+        {
+            name: lambda port, name=name, seed=seed: [
                 *("-m", "tests.e2e.flaky_model", "--port", str(port), "--name", name),
                 *("--delay", str(DELAY_START_S), "--error-rate", "0.01", "--seed", str(seed)),
-            ],
-            log=tmp_path / f"model-{name}.log",
-        )
-        for seed, (name, port) in enumerate(ports.items())
-    ]
-    try:
-        for port in ports.values():
-            wait_for_http(f"http://127.0.0.1:{port}/")
-        yield {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    finally:
-        for process in processes:
-            stop_process(process)
+            ]
+            for seed, name in enumerate(("control", "canary"))
+        },
+        tmp_path,
+    ) as urls:
+        yield urls
 
 
 def _status() -> str:

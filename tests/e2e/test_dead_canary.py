@@ -27,12 +27,9 @@ from analysis.models import AlertOutbox
 from experiments import services
 from experiments.models import AuditEntry, Experiment
 from tests.processes import (
-    free_port,
     running_platform,
+    running_servers,
     sending,
-    start_process,
-    stop_process,
-    wait_for_http,
     wait_until,
 )
 from tests.slack_sink import SlackSink
@@ -103,24 +100,17 @@ class Traffic:
 @pytest.fixture
 def models(tmp_path: Path) -> Iterator[dict[str, str]]:
     behaviour = {"control": 0.0, "dead": 1.0}
-    ports = {name: free_port() for name in behaviour}
-    processes = [
-        start_process(
-            [
-                *("-m", "tests.e2e.flaky_model", "--port", str(ports[name]), "--name", name),
+    with running_servers(
+        {
+            name: lambda port, name=name, error_rate=error_rate: [
+                *("-m", "tests.e2e.flaky_model", "--port", str(port), "--name", name),
                 *("--delay", "0.005", "--error-rate", str(error_rate)),
-            ],
-            log=tmp_path / f"model-{name}.log",
-        )
-        for name, error_rate in behaviour.items()
-    ]
-    try:
-        for port in ports.values():
-            wait_for_http(f"http://127.0.0.1:{port}/")
-        yield {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    finally:
-        for process in processes:
-            stop_process(process)
+            ]
+            for name, error_rate in behaviour.items()
+        },
+        tmp_path,
+    ) as urls:
+        yield urls
 
 
 def test_a_canary_failing_every_request_is_rolled_back_within_two_intervals(

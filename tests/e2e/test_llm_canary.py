@@ -31,12 +31,9 @@ from experiments import services
 from experiments.models import AuditEntry, Experiment
 from tests.llm.conftest import create_llm_metrics
 from tests.processes import (
-    free_port,
     running_platform,
+    running_servers,
     sending,
-    start_process,
-    stop_process,
-    wait_for_http,
     wait_until,
 )
 
@@ -113,25 +110,19 @@ class Traffic:
 
 @pytest.fixture
 def llms(tmp_path: Path) -> Iterator[dict[str, str]]:
-    ports = {"small": free_port(), "large": free_port()}
-    processes = [
-        start_process(
-            [
-                *("-m", "scripts.llm_server", "--name", name, "--port", str(ports[name])),
+    with running_servers(
+        {
+            name: lambda port, name=name, spec=spec: [
+                *("-m", "scripts.llm_server", "--name", name, "--port", str(port)),
                 *("--ttft-ms", spec["ttft"], "--ttft-sigma", "0.2", "--seed", "7"),
                 *("--tokens-per-s", "400", "--output-tokens", "20"),
-            ],
-            log=tmp_path / f"llm-{name}.log",
-        )
-        for name, spec in (("small", SMALL), ("large", LARGE))
-    ]
-    try:
-        for port in ports.values():
-            wait_for_http(f"http://127.0.0.1:{port}/v1/models")
-        yield {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    finally:
-        for process in processes:
-            stop_process(process)
+            ]
+            for name, spec in (("small", SMALL), ("large", LARGE))
+        },
+        tmp_path,
+        ready_path="/v1/models",
+    ) as urls:
+        yield urls
 
 
 def test_a_slow_expensive_llm_canary_is_rolled_back_on_ttft_and_cost(

@@ -26,12 +26,9 @@ import pytest
 from analysis.models import AlertOutbox, ShadowAnalysis
 from experiments import services
 from tests.processes import (
-    free_port,
     running_platform,
+    running_servers,
     sending,
-    start_process,
-    stop_process,
-    wait_for_http,
     wait_until,
 )
 from tests.slack_sink import SlackSink
@@ -85,24 +82,17 @@ class Traffic:
 @pytest.fixture
 def models(tmp_path: Path) -> Iterator[dict[str, str]]:
     behaviour = {"control": 0.0, "same": 0.0, "differs": 0.2}
-    ports = {name: free_port() for name in behaviour}
-    processes = [
-        start_process(
-            [
-                *("-m", "tests.e2e.label_model", "--port", str(ports[name])),
+    with running_servers(
+        {
+            name: lambda port, share=share: [
+                *("-m", "tests.e2e.label_model", "--port", str(port)),
                 *("--delay", "0.02", "--disagree", str(share)),
-            ],
-            log=tmp_path / f"model-{name}.log",
-        )
-        for name, share in behaviour.items()
-    ]
-    try:
-        for port in ports.values():
-            wait_for_http(f"http://127.0.0.1:{port}/")
-        yield {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    finally:
-        for process in processes:
-            stop_process(process)
+            ]
+            for name, share in behaviour.items()
+        },
+        tmp_path,
+    ) as urls:
+        yield urls
 
 
 def test_a_differing_shadow_is_worse_and_an_identical_one_ready(
