@@ -2,9 +2,10 @@
 
 The outage is real: the database settings of new connections point at a socket nothing
 listens on (PostgreSQL) or a directory that does not exist (SQLite), and the connections the
-writer threads hold are cut (``pg_terminate_backend``; SQLite's edge threads open one per
-flush). The writers must back off instead of retrying with every request, log a few lines
-with counts instead of a traceback per failure, show it on /metrics, and lose nothing.
+writer threads hold are cut (``pg_terminate_backend``; on SQLite the writers reconnect at
+every flush in these tests, see ``sqlite_writers_reconnect``). The writers must back off
+instead of retrying with every request, log a few lines with counts instead of a traceback
+per failure, show it on /metrics, and lose nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,26 @@ def max_attempts(seconds: float) -> int:
 def max_lines(seconds: float) -> int:
     """The first failure, then at most one line per FAILURE_LOG_S."""
     return 1 + int(seconds / FAILURE_LOG_S)
+
+
+@pytest.fixture(autouse=True)
+def sqlite_writers_reconnect() -> Iterator[None]:
+    """On SQLite, the writer threads open a connection per flush here, as they did by default
+    before DATABASE_CONN_MAX_AGE applied to SQLite too.
+
+    An open SQLite connection keeps its file whatever happens to the path, so the outage
+    below (new connections fail) reaches only writers that reconnect.
+    """
+    settings_dict = connections.settings["default"]
+    if settings_dict["ENGINE"] != "django.db.backends.sqlite3":
+        yield
+        return
+    saved = settings_dict.get("CONN_MAX_AGE")
+    settings_dict["CONN_MAX_AGE"] = 0
+    try:
+        yield
+    finally:
+        settings_dict["CONN_MAX_AGE"] = saved
 
 
 @asynccontextmanager
