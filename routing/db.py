@@ -1,16 +1,18 @@
-"""Django database connections in the edge's long-lived threads: fresh before, tidied after.
+"""Django database connections in the edge's long-lived threads, and their bulk inserts.
 
 The snapshot holder, the exposure recorder, the events API and the readiness check run their
 queries on a dedicated thread that outlives any request, so Django's per-request connection
-housekeeping never runs there; these two functions do it instead.
+housekeeping never runs there; ``run_with_db`` and ``close_thread_connections`` do it
+instead. ``insert_rows`` is the recorders' multi-row INSERT.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from itertools import chain
 from typing import TypeVar
 
-from django.db import close_old_connections, connections
+from django.db import close_old_connections, connection, connections, transaction
 
 _T = TypeVar("_T")
 
@@ -32,3 +34,41 @@ def run_with_db(function: Callable[[], _T]) -> _T:
 def close_thread_connections() -> None:
     """Close this thread's database connections (at shutdown of a worker thread)."""
     connections.close_all()
+
+
+def insert_rows(
+    table: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    *,
+    batch: int,
+    suffix: str = "ON CONFLICT DO NOTHING",
+) -> int:
+    """INSERT ``rows`` into ``table`` in statements of ``batch`` rows, in one transaction.
+
+    Returns the rows inserted (``ON CONFLICT DO NOTHING`` skips some). Raises Django's
+    database errors (IntegrityError, DataError, ...). Runs on the driver's own cursor with
+    its own placeholder: Django's SQLite cursor rewrites each "%s" of a statement with a
+    regular expression, about 0.9 µs a row for eight columns, and the edge's flush thread
+    would do that work holding the GIL the request loop needs. ``table`` and ``columns``
+    come from code, never from input.
+    """
+    if not rows:
+        return 0
+    marker = "?" if connection.vendor == "sqlite" else "%s"
+    one_row = "(" + ", ".join([marker] * len(columns)) + ")"
+    head = f"INSERT INTO {connection.ops.quote_name(table)} ({', '.join(columns)}) VALUES "
+    inserted = 0
+    with transaction.atomic(), connection.wrap_database_errors:
+        cursor = connection.connection.cursor()
+        try:
+            for start in range(0, len(rows), batch):
+                chunk = rows[start : start + batch]
+                cursor.execute(
+                    f"{head}{', '.join([one_row] * len(chunk))} {suffix}",
+                    list(chain.from_iterable(chunk)),
+                )
+                inserted += max(cursor.rowcount, 0)
+        finally:
+            cursor.close()
+    return inserted

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 from django.db import DataError, IntegrityError, connection, transaction
 
+from routing.db import insert_rows
 from routing.models import Exposure
 
 # Rows per INSERT statement. Building one statement's parameters costs the edge's flush
@@ -33,23 +34,13 @@ def exposures_insert(*, rows: Sequence[ExposureRow]) -> int:
     """
     if not rows:
         return 0
-    table = connection.ops.quote_name(Exposure._meta.db_table)
     to_db = _timestamp_adapter()
-    inserted = 0
-    with transaction.atomic(), connection.cursor() as cursor:
-        for start in range(0, len(rows), EXPOSURE_INSERT_BATCH):
-            chunk = rows[start : start + EXPOSURE_INSERT_BATCH]
-            params: list[object] = []
-            for experiment_id, unit_id, variant_key, first_seen_at in chunk:
-                params.extend((experiment_id, unit_id, variant_key, to_db(first_seen_at)))
-            values = ", ".join(["(%s, %s, %s, %s)"] * len(chunk))
-            cursor.execute(
-                f"INSERT INTO {table} (experiment_id, unit_id, variant_key, first_seen_at) "
-                f"VALUES {values} ON CONFLICT DO NOTHING",
-                params,
-            )
-            inserted += max(cursor.rowcount, 0)
-    return inserted
+    return insert_rows(
+        Exposure._meta.db_table,
+        ("experiment_id", "unit_id", "variant_key", "first_seen_at"),
+        [(experiment, unit, variant, to_db(seen)) for experiment, unit, variant, seen in rows],
+        batch=EXPOSURE_INSERT_BATCH,
+    )
 
 
 def _timestamp_adapter() -> Callable[[float], object]:
