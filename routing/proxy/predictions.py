@@ -54,8 +54,13 @@ _counter = itertools.count(1)
 
 
 def new_request_id() -> str:
-    """A request id unique across processes (48 random bits per process) and requests."""
-    return f"{_PREFIX}-{next(_counter):x}"
+    """A request id unique across processes (48 random bits per process) and requests.
+
+    The counter has eight hex digits at least, so one process's ids sort in the order it
+    made them: each new prediction row then goes to the end of the request-id index
+    instead of somewhere inside it (unpadded, "…-10" sorts before "…-f").
+    """
+    return f"{_PREFIX}-{next(_counter):08x}"
 
 
 class QualityPlan:

@@ -212,6 +212,9 @@ def test_request_ids_are_unique_and_short() -> None:
     ids = {new_request_id() for _ in range(10_000)}
     assert len(ids) == 10_000
     assert max(len(i) for i in ids) <= 32
+    # 70,000 more ids: the counter passes 0xffff, where unpadded hex would sort out of order
+    in_order = [new_request_id() for _ in range(70_000)]
+    assert sorted(in_order) == in_order
 
 
 @pytest.mark.django_db(transaction=True)
