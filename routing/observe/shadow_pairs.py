@@ -3,10 +3,11 @@
 A shadow's answer and control's answer to the same request form a pair (same request, so the
 same user, payload and moment). The user is the unit (STATS.md 12.1): a user's requests are not
 independent (its inputs, payload sizes and region repeat), so each user contributes one pair,
-that of its first mirrored request in the edge process (``routing.proxy.shadow`` decides which,
-before any answer exists, so the rule never looks at the outcome). Per (experiment, shadow,
-time bucket) the proxy keeps, off the hot path (in the shadow's background task, after
-control's answer was sent):
+that of its first mirrored request in the edge process whose claim on the user is stored first
+(``routing.proxy.shadow`` decides which request, before any answer exists, and
+``routing.observe.pair_claims`` which process, so neither rule looks at the outcome). Per
+(experiment, shadow, time bucket) the proxy keeps, off the hot path (in the shadow's
+background task, after control's answer was sent):
 
 * ``n`` pairs, ``d`` of them with answers that differ, and for numeric answers the sum ``a``
   and sum of squares ``aa`` of the absolute difference;
