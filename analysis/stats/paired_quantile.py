@@ -28,8 +28,9 @@ keeps the tolerance's meaning instead:
   also the ratio of the two p95s ``Q_S(0.95) / Q_C(0.95)`` when the noise is small against the
   between-request spread: "p95 +X%" means the same as before for a uniform slowdown;
 * a shadow slower on some requests only moves ``U`` and not ``V``, so ``theta`` rises with the
-  upper tail (e.g. 1.6 times slower on a tenth of requests: ``U`` about 1.6, ``theta`` about
-  1.25 at small noise).
+  upper tail (e.g. twice as slow on a tenth of requests: ``U`` about 2, ``theta`` about 1.38
+  at small noise; ``tests/analysis/stats/test_paired_quantile.py``); slowdowns on fewer than
+  5% of requests leave ``U`` alone, so the mean latency and the per-arm ratio must catch those.
 
 It is a different quantity from the ratio of the per-arm p95s (still reported, for context:
 ``analysis.stats.quantiles.quantile_ratio_cs``); it answers "how much slower is the shadow at
