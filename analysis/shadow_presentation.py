@@ -59,6 +59,16 @@ def _percent_interval(interval: Mapping[str, Any] | None, *, shift: float = 0.0)
     return f"{show(estimate, signed)} ({show(lower, signed)} to {show(upper, signed)})"
 
 
+def _ratio_interval(interval: Mapping[str, Any] | None) -> str:
+    """``estimate× (lower× to upper×)``: the paired p95 latency ratio."""
+    if not interval or _number(interval.get("estimate")) is None:
+        return "–"
+    lower, upper = _number(interval.get("lower")), _number(interval.get("upper"))
+    low = "0" if lower is None else f"{lower:.2f}×"
+    high = "∞" if upper is None else f"{upper:.2f}×"
+    return f"{float(interval['estimate']):.2f}× ({low} to {high})"
+
+
 def _ms_interval(interval: Mapping[str, Any] | None) -> str:
     if not interval or _number(interval.get("estimate")) is None:
         return "–"
@@ -85,7 +95,7 @@ def shadow_lines(view: ExperimentView) -> list[ShadowLine]:
                 disagreement=_percent_interval(latest.get("disagreement")),
                 latency=_percent_interval(latest.get("latency_ratio"), shift=-1.0),
                 latency_ms=_ms_interval(latest.get("latency_difference_ms")),
-                p95=_percent_interval(latest.get("p95_ratio"), shift=-1.0),
+                p95=_ratio_interval(latest.get("p95_pair_ratio")),
                 abs_diff=_ms_free(latest.get("abs_diff")),
                 requests=f"{differing:,} of {compared:,} requests differed" if compared else "",
                 ready=row["verdict"] == "ready",
@@ -113,6 +123,7 @@ def tolerance_text() -> str:
     return (
         f"Ready to canary when, with confidence, the answers differ on less than "
         f"{limits.disagreement:.0%} of users' requests, mean latency rises by less than "
-        f"{limits.latency_increase:.0%} and p95 by less than {limits.p95_increase:.0%}; "
+        f"{limits.latency_increase:.0%} and the paired p95 latency ratio (per request, "
+        f"shadow / control) is below {1.0 + limits.p95_increase:.2f}; "
         f"at least {limits.min_pairs:,} users' pairs first."
     )

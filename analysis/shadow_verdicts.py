@@ -108,6 +108,7 @@ def _inputs(totals: _Totals, quality: tuple[QualityPairs, ...] = ()) -> ShadowIn
         ),
         control_histogram=cell.control,
         shadow_histogram=cell.shadow,
+        ratio_histogram=cell.ratio,
         compared=cell.n,
         disagreements=cell.d,
         abs_diff_sum=cell.a,

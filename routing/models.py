@@ -134,6 +134,30 @@ class UnitOutcome(models.Model):
         return f"{self.experiment_id}:{self.unit_id}@{self.first_seen:.3f}"
 
 
+class ShadowPairClaim(models.Model):
+    """A user whose shadow pairs count (one per experiment and user, across edge processes).
+
+    Written by the flush of the edge process that chose the user's pair first
+    (``routing.observe.pair_claims``: ``INSERT ... ON CONFLICT DO NOTHING``); only that process
+    adds the user's pairs to ``ObservationBucket.pairs``. ``claimed_at`` (epoch seconds) is when
+    that process chose the pair, before any answer.
+    """
+
+    experiment = models.ForeignKey(
+        "experiments.Experiment", on_delete=models.CASCADE, related_name="+", db_index=False
+    )
+    unit_id = models.CharField(max_length=200)
+    claimed_at = models.FloatField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["experiment", "unit_id"], name="shadow_pair_claim_once")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.experiment_id}:{self.unit_id}"
+
+
 class Prediction(models.Model):
     """A model's prediction in one sampled proxied answer, for the quality guardrails.
 

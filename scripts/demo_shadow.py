@@ -339,8 +339,8 @@ class ShadowDemo:
                 )
                 self.say(
                     f"  answers differ {_percent(latest.get('disagreement'))}, mean latency "
-                    f"{_percent(latest.get('latency_ratio'), -1.0)}, p95 "
-                    f"{_percent(latest.get('p95_ratio'), -1.0)} (always-valid intervals)"
+                    f"{_percent(latest.get('latency_ratio'), -1.0)}, paired p95 latency ratio "
+                    f"{_percent(latest.get('p95_pair_ratio'), -1.0)} (always-valid intervals)"
                 )
             self.verdicts[name] = shadow
 

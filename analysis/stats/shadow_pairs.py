@@ -15,9 +15,13 @@ Three families, each a two-sided confidence sequence (CS) valid at every look:
   ``min_pairs`` pairs comes first. The CS for the ratio ``E S / E C`` inverts it (Fieller's
   construction): ``{r : 0 in CS(D_{r-1})}``, found by bisection (the bounds are monotone in r
   for positive latencies).
-* **p95 latency**, as a ratio: each latency's p95 CS on the *same* requests (the beta-binomial
-  quantile CS of Howard & Ramdas 2022, ``analysis.stats.quantiles``) at ``alpha / 2``, joined by a
-  union bound, which holds whatever the dependence between the two (``quantile_ratio_cs``).
+* **p95 latency**, paired: ``theta = sqrt(Q_R(0.95) Q_R(0.05))`` of the per-pair ratio
+  ``R = S / C`` (the shadow's 1-in-20 slowdown against control, over control's against the
+  shadow, square-rooted: 1 for an identical shadow whatever the noise, ``k`` for one ``k``
+  times slower on every request), with the quantile CSs of Howard & Ramdas 2022 on the ratios
+  (``analysis.stats.paired_quantile`` defines it and says why not ``Q_R(0.95)`` alone). The
+  per-arm comparison (each latency's p95 CS at ``alpha / 2``, joined by a union
+  bound: ``quantile_ratio_cs``) is still computed, for context, but takes no part in the verdict.
 * **Disagreement rate** ``p`` (share of requests whose answers differ): exact, non-asymptotic.
   For a tolerance ``d``, the one-sided likelihood-ratio mixture
   ``M_n(d) = int (q/d)^x ((1-q)/(1-d))^(n-x) pi(dq)`` with ``pi`` uniform on ``(d, 1)`` (test of
@@ -50,6 +54,7 @@ from typing import Literal
 
 from scipy import special
 
+from analysis.stats.paired_quantile import paired_p95_cs
 from analysis.stats.quantiles import LatencyHistogram, quantile_ratio_cs
 from analysis.stats.sequential import normal_mixture_bound
 
@@ -221,7 +226,8 @@ class Tolerances:
     """How much worse than control a shadow may be and still be "ready to canary"."""
 
     latency_increase: float  # mean latency may rise by at most this share (0.10 = +10%)
-    p95_increase: float  # p95 latency may rise by at most this share
+    # The paired p95 ratio (analysis.stats.paired_quantile) may be at most 1 + this.
+    p95_increase: float
     disagreement: float  # the answers may differ on at most this share of requests
     min_pairs: int  # burn-in of the asymptotic latency CS
 
@@ -239,11 +245,12 @@ class QualityPairs:
 
 @dataclass(frozen=True, slots=True)
 class ShadowInputs:
-    """Everything the verdict reads: the pairs, both paired histograms and the comparisons."""
+    """Everything the verdict reads: the pairs, the paired histograms and the comparisons."""
 
     pairs: PairedLatency
     control_histogram: LatencyHistogram
     shadow_histogram: LatencyHistogram
+    ratio_histogram: LatencyHistogram  # of S / C per pair
     compared: int
     disagreements: int
     abs_diff_sum: float
@@ -262,7 +269,11 @@ class ShadowResult:
     compared: int
     latency_difference_ms: Interval
     latency_ratio: Interval
-    p95_ratio: Interval
+    p95_ratio: Interval  # Q_S(0.95) / Q_C(0.95), per-arm CSs (context, not in the verdict)
+    # theta = sqrt(Q_R(0.95) Q_R(0.05)) of R = S / C, paired (in the verdict), and its tails:
+    # (the shadow's 1-in-20 slowdown against control, control's against the shadow).
+    p95_pair_ratio: Interval
+    p95_pair_tails: tuple[float, float]
     disagreement: Interval
     abs_diff: Interval | None
     alpha: float
@@ -279,6 +290,11 @@ class ShadowResult:
             "latency_difference_ms": self.latency_difference_ms.as_json(),
             "latency_ratio": self.latency_ratio.as_json(),
             "p95_ratio": self.p95_ratio.as_json(),
+            "p95_pair_ratio": {
+                **self.p95_pair_ratio.as_json(),
+                "slowdown": _finite(self.p95_pair_tails[0]),
+                "speedup": _finite(self.p95_pair_tails[1]),
+            },
             "disagreement": self.disagreement.as_json(),
             "abs_diff": None if self.abs_diff is None else self.abs_diff.as_json(),
             "quality": [
@@ -297,7 +313,7 @@ def shadow_verdict(
 ) -> ShadowResult:
     """ "worse" when a CS lies beyond a tolerance, "ready" when all lie within, else "collecting".
 
-    The families (mean and p95 latency, disagreement, and each quality metric paired on its
+    The families (mean and paired p95 latency, disagreement, and each quality metric paired on its
     labels) share alpha (Bonferroni), so the chance that any of the reported intervals ever
     misses its value, and hence of a wrong verdict, is at most alpha. A quality metric's
     tolerance is its guardrail margin, relative to control (accuracy may fall to
@@ -319,6 +335,8 @@ def shadow_verdict(
         p95 = Interval(p95_point, p95_lower, p95_upper)
     else:
         p95 = Interval(math.nan, 0.0, math.inf)
+    paired_p95 = paired_p95_cs(inputs.ratio_histogram, alpha=level, t_opt=n_star)
+    p95_pair = Interval(paired_p95.estimate, paired_p95.lower, paired_p95.upper)
     disagreement = disagreement_cs(inputs.disagreements, inputs.compared, alpha=level)
     abs_diff = None
     if inputs.numeric and inputs.compared >= 2:
@@ -338,6 +356,8 @@ def shadow_verdict(
             latency_difference_ms=difference,
             latency_ratio=ratio,
             p95_ratio=p95,
+            p95_pair_ratio=p95_pair,
+            p95_pair_tails=(paired_p95.slowdown, paired_p95.speedup),
             disagreement=disagreement,
             abs_diff=abs_diff,
             alpha=alpha,
@@ -361,10 +381,12 @@ def shadow_verdict(
             f"mean latency at least +{_percent(ratio.lower - 1.0)} "
             f"(tolerance +{_percent(tolerances.latency_increase)})"
         )
-    if p95.lower > 1.0 + tolerances.p95_increase:
+    if p95_pair.lower > 1.0 + tolerances.p95_increase:
         worse.append(
-            f"p95 latency at least +{_percent(p95.lower - 1.0)} "
-            f"(tolerance +{_percent(tolerances.p95_increase)})"
+            f"paired p95 latency ratio at least {p95_pair.lower:.2f}x "
+            f"(tolerance {1.0 + tolerances.p95_increase:.2f}x; on 5% of users' requests the "
+            f"shadow took at least {paired_p95.slowdown:.2f}x control's time, and on 5% "
+            f"control at least {paired_p95.speedup:.2f}x the shadow's)"
         )
     quality_ok = True
     for q, interval in quality:
@@ -390,12 +412,13 @@ def shadow_verdict(
         quality_ok
         and disagreement.upper < tolerances.disagreement
         and ratio.upper < 1.0 + tolerances.latency_increase
-        and p95.upper < 1.0 + tolerances.p95_increase
+        and p95_pair.upper < 1.0 + tolerances.p95_increase
     ):
         return result(
             "ready",
             f"ready to canary: disagreement at most {_percent(disagreement.upper)}, mean latency "
-            f"at most {_signed(ratio.upper - 1.0)}, p95 at most {_signed(p95.upper - 1.0)}",
+            f"at most {_signed(ratio.upper - 1.0)}, paired p95 latency ratio at most "
+            f"{p95_pair.upper:.2f}x",
         )
     return result("collecting", "the intervals still straddle a tolerance")
 

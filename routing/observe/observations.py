@@ -67,6 +67,8 @@ from routing.observe.observation_store import (
     close_connections,
     write_all,
 )
+from routing.observe.pair_claims import PairClaims
+from routing.observe.pair_recording import PairRecording
 from routing.observe.shadow_pairs import PairCell
 from routing.observe.unit_llm import UnitLLMBook
 from routing.observe.unit_outcomes import UnitOutcomeBook, UnitTally
@@ -143,7 +145,7 @@ class ObservationStats:
     dropped_cells: int
 
 
-class ObservationAggregator:
+class ObservationAggregator(PairRecording):
     """Sums observations per cell in memory and writes them as ObservationBucket rows.
 
     The ``observe``/``count_*``/``compare`` methods are the hot path: a dict lookup and a few
@@ -177,6 +179,8 @@ class ObservationAggregator:
         self.costs = UnitCosts()
         # Users' generative answers in their windows (routing.observe.unit_llm), with ``units``.
         self.llm_units = UnitLLMBook(clock=clock)
+        # Users' shadow pairs, one per user across processes (routing.observe.pair_claims).
+        self.pair_claims = PairClaims(clock=clock)
         self._cells: dict[CellKey, ObservationCell] = {}
         self._observed = 0
         self._cache_hits = 0
@@ -268,25 +272,26 @@ class ObservationAggregator:
         abs_diff: float | None = None,
         control_ms: float | None = None,
         shadow_ms: float | None = None,
-        user_pair: bool = False,
+        pair_unit: str | None = None,
     ) -> None:
         """Record one paired comparison of a shadow's answer with control's.
 
-        ``user_pair``: the request is its user's one pair (``routing.observe.shadow_pairs``);
-        with both latencies given it also goes into the cell's ``pairs``.
+        ``pair_unit``: the request is the pair of this user (``routing.observe.shadow_pairs``),
+        claimed with :meth:`claim_pair`; with both latencies given it goes into the cell's
+        ``pairs`` once the claim is won (``routing.observe.pair_claims``).
         """
         cell = self._cell(experiment_id, variant_key, True)
-        if user_pair and control_ms is not None and shadow_ms is not None:
-            if cell.pairs is None:
-                cell.pairs = PairCell()
-            finite = abs_diff if abs_diff is not None and math.isfinite(abs_diff) else None
-            cell.pairs.add(control_ms, shadow_ms, disagreed=disagreed, abs_diff=finite)
+        finite = abs_diff if abs_diff is not None and math.isfinite(abs_diff) else None
+        if pair_unit is not None and control_ms is not None and shadow_ms is not None:
+            self._offer_pair(
+                experiment_id, pair_unit, variant_key, control_ms, shadow_ms, disagreed, finite
+            )
         cell.compared_count += 1
         if disagreed:
             cell.disagreement_count += 1
-        if abs_diff is not None and math.isfinite(abs_diff):
-            cell.abs_diff_sum += abs_diff
-            cell.abs_diff_sum_sq += abs_diff * abs_diff
+        if finite is not None:
+            cell.abs_diff_sum += finite
+            cell.abs_diff_sum_sq += finite * finite
 
     def pair_failure(
         self,
@@ -295,15 +300,23 @@ class ObservationAggregator:
         *,
         control_ms: float | None,
         shadow_ms: float | None,
+        pair_unit: str,
     ) -> None:
         """A user's pair whose shadow failed (5xx, timeout) where control answered: it counts
         as an answer that differs, with the time the shadow took to fail."""
         if control_ms is None or shadow_ms is None:
             return
-        cell = self._cell(experiment_id, variant_key, True)
+        self._offer_pair(experiment_id, pair_unit, variant_key, control_ms, shadow_ms, True, None)
+
+    def _pair_cells(self, experiment_id: int, variant_key: str, bucket: int) -> PairCell:
+        """The pair sums of a shadow's cell in the given bucket (``PairRecording``)."""
+        key = (experiment_id, variant_key, True, bucket)
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = self._cells[key] = ObservationCell()
         if cell.pairs is None:
             cell.pairs = PairCell()
-        cell.pairs.add(control_ms, shadow_ms, disagreed=True, abs_diff=None)
+        return cell.pairs
 
     # ----------------------------------------------------------------- reading and flushing
 
@@ -343,7 +356,13 @@ class ObservationAggregator:
         """The ObservationBucket field values of drained cells (empty cells are skipped)."""
         rows: list[dict[str, object]] = []
         for (experiment_id, variant_key, is_shadow, bucket), cell in cells.items():
-            if not (cell.count or cell.cache_hits or cell.compared_count or cell.llm is not None):
+            if not (
+                cell.count
+                or cell.cache_hits
+                or cell.compared_count
+                or cell.llm is not None
+                or cell.pairs is not None
+            ):
                 continue
             histogram = cell.histogram
             rows.append(
@@ -374,6 +393,7 @@ class ObservationAggregator:
 
         On failure the cells go back into the buffer and the exception propagates.
         """
+        self.settle_claims_now()
         cells = self.drain()
         unit_rows = self.units.drain(everything=True) if self.units is not None else []
         cost_rows = self.costs.drain()
@@ -411,6 +431,7 @@ class ObservationAggregator:
 
         Users' counts are written once their window closes, or all of them when ``final``.
         """
+        await self.settle_claims()
         cells = self.drain()
         unit_rows = self.units.drain(everything=final) if self.units is not None else []
         cost_rows = self.costs.drain()

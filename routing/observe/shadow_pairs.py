@@ -3,10 +3,11 @@
 A shadow's answer and control's answer to the same request form a pair (same request, so the
 same user, payload and moment). The user is the unit (STATS.md 12.1): a user's requests are not
 independent (its inputs, payload sizes and region repeat), so each user contributes one pair,
-that of its first mirrored request in the edge process (``routing.proxy.shadow`` decides which,
-before any answer exists, so the rule never looks at the outcome). Per (experiment, shadow,
-time bucket) the proxy keeps, off the hot path (in the shadow's background task, after
-control's answer was sent):
+that of its first mirrored request in the edge process whose claim on the user is stored first
+(``routing.proxy.shadow`` decides which request, before any answer exists, and
+``routing.observe.pair_claims`` which process, so neither rule looks at the outcome). Per
+(experiment, shadow, time bucket) the proxy keeps, off the hot path (in the shadow's
+background task, after control's answer was sent):
 
 * ``n`` pairs, ``d`` of them with answers that differ, and for numeric answers the sum ``a``
   and sum of squares ``aa`` of the absolute difference;
@@ -15,13 +16,18 @@ control's answer was sent):
   For any margin ``m`` the paired difference ``D = S - (1 + m) C`` has
   ``sum D = s - (1+m) c`` and ``sum D^2 = ss - 2 (1+m) x + (1+m)^2 cc``, so the mean test
   (``analysis.stats.shadow_pairs``) can take the margin chosen at analysis time.
-* Both latencies per log bucket (``routing.observe.histogram``), on the same requests, for the
-  paired p95 comparison.
+* Both latencies per log bucket (``routing.observe.histogram``), on the same requests (the
+  per-arm p95s, for context), and the per-pair latency ratio ``S / C`` per log bucket, for the
+  paired p95 (``analysis.stats.paired_quantile``: the 95th percentile of ``S / C``). Both
+  latencies are floored at ``MIN_VALUE_MS`` (1 microsecond) before dividing.
 
 Stored as JSON text in ``ObservationBucket.pairs`` (format below); merging adds everything.
 ``{"n": 3, "d": 1, "a": 0.2, "aa": 0.04, "c": 30.1, "s": 33.0, "cc": 302.1, "ss": 363.2,
-"x": 331.0, "hc": {...}, "hs": {...}}``
-where ``hc`` / ``hs`` are ``LogHistogram.to_dict()`` of control's / the shadow's latencies.
+"x": 331.0, "hc": {...}, "hs": {...}, "hr": {...}}``
+where ``hc`` / ``hs`` / ``hr`` are ``LogHistogram.to_dict()`` of control's latencies, the
+shadow's and their ratio ``S / C``. Rows written before the ratio existed have no ``hr``: they
+read as an empty ratio histogram, so the paired p95 counts only the pairs that have a ratio
+(its sample size is ``ratio.count``, which may be below ``n``).
 """
 
 from __future__ import annotations
@@ -30,13 +36,13 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from routing.observe.histogram import LogHistogram
+from routing.observe.histogram import MIN_VALUE_MS, LogHistogram
 
 
 class PairCell:
     """Sums over the pairs of one (experiment, shadow, bucket)."""
 
-    __slots__ = ("a", "aa", "c", "cc", "control", "d", "n", "s", "shadow", "ss", "x")
+    __slots__ = ("a", "aa", "c", "cc", "control", "d", "n", "ratio", "s", "shadow", "ss", "x")
 
     def __init__(self) -> None:
         self.n = 0
@@ -50,6 +56,7 @@ class PairCell:
         self.x = 0.0
         self.control = LogHistogram()
         self.shadow = LogHistogram()
+        self.ratio = LogHistogram()
 
     def add(
         self, control_ms: float, shadow_ms: float, *, disagreed: bool, abs_diff: float | None
@@ -67,6 +74,7 @@ class PairCell:
         self.x += control_ms * shadow_ms
         self.control.add(control_ms)
         self.shadow.add(shadow_ms)
+        self.ratio.add(max(shadow_ms, MIN_VALUE_MS) / max(control_ms, MIN_VALUE_MS))
 
     def merge(self, other: PairCell) -> None:
         self.n += other.n
@@ -80,6 +88,7 @@ class PairCell:
         self.x += other.x
         self.control.merge(other.control)
         self.shadow.merge(other.shadow)
+        self.ratio.merge(other.ratio)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -95,6 +104,7 @@ class PairCell:
                 "x": self.x,
                 "hc": self.control.to_dict(),
                 "hs": self.shadow.to_dict(),
+                "hr": self.ratio.to_dict(),
             },
             separators=(",", ":"),
         )
@@ -113,6 +123,8 @@ class PairCell:
         cell.x = float(data["x"])
         cell.control = LogHistogram.from_dict(data["hc"])
         cell.shadow = LogHistogram.from_dict(data["hs"])
+        if "hr" in data:
+            cell.ratio = LogHistogram.from_dict(data["hr"])
         return cell
 
     @classmethod

@@ -66,17 +66,19 @@ class Shadows:
         """Start one background copy per shadow, within the concurrency budget.
 
         The first mirrored request of each user (``unit``) is the user's pair for the paired
-        statistics; the choice is made here, before any answer exists.
+        statistics; the choice is made here, before any answer exists, and claimed across
+        processes by the flush (``routing.observe.pair_claims``).
         """
         loop = asyncio.get_running_loop()
         shadow_headers = [*headers, SHADOW_HEADER]
-        user_pair = False
+        pair_unit = None
         if unit is not None:
             user = (plan.experiment_id, unit)
             paired = self._paired_users
             if user not in paired and len(paired) < self.max_paired_users:
                 paired.add(user)
-                user_pair = True
+                pair_unit = unit
+                self.observations.claim_pair(plan.experiment_id, unit)
         for shadow in plan.shadows:
             if len(self._tasks) >= self.concurrency:
                 shadow.metrics.shadow_saturated.inc()
@@ -93,7 +95,7 @@ class Shadows:
                     shadow_headers,
                     body,
                     control_answer,
-                    user_pair,
+                    pair_unit,
                     ticket,
                 )
             )
@@ -109,7 +111,7 @@ class Shadows:
         headers: list[bytes],
         body: bytes,
         control_answer: ControlAnswer,
-        user_pair: bool,
+        pair_unit: str | None,
         ticket: Ticket | None,
     ) -> None:
         attempt = await call_upstream(self.client, shadow, method, target, headers, body)
@@ -138,7 +140,7 @@ class Shadows:
             plan.experiment_id, shadow.key, attempt.latency_ms, error=failed, is_shadow=True
         )
         if failed or shadow_body is None:
-            if user_pair:
+            if pair_unit is not None:
                 # The user's pair still counts: a failed answer differs from control's.
                 failed_against = await control_answer
                 if failed_against is not None:
@@ -147,6 +149,7 @@ class Shadows:
                         shadow.key,
                         control_ms=failed_against[2],
                         shadow_ms=attempt.latency_ms,
+                        pair_unit=pair_unit,
                     )
             return
         answer = await control_answer
@@ -172,5 +175,5 @@ class Shadows:
             abs_diff=abs_diff,
             control_ms=control_ms,
             shadow_ms=attempt.latency_ms,
-            user_pair=user_pair,
+            pair_unit=pair_unit,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -176,3 +177,37 @@ def test_the_start_button_creates_the_canary_once_and_opens_it() -> None:
     assert _web(roles.VIEWER).post(start).status_code == 403
     wrong = client.post(reverse("experiments:shadow-canary", args=["shadow-click", "v2"]))
     assert wrong["location"] == reverse("experiments:detail", args=["shadow-click"])
+
+
+def test_the_results_api_carries_the_paired_p95_and_its_verdict(
+    make_key: Callable[..., str],
+) -> None:
+    """A shadow 40% slower on every request: worse at the paired p95, whose bound the reason
+    names; a row of the earlier format (no ratio histogram) is read and left out of it."""
+    experiment_id = _experiment("shadow-p95")
+    _add_pairs(experiment_id, n=200, disagree=0.0, slowdown=1.4, seed=9, bucket=0)
+    legacy = ObservationBucket.objects.get(experiment_id=experiment_id)
+    data = json.loads(legacy.pairs)
+    del data["hr"]
+    legacy.pairs = json.dumps(data)
+    legacy.save(update_fields=["pairs"])
+    for bucket in range(1, 3):
+        _add_pairs(experiment_id, n=300, disagree=0.0, slowdown=1.4, seed=bucket, bucket=bucket)
+    analysis_run(experiment_id=experiment_id)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {make_key('read')}")
+    (shadow,) = client.get("/api/v1/experiments/shadow-p95/results").json()["shadows"]
+    latest = shadow["latest"]
+    assert latest["pairs"] == 800
+    paired = latest["p95_pair_ratio"]
+    # 1.4 times control on every request, times noise symmetric in the log: theta = 1.4; the
+    # shadow's 1-in-20 slowdown 1.4 exp(1.645 * 0.05), control's against it exp(1.645 * 0.05) / 1.4.
+    assert paired["estimate"] == pytest.approx(1.4, rel=0.02)
+    assert 1.2 < paired["lower"] < paired["estimate"] < paired["upper"]
+    assert paired["slowdown"] == pytest.approx(1.4 * np.exp(1.645 * 0.05), rel=0.03)
+    assert paired["speedup"] == pytest.approx(np.exp(1.645 * 0.05) / 1.4, rel=0.03)
+    assert shadow["verdict"] == "worse"
+    assert f"paired p95 latency ratio at least {paired['lower']:.2f}x" in shadow["reason"]
+    assert "(tolerance 1.20x; on 5% of users' requests the shadow took at least" in shadow["reason"]
+    # The per-arm p95 ratio stays in the results, for context.
+    assert latest["p95_ratio"]["lower"] < 1.4 < latest["p95_ratio"]["upper"]

@@ -32,8 +32,13 @@ def test_the_shadow_scenario_shows_both_paired_verdicts_and_starts_one_canary(
     assert "disagrees with control on at least" in summary["reasons"]["v3-retrained"]
     ready = summary["latest"]["v2-fast"]
     assert ready["disagreement"]["estimate"] == 0.0
-    # 10% faster on the same requests: the paired interval of the mean latency says so.
-    assert ready["latency_ratio"]["upper"] < 1.0
+    # 10% faster on the same requests. The verdict comes as soon as every interval is within
+    # its tolerance (the paired p95 settles after about 250 users), which can be before the
+    # mean's interval excludes 1, so: within the tolerance, estimated faster.
+    assert ready["latency_ratio"]["estimate"] < 1.0
+    assert ready["latency_ratio"]["upper"] < 1.1
+    assert ready["p95_pair_ratio"]["estimate"] < 1.0
+    assert ready["p95_pair_ratio"]["upper"] < 1.2
     assert "ready to canary" in result.stdout and "worse than control" in result.stdout
     kinds = Counter(message["kind"] for message in summary["slack_messages"])
     assert kinds["shadow_verdict"] == 2, summary["slack_messages"]
