@@ -86,8 +86,37 @@ def adjust_p_values(
         alpha=alpha,
         p_values=tuple(float(p) for p in p_values),
         adjusted=adjusted,
-        rejected=tuple(value <= alpha for value in adjusted),
+        rejected=_rejected(p_values, method, alpha),
     )
+
+
+def _rejected(p_values: Sequence[float], method: Method, alpha: float) -> tuple[bool, ...]:
+    """Each procedure's own rule on the raw p-values (as statsmodels decides).
+
+    Not "adjusted <= alpha": that is the same rule in exact arithmetic, but m * p rounds, so
+    p = alpha / m exactly (0.025 of two tests at 0.05) came out just above alpha.
+    Bonferroni: p_i <= alpha / m. Holm (step-down): the sorted p_(k) are rejected until the
+    first with p_(k) > alpha / (m - k + 1). BH (step-up): every p_(k) up to the largest k
+    with p_(k) <= (k / m) alpha.
+    """
+    m = len(p_values)
+    if method == "bonferroni":
+        return tuple(p <= alpha / m for p in p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    rejected = [False] * m
+    if method == "holm":
+        for rank, index in enumerate(order):
+            if p_values[index] > alpha / (m - rank):
+                break
+            rejected[index] = True
+        return tuple(rejected)
+    last = max(
+        (rank for rank in range(1, m + 1) if p_values[order[rank - 1]] <= rank / m * alpha),
+        default=0,
+    )
+    for index in order[:last]:
+        rejected[index] = True
+    return tuple(rejected)
 
 
 def bonferroni_alphas(weights: Sequence[float], *, alpha: float) -> tuple[float, ...]:

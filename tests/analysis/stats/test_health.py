@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 from gbstats.utils import check_srm
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy import stats as scipy_stats
 from scipy.special import gammaln
@@ -119,6 +119,11 @@ def test_invalid_srm_inputs() -> None:
     st.lists(st.floats(min_value=0, max_value=1), min_size=1, max_size=30),
     st.sampled_from(["bh", "holm", "bonferroni"]),
 )
+# p exactly at a procedure's threshold, where m * p rounds above alpha: 11 * (0.05 / 11)
+# gives 0.05000000000000001, and BH's 4 * p / 3 at p = (3 / 4) * 0.05 does too.
+@example([0.05 / 11] + [0.5] * 10, "bonferroni")
+@example([0.05 / 11] + [0.5] * 10, "holm")
+@example([0.01, 0.02, 3 / 4 * 0.05, 0.9], "bh")
 def test_corrections_match_statsmodels(p_values: list[float], method: str) -> None:
     name = {"bh": "fdr_bh", "holm": "holm", "bonferroni": "bonferroni"}[method]
     rejected, adjusted, _, _ = multipletests(p_values, alpha=0.05, method=name)
