@@ -80,11 +80,11 @@ class Channel(filesystem.Channel):
         try:
             if not table.exists() and self._create_table(table, binding):
                 return
-            # The table exists (whole): add the binding under the exclusive lock.
+            # The table exists, whole: add the binding under the exclusive lock.
             with open(table, "rb+", buffering=0) as file:
                 filesystem.lock(file, filesystem.LOCK_EX)
                 try:
-                    bindings = [filesystem.exchange_queue_t(*b) for b in _read(file, table)]
+                    bindings = [filesystem.exchange_queue_t(*b) for b in _read(file)]
                     if binding not in bindings:
                         bindings.insert(0, binding)
                         file.seek(0)
@@ -112,12 +112,11 @@ class Channel(filesystem.Channel):
         return True
 
 
-def _read(file: Any, table: Any) -> Any:
+def _read(file: Any) -> Any:
     content = bytes_to_str(file.read())
-    if not content:
-        # Only kombu's own channel (open("wb"), then lock) leaves a table empty.
-        raise ChannelError(f"{table} is empty: written by a channel that is not {__name__}'s")
-    return loads(content)
+    # Ours never leaves a table empty; kombu's own channel does if its process dies between
+    # open("wb") and the write. Under the exclusive lock that table is rewritten whole.
+    return loads(content) if content else []
 
 
 class Transport(filesystem.Transport):

@@ -184,6 +184,19 @@ def test_ours_declares_and_delivers_while_the_creator_is_paused(
     assert json.loads(table.read_text()) == [[name, "", name]]
 
 
+def test_a_table_left_empty_by_a_dead_kombu_channel_is_rewritten_at_the_next_declare(
+    tmp_path: Path,
+) -> None:
+    # kombu's channel opens the table with "wb" before writing it; its process died there.
+    name = f"jobs-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "control").mkdir(parents=True)
+    (tmp_path / "control" / f"{name}.exchange").write_bytes(b"")
+    _publish(tmp_path, OURS, name, {"from": "after"})
+    assert [m["from"] for m in _drain(tmp_path, OURS, name, expected=1)] == ["after"]
+    table = json.loads((tmp_path / "control" / f"{name}.exchange").read_text())
+    assert table == [[name, "", name]]
+
+
 THREADS = 6
 ROUNDS = 40
 
