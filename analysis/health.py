@@ -13,11 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from analysis.aggregation import Aggregates
-from analysis.stats.health import (
-    multiple_exposure_check,
-    srm_chi_square,
-    srm_sequential,
-)
+from analysis.stats.health import multiple_exposure_check, srm_check
 from experiments.contracts import ExperimentView
 from routing.split import planned_split
 
@@ -51,7 +47,10 @@ class Health:
     def problems(self) -> list[str]:
         found = []
         if self.srm_flagged:
-            found.append(f"sample ratio mismatch (p = {self.srm_p:.2g})")
+            found.append(
+                f"sample ratio mismatch (e-value {self.srm_e_value:.3g}, "
+                f"chi-square p = {self.srm_p:.2g})"
+            )
         if self.multiple_flagged:
             found.append(f"{self.multiple_share:.1%} of units saw more than one variant")
         if self.no_traffic:
@@ -111,17 +110,16 @@ def check_health(
     if len(tested) >= 2:
         observed = [int(counts.get(arm, 0)) for arm in tested]
         shares = [weights[arm] for arm in tested]
-        chi = srm_chi_square(
-            observed, shares, threshold=settings.srm_threshold, min_units=settings.srm_min_units
-        )
-        sequential = srm_sequential(
+        # The anytime-valid e-value decides; the chi-square p is shown (srm_check).
+        srm = srm_check(
             observed,
             shares,
             alpha=settings.srm_threshold,
+            min_units=settings.srm_min_units,
             previous_max_log_e_value=previous_srm_max_log_e_value,
         )
-        srm_p, srm_max = chi.p_value, sequential.max_log_e_value
-        srm_flagged = chi.flagged or sequential.flagged
+        srm_p, srm_max = srm.chi_square.p_value, srm.sequential.max_log_e_value
+        srm_flagged = srm.flagged
     exposures = aggregates.exposures
     odd = exposures.unexpected_multiple if canary else exposures.multiple
     multiple = multiple_exposure_check(

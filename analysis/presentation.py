@@ -88,6 +88,11 @@ def format_p(p: float | None) -> str:
     return f"{p:.3f}"
 
 
+def _e_value(value: float | None) -> str:
+    """An SRM e-value: evidence against the configured split (flagged at 1 / alpha)."""
+    return "—" if value is None else f"{value:.3g}"
+
+
 def _bounds(interval: Any) -> tuple[float | None, float | None]:
     """(lower, upper) of a stored [lo, hi] pair; None stands for an unbounded side."""
     lower, upper = [*list(interval or []), None, None][:2]
@@ -250,7 +255,8 @@ def health_warnings(health: Mapping[str, Any], status: str) -> list[HealthWarnin
             HealthWarning(
                 "Sample ratio mismatch",
                 f"The split of users between versions is not the configured one "
-                f"(p = {format_p(srm.get('p'))}). Something drops or duplicates users on one "
+                f"(anytime-valid e-value {_e_value(srm.get('e_value'))}; chi-square "
+                f"p = {format_p(srm.get('p'))}). Something drops or duplicates users on one "
                 "arm (bots, caching, errors before exposure); results may be biased.",
             )
         )

@@ -1,8 +1,9 @@
 """Pure statistics engine over sufficient statistics (no framework imports).
 
 Entry points: `analyze_metric` (reports), `evaluate_guardrails` (automatic rollback),
-`srm_chi_square` / `srm_sequential` / `multiple_exposure_check` (health), `adjust_p_values`
-(secondary metrics). Quantile guardrails live in `analysis.stats.quantiles`.
+`srm_check` (`srm_chi_square` reported, `srm_sequential` decides) / `multiple_exposure_check`
+(health), `adjust_p_values` (secondary metrics). Quantile guardrails live in
+`analysis.stats.quantiles`.
 """
 
 from analysis.stats.effects import EffectError, EffectEstimate, estimate_effect
@@ -20,8 +21,10 @@ from analysis.stats.guardrails import (
 from analysis.stats.health import (
     MultipleExposureResult,
     SequentialSrmResult,
+    SrmCheck,
     SrmResult,
     multiple_exposure_check,
+    srm_check,
     srm_chi_square,
     srm_sequential,
 )
@@ -69,6 +72,7 @@ __all__ = [
     "RunningEvidence",
     "SequentialSrmResult",
     "SequentialState",
+    "SrmCheck",
     "SrmResult",
     "Verdict",
     "adjust_p_values",
@@ -83,6 +87,7 @@ __all__ = [
     "msprt",
     "multiple_exposure_check",
     "normal_mixture_confidence_sequence",
+    "srm_check",
     "srm_chi_square",
     "srm_sequential",
 ]

@@ -61,7 +61,7 @@ from analysis.stats.guardrail_types import (
     GuardrailSpec,
     GuardrailStatus,
 )
-from analysis.stats.health import SequentialSrmResult, SrmResult, srm_chi_square, srm_sequential
+from analysis.stats.health import SequentialSrmResult, SrmResult, srm_check
 from analysis.stats.latency_mean import UserLatencyMeans, latency_mean_evidence
 from analysis.stats.multiple import bonferroni_alphas
 from analysis.stats.quantile_users import UserQuantileBets, quantile_user_evidence
@@ -89,17 +89,15 @@ def _srm_checks(
     arms = (snapshot.control, *snapshot.treatments)
     observed = [int(snapshot.exposures.get(arm, 0)) for arm in arms]
     weights = [float(snapshot.expected_weights[arm]) for arm in arms]
-    chi_square = srm_chi_square(
-        observed, weights, threshold=settings.srm_threshold, min_units=settings.srm_min_units
-    )
-    sequential = srm_sequential(
+    check = srm_check(
         observed,
         weights,
         alpha=settings.srm_threshold,
+        min_units=settings.srm_min_units,
         concentration=settings.srm_concentration,
         previous_max_log_e_value=snapshot.previous_srm_max_log_e_value,
     )
-    return chi_square, sequential
+    return check.chi_square, check.sequential
 
 
 def evaluate_guardrails(
@@ -110,10 +108,11 @@ def evaluate_guardrails(
 ) -> GuardrailDecision:
     """Decide rollback / hold / continue for one look at one experiment (STATS.md 9.1-9.3).
 
-    Order: an SRM (chi-square p < threshold after the minimum units, or the Dirichlet e-value
-    past 1 / threshold) means `hold`, and guardrails are not evaluated on that data; otherwise
-    any pair whose harm lower bound exceeds its margin means `rollback`; otherwise any pair in
-    burn-in (or not evaluable) means `hold`; otherwise `continue`.
+    Order: an SRM (the running maximum of the Dirichlet e-value past 1 / threshold; the
+    chi-square p is only reported, `srm_check`) means `hold`, and guardrails are not evaluated
+    on that data; otherwise any pair whose harm lower bound exceeds its margin means
+    `rollback`; otherwise any pair in burn-in (or not evaluable) means `hold`; otherwise
+    `continue`.
     """
     settings = settings if settings is not None else GuardrailSettings()
     if not specs:
@@ -127,7 +126,7 @@ def evaluate_guardrails(
     srm_max = (
         srm_seq.max_log_e_value if srm_seq is not None else snapshot.previous_srm_max_log_e_value
     )
-    if (srm is not None and srm.flagged) or (srm_seq is not None and srm_seq.flagged):
+    if srm_seq is not None and srm_seq.flagged:
         return GuardrailDecision(
             action=GuardrailAction.HOLD,
             reason="sample ratio mismatch: guardrails are not evaluated on this data",

@@ -1,11 +1,13 @@
 """Experiment health checks: sample ratio mismatch (fixed and sequential) and multiple exposure.
 
 * `srm_chi_square`: GrowthBook's chi-square SRM test (gbstats `utils.check_srm`, STATS.md 7.1),
-  re-run at every look; only safe because of its very small threshold (0.001).
+  a fixed-sample test: re-run at every look, its chance of a false alarm grows with the number
+  of looks. Reported (for parity with GrowthBook and for display), it raises no flag.
 * `srm_sequential`: an anytime-valid SRM e-value, the Dirichlet-multinomial Bayes factor of
   Lindon & Malek, "Anytime-valid inference for multinomial count data", NeurIPS 2022
   (STATS.md 7.2); flagging at E >= 1 / alpha keeps the chance of a false SRM alarm over the
   whole experiment at most alpha (Ville's inequality), however often it is looked at.
+* `srm_check`: both at one look; the flag is the e-value's alone.
 * `multiple_exposure_check`: the share of units that saw more than one variant.
 """
 
@@ -41,7 +43,11 @@ def _check_counts(observed: Sequence[int], weights: Sequence[float]) -> None:
 
 @dataclass(frozen=True, slots=True)
 class SrmResult:
-    """Chi-square SRM test: p-value, statistic, and whether it flags (p < threshold)."""
+    """Chi-square SRM test: p-value, statistic, and GrowthBook's rule (p < threshold).
+
+    `flagged` is GrowthBook's single-look rule, kept for parity; Rampart's SRM flag is
+    `SrmCheck.flagged` (the anytime-valid e-value), as repeated looks inflate this one.
+    """
 
     p_value: float
     chi_square: float
@@ -148,6 +154,46 @@ def srm_sequential(
         p_value=min(1.0, math.exp(-running_max)),
         flagged=running_max >= -math.log(alpha),
         alpha=alpha,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SrmCheck:
+    """One look's SRM check: the chi-square is reported, the anytime-valid e-value decides."""
+
+    chi_square: SrmResult
+    sequential: SequentialSrmResult
+
+    @property
+    def flagged(self) -> bool:
+        return self.sequential.flagged
+
+
+def srm_check(
+    observed: Sequence[int],
+    expected_weights: Sequence[float],
+    *,
+    alpha: float = DEFAULT_SRM_THRESHOLD,
+    min_units: int = DEFAULT_SRM_MIN_UNITS,
+    concentration: float = DEFAULT_SRM_CONCENTRATION,
+    previous_max_log_e_value: float = 0.0,
+) -> SrmCheck:
+    """The SRM check run at every look of a monitored experiment (STATS.md 7.2).
+
+    Flags when the running maximum of the Dirichlet-multinomial e-value reaches 1 / alpha, so
+    the chance of ever flagging a correct split is at most alpha however many looks there are.
+    The chi-square p-value (threshold `alpha`, after `min_units`) is computed for display only:
+    OR-ing it in would add a fixed-sample test's false alarms at every look.
+    """
+    return SrmCheck(
+        chi_square=srm_chi_square(observed, expected_weights, threshold=alpha, min_units=min_units),
+        sequential=srm_sequential(
+            observed,
+            expected_weights,
+            alpha=alpha,
+            concentration=concentration,
+            previous_max_log_e_value=previous_max_log_e_value,
+        ),
     )
 
 

@@ -27,6 +27,7 @@ from routing.edge.app import EdgeContext, build_edge
 from routing.edge.labels import LabelsApp
 from routing.models import Label, Prediction
 from routing.proxy.app import ProxyApp
+from scripts import onnx_models
 from scripts.onnx_models import ModelSet, OnnxModelServer, build_models
 from tests.processes import free_port
 
@@ -35,8 +36,10 @@ REQUESTS_PER_USER = 2
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> ModelSet:
-    return build_models(tmp_path_factory.mktemp("models"))
+def models() -> ModelSet:
+    # var/models, keyed by every input of the build: shared with the quality demo's tests and
+    # the next suite on this checkout (the first one in a clean checkout builds it).
+    return build_models()
 
 
 class Served:
@@ -80,6 +83,25 @@ def servers(models: ModelSet) -> Iterator[dict[str, Served]]:
     yield started
     for server in started.values():
         server.stop()
+
+
+def test_the_model_cache_is_keyed_by_every_input_of_the_build(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    key = onnx_models._cache_key()
+    assert key == onnx_models._cache_key()
+    monkeypatch.setattr(onnx_models, "BUILD_REVISION", onnx_models.BUILD_REVISION + 1)
+    revised = onnx_models._cache_key()
+    assert revised != key
+    real_version = onnx_models.metadata.version
+    monkeypatch.setattr(
+        onnx_models.metadata,
+        "version",
+        lambda name: "0.0" if name == "scikit-learn" else real_version(name),
+    )
+    assert onnx_models._cache_key() not in (key, revised)
+    monkeypatch.setattr(onnx_models, "CORRUPTED_CLASSES", {3: 5})
+    assert onnx_models._cache_key() not in (key, revised)
 
 
 def test_the_versions_are_what_the_story_needs(models: ModelSet) -> None:

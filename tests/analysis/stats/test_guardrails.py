@@ -180,7 +180,8 @@ def test_srm_holds_without_evaluating_guardrails() -> None:
     )
     decision = evaluate_guardrails([LATENCY], snapshot, settings=SETTINGS)
     assert decision.action is GuardrailAction.HOLD and "sample ratio" in decision.reason
-    assert decision.evaluations == () and decision.srm is not None and decision.srm.flagged
+    assert decision.evaluations == () and decision.srm_sequential is not None
+    assert decision.srm_sequential.flagged and decision.srm is not None
     balanced = ExperimentSnapshot(
         control="control",
         treatments=("canary",),
