@@ -11,6 +11,10 @@ is unreachable the counts are merged back and retried after a capped backoff
 (``routing.observe.backoff``); past ``MAX_KEYS`` waiting keys the oldest are dropped and
 counted (``rampart_input_drift_dropped_total``). Rows of an experiment deleted meanwhile are
 dropped.
+
+The proxy counts a sampled user once per window (``first_in_window``): one set of the window's
+users' hashes per experiment, replaced when the window changes, at most ``cap`` users (then
+the window's later new users are dropped and counted, cause ``users_cap``).
 """
 
 from __future__ import annotations
@@ -80,6 +84,22 @@ class InputRecorder:
         self._waiting: dict[Key, dict[str, int]] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
+        # experiment -> (window, hashes of the users counted in it by this process).
+        self._users: dict[int, tuple[object, set[int]]] = {}
+
+    def first_in_window(self, experiment_id: int, window: object, user: int, cap: int) -> bool:
+        """Whether `user` is new in `experiment_id`'s `window` (then remembered; event loop)."""
+        current = self._users.get(experiment_id)
+        if current is None or current[0] != window:
+            current = self._users[experiment_id] = (window, set())
+        seen = current[1]
+        if user in seen:
+            return False
+        if len(seen) >= cap:
+            INPUTS_DROPPED.labels("users_cap").inc()
+            return False
+        seen.add(user)
+        return True
 
     def slot(self, experiment_id: int, bucket: float) -> Cells:
         """The counts of `experiment_id`'s bucket starting at `bucket` (event loop only)."""
