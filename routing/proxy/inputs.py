@@ -70,7 +70,17 @@ class InputField:
 class InputPlan:
     """One experiment's watched request fields, compiled for the proxy (``Plan.inputs``)."""
 
-    __slots__ = ("bucket_s", "cut", "experiment_id", "fields", "max_users", "windows")
+    __slots__ = (
+        "_bucket",
+        "_slot",
+        "_window",
+        "bucket_s",
+        "cut",
+        "experiment_id",
+        "fields",
+        "max_users",
+        "windows",
+    )
 
     def __init__(
         self,
@@ -87,6 +97,9 @@ class InputPlan:
         self.bucket_s = bucket_s
         self.windows = windows
         self.max_users = max_users
+        self._bucket = math.nan
+        self._slot: int | None = None
+        self._window: tuple[object, int] | None = None
 
     def capture(self, body: bytes, unit: str | None, recorder: InputRecorder) -> None:
         """Count the watched fields of a sampled user's first request in its window."""
@@ -97,11 +110,13 @@ class InputPlan:
             return
         bucket_s = self.bucket_s
         bucket = (time.time() // bucket_s) * bucket_s
-        windows = self.windows
-        slot = windows.slot(bucket)
-        if slot is None or not windows.counts(slot, user / self.cut):
+        if bucket != self._bucket:  # the bucket's window, worked out once per bucket
+            slot = self.windows.slot(bucket)
+            self._bucket, self._slot = bucket, slot
+            self._window = None if slot is None else (self.windows.key, slot)
+        window = self._window
+        if window is None or not self.windows.counts(window[1], user / self.cut):
             return
-        window = (windows.key, slot)
         if not recorder.first_in_window(self.experiment_id, window, user, self.max_users):
             return
         cells = recorder.slot(self.experiment_id, bucket)
