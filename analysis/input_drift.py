@@ -221,8 +221,9 @@ def _field(
 def _summary(entry: dict[str, Any]) -> str:
     return (
         f"input drift: request field {entry['path']!r} has moved away from its reference "
-        f"(PSI {entry['psi']:.3f} over the recent window, threshold {entry['threshold']:g}; "
-        f"always-valid p = {entry['p']:.2g})"
+        f"(PSI {entry['psi']:.3f} in window {entry['window']} of {entry['recent_n']:,} users, "
+        f"threshold {entry['threshold']:g}; p = {entry['p']:.2g} with the window's share of "
+        "alpha)"
     )
 
 
