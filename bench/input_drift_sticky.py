@@ -238,10 +238,15 @@ def _old_flag(
     return distance > limit and homogeneity_log_e(x, y) >= math.log(FIELDS / ALPHA)
 
 
-def false_alarms(runs: int, *, seed: int, construction: str = "users", **world: int) -> int:
+def false_alarms(
+    runs: int, *, seed: int, construction: str = "users", threshold: float = 0.0, **world: int
+) -> int:
+    """Runs flagged over all windows in A/A worlds (PSI `threshold` for both fields)."""
     rng = np.random.default_rng(seed)
     run = run_users if construction == "users" else run_requests
-    return sum(math.isfinite(run(rng, World(**world), (0.0, 0.0))[0]) for _ in range(runs))
+    return sum(
+        math.isfinite(run(rng, World(**world), (threshold, threshold))[0]) for _ in range(runs)
+    )
 
 
 def detection(runs: int, *, seed: int, **world: float) -> tuple[NDArray, NDArray]:
@@ -269,10 +274,12 @@ def main(runs: int = 500) -> None:
         ("users, one edge process", "users", {}),
         ("users, 2 edge processes", "users", {"processes": 2}),
         ("users, 4 edge processes", "users", {"processes": 4}),
+        ("users, 4 edge processes, PSI threshold 0.05", "users", {"processes": 4, "psi": 1}),
         ("requests (before)", "requests", {}),
     ):
         count = runs if construction == "users" else max(runs // 5, 50)
-        hits = false_alarms(count, seed=61, construction=construction, **world)
+        threshold = THRESHOLDS[0] if world.pop("psi", 0) else 0.0
+        hits = false_alarms(count, seed=61, construction=construction, threshold=threshold, **world)
         print(
             f"A/A {label}: {hits}/{count} runs flagged over 24 windows "
             f"(Wilson upper {wilson_upper(hits, count):.3f})"
