@@ -72,7 +72,6 @@ class InputPlan:
 
     __slots__ = (
         "_bucket",
-        "_slot",
         "_window",
         "bucket_s",
         "cut",
@@ -98,7 +97,6 @@ class InputPlan:
         self.windows = windows
         self.max_users = max_users
         self._bucket = math.nan
-        self._slot: int | None = None
         self._window: tuple[object, int] | None = None
 
     def capture(self, body: bytes, unit: str | None, recorder: InputRecorder) -> None:
@@ -112,7 +110,7 @@ class InputPlan:
         bucket = (time.time() // bucket_s) * bucket_s
         if bucket != self._bucket:  # the bucket's window, worked out once per bucket
             slot = self.windows.slot(bucket)
-            self._bucket, self._slot = bucket, slot
+            self._bucket = bucket
             self._window = None if slot is None else (self.windows.key, slot)
         window = self._window
         if window is None or not self.windows.counts(window[1], user / self.cut):
