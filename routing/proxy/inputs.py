@@ -14,7 +14,8 @@ index, else ``experiments.input_cells.log_cell``, a fixed signed grid of four bi
 from 1e-3 to 1e6, so bins never move during an experiment), a category's value (at most
 ``MAX_CELLS`` distinct per field and bucket, then ``(other)``), or ``(missing)``,
 ``(wrong_type)``, ``(not_json)``. The cells go to ``routing.observe.inputs.InputRecorder``,
-which keeps counts per OBSERVATION_BUCKET_S bucket and writes them off the hot path.
+whose flush claims the user in its window once across edge processes and counts the cells
+per OBSERVATION_BUCKET_S bucket off the hot path.
 Work per request: a CRC-32 of the unit and one comparison; per sampled user's request, one
 set lookup; per counted request, one parse and at most 10 path reads.
 """
@@ -34,7 +35,7 @@ from experiments.contracts import ExperimentView
 from experiments.input_cells import log_cell
 from experiments.input_windows import MIX, InputWindows, sample_cut, windows_for
 from experiments.prediction_path import MISSING, PathStep, parse_prediction_path, read_path
-from routing.observe.inputs import InputRecorder, count
+from routing.observe.inputs import InputRecorder
 
 MISSING_CELL: Final = "(missing)"
 WRONG_TYPE: Final = "(wrong_type)"
@@ -73,11 +74,13 @@ class InputPlan:
     __slots__ = (
         "_bucket",
         "_window",
+        "_window_bounds",
         "bucket_s",
         "cut",
         "experiment_id",
         "fields",
         "max_users",
+        "paths",
         "windows",
     )
 
@@ -92,12 +95,14 @@ class InputPlan:
     ) -> None:
         self.experiment_id = experiment_id
         self.fields = fields
+        self.paths = tuple(field.path for field in fields)
         self.cut = max(1, sample_cut(rate))
         self.bucket_s = bucket_s
         self.windows = windows
         self.max_users = max_users
         self._bucket = math.nan
         self._window: tuple[object, int] | None = None
+        self._window_bounds = (0.0, 0.0)
 
     def capture(self, body: bytes, unit: str | None, recorder: InputRecorder) -> None:
         """Count the watched fields of a sampled user's first request in its window."""
@@ -112,20 +117,21 @@ class InputPlan:
             slot = self.windows.slot(bucket)
             self._bucket = bucket
             self._window = None if slot is None else (self.windows.key, slot)
+            if slot is not None:
+                self._window_bounds = self.windows.bounds(slot)
         window = self._window
         if window is None or not self.windows.counts(window[1], user / self.cut):
             return
         if not recorder.first_in_window(self.experiment_id, window, user, self.max_users):
             return
-        cells = recorder.slot(self.experiment_id, bucket)
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
-            for field in self.fields:
-                count(cells, field.path, NOT_JSON)
-            return
-        for field in self.fields:
-            count(cells, field.path, field.cell(read_path(data, field.steps)))
+            cells = (NOT_JSON,) * len(self.fields)
+        else:
+            cells = tuple([field.cell(read_path(data, field.steps)) for field in self.fields])
+        start, end = self._window_bounds
+        recorder.claim((self.experiment_id, start, end, user, bucket, self.paths, cells))
 
 
 def input_plan(view: ExperimentView) -> InputPlan | None:

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from experiments.input_windows import SCALE, InputWindows, unit_hash
 from routing.models import InputDriftBucket
-from routing.observe.inputs import MAX_CELLS, OTHER, InputRecorder
+from routing.observe.inputs import MAX_CELLS, OTHER, InputRecorder, counts_of
 from routing.proxy.inputs import InputField, InputPlan
 from tests.model_server import ModelServer
 from tests.routing.test_proxy import make_experiment, run, running_edge
@@ -66,7 +66,7 @@ def _plan(rate: float = 1.0, windows: InputWindows = FOREVER, max_users: int = 1
 
 def _counted(recorder: InputRecorder) -> dict[str, int]:
     merged: dict[str, int] = {}
-    for cells in recorder.take().values():
+    for cells in counts_of(recorder.take()).values():
         for cell, n in cells.items():
             merged[cell] = merged.get(cell, 0) + n
     return merged
@@ -92,7 +92,7 @@ def test_a_field_keeps_at_most_max_cells_per_bucket_and_requests_without_a_unit_
     plan.capture(b"<html>", "not-json", recorder)
     plan.capture(b"{}", "empty", recorder)
     plan.capture(b'{"c": "v0"}', None, recorder)
-    (cells,) = recorder.take().values()
+    (cells,) = counts_of(recorder.take()).values()
     assert len(cells) == MAX_CELLS + 1 and cells[OTHER] == 20 + 2
     assert sum(cells.values()) == MAX_CELLS + 22
     assert recorder.buffered == 0
