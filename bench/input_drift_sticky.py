@@ -18,7 +18,10 @@ Constructions compared on the same worlds:
   request's value); each closed window tested once with the exact conditional e-value
   (`analysis.stats.split_e`), flagged when E_k >= 2 / (w_k alpha), w_k = 1 / (k (k + 1)).
   With `processes` > 1, requests go to edge processes at random and each process counts a
-  user once per window (the duplicates of several processes).
+  user once per window (the duplicates of several processes); with `claims` the flushes'
+  claims (`routing.observe.inputs`) keep one count per user and window across processes (the
+  count of the process whose flush claimed the user first: one of the user's requests,
+  whichever process it is, so a draw from the user's law like any other).
 * requests (the construction before): 10% of requests sampled at random, the reference is
   every sampled request of the reference period, and at each window's end the
   Dirichlet-multinomial e-value of every request since the reference (E >= 2 / alpha) and
@@ -68,6 +71,7 @@ class World:
     reference: int = 4
     windows: int = 24
     processes: int = 1
+    claims: bool = False
     number_shift: float = 0.0
     category_shift: float = 0.0
     shift_at: int = 1
@@ -154,13 +158,18 @@ def _flags(
     return False
 
 
-def _counted(rng: np.random.Generator, requests: NDArray[np.int64], processes: int) -> NDArray:
-    """How many times each user is counted in a window: once per edge process it reached."""
+def _counted(
+    rng: np.random.Generator, requests: NDArray[np.int64], processes: int, claims: bool = False
+) -> NDArray:
+    """How many times each user is counted in a window: once per edge process it reached, or
+    once in all with the flushes' claims."""
     if processes == 1:
         return (requests > 0).astype(np.int64)
-    # Distinct processes among n uniform picks: P - (number of processes never picked).
-    never = rng.binomial(processes, np.power(1.0 - 1.0 / processes, requests))
-    return processes - never
+    # Each request goes to a process at random; a user counts once per distinct process.
+    owner = np.repeat(np.arange(requests.size), requests)
+    pairs = np.unique(owner * processes + rng.integers(processes, size=owner.size))
+    reached = np.bincount(pairs // processes, minlength=requests.size)
+    return np.minimum(reached, 1) if claims else reached
 
 
 def run_users(
@@ -177,7 +186,7 @@ def run_users(
             (people.share * 2 * world.reference).astype(np.int64), world.reference - 1
         )
         requests = rng.poisson(people.rate)
-        times = _counted(rng, requests, world.processes)
+        times = _counted(rng, requests, world.processes, world.claims)
         who = np.repeat(users[half & (picked == window)], times[half & (picked == window)])
         numbers, categories = people.draws(who, shifted=False)
         _add(reference[0], _number_counts(numbers))
@@ -187,7 +196,7 @@ def run_users(
         people.turn_over()
         half = people.share < 0.5
         requests = rng.poisson(people.rate)
-        times = _counted(rng, requests, world.processes)
+        times = _counted(rng, requests, world.processes, world.claims)
         who = np.repeat(users[~half], times[~half])
         numbers, categories = people.draws(who, shifted=index >= world.shift_at)
         seen += who.size if index >= world.shift_at else 0
@@ -274,6 +283,11 @@ def main(runs: int = 500) -> None:
         ("users, one edge process", "users", {}),
         ("users, 2 edge processes", "users", {"processes": 2}),
         ("users, 4 edge processes", "users", {"processes": 4}),
+        (
+            "users, 4 edge processes, claims across processes",
+            "users",
+            {"processes": 4, "claims": 1},
+        ),
         ("users, 4 edge processes, PSI threshold 0.05", "users", {"processes": 4, "psi": 1}),
         ("requests (before)", "requests", {}),
     ):

@@ -21,7 +21,7 @@ from analysis.stats.input_drift import (
     window_log_threshold,
     window_weight,
 )
-from bench.input_drift_sticky import ALPHA, detection, false_alarms, wilson_upper
+from bench.input_drift_sticky import ALPHA, _counted, detection, false_alarms, wilson_upper
 from experiments.input_cells import cell_order, log_cell
 
 
@@ -102,6 +102,17 @@ def test_a_a_with_sticky_heavy_users_stays_under_alpha_and_requests_as_draws_do_
     assert users == 0 and wilson_upper(users, 40) < 0.1
     requests = false_alarms(40, seed=73, construction="requests")
     assert requests / 40 > ALPHA
+
+
+def test_the_simulation_s_claims_count_a_user_once_across_processes() -> None:
+    """bench.input_drift_sticky's model of routing.observe.inputs' claims: with 4 edge
+    processes a user with requests counts once (without the claims, once per process)."""
+    rng = np.random.default_rng(76)
+    requests = rng.poisson(rng.pareto(1.2, 5000) * 0.1)
+    per_process = _counted(np.random.default_rng(77), requests, 4)
+    claimed = _counted(np.random.default_rng(77), requests, 4, claims=True)
+    assert (claimed == (requests > 0)).all()
+    assert per_process.max() == 4 and (per_process >= claimed).all()
 
 
 def test_a_shifted_field_is_detected_within_a_few_windows() -> None:
