@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import orjson
 import pytest
+from django.db import connection
 
 from experiments.input_windows import InputWindows
 from routing.models import InputDriftBucket, InputDriftClaim
@@ -89,3 +91,38 @@ def test_a_claim_is_per_window_and_old_windows_claims_are_deleted() -> None:
     late = current[1] + CLAIM_KEEP_S + 1
     assert write([(experiment_id, *current, 7, now, paths, cells)], now=late) == 1
     assert list(InputDriftClaim.objects.values_list("user_hash", flat=True)) == [7]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_processes_flushing_at_once_count_a_user_once() -> None:
+    """Two flushes in concurrent transactions (PostgreSQL: the second insert of a key waits for
+    the first transaction, then does nothing); on SQLite writes are serialized anyway."""
+    if connection.vendor != "postgresql":
+        pytest.skip("concurrent writers need PostgreSQL")
+    experiment_id = make_experiment("concurrent", ARMS)
+    now = time.time()
+    window = (now - 10.0, now + 3590.0)
+    barrier = threading.Barrier(2)
+    written: list[int] = []
+
+    def flush(users: range, value: str) -> None:
+        try:
+            claims = [(experiment_id, *window, user, now, ("c",), (value,)) for user in users]
+            barrier.wait()
+            written.append(write(claims, now=now))
+        finally:
+            connection.close()
+
+    threads = [
+        threading.Thread(target=flush, args=(range(0, 600), "a")),
+        threading.Thread(target=flush, args=(range(300, 900), "b")),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(written) == 2
+    counted = _counted(experiment_id)["c"]
+    assert sum(counted.values()) == 900 and set(counted) <= {"a", "b"}
+    assert counted.get("a", 0) >= 300 and counted.get("b", 0) >= 300
+    assert InputDriftClaim.objects.filter(experiment_id=experiment_id).count() == 900
