@@ -37,7 +37,8 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/mypy analysis/stats routing/observe/histogram.py routing/observe/llm_stats.py routing/observe/shadow_pairs.py routing/split.py \
 		routing/proxy/breaker.py routing/proxy/upstream.py sdk/python/rampart_sdk experiments/contracts.py \
-		analysis/verdict.py experiments/prediction_path.py experiments/input_cells.py
+		analysis/verdict.py experiments/prediction_path.py experiments/input_cells.py \
+		experiments/input_windows.py
 
 # The SDK alone: build its wheel, install it with its test needs into a fresh virtualenv
 # without Django, check Django is absent there, and run sdk/python/tests against the wheel.

@@ -81,7 +81,7 @@ class InputDriftState(models.Model):
     """One watched request field's alert state: drifting now, and how many episodes so far.
 
     An episode starts when the field is flagged after not being flagged, and ends when it is
-    no longer flagged; each episode alerts once.
+    no longer flagged; each episode alerts once. It also keeps the field's rollup.
     """
 
     experiment = models.ForeignKey(
@@ -90,6 +90,14 @@ class InputDriftState(models.Model):
     field_path = models.CharField(max_length=200)
     drifting = models.BooleanField(default=False)
     episodes = models.PositiveIntegerField(default=0)
+    # The rollup (analysis.input_drift), so a run reads a bounded number of buckets: the
+    # windows it was made for, the reference's summed counts once closed (JSON; "" before),
+    # the last monitoring window folded, its counts, and the users of the windows folded.
+    windows_key = models.CharField(max_length=200, default="")
+    reference_counts = models.TextField(default="")
+    last_window = models.PositiveIntegerField(default=0)
+    window_counts = models.TextField(default="{}")
+    since_n = models.PositiveBigIntegerField(default=0)
 
     class Meta:
         constraints = [

@@ -277,3 +277,29 @@ class InputDriftBucket(models.Model):
 
     def __str__(self) -> str:
         return f"{self.experiment_id}:{self.field_path}@{self.bucket_start:.0f}"
+
+
+class InputDriftClaim(models.Model):
+    """A sampled user counted for input drift in one window, by whichever edge process wrote it
+    first: the flush inserts claims with ON CONFLICT DO NOTHING and adds to the bucket counts
+    only the cells of users whose claim it inserted (``routing.observe.inputs``), so a user
+    counts once per (experiment, window) across processes. Storage grows with sampled users per
+    window; claims are deleted ``CLAIM_KEEP_S`` after their window ends. ``experiment_id`` is
+    no foreign key: a deleted experiment's claims go with their window.
+    """
+
+    experiment_id = models.IntegerField()
+    window_start = models.FloatField()
+    window_end = models.FloatField()
+    user_hash = models.BigIntegerField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["experiment_id", "window_start", "user_hash"], name="input_drift_claim"
+            )
+        ]
+        indexes = [models.Index(fields=["window_end"], name="input_drift_claim_end")]
+
+    def __str__(self) -> str:
+        return f"{self.experiment_id}@{self.window_start:.0f}:{self.user_hash}"

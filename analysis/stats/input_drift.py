@@ -1,7 +1,7 @@
-"""Input drift over time: PSI of recent inputs against a reference, and an anytime-valid test.
+"""Input drift over time: PSI of a window of users against a reference, and a valid test.
 
 Distance
-    The population stability index PSI = sum (r - q) ln(r / q) of the recent window's shares r
+    The population stability index PSI = sum (r - q) ln(r / q) of the window's shares r
     against the reference's q (`analysis.stats.prediction_drift.psi`; Yurdakul 2018,
     "Statistical properties of population stability index"; rule of thumb: below 0.1 stable,
     0.1-0.25 moderate, above 0.25 a shift). Fine cells are merged into at most
@@ -9,24 +9,36 @@ Distance
     reference mass, the reference's most frequent categories (the rest as one group), so the
     index does not grow with the number of empty or rare cells.
 
-Test (anytime-valid, composite null of homogeneity)
-    H0: the reference's observations and every later one are i.i.d. draws of one distribution
-    q over the cells (unknown). The e-process, for counts x (reference) and y_t (observations
-    since the reference, t growing), is
+The user as the unit, window by window
+    A user's requests are not independent draws: real users are sticky and repeat their
+    inputs, and heavy users send most requests. With requests as draws, a stationary
+    population of such users makes any test of homogeneity reject without drift. So the proxy
+    counts at most one sampled request per user and window (windows of one length,
+    `experiments.input_windows`); the users of the reference and of the monitoring are
+    disjoint halves by a hash of the user (so the reference x and every window y_k are
+    independent), and each reference user counts in one reference window only (picked by its
+    hash), so x has the law of one window: "the input of a user active in a window of this
+    length". H0: x and each y_k are i.i.d. draws of that one distribution.
 
-        E_t = DM(x; a) DM(y_t; a) / sup_q L(q; x + y_t),
+    Each closed window k = 1, 2, ... is tested once with an exact conditional e-value E_k of
+    y_k against x (`analysis.stats.split_e.window_log_e`: Fisher-type 2 x 2 tables of pooled
+    quantile or top-category splits, E[E_k] <= 1 under H0 at any sample size). The same users
+    return in later windows, so the E_k are dependent and their product is no e-process; a
+    union bound with weights w_k = 1 / (k (k + 1)), summing to 1, is valid under any
+    dependence: P(exists k: E_k >= 1 / (w_k alpha)) <= sum_k w_k alpha E[E_k] <= alpha
+    (Markov's inequality per window; Vovk & Wang 2021, "E-values: calibration, combination and
+    applications", Ann. Stat., section 2). A window is looked at only once it has closed:
+    within a window heavy users arrive first, so its partial counts have another law than a
+    whole window's. Seeded simulations of whole experiments: `bench.input_drift_sticky`.
 
-    DM the Dirichlet-multinomial marginal likelihood of an ordered sequence with the
-    Krichevsky-Trofimov prior a_i = 1/2 (Lindon & Malek 2022, "Anytime-valid inference for
-    multinomial count data", NeurIPS, eq. 5; the e-value of the SRM check, STATS.md 7.2), and
-    L(q; n) = prod q_i^n_i. The numerator is a mixture over two distributions (one before, one
-    after the reference ends); the denominator's supremum is at least the likelihood at the
-    true q, so E_t is at most that mixture's likelihood ratio against the true q: a test
-    martingale over the whole sequence (Wasserman, Ramdas & Balakrishnan 2020, "Universal
-    inference", PNAS, section 7 on mixtures over a maximised null; the construction of
-    `analysis.stats.label_balance`). By Ville's inequality P(sup_t E_t >= 1/alpha) <= alpha.
-    It assumes independent observations: one request per draw. A client that repeats the
-    same input inflates it, which the PSI threshold (an effect size) tempers; see the README.
+The Dirichlet-multinomial e-value of homogeneity (`homogeneity_log_e`)
+    E = DM(x; a) DM(y; a) / sup_q L(q; x + y), DM the Dirichlet-multinomial marginal
+    likelihood of an ordered sequence with the Krichevsky-Trofimov prior a_i = 1/2 (Lindon &
+    Malek 2022, "Anytime-valid inference for multinomial count data", NeurIPS, eq. 5),
+    bounded by a mixture likelihood ratio against the true q (universal inference, Wasserman,
+    Ramdas & Balakrishnan 2020, PNAS, section 7): the test of requests since the reference
+    used before, kept for the simulation's contrast. It pays about (G - 1)/2 ln n on each side
+    for the unknown q, so one window of a thousand users rarely reaches 1/alpha.
 
 Pure: numpy and scipy only.
 """
@@ -42,6 +54,7 @@ from numpy.typing import ArrayLike, NDArray
 from scipy.special import gammaln, xlogy
 
 from analysis.stats.prediction_drift import psi, shares
+from analysis.stats.split_e import window_log_e
 
 GROUPS = 10
 PRIOR = 0.5
@@ -116,39 +129,50 @@ def grouped(
 
 @dataclass(frozen=True, slots=True)
 class FieldDrift:
-    """One field at one look: the distance of the recent window and the test since the reference."""
+    """One field in one window: its distance from the reference and the window's test."""
 
     psi: float | None
     log_e: float
     recent_n: int
     reference_n: int
-    since_n: int
 
 
 def field_drift(
     reference: Mapping[str, float],
-    recent: Mapping[str, float],
-    since: Mapping[str, float],
+    window: Mapping[str, float],
     *,
     ordered: Sequence[str] | None,
 ) -> FieldDrift:
-    """PSI of `recent` against `reference` and the e-value of everything `since` the reference."""
+    """PSI of `window` against `reference` (merged groups) and the window's e-value."""
     mapping = merge_groups(reference, ordered=ordered)
     size = max(mapping.values(), default=0) + 1
     ref = grouped(reference, mapping, size)
-    now = grouped(recent, mapping, size)
-    after = grouped(since, mapping, size)
+    now = grouped(window, mapping, size)
     distance = psi(shares(now), shares(ref)) if now.sum() > 0 and ref.sum() > 0 else None
-    log_e = homogeneity_log_e(ref, after) if ref.sum() > 0 and after.sum() > 0 else 0.0
+    log_e = window_log_e(
+        reference, window, ordered=ordered, special=SPECIAL_CELLS if ordered is not None else ()
+    )
     return FieldDrift(
-        psi=distance,
-        log_e=log_e,
-        recent_n=int(now.sum()),
-        reference_n=int(ref.sum()),
-        since_n=int(after.sum()),
+        psi=distance, log_e=log_e, recent_n=int(now.sum()), reference_n=int(ref.sum())
     )
 
 
-def flagged(drift: FieldDrift, *, threshold: float, alpha: float) -> bool:
-    """Drift beyond the threshold (PSI of the recent window) and confirmed by the test."""
-    return drift.psi is not None and drift.psi > threshold and drift.log_e >= math.log(1 / alpha)
+def window_weight(window: int) -> float:
+    """w_k = 1 / (k (k + 1)) of the k-th window after the reference (k >= 1; they sum to 1)."""
+    if window < 1:
+        raise ValueError("windows are numbered from 1")
+    return 1.0 / (window * (window + 1.0))
+
+
+def window_log_threshold(window: int, alpha: float) -> float:
+    """ln(1 / (w_k alpha)): the e-value of window k that rejects, alpha spent over windows."""
+    return math.log(1.0 / (window_weight(window) * alpha))
+
+
+def flagged(drift: FieldDrift, *, threshold: float, alpha: float, window: int) -> bool:
+    """Drift beyond the threshold (PSI) and confirmed by window k's test, E_k >= 1/(w_k alpha)."""
+    return (
+        drift.psi is not None
+        and drift.psi > threshold
+        and drift.log_e >= window_log_threshold(window, alpha)
+    )

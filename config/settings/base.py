@@ -217,9 +217,12 @@ OBSERVATION_BUCKET_S = env.int("OBSERVATION_BUCKET_S", default=10)
 # that failed within these windows after its first request (analysis.rate_guardrails).
 RATE_WINDOW_FAST_S = env.float("RATE_WINDOW_FAST_S", default=3.0)
 RATE_WINDOW_SLOW_S = env.float("RATE_WINDOW_SLOW_S", default=60.0)
-# Input drift: the default reference (the experiment's first seconds) and the recent window.
+# Input drift: the default reference (the experiment's first seconds), the window (a user
+# counts once per window; each closed window is tested), and the users an edge process
+# remembers per experiment and window (past it, the window's later new users are not counted).
 INPUT_DRIFT_REFERENCE_S = env.float("INPUT_DRIFT_REFERENCE_S", default=86400.0)
 INPUT_DRIFT_WINDOW_S = env.float("INPUT_DRIFT_WINDOW_S", default=3600.0)
+INPUT_DRIFT_MAX_USERS = env.int("INPUT_DRIFT_MAX_USERS", default=100_000)
 PROXY_CONNECT_TIMEOUT_S = env.float("PROXY_CONNECT_TIMEOUT_S", default=2.0)
 PROXY_READ_TIMEOUT_S = env.float("PROXY_READ_TIMEOUT_S", default=10.0)
 # The whole proxied request, retry on control included, answers within this many seconds.

@@ -1,16 +1,24 @@
 """Per-bucket counts of watched request fields, written off the hot path (input drift).
 
-The proxy counts a sampled request's cells straight into the open bucket of its experiment
-(``slot``: one dict lookup, then plain dict increments; no lock, because counting and
-``take`` both run on the event loop's thread). Every ``RECORDER_FLUSH_S`` the background task
-takes the counts on the loop and hands them to a thread that inserts one
-``InputDriftBucket`` row per (experiment, field, bucket); once more on ``stop()``. Memory
-grows with experiments, fields and buckets between flushes, not with traffic (a field keeps
-at most ``MAX_CELLS`` distinct cells per bucket; more become ``(other)``). While the database
-is unreachable the counts are merged back and retried after a capped backoff
-(``routing.observe.backoff``); past ``MAX_KEYS`` waiting keys the oldest are dropped and
-counted (``rampart_input_drift_dropped_total``). Rows of an experiment deleted meanwhile are
-dropped.
+The proxy counts a sampled user once per window in this process (``first_in_window``: one set
+of the window's users' hashes per experiment, replaced when the window changes, at most
+``cap`` users; then the window's later new users are dropped and counted, cause
+``users_cap``) and hands the user's cells to ``claim`` (one list append; no lock, because
+claiming and ``take`` both run on the event loop's thread).
+
+Once per user and window across processes: every ``RECORDER_FLUSH_S`` the background task
+takes the claims on the loop and hands them to a thread that, in one transaction, inserts an
+``InputDriftClaim`` (experiment, window start, user hash) per claim with ``ON CONFLICT DO
+NOTHING ... RETURNING`` (PostgreSQL; SQLite >= 3.35) and counts only the cells of the users
+whose claim it inserted into one ``InputDriftBucket`` row per (experiment, field, bucket) (a
+field keeps at most ``MAX_CELLS`` distinct cells per bucket; more become ``(other)``); once
+more on ``stop()``. A user another process claimed first in the window is not counted again.
+Claims are deleted ``CLAIM_KEEP_S`` after their window ends (an indexed DELETE per flush),
+so the table holds about the sampled users of the current windows. While the database is
+unreachable the claims are kept and retried after a capped backoff
+(``routing.observe.backoff``); past ``MAX_CLAIMS`` waiting the oldest are dropped and counted
+(``rampart_input_drift_dropped_total{cause="buffer_full"}``). Claims of an experiment deleted
+meanwhile are dropped.
 """
 
 from __future__ import annotations
@@ -18,27 +26,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Final
 
 import orjson
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, transaction
+from django.db import DatabaseError, connection, transaction
 from prometheus_client import Counter
 
 from routing.db import close_thread_connections, run_with_db
-from routing.models import InputDriftBucket
+from routing.models import InputDriftBucket, InputDriftClaim
 from routing.observe.backoff import Backoff, FailureLog
 
 logger = logging.getLogger(__name__)
 
 MAX_CELLS: Final = 50
-MAX_KEYS: Final = 20_000
+MAX_CLAIMS: Final = 100_000
 OTHER: Final = "(other)"
+# Claims are kept this long after their window's end (then deleted by the flush).
+CLAIM_KEEP_S: Final = 3600.0
+CLAIM_INSERT_BATCH: Final = 250
 Key = tuple[int, str, float]
 # field path -> cell -> count, for one experiment and bucket
 Cells = dict[str, dict[str, int]]
+# (experiment, window start, window end, user hash, bucket start, field paths, their cells)
+Claim = tuple[int, float, float, int, float, tuple[str, ...], tuple[str, ...]]
 
 INPUTS_COUNTED = Counter(
     "rampart_input_drift_values_total", "Watched request-field values counted for input drift"
@@ -63,7 +77,7 @@ def count(cells: Cells, path: str, cell: str) -> None:
 
 
 class InputRecorder:
-    """Per-bucket input counts, written in bulk from a background thread."""
+    """Sampled users' cells per window, claimed and counted in bulk from a background thread."""
 
     def __init__(self, *, flush_s: float | None = None) -> None:
         self.flush_s = float(settings.RECORDER_FLUSH_S if flush_s is None else flush_s)
@@ -74,57 +88,50 @@ class InputRecorder:
         self._failure_log = FailureLog(
             logger, "writing input counts", interval_s=float(settings.RECORDER_FAILURE_LOG_S)
         )
-        # experiment -> (bucket start, its counts): the bucket requests count into now.
-        self._open: dict[int, tuple[float, Cells]] = {}
-        # Closed buckets (and counts a failed flush gave back), waiting for the next flush.
-        self._waiting: dict[Key, dict[str, int]] = {}
+        # Users counted by this process, waiting for the next flush to claim them.
+        self._claims: list[Claim] = []
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
+        # experiment -> (window, hashes of the users counted in it by this process).
+        self._users: dict[int, tuple[object, set[int]]] = {}
 
-    def slot(self, experiment_id: int, bucket: float) -> Cells:
-        """The counts of `experiment_id`'s bucket starting at `bucket` (event loop only)."""
-        current = self._open.get(experiment_id)
-        if current is not None:
-            if current[0] == bucket:
-                return current[1]
-            self._close(experiment_id, current)
-        cells: Cells = {}
-        self._open[experiment_id] = (bucket, cells)
-        return cells
+    def first_in_window(self, experiment_id: int, window: object, user: int, cap: int) -> bool:
+        """Whether `user` is new in `experiment_id`'s `window` (then remembered; event loop)."""
+        current = self._users.get(experiment_id)
+        if current is None or current[0] != window:
+            current = self._users[experiment_id] = (window, set())
+        seen = current[1]
+        if user in seen:
+            return False
+        if len(seen) >= cap:
+            INPUTS_DROPPED.labels("users_cap").inc()
+            return False
+        seen.add(user)
+        return True
 
-    def _close(self, experiment_id: int, current: tuple[float, Cells]) -> None:
-        bucket, cells = current
-        for path, found in cells.items():
-            self._merge((experiment_id, path, bucket), found)
-
-    def _merge(self, key: Key, found: dict[str, int]) -> None:
-        waiting = self._waiting
-        target = waiting.get(key)
-        if target is None:
-            if len(waiting) >= MAX_KEYS:
-                INPUTS_DROPPED.labels("buffer_full").inc(sum(found.values()))
-                return
-            waiting[key] = dict(found)
+    def claim(self, claim: Claim) -> None:
+        """A user's cells in its window, to be counted if no process claimed it (event loop)."""
+        if len(self._claims) >= MAX_CLAIMS:
+            INPUTS_DROPPED.labels("buffer_full").inc()
             return
-        for cell, n in found.items():
-            target[cell] = target.get(cell, 0) + n
+        self._claims.append(claim)
 
-    def take(self) -> dict[Key, dict[str, int]]:
-        """Everything counted so far, open buckets included (event loop only)."""
-        for experiment_id, current in self._open.items():
-            self._close(experiment_id, current)
-        self._open = {}
-        pending, self._waiting = self._waiting, {}
+    def take(self) -> list[Claim]:
+        """Every claim waiting (event loop only)."""
+        pending, self._claims = self._claims, []
         return pending
 
-    def give_back(self, pending: dict[Key, dict[str, int]]) -> None:
-        """Counts a failed flush could not write, merged with newer ones (event loop only)."""
-        for key, found in pending.items():
-            self._merge(key, found)
+    def give_back(self, pending: list[Claim]) -> None:
+        """Claims a failed flush could not write, before newer ones (event loop only)."""
+        merged = pending + self._claims
+        if len(merged) > MAX_CLAIMS:
+            INPUTS_DROPPED.labels("buffer_full").inc(len(merged) - MAX_CLAIMS)
+            merged = merged[-MAX_CLAIMS:]
+        self._claims = merged
 
     @property
     def buffered(self) -> int:
-        return len(self._waiting) + sum(len(cells) for _, cells in self._open.values())
+        return len(self._claims)
 
     def flush_now(self) -> int:
         """Take and write everything in the calling thread (tests; no loop running)."""
@@ -179,32 +186,75 @@ class InputRecorder:
                 self._failure_log.succeeded("input counts written again")
 
 
-def write(pending: dict[Key, dict[str, int]]) -> int:
-    """Insert one row per key; returns the rows written (rows of deleted experiments dropped)."""
+def counts_of(claims: list[Claim]) -> dict[Key, dict[str, int]]:
+    """The claims' cells summed per (experiment, field, bucket), MAX_CELLS per field."""
+    by_bucket: dict[tuple[int, float], Cells] = {}
+    for experiment_id, _, _, _, bucket, paths, cells in claims:
+        found = by_bucket.get((experiment_id, bucket))
+        if found is None:
+            found = by_bucket[experiment_id, bucket] = {}
+        for path, cell in zip(paths, cells, strict=True):
+            count(found, path, cell)
+    return {
+        (experiment_id, path, bucket): cells
+        for (experiment_id, bucket), found in by_bucket.items()
+        for path, cells in found.items()
+    }
+
+
+def _insert_claims(claims: list[Claim]) -> set[tuple[int, float, int]]:
+    """Insert the claims, skipping those already there; the keys this call inserted."""
+    table = connection.ops.quote_name(InputDriftClaim._meta.db_table)
+    won: set[tuple[int, float, int]] = set()
+    with connection.cursor() as cursor:
+        for start in range(0, len(claims), CLAIM_INSERT_BATCH):
+            batch = claims[start : start + CLAIM_INSERT_BATCH]
+            values = ", ".join(["(%s, %s, %s, %s)"] * len(batch))
+            params: list[float | int] = []
+            for experiment_id, window_start, window_end, user, *_ in batch:
+                params += (experiment_id, window_start, window_end, user)
+            cursor.execute(
+                f"INSERT INTO {table} (experiment_id, window_start, window_end, user_hash) "
+                f"VALUES {values} ON CONFLICT (experiment_id, window_start, user_hash) "
+                "DO NOTHING RETURNING experiment_id, window_start, user_hash",
+                params,
+            )
+            won.update((int(e), float(w), int(u)) for e, w, u in cursor.fetchall())
+    return won
+
+
+def write(pending: list[Claim], *, now: float | None = None) -> int:
+    """Claim the users and write the counts of those this call claimed, in one transaction;
+    returns the bucket rows written (claims of deleted experiments dropped). First deletes the
+    claims of windows that ended more than CLAIM_KEEP_S before `now`."""
     if not pending:
         return 0
-    rows = [
-        InputDriftBucket(
-            experiment_id=experiment_id,
-            field_path=path,
-            bucket_start=bucket,
-            counts=orjson.dumps(cells).decode(),
+    experiment_field = InputDriftBucket._meta.get_field("experiment")
+    experiments = experiment_field.related_model._default_manager  # type: ignore[union-attr]
+    cutoff = (time.time() if now is None else now) - CLAIM_KEEP_S
+    with transaction.atomic():
+        # In the transaction: a failed flush is retried whole, none of its claims kept.
+        InputDriftClaim.objects.filter(window_end__lt=cutoff).delete()
+        ids = {claim[0] for claim in pending}
+        alive = set(experiments.filter(pk__in=ids).values_list("pk", flat=True))
+        unique: dict[tuple[int, float, int], Claim] = {}
+        for claim in pending:
+            if claim[0] not in alive:
+                INPUTS_DROPPED.labels("experiment_gone").inc()
+                continue
+            unique.setdefault((claim[0], claim[1], claim[3]), claim)
+        # In key order, so that two processes' flushes wait on each other without deadlocking.
+        won = _insert_claims([unique[key] for key in sorted(unique)])
+        counted = [claim for key, claim in unique.items() if key in won]
+        counts = counts_of(counted)
+        InputDriftBucket.objects.bulk_create(
+            InputDriftBucket(
+                experiment_id=experiment_id,
+                field_path=path,
+                bucket_start=bucket,
+                counts=orjson.dumps(cells).decode(),
+            )
+            for (experiment_id, path, bucket), cells in counts.items()
         )
-        for (experiment_id, path, bucket), cells in pending.items()
-    ]
-    INPUTS_COUNTED.inc(sum(sum(cells.values()) for cells in pending.values()))
-    try:
-        with transaction.atomic():
-            InputDriftBucket.objects.bulk_create(rows)
-        return len(rows)
-    except IntegrityError:
-        pass
-    written = 0
-    for row in rows:
-        try:
-            with transaction.atomic():
-                row.save(force_insert=True)
-            written += 1
-        except IntegrityError:
-            INPUTS_DROPPED.labels("experiment_gone").inc()
-    return written
+    INPUTS_COUNTED.inc(sum(sum(cells.values()) for cells in counts.values()))
+    return len(counts)

@@ -306,7 +306,7 @@ class ProxyApp(Forwarding):
         quality = plan.quality
         ticket = None if quality is None else quality.ticket(headers, unit, in_experiment)
         if plan.inputs is not None:
-            plan.inputs.capture(body, self.inputs)
+            plan.inputs.capture(body, unit, self.inputs)
 
         method: str = scope["method"]
         # The rest of the path after /proxy/{experiment}, still percent-encoded as received.

@@ -41,6 +41,8 @@ CHILD_ENV = {
     "EDGE_REQUIRE_KEY": "true",
     "ALERT_BACKOFF_BASE_S": "0.2",
     "ALERT_BACKOFF_MAX_S": "1",
+    # Input drift tests each closed window once: 3-second windows of users.
+    "INPUT_DRIFT_WINDOW_S": "3",
 }
 DEADLINE_S = 90.0
 CONCURRENCY = 4

@@ -1,4 +1,4 @@
-"""Input drift statistics: the e-value's pieces against scipy, grouping, seeded worlds."""
+"""Input drift statistics: the e-values against scipy, grouping, windows, seeded sticky worlds."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from analysis.stats.input_drift import (
     homogeneity_log_e,
     max_log_likelihood,
     merge_groups,
+    window_log_threshold,
+    window_weight,
 )
-from bench.input_drift import ALPHA, detection, false_alarms
+from bench.input_drift_sticky import ALPHA, _counted, detection, false_alarms, wilson_upper
 from experiments.input_cells import cell_order, log_cell
 
 
@@ -64,9 +66,20 @@ def test_numbers_merge_into_groups_of_equal_reference_mass_and_keep_special_cell
 def test_a_missing_field_surge_is_flagged_for_a_number() -> None:
     reference = {"+4": 500.0, "+5": 500.0}
     recent = {"+4": 200.0, "+5": 200.0, "(missing)": 400.0}
-    drift = field_drift(reference, recent, recent, ordered=["+4", "+5", "(missing)"])
+    drift = field_drift(reference, recent, ordered=["+4", "+5", "(missing)"])
     assert drift.psi is not None and drift.psi > 1.0
-    assert flagged(drift, threshold=0.2, alpha=ALPHA)
+    assert flagged(drift, threshold=0.2, alpha=ALPHA, window=1)
+    # The same window far later must clear a higher bar: 1 / (w_k alpha) grows as k^2.
+    late = int(math.exp(drift.log_e / 2)) + 1
+    assert not flagged(drift, threshold=0.2, alpha=ALPHA, window=late)
+
+
+def test_window_weights_spend_alpha_once_over_all_windows() -> None:
+    assert sum(window_weight(k) for k in range(1, 10_001)) == pytest.approx(1 - 1 / 10_001)
+    assert window_log_threshold(1, 0.025) == pytest.approx(math.log(80))
+    assert window_log_threshold(24, 0.025) == pytest.approx(math.log(24 * 25 / 0.025))
+    with pytest.raises(ValueError):
+        window_weight(0)
 
 
 def test_log_cells_are_fixed_and_ordered() -> None:
@@ -81,14 +94,30 @@ def test_log_cells_are_fixed_and_ordered() -> None:
     assert sorted(["+1", "-0", "0", "+0", "-3"], key=cell_order) == ["-3", "-0", "0", "+0", "+1"]
 
 
-def test_a_a_stationary_inputs_stay_under_alpha() -> None:
-    # PSI threshold 0: the e-value alone decides, the worst case for validity (60 runs each).
-    assert false_alarms(60, kind="number", seed=41) / 60 <= ALPHA
-    assert false_alarms(60, kind="category", seed=42) / 60 <= ALPHA
+def test_a_a_with_sticky_heavy_users_stays_under_alpha_and_requests_as_draws_do_not() -> None:
+    """The seeded world of bench.input_drift_sticky, fewer runs: 2 fields, 24 windows, PSI
+    threshold 0 (the e-value alone decides). Per user and window: none flagged in 40 runs
+    (Wilson upper bound under 0.1); requests as draws: false alarms above alpha."""
+    users = false_alarms(40, seed=71)
+    assert users == 0 and wilson_upper(users, 40) < 0.1
+    requests = false_alarms(40, seed=73, construction="requests")
+    assert requests / 40 > ALPHA
 
 
-def test_a_shifted_field_is_detected() -> None:
-    found = detection(20, kind="category", shift=0.10, threshold=0.05, seed=43)
-    assert np.isfinite(found).all() and np.median(found) <= 5_000
-    found = detection(20, kind="number", shift=0.3, threshold=0.1, seed=44)
-    assert np.isfinite(found).mean() >= 0.9
+def test_the_simulation_s_claims_count_a_user_once_across_processes() -> None:
+    """bench.input_drift_sticky's model of routing.observe.inputs' claims: with 4 edge
+    processes a user with requests counts once (without the claims, once per process)."""
+    rng = np.random.default_rng(76)
+    requests = rng.poisson(rng.pareto(1.2, 5000) * 0.1)
+    per_process = _counted(np.random.default_rng(77), requests, 4)
+    claimed = _counted(np.random.default_rng(77), requests, 4, claims=True)
+    assert (claimed == (requests > 0)).all()
+    assert per_process.max() == 4 and (per_process >= claimed).all()
+
+
+def test_a_shifted_field_is_detected_within_a_few_windows() -> None:
+    """About 1,000 monitored users per window: found in the first window or two."""
+    windows, seen = detection(10, seed=74, windows=6, category_shift=0.10)
+    assert np.isfinite(windows).all() and np.median(windows) == 1
+    windows, seen = detection(10, seed=75, windows=6, number_shift=0.3)
+    assert np.isfinite(windows).all() and np.median(seen) < 2_000
