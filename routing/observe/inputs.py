@@ -33,10 +33,10 @@ from typing import Final
 
 import orjson
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, transaction
 from prometheus_client import Counter
 
-from routing.db import close_thread_connections, run_with_db
+from routing.db import close_thread_connections, insert_returning, run_with_db
 from routing.models import InputDriftBucket, InputDriftClaim
 from routing.observe.backoff import Backoff, FailureLog
 
@@ -204,23 +204,15 @@ def counts_of(claims: list[Claim]) -> dict[Key, dict[str, int]]:
 
 def _insert_claims(claims: list[Claim]) -> set[tuple[int, float, int]]:
     """Insert the claims, skipping those already there; the keys this call inserted."""
-    table = connection.ops.quote_name(InputDriftClaim._meta.db_table)
-    won: set[tuple[int, float, int]] = set()
-    with connection.cursor() as cursor:
-        for start in range(0, len(claims), CLAIM_INSERT_BATCH):
-            batch = claims[start : start + CLAIM_INSERT_BATCH]
-            values = ", ".join(["(%s, %s, %s, %s)"] * len(batch))
-            params: list[float | int] = []
-            for experiment_id, window_start, window_end, user, *_ in batch:
-                params += (experiment_id, window_start, window_end, user)
-            cursor.execute(
-                f"INSERT INTO {table} (experiment_id, window_start, window_end, user_hash) "
-                f"VALUES {values} ON CONFLICT (experiment_id, window_start, user_hash) "
-                "DO NOTHING RETURNING experiment_id, window_start, user_hash",
-                params,
-            )
-            won.update((int(e), float(w), int(u)) for e, w, u in cursor.fetchall())
-    return won
+    inserted = insert_returning(
+        InputDriftClaim._meta.db_table,
+        ("experiment_id", "window_start", "window_end", "user_hash"),
+        [claim[:4] for claim in claims],
+        batch=CLAIM_INSERT_BATCH,
+        unique=("experiment_id", "window_start", "user_hash"),
+        returning=("experiment_id", "window_start", "user_hash"),
+    )
+    return {(int(e), float(w), int(u)) for e, w, u in inserted}
 
 
 def write(pending: list[Claim], *, now: float | None = None) -> int:

@@ -134,30 +134,26 @@ def write_claims(
 
     One transaction. Claims of experiments deleted meanwhile are skipped (and not won).
     """
-    from django.db import IntegrityError, close_old_connections, connection, transaction
+    from django.db import IntegrityError, close_old_connections
 
     from experiments.selectors import experiment_view_by_id
+    from routing.db import insert_returning
     from routing.models import ShadowPairClaim
 
     if not claims:
         return set()
     close_old_connections()
-    table = connection.ops.quote_name(ShadowPairClaim._meta.db_table)
 
     def insert(rows: Sequence[tuple[int, str, float]]) -> set[ClaimKey]:
-        won: set[ClaimKey] = set()
-        with transaction.atomic(), connection.cursor() as cursor:
-            for start in range(0, len(rows), batch_rows):
-                batch = rows[start : start + batch_rows]
-                values = ", ".join(["(%s, %s, %s)"] * len(batch))
-                cursor.execute(
-                    f"INSERT INTO {table} (experiment_id, unit_id, claimed_at) VALUES {values} "
-                    "ON CONFLICT (experiment_id, unit_id) DO NOTHING "
-                    "RETURNING experiment_id, unit_id",
-                    [value for row in batch for value in row],
-                )
-                won.update((int(experiment_id), str(unit)) for experiment_id, unit in cursor)
-        return won
+        inserted = insert_returning(
+            ShadowPairClaim._meta.db_table,
+            ("experiment_id", "unit_id", "claimed_at"),
+            rows,
+            batch=batch_rows,
+            unique=("experiment_id", "unit_id"),
+            returning=("experiment_id", "unit_id"),
+        )
+        return {(int(experiment_id), str(unit)) for experiment_id, unit in inserted}
 
     try:
         return insert(claims)

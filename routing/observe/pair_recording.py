@@ -8,6 +8,7 @@ start of every flush (in the writer thread), so the won claims' pairs are in tha
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +17,7 @@ from routing.observe.pair_claims import ClaimKey, HeldPair, PairClaims, write_cl
 from routing.observe.shadow_pairs import PairCell
 
 
-class PairRecording:
+class PairRecording(ABC):
     """Claims, offers and settles users' shadow pairs; the host keeps the cells."""
 
     pair_claims: PairClaims
@@ -25,8 +26,9 @@ class PairRecording:
     _executor: ThreadPoolExecutor | None
     _failure_log: FailureLog
 
+    @abstractmethod
     def _pair_cells(self, experiment_id: int, variant_key: str, bucket: int) -> PairCell:
-        raise NotImplementedError
+        """The host's open cell of an experiment's shadow in a bucket."""
 
     def claim_pair(self, experiment_id: int, unit: str) -> None:
         """This process chose the user's pair (before any answer); the flush settles the claim."""
