@@ -7,30 +7,12 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
-from kombu import Connection
 
-TRANSPORT = "config.broker:Transport"
+from tests.config.broker_connections import filesystem_connection
+
 MESSAGES = 200
 # Large enough that writing one takes many write() calls' worth of time.
 PAYLOAD_BYTES = 1024 * 1024
-
-
-def _connection(folder: Path) -> Connection:
-    for sub in ("out", "processed", "control"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    return Connection(
-        "filesystem://",
-        transport=TRANSPORT,
-        transport_options={
-            "data_folder_in": str(folder / "out"),
-            "data_folder_out": str(folder / "out"),
-            "processed_folder": str(folder / "processed"),
-            "control_folder": str(folder / "control"),
-            "store_processed": False,
-            # The consumer polls without pause, as a busy worker does.
-            "polling_interval": 0.0,
-        },
-    )
 
 
 def test_a_consumer_polling_during_writes_reads_every_message_whole(tmp_path: Path) -> None:
@@ -39,7 +21,7 @@ def test_a_consumer_polling_during_writes_reads_every_message_whole(tmp_path: Pa
 
     def consume() -> None:
         try:
-            with _connection(tmp_path) as connection:
+            with filesystem_connection(tmp_path) as connection:
                 queue = connection.SimpleQueue("race")
                 while len(received) < MESSAGES:
                     message = queue.get(block=True, timeout=30)
@@ -53,7 +35,7 @@ def test_a_consumer_polling_during_writes_reads_every_message_whole(tmp_path: Pa
     # test_broker_tables.py's subject).
     consumer = threading.Thread(target=consume)
     consumer.start()
-    with _connection(tmp_path) as connection:
+    with filesystem_connection(tmp_path) as connection:
         queue = connection.SimpleQueue("race")
         for index in range(MESSAGES):
             queue.put({"index": index, "filler": "x" * PAYLOAD_BYTES})

@@ -23,32 +23,13 @@ from queue import Empty
 from typing import Any
 
 import pytest
-from kombu import Connection
 from kombu.transport import filesystem
 
-OURS = "config.broker:Transport"
-KOMBU = "kombu.transport.filesystem:Transport"
-
-
-def _connection(folder: Path, transport: str) -> Connection:
-    for sub in ("out", "processed", "control"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    return Connection(
-        "filesystem://",
-        transport=transport,
-        transport_options={
-            "data_folder_in": str(folder / "out"),
-            "data_folder_out": str(folder / "out"),
-            "processed_folder": str(folder / "processed"),
-            "control_folder": str(folder / "control"),
-            "store_processed": False,
-            "polling_interval": 0.0,
-        },
-    )
+from tests.config.broker_connections import KOMBU, OURS, filesystem_connection
 
 
 def _publish(folder: Path, transport: str, queue_name: str, body: dict[str, Any]) -> None:
-    with _connection(folder, transport) as connection:
+    with filesystem_connection(folder, transport) as connection:
         queue = connection.SimpleQueue(queue_name)  # declares the exchange, queue and binding
         queue.put(body)
         queue.close()
@@ -56,7 +37,7 @@ def _publish(folder: Path, transport: str, queue_name: str, body: dict[str, Any]
 
 def _drain(folder: Path, transport: str, queue_name: str, expected: int) -> list[Any]:
     received = []
-    with _connection(folder, transport) as connection:
+    with filesystem_connection(folder, transport) as connection:
         queue = connection.SimpleQueue(queue_name)
         for _ in range(expected):
             message = queue.get(block=True, timeout=10)
@@ -109,7 +90,7 @@ def _race_a_declare_against_its_creator(
 
     def create() -> None:
         try:
-            with _connection(folder, transport) as connection:
+            with filesystem_connection(folder, transport) as connection:
                 channel = connection.default_channel
                 if at == "bind":
                     channel._queue_bind = pause.wrap(channel._queue_bind)
@@ -137,7 +118,7 @@ def _race_a_declare_against_its_creator(
     pause.thread.join(20)
     assert not pause.thread.is_alive()
     assert not creator_errors, creator_errors
-    with _connection(folder, transport) as connection:
+    with filesystem_connection(folder, transport) as connection:
         queue = connection.SimpleQueue(name)
         received = []
         with contextlib.suppress(Empty):  # every publish has returned: no waiting
