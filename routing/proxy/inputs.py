@@ -26,14 +26,13 @@ import bisect
 import math
 import time
 from typing import Any, Final
-from zlib import crc32
 
 import orjson
 from django.conf import settings
 
 from experiments.contracts import ExperimentView
 from experiments.input_cells import log_cell
-from experiments.input_windows import MIX, InputWindows, sample_cut, windows_for
+from experiments.input_windows import InputWindows, sample_cut, unit_hash, windows_for
 from experiments.prediction_path import MISSING, PathStep, parse_prediction_path, read_path
 from routing.observe.inputs import InputRecorder
 
@@ -108,7 +107,7 @@ class InputPlan:
         """Count the watched fields of a sampled user's first request in its window."""
         if unit is None:
             return
-        user = (crc32(unit.encode()) * MIX) & 0xFFFFFFFF  # experiments.input_windows.unit_hash
+        user = unit_hash(unit)
         if user >= self.cut:
             return
         bucket_s = self.bucket_s
