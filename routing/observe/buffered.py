@@ -10,9 +10,17 @@ interval. Rows a flush could not write go back to the front of the buffer; past
 ``max_buffer`` rows, rows are dropped, counted and logged (a full buffer at most every
 10 s, any other cause at once).
 
-A subclass writes its rows in ``_flush()`` (under ``_flush_lock``; it returns the rows
-inserted and the database error that stopped it) and publishes its counters in
-``_publish_metrics()``.
+The buffer belongs to the event loop's thread: rows are appended there (``_append``) and the
+background task takes them there (``_take``) before handing them to the flush thread, and rows
+a flush could not write come back there (``_give_back``), so buffering a row is a list append
+and the request loop never waits on a lock the flush thread holds (``bench.proxy``'s drift
+setup records every answer's prediction; see the README for what this changed). ``_lock``
+guards only the counters the flush thread also updates. ``flush_now()`` is for a caller on the
+loop's thread or while no loop records (tests, shutdown).
+
+A subclass writes rows in ``_write_rows()`` (in the flush thread, under ``_flush_lock``; it
+returns the rows inserted, the database error that stopped it and the rows left unwritten)
+and publishes its counters in ``_publish_metrics()``.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
-from typing import Generic, TypeVar
+from typing import Generic, TypeAlias, TypeVar
 
 from django.conf import settings
 from django.db import DatabaseError
@@ -38,6 +46,8 @@ from routing.observe.backoff import Backoff, FailureLog
 _DROP_LOG_INTERVAL_S = 10.0
 
 Row = TypeVar("Row")
+# What a flush did: rows inserted, the database error that stopped it, rows left unwritten.
+FlushResult: TypeAlias = tuple[int, DatabaseError | None, list[Row]]
 
 
 class BufferedRecorder(ABC, Generic[Row]):
@@ -86,10 +96,12 @@ class BufferedRecorder(ABC, Generic[Row]):
             ),
         )
         self._backoff_gauge = metrics.FLUSH_BACKOFF.labels(kind)
+        # Guards the counters (written, dropped, failed flushes), not the buffer.
         self._lock = threading.Lock()
-        # One flush at a time: the periodic one, a size-triggered one and flush_now() from
-        # another thread must not write the same rows twice or reorder retries.
+        # One flush at a time: the periodic one and a size-triggered one must not interleave
+        # their writes.
         self._flush_lock = threading.Lock()
+        # The event loop's thread's (see the module docstring).
         self._buffer: list[Row] = []
         self._written = 0
         self._dropped = 0
@@ -97,14 +109,15 @@ class BufferedRecorder(ABC, Generic[Row]):
         self._last_drop_log = 0.0
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
+        self._flushing: asyncio.Future[Exception | None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._wakeup: asyncio.Event | None = None
 
     @abstractmethod
-    def _flush(self) -> tuple[int, DatabaseError | None]:
-        """Write everything buffered (under ``_flush_lock``): rows inserted, and the database
-        error that stopped it."""
+    def _write_rows(self, rows: list[Row]) -> FlushResult[Row]:
+        """Write ``rows`` (flush thread, under ``_flush_lock``): rows inserted, the database
+        error that stopped it, and the rows left unwritten."""
 
     @abstractmethod
     def _publish_metrics(self) -> None:
@@ -112,33 +125,72 @@ class BufferedRecorder(ABC, Generic[Row]):
 
     @property
     def buffered(self) -> int:
-        with self._lock:
-            return len(self._buffer)
+        return len(self._buffer)
 
     def flush_now(self) -> int:
         """Write everything buffered, in the calling thread; returns rows inserted.
 
         On a database error the rows go back to the front of the buffer for the next flush.
         """
-        return self._flush()[0]
+        written, _, left = self._flush_rows(self._take())
+        self._give_back(left)
+        return written
 
-    def _buffer_locked(self, row: Row) -> bool | None:
-        """Append a row (the caller holds ``_lock``): None when the full buffer dropped it,
-        else whether a flush is due."""
+    def _append(self, row: Row) -> bool | None:
+        """Buffer a row (event loop): None when the full buffer dropped it, else whether a
+        flush is due."""
         buffer = self._buffer
         if len(buffer) >= self.max_buffer:
-            self._drop_locked(1, "buffer_full")
+            with self._lock:
+                self._drop_locked(1, "buffer_full")
             return None
         buffer.append(row)
         return len(buffer) >= self.batch_rows
 
-    def _requeue(self, rows: list[Row]) -> None:
-        """Put rows a flush could not write back at the front, as many as fit."""
-        with self._lock:
-            room = max(self.max_buffer - len(self._buffer), 0)
-            self._buffer[:0] = rows[:room]
-            if len(rows) > room:
+    def _take(self) -> list[Row]:
+        """Every buffered row, for a flush (event loop)."""
+        rows, self._buffer = self._buffer, []
+        return rows
+
+    def _give_back(self, rows: list[Row]) -> None:
+        """Put rows a flush could not write back at the front, as many as fit (event loop)."""
+        if not rows:
+            return
+        room = max(self.max_buffer - len(self._buffer), 0)
+        self._buffer[:0] = rows[:room]
+        if len(rows) > room:
+            with self._lock:
                 self._drop_locked(len(rows) - room, "buffer_full", force_log=True)
+
+    def _flush_rows(self, rows: list[Row]) -> FlushResult[Row]:
+        """Write ``rows`` and publish the counters (flush thread)."""
+        with self._flush_lock:
+            result = self._write_rows(rows)
+            self._publish_metrics()
+        return result
+
+    async def _flush_in_thread(self, executor: ThreadPoolExecutor) -> Exception | None:
+        """Take the buffer and write it in ``executor``'s thread; the error that stopped it.
+
+        Rows left unwritten go back to the buffer. When the thread failed before it could say
+        what it wrote (say, closing a broken connection), all of them do: the inserts skip
+        rows already stored, so a row is never written twice.
+        """
+        rows = self._take()
+        done: list[FlushResult[Row]] = []
+
+        def flush() -> None:
+            done.append(self._flush_rows(rows))
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, run_with_db, flush)
+        except Exception as raised:  # raised around the write, so not counted there
+            self._flush_errors.inc()
+            self._give_back(done[0][2] if done else rows)
+            return raised
+        _, error, left = done[0]
+        self._give_back(left)
+        return error
 
     def _drop_locked(self, count: int, cause: str, *, force_log: bool = False) -> None:
         """Count dropped rows (the caller holds ``_lock``) and log them: a full buffer at
@@ -186,13 +238,15 @@ class BufferedRecorder(ABC, Generic[Row]):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        flushing, self._flushing = self._flushing, None
+        if flushing is not None:
+            await flushing  # never raises: errors are returned
         executor, self._executor = self._executor, None
         if executor is None:
             return
         loop = asyncio.get_running_loop()
         try:
-            _, error = await loop.run_in_executor(executor, run_with_db, self._flush)
-            self._after_flush(error)
+            self._after_flush(await self._flush_in_thread(executor))
         finally:
             await loop.run_in_executor(executor, close_thread_connections)
             executor.shutdown(wait=True)
@@ -205,7 +259,6 @@ class BufferedRecorder(ABC, Generic[Row]):
     async def _run(self) -> None:
         wakeup = self._wakeup
         assert wakeup is not None
-        loop = asyncio.get_running_loop()
         backoff = self._backoff
         while True:
             if backoff.current_s:
@@ -216,13 +269,12 @@ class BufferedRecorder(ABC, Generic[Row]):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wakeup.wait(), timeout=self.flush_s)
             wakeup.clear()
-            error: Exception | None
-            try:
-                _, error = await loop.run_in_executor(self._executor, run_with_db, self._flush)
-            except Exception as exc:  # e.g. closing a broken connection
-                self._flush_errors.inc()
-                error = exc
-            self._after_flush(error)
+            executor = self._executor
+            assert executor is not None
+            # Shielded: the rows are off the buffer now, and a flush cancelled by stop() must
+            # still put back what it could not write (stop() waits for it).
+            flushing = self._flushing = asyncio.ensure_future(self._flush_in_thread(executor))
+            self._after_flush(await asyncio.shield(flushing))
 
     def _after_flush(self, error: Exception | None) -> None:
         """Back off and report after a failed flush; reset after a good one."""

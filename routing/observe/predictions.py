@@ -1,9 +1,10 @@
 """Buffered recording of sampled predictions: the proxy never waits for the database.
 
 The same discipline as the exposure recorder (``routing.observe.recorder``): ``record``
-appends a row to an in-memory buffer under a lock and returns; a background task hands the
-buffer to a dedicated thread that bulk-inserts it ("on conflict do nothing" on (experiment,
-request id), so a caller's repeated request id keeps its first prediction) at least every
+appends a row to an in-memory buffer (the event loop's; ``routing.observe.buffered``) and
+returns; a background task hands the buffer to a dedicated thread that bulk-inserts it ("on
+conflict do nothing" on (experiment, request id), so a caller's repeated request id keeps its
+first prediction) at least every
 ``RECORDER_FLUSH_S`` seconds, sooner when ``RECORDER_BATCH_ROWS`` rows wait, and once more on
 ``stop()``. Nothing is dropped silently:
 
@@ -31,7 +32,7 @@ from django.db import DatabaseError, DataError, IntegrityError, transaction
 from routing.db import insert_rows
 from routing.models import Prediction
 from routing.observe import quality_metrics
-from routing.observe.buffered import BufferedRecorder
+from routing.observe.buffered import BufferedRecorder, FlushResult
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +122,10 @@ class PredictionRecorder(BufferedRecorder[PredictionRow]):
 
     @property
     def stats(self) -> PredictionStats:
+        buffered = len(self._buffer)
         with self._lock:
             return PredictionStats(
-                buffered=len(self._buffer),
+                buffered=buffered,
                 written=self._written,
                 dropped=self._dropped,
                 failed_flushes=self._failed_flushes,
@@ -143,41 +145,33 @@ class PredictionRecorder(BufferedRecorder[PredictionRow]):
         read = self.read
         status = row[6]
         read[status] = read.get(status, 0) + 1
-        with self._lock:
-            due = self._buffer_locked(row)
+        due = self._append(row)
         if due is None:
             return False
         if due:
             self._wake()
         return True
 
-    def _flush(self) -> tuple[int, DatabaseError | None]:
-        with self._flush_lock:
-            with self._lock:
-                rows, self._buffer = self._buffer, []
-            written = 0
-            error: DatabaseError | None = None
-            for start in range(0, len(rows), PREDICTION_TRANSACTION_ROWS):
-                chunk = rows[start : start + PREDICTION_TRANSACTION_ROWS]
-                try:
-                    inserted, gone, refused = self._insert(chunk)
-                except DatabaseError as failure:
-                    quality_metrics.PREDICTIONS_FLUSH_ERRORS.inc()
-                    error = failure
-                    with self._lock:
-                        self._failed_flushes += 1
-                    self._requeue(rows[start:])
-                    break
-                written += inserted
-                quality_metrics.PREDICTIONS_WRITTEN.inc(inserted)
+    def _write_rows(self, rows: list[PredictionRow]) -> FlushResult[PredictionRow]:
+        written = 0
+        for start in range(0, len(rows), PREDICTION_TRANSACTION_ROWS):
+            chunk = rows[start : start + PREDICTION_TRANSACTION_ROWS]
+            try:
+                inserted, gone, refused = self._insert(chunk)
+            except DatabaseError as failure:
+                quality_metrics.PREDICTIONS_FLUSH_ERRORS.inc()
                 with self._lock:
-                    self._written += inserted
-                    if gone:
-                        self._drop_locked(gone, "experiment_gone")
-                    if refused:
-                        self._drop_locked(refused, "refused_by_database")
-            self._publish_metrics()
-            return written, error
+                    self._failed_flushes += 1
+                return written, failure, rows[start:]
+            written += inserted
+            quality_metrics.PREDICTIONS_WRITTEN.inc(inserted)
+            with self._lock:
+                self._written += inserted
+                if gone:
+                    self._drop_locked(gone, "experiment_gone")
+                if refused:
+                    self._drop_locked(refused, "refused_by_database")
+        return written, None, []
 
     def _publish_metrics(self) -> None:
         # A copy: the event loop may add a key while this thread iterates.

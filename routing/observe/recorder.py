@@ -1,6 +1,7 @@
 """Buffered recording of first exposures: the edge never waits for the database.
 
-``ExposureRecorder.record`` appends a row to an in-memory buffer under a lock and returns.
+``ExposureRecorder.record`` appends a row to an in-memory buffer (the event loop's;
+``routing.observe.buffered``) and returns.
 A background task hands the buffer to a dedicated thread that bulk-inserts it with
 "on conflict do nothing" (``routing.services.exposures_insert``) at least every
 ``RECORDER_FLUSH_S`` seconds, sooner when ``RECORDER_BATCH_ROWS`` rows are waiting, and
@@ -32,7 +33,7 @@ from django.conf import settings
 from django.db import DatabaseError, DataError, IntegrityError
 
 from routing.observe import metrics
-from routing.observe.buffered import BufferedRecorder
+from routing.observe.buffered import BufferedRecorder, FlushResult
 from routing.services import (
     EXPOSURE_INSERT_BATCH,
     ExposureRow,
@@ -104,9 +105,10 @@ class ExposureRecorder(BufferedRecorder[ExposureRow]):
 
     @property
     def stats(self) -> RecorderStats:
+        buffered = len(self._buffer)
         with self._lock:
             return RecorderStats(
-                buffered=len(self._buffer),
+                buffered=buffered,
                 written=self._written,
                 dropped=self._dropped,
                 skipped_cached=self._skipped,
@@ -118,23 +120,23 @@ class ExposureRecorder(BufferedRecorder[ExposureRow]):
     ) -> bool:
         """Buffer the exposure unless this process already did; never blocks on I/O.
 
-        False when the exposure was dropped because the buffer is full.
+        False when the exposure was dropped because the buffer is full. Called from the event
+        loop only (like the buffer, the cache and its counters are the loop's).
         """
         key = f"{experiment_id}\x1f{variant_key}\x1f{unit_id}"
-        with self._lock:
-            if key in self._recent:
-                self._skipped += 1
-                return True
-            if key in self._older:
-                self._skipped += 1
-                self._remember(key)
-                return True
-            seconds = time.time() if at is None else at.timestamp()
-            due = self._buffer_locked((experiment_id, unit_id, variant_key, seconds))
-            if due is None:
-                return False
-            self._accepted += 1
+        if key in self._recent:
+            self._skipped += 1
+            return True
+        if key in self._older:
+            self._skipped += 1
             self._remember(key)
+            return True
+        seconds = time.time() if at is None else at.timestamp()
+        due = self._append((experiment_id, unit_id, variant_key, seconds))
+        if due is None:
+            return False
+        self._accepted += 1
+        self._remember(key)
         if due:
             self._wake()
         return True
@@ -146,25 +148,17 @@ class ExposureRecorder(BufferedRecorder[ExposureRow]):
             self._older = recent
             self._recent = {}
 
-    def _flush(self) -> tuple[int, DatabaseError | None]:
-        """Write everything buffered: rows inserted, and the database error that stopped it."""
-        with self._flush_lock:
-            with self._lock:
-                rows, self._buffer = self._buffer, []
-            written = 0
-            error = None
-            # One statement per chunk: the flush thread shares the GIL with the request
-            # loop, and the database call between chunks releases it, so no request waits
-            # behind more than one chunk's worth of Python work.
-            for start in range(0, len(rows), EXPOSURE_INSERT_BATCH):
-                inserted = self._write(rows[start : start + EXPOSURE_INSERT_BATCH])
-                if isinstance(inserted, DatabaseError):
-                    error = inserted
-                    self._requeue(rows[start:])
-                    break
-                written += inserted
-            self._publish_metrics()
-            return written, error
+    def _write_rows(self, rows: list[ExposureRow]) -> FlushResult[ExposureRow]:
+        written = 0
+        # One statement per chunk: the flush thread shares the GIL with the request loop,
+        # and the database call between chunks releases it, so no request waits behind more
+        # than one chunk's worth of Python work.
+        for start in range(0, len(rows), EXPOSURE_INSERT_BATCH):
+            inserted = self._write(rows[start : start + EXPOSURE_INSERT_BATCH])
+            if isinstance(inserted, DatabaseError):
+                return written, inserted, rows[start:]
+            written += inserted
+        return written, None, []
 
     def _write(self, rows: list[ExposureRow]) -> int | DatabaseError:
         """Insert one chunk; the rows inserted, or the error if the database failed."""
@@ -177,7 +171,7 @@ class ExposureRecorder(BufferedRecorder[ExposureRow]):
             except DataError:
                 written, refused = exposures_insert_one_by_one(rows=rows)
         except DatabaseError as error:
-            # Logged by the caller of _flush, at most once per RECORDER_FAILURE_LOG_S.
+            # Logged after the flush, at most once per RECORDER_FAILURE_LOG_S.
             metrics.RECORDER_FLUSH_ERRORS.inc()
             with self._lock:
                 self._failed_flushes += 1
@@ -192,16 +186,13 @@ class ExposureRecorder(BufferedRecorder[ExposureRow]):
         return written
 
     def _publish_metrics(self) -> None:
+        # The loop increases the totals without a lock: read each once.
+        accepted_total, skipped_total = self._accepted, self._skipped
         with self._lock:
-            accepted, self._published_accepted = (
-                self._accepted - self._published_accepted,
-                self._accepted,
-            )
-            skipped, self._published_skipped = (
-                self._skipped - self._published_skipped,
-                self._skipped,
-            )
-            buffered = len(self._buffer)
+            accepted = accepted_total - self._published_accepted
+            skipped = skipped_total - self._published_skipped
+            self._published_accepted, self._published_skipped = accepted_total, skipped_total
+        buffered = len(self._buffer)
         metrics.RECORDER_ACCEPTED.inc(accepted)
         metrics.RECORDER_SKIPPED.inc(skipped)
         metrics.RECORDER_BUFFERED.set(buffered)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -222,3 +223,72 @@ def test_background_flush_by_time_size_and_on_stop(metrics: Any) -> None:
     assert by_size < 0.15
     assert written == 7
     assert Exposure.objects.filter(experiment_id=experiment_id).count() == 7
+
+
+def test_stop_waits_for_a_flush_in_flight_and_writes_what_it_could_not() -> None:
+    # The first write fails after stop() has begun: the rows it held come back to the buffer
+    # before stop() takes it, so stop()'s own flush writes them, with the rows recorded since.
+    release = threading.Event()
+    writes: list[list[str]] = []
+
+    def insert(rows: Sequence[ExposureRow]) -> int:
+        writes.append([row[1] for row in rows])
+        if len(writes) == 1:
+            release.wait(5)
+            raise OperationalError("database is locked")
+        return len(rows)
+
+    recorder = ExposureRecorder(flush_s=60, batch_rows=2, max_buffer=100, insert=insert)
+
+    async def run() -> None:
+        await recorder.start()
+        recorder.record(experiment_id=1, unit_id="a", variant_key="v1")
+        recorder.record(experiment_id=1, unit_id="b", variant_key="v1")
+        while not writes:  # the size-triggered flush holds a and b in its thread
+            await asyncio.sleep(0.005)
+        recorder.record(experiment_id=1, unit_id="c", variant_key="v1")
+        stopping = asyncio.ensure_future(recorder.stop())
+        await asyncio.sleep(0.05)
+        release.set()
+        await stopping
+
+    asyncio.run(run())
+    assert writes == [["a", "b"], ["a", "b", "c"]]
+    assert recorder.stats == type(recorder.stats)(
+        buffered=0, written=3, dropped=0, skipped_cached=0, failed_flushes=1
+    )
+
+
+def test_a_flush_that_fails_around_the_write_gives_every_row_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Opening or closing the thread's connection can fail before the rows reach the database.
+    written: list[int] = []
+    recorder = ExposureRecorder(
+        flush_s=60,
+        batch_rows=100,
+        max_buffer=100,
+        insert=lambda rows: written.append(len(rows)) or len(rows),
+    )
+    failures = iter([OperationalError("server closed the connection")])
+
+    def close_old_connections() -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+
+    monkeypatch.setattr("routing.db.close_old_connections", close_old_connections)
+
+    async def run() -> tuple[Exception | None, int]:
+        await recorder.start()
+        recorder.record(experiment_id=1, unit_id="a", variant_key="v1")
+        recorder.record(experiment_id=1, unit_id="b", variant_key="v1")
+        assert recorder._executor is not None
+        error = await recorder._flush_in_thread(recorder._executor)
+        buffered = recorder.stats.buffered
+        await recorder.stop()
+        return error, buffered
+
+    error, buffered = asyncio.run(run())
+    assert isinstance(error, OperationalError) and buffered == 2
+    assert written == [2] and recorder.stats.written == 2
