@@ -135,27 +135,31 @@ class UnitOutcome(models.Model):
 
 
 class ShadowPairClaim(models.Model):
-    """A user whose shadow pairs count (one per experiment and user, across edge processes).
+    """A user whose pair with a shadow counts (one per experiment, shadow and user, across edge
+    processes).
 
-    Written by the flush of the edge process that chose the user's pair first
+    Written by the flush of the edge process that chose the user's pair with that shadow first
     (``routing.observe.pair_claims``: ``INSERT ... ON CONFLICT DO NOTHING``); only that process
-    adds the user's pairs to ``ObservationBucket.pairs``. ``claimed_at`` (epoch seconds) is when
-    that process chose the pair, before any answer.
+    adds the pair to ``ObservationBucket.pairs``. ``claimed_at`` (epoch seconds) is when that
+    process chose the pair, before any answer.
     """
 
     experiment = models.ForeignKey(
         "experiments.Experiment", on_delete=models.CASCADE, related_name="+", db_index=False
     )
+    variant_key = models.CharField(max_length=64)
     unit_id = models.CharField(max_length=200)
     claimed_at = models.FloatField()
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["experiment", "unit_id"], name="shadow_pair_claim_once")
+            models.UniqueConstraint(
+                fields=["experiment", "variant_key", "unit_id"], name="shadow_pair_claim_per_shadow"
+            )
         ]
 
     def __str__(self) -> str:
-        return f"{self.experiment_id}:{self.unit_id}"
+        return f"{self.experiment_id}:{self.variant_key}:{self.unit_id}"
 
 
 class Prediction(models.Model):

@@ -1,14 +1,16 @@
-"""One shadow pair per user across every edge process: claims settled by a unique key.
+"""One shadow pair per user and shadow across every edge process: claims settled by a unique key.
 
-Each edge process picks a user's first mirrored request as the user's pair
-(``routing.proxy.shadow``), so with N edge processes a user could give N pairs, and the pairs
-would stop being one per user (STATS.md 12.1). The fix: when a process picks a user's pair it
-queues a *claim* ``(experiment, user)`` here, before any answer exists. The flush writes the
-queued claims to ``routing.models.ShadowPairClaim`` (unique on experiment and user) with
-``INSERT ... ON CONFLICT DO NOTHING RETURNING``, so exactly one process's claim is stored and
-only that process learns it won. The pairs (one per shadow of the experiment) are held here until
-their claim is settled: a won claim's pairs go into the per-bucket ``PairCell`` sums (now, or as
-they arrive), a lost claim's pairs are dropped.
+Each edge process picks a user's first mirrored request to a shadow as the user's pair for that
+shadow (``routing.proxy.shadow``), so with N edge processes a user could give N pairs, and the
+pairs would stop being one per user (STATS.md 12.1). The fix: when a process picks a user's
+pair it queues a *claim* ``(experiment, shadow, user)`` here, before any answer exists. The
+flush writes the queued claims to ``routing.models.ShadowPairClaim`` (unique on experiment,
+shadow and user) with ``INSERT ... ON CONFLICT DO NOTHING RETURNING``, so exactly one process's
+claim is stored and only that process learns it won. A pair is held here until its claim is
+settled: a won claim's pair goes into the per-bucket ``PairCell`` sums (now, or when it
+arrives), a lost claim's pair is dropped. Claims are per shadow, so a shadow added to a running
+experiment gets the first pair of every user, including users already paired with another
+shadow.
 
 Why claims at decision time and not the pairs themselves: which pair of a user counts must not
 depend on its outcome. Had the first pair *written* won, a fast shadow answer (flushed sooner)
@@ -17,8 +19,9 @@ claim is queued when the request is mirrored and written by the next flush, whos
 not depend on any answer, so the choice between processes is as blind to the outcome as the
 choice within one.
 
-Cost: one claim row per (experiment, user), so storage grows with users (like ``UnitOutcome``),
-not with traffic; per process, at most one claim per user (``Shadows`` remembers its users), a
+Cost: one claim row per (experiment, shadow, user), so storage grows with users (like
+``UnitOutcome``), not with traffic; per process, at most one claim per user and shadow
+(``Shadows`` remembers its users), a
 dict entry per claim until it is settled, and a settled claim's outcome kept ``keep_s``
 seconds for its pairs still in flight (a shadow call ends within the proxy's timeouts, far
 below that). Nothing here runs on the forwarding path except ``claim`` (a dict insert), called
@@ -26,7 +29,9 @@ from the shadow's ``mirror`` after control's answer is under way; the database w
 flush's writer thread, so shadow pairing never delays an answer.
 
 A flush whose claim write fails keeps its claims for the next one (nothing was written:
-one transaction), and their pairs stay held.
+one transaction), and their pairs stay held. Claims written before they were per shadow (one
+per experiment and user) were made one per shadow of the experiment by the migration
+``routing.0012_shadow_pair_claims_per_shadow``.
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-# (experiment id, unit)
-ClaimKey = tuple[int, str]
+# (experiment id, shadow's variant key, unit)
+ClaimKey = tuple[int, str, str]
+# A claim to write: (experiment id, shadow's variant key, unit, chosen at (epoch s))
+Claim = tuple[int, str, str, float]
 # A settled claim's outcome is kept this long for its pairs still in flight.
 KEEP_S = 300.0
 
@@ -74,16 +81,17 @@ class PairClaims:
     def held(self) -> int:
         return sum(len(pairs) for pairs in self._held.values())
 
-    def claim(self, experiment_id: int, unit: str) -> None:
-        """Queue the claim of a user's pair (called when the pair is chosen)."""
-        key = (experiment_id, unit)
+    def claim(self, experiment_id: int, variant_key: str, unit: str) -> None:
+        """Queue the claim of a user's pair with a shadow (called when the pair is chosen)."""
+        key = (experiment_id, variant_key, unit)
         if key not in self._settled and key not in self._writing:
             self._queued.setdefault(key, self._clock())
 
     def offer(self, experiment_id: int, unit: str, pair: HeldPair) -> bool:
-        """A user's pair arrived: True to count it now (its claim was won); else it is held
-        (claim not settled yet) or dropped (claim lost, or never made here)."""
-        key = (experiment_id, unit)
+        """A user's pair with ``pair.variant_key`` arrived: True to count it now (its claim was
+        won); else it is held (claim not settled yet) or dropped (claim lost, or never made
+        here)."""
+        key = (experiment_id, pair.variant_key, unit)
         settled = self._settled.get(key)
         if settled is not None:
             return settled[0]
@@ -91,28 +99,26 @@ class PairClaims:
             self._held.setdefault(key, []).append(pair)
         return False
 
-    def drain(self) -> list[tuple[int, str, float]]:
-        """Take the queued claims for writing: ``(experiment id, unit, chosen at)``."""
+    def drain(self) -> list[Claim]:
+        """Take the queued claims for writing."""
         queued, self._queued = self._queued, {}
         self._writing.update(queued)
-        return [(experiment_id, unit, at) for (experiment_id, unit), at in queued.items()]
+        return [(*key, at) for key, at in queued.items()]
 
-    def restore(self, claims: Sequence[tuple[int, str, float]]) -> None:
+    def restore(self, claims: Sequence[Claim]) -> None:
         """Put back claims whose write failed (their pairs stay held)."""
-        for experiment_id, unit, at in claims:
-            key = (experiment_id, unit)
+        for experiment_id, variant_key, unit, at in claims:
+            key = (experiment_id, variant_key, unit)
             self._writing.discard(key)
             self._queued.setdefault(key, at)
 
-    def settle(
-        self, claims: Sequence[tuple[int, str, float]], won: set[ClaimKey]
-    ) -> list[tuple[int, HeldPair]]:
+    def settle(self, claims: Sequence[Claim], won: set[ClaimKey]) -> list[tuple[int, HeldPair]]:
         """Record the written claims' outcomes; returns the held pairs of the won ones
         (with their experiment id) to count now. Forgets outcomes older than ``keep_s``."""
         now = self._clock()
         counted: list[tuple[int, HeldPair]] = []
-        for experiment_id, unit, _ in claims:
-            key = (experiment_id, unit)
+        for experiment_id, variant_key, unit, _ in claims:
+            key = (experiment_id, variant_key, unit)
             self._writing.discard(key)
             is_won = key in won
             self._settled[key] = (is_won, now)
@@ -127,9 +133,7 @@ class PairClaims:
         return counted
 
 
-def write_claims(
-    claims: Sequence[tuple[int, str, float]], *, batch_rows: int = 500
-) -> set[ClaimKey]:
+def write_claims(claims: Sequence[Claim], *, batch_rows: int = 500) -> set[ClaimKey]:
     """Insert the claims, keeping any already stored; returns the ones this call stored.
 
     One transaction. Claims of experiments deleted meanwhile are skipped (and not won).
@@ -144,16 +148,16 @@ def write_claims(
         return set()
     close_old_connections()
 
-    def insert(rows: Sequence[tuple[int, str, float]]) -> set[ClaimKey]:
+    def insert(rows: Sequence[Claim]) -> set[ClaimKey]:
         inserted = insert_returning(
             ShadowPairClaim._meta.db_table,
-            ("experiment_id", "unit_id", "claimed_at"),
+            ("experiment_id", "variant_key", "unit_id", "claimed_at"),
             rows,
             batch=batch_rows,
-            unique=("experiment_id", "unit_id"),
-            returning=("experiment_id", "unit_id"),
+            unique=("experiment_id", "variant_key", "unit_id"),
+            returning=("experiment_id", "variant_key", "unit_id"),
         )
-        return {(int(experiment_id), str(unit)) for experiment_id, unit in inserted}
+        return {(int(experiment_id), str(key), str(unit)) for experiment_id, key, unit in inserted}
 
     try:
         return insert(claims)

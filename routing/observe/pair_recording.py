@@ -13,7 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from routing.observe.backoff import FailureLog
-from routing.observe.pair_claims import ClaimKey, HeldPair, PairClaims, write_claims
+from routing.observe.pair_claims import Claim, ClaimKey, HeldPair, PairClaims, write_claims
 from routing.observe.shadow_pairs import PairCell
 
 
@@ -30,9 +30,10 @@ class PairRecording(ABC):
     def _pair_cells(self, experiment_id: int, variant_key: str, bucket: int) -> PairCell:
         """The host's open cell of an experiment's shadow in a bucket."""
 
-    def claim_pair(self, experiment_id: int, unit: str) -> None:
-        """This process chose the user's pair (before any answer); the flush settles the claim."""
-        self.pair_claims.claim(experiment_id, unit)
+    def claim_pair(self, experiment_id: int, variant_key: str, unit: str) -> None:
+        """This process chose the user's pair with a shadow (before any answer); the flush
+        settles the claim."""
+        self.pair_claims.claim(experiment_id, variant_key, unit)
 
     def _offer_pair(
         self,
@@ -54,7 +55,7 @@ class PairRecording(ABC):
             pair.control_ms, pair.shadow_ms, disagreed=pair.disagreed, abs_diff=pair.abs_diff
         )
 
-    def _settle(self, claims: list[tuple[int, str, float]], won: set[ClaimKey]) -> None:
+    def _settle(self, claims: list[Claim], won: set[ClaimKey]) -> None:
         for experiment_id, pair in self.pair_claims.settle(claims, won):
             self._count_pair(experiment_id, pair)
 

@@ -15,8 +15,8 @@ from routing.proxy.plan import Arm, Plan
 from routing.proxy.predictions import ProxyPredictions, Ticket
 from routing.proxy.upstream import UpstreamClient
 
-# Users whose one pair (routing.observe.shadow_pairs) is taken, per process. Past the cap new
-# users give no pair: which users count never depends on their answers, so the test stays valid.
+# (user, shadow) pairs (routing.observe.shadow_pairs) taken, per process. Past the cap new ones
+# give no pair: which users count never depends on their answers, so the test stays valid.
 MAX_PAIRED_USERS = 200_000
 
 
@@ -33,8 +33,9 @@ class Shadows:
         self.observations = observations
         self.concurrency = concurrency
         self.max_paired_users = max_paired_users
-        # (experiment id, unit) of every user whose first mirrored request this process has seen.
-        self._paired_users: set[tuple[int, str]] = set()
+        # (experiment id, shadow key, unit) of every user whose first request mirrored to that
+        # shadow this process has seen.
+        self._paired_users: set[tuple[int, str, str]] = set()
         # Set by ProxyApp.startup(), with the session it creates.
         self.client: UpstreamClient | None = None
         # Set by ProxyApp: records shadows' predictions of sampled requests (quality on).
@@ -65,21 +66,23 @@ class Shadows:
     ) -> None:
         """Start one background copy per shadow, within the concurrency budget.
 
-        The first mirrored request of each user (``unit``) is the user's pair for the paired
-        statistics; the choice is made here, before any answer exists, and claimed across
-        processes by the flush (``routing.observe.pair_claims``).
+        The first mirrored request of each user (``unit``) to a shadow is the user's pair with
+        that shadow for the paired statistics; the choice is made here, before any answer
+        exists (and before the concurrency budget or the breaker is looked at), and claimed
+        across processes by the flush (``routing.observe.pair_claims``).
         """
         loop = asyncio.get_running_loop()
         shadow_headers = [*headers, SHADOW_HEADER]
-        pair_unit = None
-        if unit is not None:
-            user = (plan.experiment_id, unit)
-            paired = self._paired_users
-            if user not in paired and len(paired) < self.max_paired_users:
-                paired.add(user)
-                pair_unit = unit
-                self.observations.claim_pair(plan.experiment_id, unit)
+        experiment_id = plan.experiment_id
+        paired = self._paired_users
         for shadow in plan.shadows:
+            pair_unit = None
+            if unit is not None:
+                user = (experiment_id, shadow.key, unit)
+                if user not in paired and len(paired) < self.max_paired_users:
+                    paired.add(user)
+                    pair_unit = unit
+                    self.observations.claim_pair(experiment_id, shadow.key, unit)
             if len(self._tasks) >= self.concurrency:
                 shadow.metrics.shadow_saturated.inc()
                 continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 from typing import Any
 
@@ -29,46 +30,63 @@ def _pair(control_ms: float = 10.0, shadow_ms: float = 12.0) -> HeldPair:
 
 def test_pairs_wait_for_their_claim_then_count_if_it_was_won() -> None:
     claims = PairClaims(clock=FakeClock(100.0))
-    claims.claim(1, "ann")
-    claims.claim(1, "bob")
-    claims.claim(1, "ann")  # the same user again: one claim
+    claims.claim(1, "s1", "ann")
+    claims.claim(1, "s1", "bob")
+    claims.claim(1, "s1", "ann")  # the same user and shadow again: one claim
     assert len(claims) == 2
     assert claims.offer(1, "ann", _pair()) is False  # held
     written = claims.drain()
-    assert sorted((e, u) for e, u, _ in written) == [(1, "ann"), (1, "bob")]
+    assert sorted((e, k, u) for e, k, u, _ in written) == [(1, "s1", "ann"), (1, "s1", "bob")]
     assert claims.offer(1, "bob", _pair(20.0, 30.0)) is False  # held while being written
     assert claims.held == 2
-    counted = claims.settle(written, won={(1, "ann")})
+    counted = claims.settle(written, won={(1, "s1", "ann")})
     assert counted == [(1, _pair())]  # bob's claim was lost: its pair is dropped
     assert claims.held == 0
-    # Pairs arriving after the claim was settled (another shadow of the same user).
+    # Pairs arriving after the claim was settled (a retry of the same user).
     assert claims.offer(1, "ann", _pair(11.0, 11.0)) is True
     assert claims.offer(1, "bob", _pair(11.0, 11.0)) is False
-    # A settled user is never claimed again by this process.
-    claims.claim(1, "ann")
+    # A settled user is never claimed again for that shadow by this process.
+    claims.claim(1, "s1", "ann")
     assert len(claims) == 0
-    # A pair whose claim this process never made does not count.
+    # A pair whose claim this process never made does not count: another experiment, or
+    # another shadow of the same user.
     assert claims.offer(2, "ann", _pair()) is False and claims.held == 0
+    other_shadow = HeldPair("s2", 170_000_000, 10.0, 12.0, False, None)
+    assert claims.offer(1, "ann", other_shadow) is False and claims.held == 0
+
+
+def test_claims_are_per_shadow_so_a_shadow_added_later_pairs_known_users() -> None:
+    claims = PairClaims(clock=FakeClock(100.0))
+    claims.claim(1, "s1", "ann")
+    claims.settle(claims.drain(), won={(1, "s1", "ann")})
+    # s2 joins the experiment: ann's first request mirrored to it is her pair with s2.
+    claims.claim(1, "s2", "ann")
+    assert len(claims) == 1
+    late = HeldPair("s2", 170_000_000, 10.0, 30.0, True, None)
+    assert claims.offer(1, "ann", late) is False  # held until the s2 claim is settled
+    written = claims.drain()
+    assert [claim[:3] for claim in written] == [(1, "s2", "ann")]
+    assert claims.settle(written, won={(1, "s2", "ann")}) == [(1, late)]
 
 
 def test_a_failed_claim_write_keeps_the_claims_and_their_pairs() -> None:
     claims = PairClaims(clock=FakeClock(100.0))
-    claims.claim(1, "ann")
+    claims.claim(1, "s1", "ann")
     claims.offer(1, "ann", _pair())
     written = claims.drain()
     claims.restore(written)
     assert len(claims) == 1 and claims.held == 1
     again = claims.drain()
-    assert claims.settle(again, won={(1, "ann")}) == [(1, _pair())]
+    assert claims.settle(again, won={(1, "s1", "ann")}) == [(1, _pair())]
 
 
 def test_settled_outcomes_are_forgotten_after_keep_s() -> None:
     clock = FakeClock(100.0)
     claims = PairClaims(clock=clock, keep_s=60.0)
-    claims.claim(1, "ann")
-    claims.settle(claims.drain(), won={(1, "ann")})
+    claims.claim(1, "s1", "ann")
+    claims.settle(claims.drain(), won={(1, "s1", "ann")})
     clock.now = 161.0
-    claims.claim(1, "bob")
+    claims.claim(1, "s1", "bob")
     claims.settle(claims.drain(), won=set())  # pruning runs on every settle
     assert claims.offer(1, "ann", _pair()) is False  # too late: ann's outcome is gone
 
@@ -123,9 +141,10 @@ def _stored_pairs(experiment_id: int) -> dict[str, PairCell]:
 
 
 def _mirror(recorder: ObservationAggregator, experiment_id: int, unit: str, ms: float) -> None:
-    """What ``routing.proxy.shadow`` does for a user's first mirrored request: claim, then
-    compare each shadow's answer with control's."""
-    recorder.claim_pair(experiment_id, unit)
+    """What ``routing.proxy.shadow`` does for a user's first mirrored request: claim a pair per
+    shadow, then compare each shadow's answer with control's."""
+    for shadow in ("s1", "s2"):
+        recorder.claim_pair(experiment_id, shadow, unit)
     for shadow in ("s1", "s2"):
         recorder.compare(
             experiment_id,
@@ -149,11 +168,11 @@ def test_two_recorders_flushing_the_same_user_count_one_pair_per_shadow() -> Non
     _mirror(first, experiment_id, "cid", 30.0)
     first.flush_now()
     second.flush_now()
-    assert set(
+    assert sorted(
         ShadowPairClaim.objects.filter(experiment_id=experiment_id).values_list(
-            "unit_id", flat=True
+            "variant_key", "unit_id"
         )
-    ) == {"ann", "bob", "cid"}
+    ) == [(shadow, unit) for shadow in ("s1", "s2") for unit in ("ann", "bob", "cid")]
     pairs = _stored_pairs(experiment_id)
     for shadow in ("s1", "s2"):
         # ann's pair from the first process (its claim was written first) and none other.
@@ -184,8 +203,9 @@ def test_async_flushes_settle_claims_first_and_count_pairs_arriving_later() -> N
     async def scenario() -> None:
         # Both processes choose dan's pair; the second's claim reaches the database first,
         # before either shadow answered.
-        first.claim_pair(experiment_id, "dan")
-        second.claim_pair(experiment_id, "dan")
+        for shadow in ("s1", "s2"):
+            first.claim_pair(experiment_id, shadow, "dan")
+            second.claim_pair(experiment_id, shadow, "dan")
         await second.flush()
         await first.flush()
         # The answers arrive after the claims were settled.
@@ -209,10 +229,62 @@ def test_claims_of_a_deleted_experiment_are_skipped() -> None:
     experiment_id = _experiment("claims-kept")
     clock = FakeClock(1_700_000_003.0)
     recorder = _recorder(clock)
-    recorder.claim_pair(experiment_id, "eve")
-    recorder.claim_pair(experiment_id + 1000, "eve")  # no such experiment
+    recorder.claim_pair(experiment_id, "s1", "eve")
+    recorder.claim_pair(experiment_id + 1000, "s1", "eve")  # no such experiment
     recorder.settle_claims_now()
     assert list(ShadowPairClaim.objects.values_list("experiment_id", "unit_id")) == [
         (experiment_id, "eve")
     ]
     assert len(recorder.pair_claims) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_shadow_added_later_gets_the_pairs_of_users_paired_with_another() -> None:
+    experiment_id = _experiment("claims-later")
+    clock = FakeClock(1_700_000_003.0)
+    first, second = _recorder(clock), _recorder(clock)
+    first.claim_pair(experiment_id, "s1", "fay")
+    first.compare(
+        experiment_id, "s1", disagreed=False, control_ms=10.0, shadow_ms=10.0, pair_unit="fay"
+    )
+    first.flush_now()
+    # s2 starts later; another edge process mirrors fay's next request to both shadows.
+    second.claim_pair(experiment_id, "s1", "fay")  # lost: the first process had it
+    second.claim_pair(experiment_id, "s2", "fay")  # won: fay's first pair with s2
+    for shadow, shadow_ms in (("s1", 50.0), ("s2", 80.0)):
+        second.compare(
+            experiment_id,
+            shadow,
+            disagreed=True,
+            control_ms=20.0,
+            shadow_ms=shadow_ms,
+            pair_unit="fay",
+        )
+    second.flush_now()
+    pairs = _stored_pairs(experiment_id)
+    assert (pairs["s1"].n, pairs["s1"].c, pairs["s1"].d) == (1, pytest.approx(10.0), 0)
+    assert (pairs["s2"].n, pairs["s2"].c, pairs["s2"].d) == (1, pytest.approx(20.0), 1)
+
+
+@pytest.mark.django_db
+def test_claims_from_before_shadow_keys_become_one_per_shadow_and_back() -> None:
+    from django.apps import apps
+
+    per_shadow = importlib.import_module("routing.migrations.0012_shadow_pair_claims_per_shadow")
+    experiment_id = _experiment("claims-migrated")
+    ShadowPairClaim.objects.bulk_create(
+        ShadowPairClaim(experiment_id=experiment_id, variant_key="", unit_id=unit, claimed_at=at)
+        for unit, at in (("ann", 5.0), ("bob", 7.0))
+    )
+    per_shadow.claims_per_shadow(apps, None)
+    assert sorted(ShadowPairClaim.objects.values_list("variant_key", "unit_id", "claimed_at")) == [
+        ("s1", "ann", 5.0),
+        ("s1", "bob", 7.0),
+        ("s2", "ann", 5.0),
+        ("s2", "bob", 7.0),
+    ]
+    per_shadow.claims_per_user(apps, None)
+    assert sorted(ShadowPairClaim.objects.values_list("variant_key", "unit_id")) == [
+        ("", "ann"),
+        ("", "bob"),
+    ]
