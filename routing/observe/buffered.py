@@ -130,9 +130,15 @@ class BufferedRecorder(ABC, Generic[Row]):
     def flush_now(self) -> int:
         """Write everything buffered, in the calling thread; returns rows inserted.
 
-        On a database error the rows go back to the front of the buffer for the next flush.
+        On a database error the rows go back to the front of the buffer for the next flush;
+        so do all of them when the flush raises (the inserts skip rows already stored).
         """
-        written, _, left = self._flush_rows(self._take())
+        rows = self._take()
+        try:
+            written, _, left = self._flush_rows(rows)
+        except BaseException:
+            self._give_back(rows)
+            raise
         self._give_back(left)
         return written
 

@@ -292,3 +292,15 @@ def test_a_flush_that_fails_around_the_write_gives_every_row_back(
     error, buffered = asyncio.run(run())
     assert isinstance(error, OperationalError) and buffered == 2
     assert written == [2] and recorder.stats.written == 2
+
+
+def test_a_flush_now_that_raises_keeps_its_rows() -> None:
+    def insert(rows: Sequence[ExposureRow]) -> int:
+        raise RuntimeError("a bug in the writer")
+
+    recorder = ExposureRecorder(flush_s=60, batch_rows=100, max_buffer=100, insert=insert)
+    recorder.record(experiment_id=1, unit_id="a", variant_key="v1")
+    recorder.record(experiment_id=1, unit_id="b", variant_key="v1")
+    with pytest.raises(RuntimeError):
+        recorder.flush_now()
+    assert recorder.stats.buffered == 2 and recorder.stats.dropped == 0
