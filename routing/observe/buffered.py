@@ -246,7 +246,9 @@ class BufferedRecorder(ABC, Generic[Row]):
                 await task
         flushing, self._flushing = self._flushing, None
         if flushing is not None:
-            await flushing  # never raises: errors are returned
+            # Its failures are kept and logged; anything else was raised in _run already.
+            with contextlib.suppress(Exception):
+                await flushing
         executor, self._executor = self._executor, None
         if executor is None:
             return

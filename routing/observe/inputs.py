@@ -92,6 +92,7 @@ class InputRecorder:
         self._claims: list[Claim] = []
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
+        self._flushing: asyncio.Future[None] | None = None
         # experiment -> (window, hashes of the users counted in it by this process).
         self._users: dict[int, tuple[object, set[int]]] = {}
 
@@ -154,6 +155,11 @@ class InputRecorder:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        flushing, self._flushing = self._flushing, None
+        if flushing is not None:
+            # Its failures are kept and logged; anything else was raised in _run already.
+            with contextlib.suppress(Exception):
+                await flushing
         executor, self._executor = self._executor, None
         if executor is None:
             return
@@ -168,22 +174,29 @@ class InputRecorder:
             executor.shutdown(wait=True)
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self._backoff.current_s or self.flush_s)
-            pending = self.take()
-            if not pending:
-                continue
-            try:
-                await loop.run_in_executor(self._executor, run_with_db, partial(write, pending))
-            except Exception as error:  # the database being down must not stop the loop
-                self.give_back(pending)
-                delay = self._backoff.failed()
-                self._failure_log.failed(error, f"counts kept, next attempt in {delay:.1f} s")
-                continue
-            if self._backoff.failures:
-                self._backoff.succeeded()
-                self._failure_log.succeeded("input counts written again")
+            # Shielded: the claims are taken before the write starts, and cancelling it then
+            # (stop()) would cancel a write not yet begun and lose them; stop() waits for it.
+            self._flushing = asyncio.ensure_future(self._flush())
+            await asyncio.shield(self._flushing)
+
+    async def _flush(self) -> None:
+        pending = self.take()
+        if not pending:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, run_with_db, partial(write, pending)
+            )
+        except Exception as error:  # the database being down must not stop the loop
+            self.give_back(pending)
+            delay = self._backoff.failed()
+            self._failure_log.failed(error, f"counts kept, next attempt in {delay:.1f} s")
+            return
+        if self._backoff.failures:
+            self._backoff.succeeded()
+            self._failure_log.succeeded("input counts written again")
 
 
 def counts_of(claims: list[Claim]) -> dict[Key, dict[str, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -11,7 +12,8 @@ from django.db import connection
 
 from experiments.input_windows import InputWindows
 from routing.models import InputDriftBucket, InputDriftClaim
-from routing.observe.inputs import CLAIM_KEEP_S, InputRecorder, write
+from routing.observe import inputs
+from routing.observe.inputs import CLAIM_KEEP_S, Claim, InputRecorder, write
 from routing.proxy.inputs import InputField, InputPlan
 from tests.routing.test_proxy import make_experiment
 
@@ -126,3 +128,30 @@ def test_two_processes_flushing_at_once_count_a_user_once() -> None:
     assert sum(counted.values()) == 900 and set(counted) <= {"a", "b"}
     assert counted.get("a", 0) >= 300 and counted.get("b", 0) >= 300
     assert InputDriftClaim.objects.filter(experiment_id=experiment_id).count() == 900
+
+
+def test_stop_during_a_flush_whose_write_has_not_started_keeps_the_claims(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The periodic flush has taken the claims and queued their write behind a busy writer
+    # thread when stop() comes: it must not cancel that write (the claims would be gone).
+    written: list[list[Claim]] = []
+    monkeypatch.setattr(inputs, "write", lambda pending: written.append(pending) or 0)
+    recorder = InputRecorder(flush_s=0.01)
+    busy = threading.Event()
+    claim: Claim = (1, 0.0, 3600.0, 7, 0.0, ("amount",), ("1",))
+
+    async def scenario() -> None:
+        await recorder.start()
+        assert recorder._executor is not None
+        recorder._executor.submit(busy.wait, 5)  # the writer thread is busy
+        recorder.claim(claim)
+        while recorder.buffered:  # taken by the periodic flush, its write queued
+            await asyncio.sleep(0.005)
+        stopping = asyncio.ensure_future(recorder.stop())
+        await asyncio.sleep(0.05)
+        busy.set()
+        await stopping
+
+    asyncio.run(scenario())
+    assert [pending for pending in written if pending] == [[claim]]
