@@ -41,6 +41,7 @@ from prometheus_client import Counter
 from routing.db import close_thread_connections, run_with_db
 from routing.observe import metrics
 from routing.observe.backoff import Backoff, FailureLog
+from routing.observe.in_flight import InFlight
 
 # At most one "buffer full" log line per this many seconds; the counter counts every row.
 _DROP_LOG_INTERVAL_S = 10.0
@@ -109,7 +110,7 @@ class BufferedRecorder(ABC, Generic[Row]):
         self._last_drop_log = 0.0
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
-        self._flushing: asyncio.Future[Exception | None] | None = None
+        self._in_flight: InFlight[Exception | None] = InFlight()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._wakeup: asyncio.Event | None = None
@@ -244,11 +245,7 @@ class BufferedRecorder(ABC, Generic[Row]):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        flushing, self._flushing = self._flushing, None
-        if flushing is not None:
-            # Its failures are kept and logged; anything else was raised in _run already.
-            with contextlib.suppress(Exception):
-                await flushing
+        await self._in_flight.wait()
         executor, self._executor = self._executor, None
         if executor is None:
             return
@@ -279,10 +276,7 @@ class BufferedRecorder(ABC, Generic[Row]):
             wakeup.clear()
             executor = self._executor
             assert executor is not None
-            # Shielded: the rows are off the buffer now, and a flush cancelled by stop() must
-            # still put back what it could not write (stop() waits for it).
-            flushing = self._flushing = asyncio.ensure_future(self._flush_in_thread(executor))
-            self._after_flush(await asyncio.shield(flushing))
+            self._after_flush(await self._in_flight.run(self._flush_in_thread(executor)))
 
     def _after_flush(self, error: Exception | None) -> None:
         """Back off and report after a failed flush; reset after a good one."""

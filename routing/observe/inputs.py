@@ -39,6 +39,7 @@ from prometheus_client import Counter
 from routing.db import close_thread_connections, insert_returning, run_with_db
 from routing.models import InputDriftBucket, InputDriftClaim
 from routing.observe.backoff import Backoff, FailureLog
+from routing.observe.in_flight import InFlight
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class InputRecorder:
         self._claims: list[Claim] = []
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
-        self._flushing: asyncio.Future[None] | None = None
+        self._in_flight: InFlight[None] = InFlight()
         # experiment -> (window, hashes of the users counted in it by this process).
         self._users: dict[int, tuple[object, set[int]]] = {}
 
@@ -155,11 +156,7 @@ class InputRecorder:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        flushing, self._flushing = self._flushing, None
-        if flushing is not None:
-            # Its failures are kept and logged; anything else was raised in _run already.
-            with contextlib.suppress(Exception):
-                await flushing
+        await self._in_flight.wait()
         executor, self._executor = self._executor, None
         if executor is None:
             return
@@ -176,10 +173,7 @@ class InputRecorder:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._backoff.current_s or self.flush_s)
-            # Shielded: the claims are taken before the write starts, and cancelling it then
-            # (stop()) would cancel a write not yet begun and lose them; stop() waits for it.
-            self._flushing = asyncio.ensure_future(self._flush())
-            await asyncio.shield(self._flushing)
+            await self._in_flight.run(self._flush())
 
     async def _flush(self) -> None:
         pending = self.take()

@@ -58,6 +58,7 @@ from datetime import UTC, datetime
 from routing.observe import metrics
 from routing.observe.backoff import Backoff, FailureLog
 from routing.observe.histogram import LogHistogram
+from routing.observe.in_flight import InFlight
 from routing.observe.llm_costs import UnitCosts
 from routing.observe.llm_stats import LLMCell, LLMRecord
 from routing.observe.observation_store import (
@@ -192,7 +193,7 @@ class ObservationAggregator(PairRecording):
         self._failure_log = FailureLog(logger, "writing observations", interval_s=failure_log_s)
         self._backoff_gauge = metrics.FLUSH_BACKOFF.labels("observations")
         self._task: asyncio.Task[None] | None = None
-        self._flushing: asyncio.Future[int] | None = None
+        self._in_flight: InFlight[int] = InFlight()
         self._stopping = False
         # One writer thread: flushes never overlap, and its database connection is reused
         # between flushes and closed on stop (a lingering connection blocks DROP DATABASE).
@@ -499,11 +500,7 @@ class ObservationAggregator(PairRecording):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        flushing, self._flushing = self._flushing, None
-        if flushing is not None:
-            # Its failures are kept and logged; anything else was raised in _run already.
-            with contextlib.suppress(Exception):
-                await flushing
+        await self._in_flight.wait()
         await self.flush(final=True)
         executor, self._executor = self._executor, None
         if executor is not None:
@@ -513,8 +510,4 @@ class ObservationAggregator(PairRecording):
     async def _run(self) -> None:
         while not self._stopping:
             await asyncio.sleep(self._backoff.current_s or self._flush_interval_s)
-            # Shielded: a flush has drained the cells before its write starts, and cancelling
-            # it then (stop()) would cancel a write not yet begun and lose them; stop() waits
-            # for it instead.
-            self._flushing = asyncio.ensure_future(self.flush())
-            await asyncio.shield(self._flushing)
+            await self._in_flight.run(self.flush())
